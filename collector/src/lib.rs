@@ -1,0 +1,5 @@
+//! `bulkhead-collector`: observes every connection of the node's workloads in the
+//! kernel (eBPF), aggregates them per flush interval and streams flow batches to the
+//! learner, spooling to disk while the learner is unreachable.
+
+pub mod event;

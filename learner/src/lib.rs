@@ -1,0 +1,4 @@
+//! `bulkhead-learner`: the control plane. Ingests flow batches over gRPC, resolves
+//! workload identities, keeps the service graph in SQLite or Postgres and serves the
+//! `/api/v1` JSON API.
+#![forbid(unsafe_code)]

@@ -1,0 +1,146 @@
+//! Flows: what a collector observed, aggregated over one flush interval.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::EndpointFact;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp = 6,
+    Udp = 17,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// Direction relative to the local workload that reported the flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// The local workload initiated.
+    Egress,
+    /// The local workload accepted.
+    Ingress,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Forwarded,
+    Audit,
+    Denied,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Forwarded => "forwarded",
+            Verdict::Audit => "audit",
+            Verdict::Denied => "denied",
+        }
+    }
+}
+
+/// One aggregated flow. `src` initiated, `dst` responded; an ephemeral `src_port` is 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    pub src_addr: IpAddr,
+    pub src_port: u16,
+    pub dst_addr: IpAddr,
+    pub dst_port: u16,
+    pub protocol: Protocol,
+    pub direction: Direction,
+    pub netns_ino: u64,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub comm: String,
+    pub connections: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub packets: u64,
+    pub verdict: Verdict,
+    pub first_seen_unix_ms: i64,
+    pub last_seen_unix_ms: i64,
+}
+
+impl Flow {
+    /// Address of the workload that reported the flow.
+    pub fn local_addr(&self) -> IpAddr {
+        match self.direction {
+            Direction::Egress => self.src_addr,
+            Direction::Ingress => self.dst_addr,
+        }
+    }
+
+    /// Address of the other side.
+    pub fn peer_addr(&self) -> IpAddr {
+        match self.direction {
+            Direction::Egress => self.dst_addr,
+            Direction::Ingress => self.src_addr,
+        }
+    }
+}
+
+/// A DNS answer a workload received: `name` resolved to `addr` for `ttl_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsAnswer {
+    pub netns_ino: u64,
+    pub name: String,
+    pub addr: IpAddr,
+    pub ttl_seconds: u32,
+    pub seen_unix_ms: i64,
+}
+
+/// Cumulative loss counters of one agent boot. Loss is reported, never silent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LossCounters {
+    pub ringbuf_dropped: u64,
+    pub queue_dropped: u64,
+    pub spool_evicted_batches: u64,
+    pub spool_evicted_flows: u64,
+    pub rejected_batches: u64,
+}
+
+/// One delivery unit from an agent; `(node_id, boot_id, seq)` is its dedupe key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlowBatch {
+    pub node_id: String,
+    pub boot_id: String,
+    pub seq: u64,
+    pub created_unix_ms: i64,
+    pub flows: Vec<Flow>,
+    /// `Some` when the batch carries a full endpoint snapshot of the node.
+    pub endpoints: Option<Vec<EndpointFact>>,
+    pub dns_answers: Vec<DnsAnswer>,
+    pub loss: LossCounters,
+}

@@ -1,0 +1,20 @@
+//! Bulkhead's domain vocabulary, shared by every component: [`Labels`] describe a
+//! workload, an [`Identity`] numbers one security-relevant label set, an [`Endpoint`]
+//! is one running instance, a [`Flow`] is what a collector saw and an [`Edge`] is the
+//! service-graph fact the learner keeps. Plain data with serde, no I/O, so policy
+//! synthesis can depend on it and stay pure.
+#![forbid(unsafe_code)]
+
+pub mod edge;
+pub mod endpoint;
+pub mod flow;
+pub mod identity;
+pub mod labels;
+#[cfg(feature = "proto")]
+pub mod proto;
+
+pub use edge::{Edge, EdgeKey};
+pub use endpoint::{CgroupFact, EndpointFact, InterfaceAddress};
+pub use flow::{Direction, DnsAnswer, Flow, FlowBatch, LossCounters, Protocol, Verdict};
+pub use identity::{Identity, ReservedIdentity};
+pub use labels::{LabelError, Labels};

@@ -1,0 +1,1 @@
+//! Test fixtures shared by Bulkhead's test suites.
