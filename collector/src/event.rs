@@ -17,6 +17,9 @@ pub enum SockEventKind {
     Accept,
     /// A connection closed; carries the final byte counters.
     Close,
+    /// Counters for a flow already reported by Connect/Accept (UDP in particular):
+    /// adds bytes/packets, not a new connection.
+    Traffic,
     /// A pre-existing connection found in the socket table at start-up.
     SeedEgress,
     SeedIngress,

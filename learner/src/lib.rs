@@ -2,3 +2,5 @@
 //! workload identities, keeps the service graph in SQLite or Postgres and serves the
 //! `/api/v1` JSON API.
 #![forbid(unsafe_code)]
+
+pub mod store;

@@ -1,1 +1,8 @@
-//! Test fixtures shared by Bulkhead's test suites.
+//! Test fixtures shared by Bulkhead's test suites: network namespaces, veth links and
+//! cgroups with unique per-run names that are removed on drop (even when a test
+//! panics), a throwaway PostgreSQL database, and `assert_eventually!`.
+
+pub mod cgroup;
+pub mod eventually;
+pub mod netns;
+pub mod postgres;

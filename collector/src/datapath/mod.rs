@@ -1,0 +1,1 @@
+//! Loading and draining the collector's eBPF programs.

@@ -1,0 +1,1 @@
+//! Endpoint facts: network namespaces, their addresses and cgroups.

@@ -1,0 +1,1 @@
+//! Seeding connections that predate the collector from the kernel socket tables.

@@ -1,0 +1,1 @@
+//! The service-graph store (sqlx: SQLite or Postgres). All SQL lives here.

@@ -1,0 +1,1 @@
+//! eventually fixtures.
