@@ -1,3 +1,85 @@
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("not wired yet")
+//! `bulkhead-collector` entry point: configuration and logging, then the agent loop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+mod agent;
+
+/// Observes the node's connections with eBPF and streams flows to the learner.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// Learner gRPC endpoint.
+    #[arg(long, env = "BULKHEAD_LEARNER", default_value = "http://127.0.0.1:7400")]
+    pub learner: String,
+    /// Name of this node as the learner knows it (default: the hostname).
+    #[arg(long, env = "BULKHEAD_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Directory of the on-disk spool of undelivered batches.
+    #[arg(long, env = "BULKHEAD_SPOOL_DIR", default_value = "/var/lib/bulkhead/spool")]
+    pub spool_dir: PathBuf,
+    /// Most bytes the spool may hold before the oldest batches are evicted (and counted as lost).
+    #[arg(long, env = "BULKHEAD_SPOOL_MAX_BYTES", default_value_t = 256 << 20)]
+    pub spool_max_bytes: u64,
+    /// How often aggregated flows are cut into a batch.
+    #[arg(long, env = "BULKHEAD_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub flush_interval: Duration,
+    /// How often the kernel ring buffer is drained (no per-event wakeups).
+    #[arg(long, env = "BULKHEAD_POLL_INTERVAL", default_value = "10ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// How often network namespaces and their addresses are rescanned.
+    #[arg(long, env = "BULKHEAD_ENDPOINT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub endpoint_interval: Duration,
+    /// Most flows per batch (larger intervals are split).
+    #[arg(long, env = "BULKHEAD_MAX_BATCH_FLOWS", default_value_t = 5000)]
+    pub max_batch_flows: usize,
+    /// Also observe the node's own network namespace (off by default: it carries the
+    /// agents' own traffic to the learner).
+    #[arg(long, env = "BULKHEAD_OBSERVE_HOST")]
+    pub observe_host: bool,
+    /// Observe only these named network namespaces (names under /var/run/netns),
+    /// instead of every namespace but the host's. Comma-separated or repeated.
+    #[arg(long = "netns", env = "BULKHEAD_NETNS", value_delimiter = ',')]
+    pub netns: Vec<String>,
+    /// Prometheus metrics listen address.
+    #[arg(long, env = "BULKHEAD_METRICS_LISTEN", default_value = "127.0.0.1:7401")]
+    pub metrics_listen: SocketAddr,
+    /// Log format: plain or json.
+    #[arg(long, env = "BULKHEAD_LOG_FORMAT", default_value = "plain")]
+    pub log_format: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map(|i| s.split_at(i)).unwrap_or((s, "s"));
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 1s, 5m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
+    }
+}
+
+fn init_logging(format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        "json" => builder.json().init(),
+        "plain" => builder.init(),
+        other => anyhow::bail!("unknown log format {other:?}: use plain or json"),
+    }
+    // tracing-subscriber's init() also bridges `log` records (aya's) into tracing.
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(&args.log_format)?;
+    agent::run(args).await
 }

@@ -3,4 +3,8 @@
 //! `/api/v1` JSON API.
 #![forbid(unsafe_code)]
 
+pub mod grpc;
+pub mod identity;
+pub mod server;
 pub mod store;
+pub mod web;

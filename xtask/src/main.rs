@@ -1,3 +1,70 @@
-fn main() -> anyhow::Result<()> {
-    Ok(())
+//! Bulkhead's developer commands, run as `cargo xtask <command>` (alias in
+//! `.cargo/config.toml`).
+//!
+//! - `setup`: installs what the project needs on a fresh Debian 12 machine (apt
+//!   packages, rustup components, bpf-linker built against the toolchain's own LLVM) and
+//!   makes the kernel mounts available (bpffs, tracefs, cgroup2). Idempotent; fast when
+//!   everything is already there.
+//! - `test`: `setup`, then PostgreSQL for the store tests, then fmt, clippy (host and
+//!   eBPF crates) and every test, as root. Ends with the line `N passed, N failed`.
+//! - `ci`: what `.ci/run` calls; today the same as `test`.
+//! - `env`: `setup` + PostgreSQL, then prints `export …` lines for running single tests
+//!   by hand.
+//! - `demo`: lands with the pipeline.
+//!
+//! Everything is plain `std::process::Command`: each step prints what it runs.
+
+#![forbid(unsafe_code)]
+
+mod postgres;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Bulkhead developer commands.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install and check everything the build and the tests need (root; idempotent).
+    Setup,
+    /// Set up, then run fmt, clippy (host + eBPF) and all tests as root.
+    Test(test::TestArgs),
+    /// What CI runs (`.ci/run`): currently the same as `test`.
+    Ci,
+    /// Set up and start PostgreSQL, then print `export …` lines for running `cargo test`
+    /// by hand: `eval "$(cargo xtask env)"`.
+    Env,
+    /// Run the end-to-end demo (not there yet).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup::ensure_all().map(|_| ExitCode::SUCCESS),
+        Cmd::Test(args) => test::run(&args),
+        Cmd::Ci => test::run_ci(),
+        Cmd::Env => test::print_env(),
+        Cmd::Demo => {
+            println!("demo lands with the pipeline");
+            Ok(ExitCode::FAILURE)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

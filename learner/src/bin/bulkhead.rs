@@ -1,3 +1,237 @@
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("not wired yet")
+//! `bulkhead`: the operator CLI. Talks to a running learner's `/api/v1` JSON API, so
+//! it works from any machine that can reach the learner and never touches its store.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bulkhead_model::{Edge, Flow, Identity, Labels};
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// Bulkhead operator CLI.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Learner HTTP API base URL.
+    #[arg(long, env = "BULKHEAD_SERVER", default_value = "http://127.0.0.1:7480", global = true)]
+    server: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The learned service graph: who talks to whom on which port.
+    Graph {
+        /// Only edges touching this identity.
+        #[arg(long)]
+        identity: Option<u32>,
+        /// Only edges seen in the last N seconds.
+        #[arg(long)]
+        since_secs: Option<i64>,
+    },
+    /// Recently recorded flows, newest first.
+    Flows {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long)]
+        identity: Option<u32>,
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Identities and their labels.
+    Identities,
+    /// Endpoints (network namespaces) per node with their addresses and identity.
+    Endpoints,
+    /// Nodes (agents), their last contact and loss counters.
+    Agents,
+}
+
+#[derive(Debug, Deserialize)]
+struct EdgeView {
+    #[serde(flatten)]
+    edge: Edge,
+    src_labels: Labels,
+    dst_labels: Labels,
+}
+
+#[derive(Debug, Deserialize)]
+struct FlowView {
+    node_id: String,
+    flow: Flow,
+    src_identity: Identity,
+    dst_identity: Identity,
+}
+
+#[derive(Debug, Deserialize)]
+struct IdentityView {
+    id: Identity,
+    labels: Labels,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let api = Api { base: args.server.trim_end_matches('/').to_owned(), client: reqwest::Client::new() };
+    match args.command {
+        Command::Graph { identity, since_secs } => {
+            let mut q = Vec::new();
+            if let Some(i) = identity {
+                q.push(("identity", i.to_string()));
+            }
+            if let Some(s) = since_secs {
+                q.push(("since_ms", (now_ms() - s * 1000).to_string()));
+            }
+            let raw = api.get("edges", &q).await?;
+            if args.json {
+                return print_json(&raw);
+            }
+            let edges: Vec<EdgeView> = parse(&raw)?;
+            let rows: Vec<Vec<String>> = edges
+                .iter()
+                .map(|e| {
+                    vec![
+                        who(e.edge.key.src, &e.src_labels),
+                        who(e.edge.key.dst, &e.dst_labels),
+                        format!("{}/{}", e.edge.key.dst_port, e.edge.key.protocol.as_str()),
+                        e.edge.connections.to_string(),
+                        e.edge.bytes.to_string(),
+                        ago(e.edge.last_seen_unix_ms),
+                    ]
+                })
+                .collect();
+            print_table(&["SOURCE", "DESTINATION", "PORT", "CONNECTIONS", "BYTES", "LAST SEEN"], &rows);
+            println!("{} edges", edges.len());
+        }
+        Command::Flows { limit, node, identity, port } => {
+            let mut q = vec![("limit", limit.to_string())];
+            if let Some(n) = node {
+                q.push(("node", n));
+            }
+            if let Some(i) = identity {
+                q.push(("identity", i.to_string()));
+            }
+            if let Some(p) = port {
+                q.push(("port", p.to_string()));
+            }
+            let raw = api.get("flows", &q).await?;
+            if args.json {
+                return print_json(&raw);
+            }
+            let flows: Vec<FlowView> = parse(&raw)?;
+            let rows: Vec<Vec<String>> = flows
+                .iter()
+                .map(|f| {
+                    vec![
+                        f.node_id.clone(),
+                        f.flow.direction.as_str().to_owned(),
+                        format!("{} {}", f.src_identity, f.flow.src_addr),
+                        format!("{} {}:{}", f.dst_identity, f.flow.dst_addr, f.flow.dst_port),
+                        f.flow.protocol.as_str().to_owned(),
+                        printable(&f.flow.comm),
+                        f.flow.connections.to_string(),
+                        (f.flow.bytes_sent + f.flow.bytes_received).to_string(),
+                        ago(f.flow.last_seen_unix_ms),
+                    ]
+                })
+                .collect();
+            print_table(&["NODE", "DIR", "SOURCE", "DESTINATION", "PROTO", "PROCESS", "CONNS", "BYTES", "SEEN"], &rows);
+        }
+        Command::Identities => {
+            let raw = api.get("identities", &[]).await?;
+            if args.json {
+                return print_json(&raw);
+            }
+            let ids: Vec<IdentityView> = parse(&raw)?;
+            let rows: Vec<Vec<String>> =
+                ids.iter().map(|i| vec![i.id.to_string(), printable(&i.labels.to_string())]).collect();
+            print_table(&["IDENTITY", "LABELS"], &rows);
+        }
+        Command::Endpoints => print_json(&api.get("endpoints", &[]).await?)?,
+        Command::Agents => print_json(&api.get("agents", &[]).await?)?,
+    }
+    Ok(())
+}
+
+struct Api {
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Api {
+    async fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}/api/v1/{path}", self.base);
+        let resp = self
+            .client
+            .get(&url)
+            .query(query)
+            .send()
+            .await
+            .with_context(|| format!("requesting {url} (is the learner running? see --server)"))?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.with_context(|| format!("reading the answer of {url}"))?;
+        if !status.is_success() {
+            let msg = body.get("error").and_then(|e| e.as_str()).unwrap_or("no detail");
+            anyhow::bail!("{url} answered {status}: {msg}");
+        }
+        Ok(body)
+    }
+}
+
+fn parse<T: DeserializeOwned>(v: &serde_json::Value) -> anyhow::Result<T> {
+    serde_json::from_value(v.clone()).context("the learner's answer has an unexpected shape (version mismatch?)")
+}
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn who(id: Identity, labels: &Labels) -> String {
+    match id.reserved() {
+        Some(r) => format!("reserved:{}", r.name()),
+        None => format!("{id} {{{}}}", printable(&labels.to_string())),
+    }
+}
+
+/// Label values are attacker-controlled: never let them drive the terminal.
+fn printable(s: &str) -> String {
+    s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn ago(ms: i64) -> String {
+    let s = (now_ms() - ms).max(0) / 1000;
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m ago", s / 60),
+        3600..86400 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
 }

@@ -6,3 +6,5 @@ pub mod cgroup;
 pub mod eventually;
 pub mod netns;
 pub mod postgres;
+
+pub use netns::{require_root, unique_suffix};

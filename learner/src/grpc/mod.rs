@@ -1,0 +1,3 @@
+//! gRPC services the learner serves to agents.
+
+pub mod ingest;

@@ -1,0 +1,105 @@
+//! Store errors: what went wrong and during which operation, with the driver's error as
+//! the source. Callers convert them at one boundary (gRPC status, API response) and
+//! never show their text to agents or users.
+
+use bulkhead_model::LabelError;
+
+use super::Backend;
+
+/// Everything the store can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL names no backend we support.
+    #[error("unsupported store URL scheme {scheme:?}: expected sqlite:// or postgres://")]
+    UnsupportedUrl { scheme: String },
+
+    /// The URL could not be parsed into connection options.
+    #[error("invalid {backend:?} store URL")]
+    InvalidUrl {
+        backend: Backend,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// Could not connect (or create the SQLite file).
+    #[error("could not connect to the {backend:?} store")]
+    Connect {
+        backend: Backend,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// Applying the embedded migrations failed.
+    #[error("could not migrate the {backend:?} store")]
+    Migrate {
+        backend: Backend,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+
+    /// A statement failed; `operation` names the store call it belonged to.
+    #[error("store operation {operation} failed")]
+    Database {
+        operation: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// A value from the caller does not fit the schema (e.g. a u64 above i64::MAX where
+    /// the value must round-trip exactly).
+    #[error("{field} = {value} is out of the storable range")]
+    OutOfRange { field: &'static str, value: u64 },
+
+    /// A stored value does not decode into the domain type; the database was changed
+    /// behind the store's back or a migration is missing.
+    #[error("stored {table}.{column} holds an invalid value: {value}")]
+    InvalidStoredValue { table: &'static str, column: &'static str, value: String },
+
+    /// A stored label set is no longer valid canonical JSON.
+    #[error("stored labels of identity {identity} are invalid")]
+    CorruptLabels {
+        identity: i64,
+        #[source]
+        source: LabelError,
+    },
+
+    /// A stored JSON column (endpoint addresses, cgroups) does not parse.
+    #[error("stored {table}.{column} is not valid JSON")]
+    CorruptJson {
+        table: &'static str,
+        column: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// Two different label sets share a SHA-256 digest. Never expected; refusing beats
+    /// handing one workload another's identity.
+    #[error("identity {identity} has the same labels digest as a different label set")]
+    DigestCollision { identity: i64 },
+}
+
+impl StoreError {
+    pub(crate) fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+        move |source| StoreError::Database { operation, source }
+    }
+
+    /// True when retrying the same call may succeed (deadlock, serialization failure,
+    /// busy database, exhausted pool). Callers that cannot retry (gRPC ingest) just let
+    /// the agent resend.
+    pub fn is_transient(&self) -> bool {
+        let StoreError::Database { source, .. } = self else {
+            return false;
+        };
+        match source {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => true,
+            sqlx::Error::Database(e) => matches!(
+                e.code().as_deref(),
+                // PostgreSQL: serialization_failure, deadlock_detected.
+                Some("40001") | Some("40P01")
+                // SQLite: SQLITE_BUSY (5), SQLITE_LOCKED (6) and their extended codes.
+                | Some("5") | Some("6") | Some("261") | Some("517") | Some("262")
+            ),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,495 @@
+//! SQLite backend: one file, WAL, one writer.
+//!
+//! SQLite allows one writer at a time. Letting several pooled connections race for the
+//! write lock ends in `SQLITE_BUSY` (a deferred transaction that read first cannot wait
+//! for the lock at all), so all writes go through a pool of exactly one connection and
+//! queue in-process, each transaction opened with `BEGIN IMMEDIATE`. Reads use a
+//! separate pool: under WAL they see the last committed state and never block the
+//! writer. `busy_timeout` covers other processes (a CLI, a backup) holding the lock.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Sqlite};
+
+use super::decode::{LabelCache, RawAgent, RawDnsAnswer, RawEdge, RawEndpoint, RawFlow, RawIdentity};
+use super::prepare::{PreparedBatch, chunk_sizes};
+use super::queries::{self as q};
+use super::{
+    AgentRow, Backend, EdgeQuery, EdgeRow, EndpointRow, FlowQuery, FlowRow, IdentityRow, IngestOutcome, StoreError,
+};
+use bulkhead_model::{DnsAnswer, Identity};
+
+pub(crate) static MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// SQLite's default limit on bound parameters per statement (SQLITE_MAX_VARIABLE_NUMBER
+/// since 3.32); multi-row INSERTs are chunked to stay below it.
+const MAX_BINDS: usize = 32_766;
+/// Rows per multi-row INSERT. Fewer, larger statements amortise the driver's per-statement
+/// hop to its worker thread; sizes repeat (see `chunk_sizes`) so statements stay prepared.
+const MAX_ROWS: usize = 1024;
+/// Concurrent readers. Reads are short; the UI and API rarely need more.
+const READERS: u32 = 4;
+
+const FLOW_COLS: usize = 21;
+const EDGE_COLS: usize = 10;
+const ENDPOINT_COLS: usize = 9;
+const DNS_COLS: usize = 7;
+
+fn rows_per_chunk(cols: usize) -> usize {
+    (MAX_BINDS / cols).min(MAX_ROWS)
+}
+
+const UPSERT_EDGES: &str = " ON CONFLICT (src_identity, dst_identity, dst_port, protocol) DO UPDATE SET \
+     first_seen_unix_ms = min(edges.first_seen_unix_ms, excluded.first_seen_unix_ms), \
+     last_seen_unix_ms = max(edges.last_seen_unix_ms, excluded.last_seen_unix_ms), \
+     connections_egress = min(edges.connections_egress, 9223372036854775807 - excluded.connections_egress) \
+        + excluded.connections_egress, \
+     bytes_egress = min(edges.bytes_egress, 9223372036854775807 - excluded.bytes_egress) + excluded.bytes_egress, \
+     connections_ingress = min(edges.connections_ingress, 9223372036854775807 - excluded.connections_ingress) \
+        + excluded.connections_ingress, \
+     bytes_ingress = min(edges.bytes_ingress, 9223372036854775807 - excluded.bytes_ingress) + excluded.bytes_ingress";
+
+const UPSERT_DNS: &str = " ON CONFLICT (node_id, netns_ino, name, addr) DO UPDATE SET \
+     ttl_seconds = CASE WHEN excluded.last_seen_unix_ms >= dns_answers.last_seen_unix_ms \
+        THEN excluded.ttl_seconds ELSE dns_answers.ttl_seconds END, \
+     first_seen_unix_ms = min(dns_answers.first_seen_unix_ms, excluded.first_seen_unix_ms), \
+     last_seen_unix_ms = max(dns_answers.last_seen_unix_ms, excluded.last_seen_unix_ms)";
+
+const UPSERT_AGENT_FROM_BATCH: &str = "INSERT INTO agents \
+     (node_id, boot_id, first_seen_unix_ms, last_seen_unix_ms, batches_stored) VALUES ($1, $2, $3, $3, 1) \
+     ON CONFLICT (node_id) DO UPDATE SET \
+     boot_id = COALESCE(agents.boot_id, excluded.boot_id), \
+     first_seen_unix_ms = COALESCE(agents.first_seen_unix_ms, excluded.first_seen_unix_ms), \
+     last_seen_unix_ms = max(COALESCE(agents.last_seen_unix_ms, excluded.last_seen_unix_ms), excluded.last_seen_unix_ms), \
+     batches_stored = agents.batches_stored + 1";
+
+const UPSERT_BOOT_FROM_BATCH: &str = "INSERT INTO agent_boots (node_id, boot_id, first_seen_unix_ms, \
+     last_seen_unix_ms, stored_through_seq, batches_stored, loss_ringbuf_dropped, loss_queue_dropped, \
+     loss_spool_evicted_batches, loss_spool_evicted_flows, loss_rejected_batches) \
+     VALUES ($1, $2, $3, $3, $4, 1, $5, $6, $7, $8, $9) \
+     ON CONFLICT (node_id, boot_id) DO UPDATE SET \
+     last_seen_unix_ms = max(agent_boots.last_seen_unix_ms, excluded.last_seen_unix_ms), \
+     stored_through_seq = max(agent_boots.stored_through_seq, excluded.stored_through_seq), \
+     batches_stored = agent_boots.batches_stored + 1, \
+     loss_ringbuf_dropped = max(agent_boots.loss_ringbuf_dropped, excluded.loss_ringbuf_dropped), \
+     loss_queue_dropped = max(agent_boots.loss_queue_dropped, excluded.loss_queue_dropped), \
+     loss_spool_evicted_batches = max(agent_boots.loss_spool_evicted_batches, excluded.loss_spool_evicted_batches), \
+     loss_spool_evicted_flows = max(agent_boots.loss_spool_evicted_flows, excluded.loss_spool_evicted_flows), \
+     loss_rejected_batches = max(agent_boots.loss_rejected_batches, excluded.loss_rejected_batches)";
+
+const TOUCH_AGENT: &str = "INSERT INTO agents \
+     (node_id, boot_id, agent_version, first_seen_unix_ms, last_seen_unix_ms) VALUES ($1, $2, $3, $4, $4) \
+     ON CONFLICT (node_id) DO UPDATE SET \
+     boot_id = excluded.boot_id, agent_version = excluded.agent_version, \
+     first_seen_unix_ms = COALESCE(agents.first_seen_unix_ms, excluded.first_seen_unix_ms), \
+     last_seen_unix_ms = max(COALESCE(agents.last_seen_unix_ms, excluded.last_seen_unix_ms), excluded.last_seen_unix_ms)";
+
+const TOUCH_BOOT: &str = "INSERT INTO agent_boots (node_id, boot_id, first_seen_unix_ms, last_seen_unix_ms) \
+     VALUES ($1, $2, $3, $3) ON CONFLICT (node_id, boot_id) DO UPDATE SET \
+     last_seen_unix_ms = max(agent_boots.last_seen_unix_ms, excluded.last_seen_unix_ms)";
+
+const MARK_PRUNED_BATCHES: &str = "UPDATE agent_boots \
+     SET pruned_through_seq = max(COALESCE(agent_boots.pruned_through_seq, -1), p.seq) \
+     FROM (SELECT node_id, boot_id, max(seq) AS seq FROM ingested_batches WHERE received_unix_ms < $1 \
+           GROUP BY node_id, boot_id) AS p \
+     WHERE agent_boots.node_id = p.node_id AND agent_boots.boot_id = p.boot_id";
+
+/// The SQLite half of [`Store`](super::Store).
+#[derive(Debug, Clone)]
+pub(crate) struct SqliteStore {
+    /// Exactly one connection: the only writer.
+    writer: SqlitePool,
+    /// Read-only connections (`query_only`); the writer itself for in-memory databases.
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let base = SqliteConnectOptions::from_str(url)
+            .map_err(|source| StoreError::InvalidUrl { backend: Backend::Sqlite, source })?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL + NORMAL: a commit is durable against process crashes; a power cut
+            // may lose the last transactions, which agents resend (at-least-once).
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("temp_store", "memory")
+            // 64 MiB page cache per connection (negative = KiB): the edge and flow
+            // indexes of a busy learner stay in memory.
+            .pragma("cache_size", "-65536")
+            .optimize_on_close(true, None);
+        // An in-memory database lives as long as its connections and is private to
+        // them, so it gets a single pinned connection for reads and writes alike.
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let connect = |source| StoreError::Connect { backend: Backend::Sqlite, source };
+        let writer_pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            // Writers queue here behind one another; a queue longer than this means the
+            // disk cannot keep up and the caller should shed load (agents retry).
+            .acquire_timeout(Duration::from_secs(60));
+        let writer_pool = if in_memory { writer_pool.idle_timeout(None).max_lifetime(None) } else { writer_pool };
+        let writer = writer_pool.connect_with(base.clone()).await.map_err(connect)?;
+        MIGRATOR.run(&writer).await.map_err(|source| StoreError::Migrate { backend: Backend::Sqlite, source })?;
+        let reader = if in_memory {
+            writer.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(READERS)
+                .connect_with(base.create_if_missing(false).pragma("query_only", "ON"))
+                .await
+                .map_err(connect)?
+        };
+        Ok(Self { writer, reader })
+    }
+
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+
+    // === identities ===
+
+    pub async fn ensure_identity(
+        &self,
+        digest: &[u8; 32],
+        canonical: &str,
+        now_ms: i64,
+    ) -> Result<Identity, StoreError> {
+        const OP: &str = "ensure_identity";
+        let existing = sqlx::query_as::<_, RawIdentity>(q::SELECT_IDENTITY_BY_DIGEST)
+            .bind(digest.to_vec())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(StoreError::db(OP))?;
+        if let Some(row) = existing {
+            return super::checked_identity(row, canonical);
+        }
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
+        sqlx::query(q::INSERT_IDENTITY)
+            .bind(digest.to_vec())
+            .bind(canonical)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(OP))?;
+        let row = sqlx::query_as::<_, RawIdentity>(q::SELECT_IDENTITY_BY_DIGEST)
+            .bind(digest.to_vec())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::db(OP))?;
+        tx.commit().await.map_err(StoreError::db(OP))?;
+        super::checked_identity(row, canonical)
+    }
+
+    pub async fn identities(&self) -> Result<Vec<IdentityRow>, StoreError> {
+        sqlx::query_as::<_, RawIdentity>(q::SELECT_IDENTITIES)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(StoreError::db("identities"))?
+            .into_iter()
+            .map(IdentityRow::try_from)
+            .collect()
+    }
+
+    // === agents ===
+
+    pub async fn register_agent(&self, node_id: &str, now_ms: i64) -> Result<(), StoreError> {
+        sqlx::query(q::REGISTER_AGENT)
+            .bind(node_id)
+            .bind(now_ms)
+            .execute(&self.writer)
+            .await
+            .map_err(StoreError::db("register_agent"))?;
+        Ok(())
+    }
+
+    pub async fn agent_known(&self, node_id: &str) -> Result<bool, StoreError> {
+        let found: Option<String> = sqlx::query_scalar(q::AGENT_KNOWN)
+            .bind(node_id)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(StoreError::db("agent_known"))?;
+        Ok(found.is_some())
+    }
+
+    pub async fn touch_agent(
+        &self,
+        node_id: &str,
+        boot_id: &str,
+        agent_version: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        const OP: &str = "touch_agent";
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
+        sqlx::query(TOUCH_AGENT)
+            .bind(node_id)
+            .bind(boot_id)
+            .bind(agent_version)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(OP))?;
+        sqlx::query(TOUCH_BOOT)
+            .bind(node_id)
+            .bind(boot_id)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(OP))?;
+        tx.commit().await.map_err(StoreError::db(OP))
+    }
+
+    pub async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
+        sqlx::query_as::<_, RawAgent>(q::SELECT_AGENTS)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(StoreError::db("agents"))?
+            .into_iter()
+            .map(AgentRow::try_from)
+            .collect()
+    }
+
+    pub async fn stored_through_seq(&self, node_id: &str, boot_id: &str) -> Result<Option<i64>, StoreError> {
+        sqlx::query_scalar(q::STORED_THROUGH_SEQ)
+            .bind(node_id)
+            .bind(boot_id)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(StoreError::db("stored_through_seq"))
+    }
+
+    // === ingest ===
+
+    pub async fn ingest(&self, p: &PreparedBatch<'_>) -> Result<IngestOutcome, StoreError> {
+        const OP: &str = "ingest";
+        let db = StoreError::db(OP);
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+
+        let pruned: Option<Option<i64>> = sqlx::query_scalar(q::PRUNED_THROUGH_SEQ)
+            .bind(p.node_id)
+            .bind(p.boot_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::db(OP))?;
+        let pruned = pruned.flatten();
+        let recorded = if pruned.is_some_and(|through| p.seq <= through) {
+            0
+        } else {
+            sqlx::query(q::INSERT_BATCH_RECORD)
+                .bind(p.node_id)
+                .bind(p.boot_id)
+                .bind(p.seq)
+                .bind(p.received_unix_ms)
+                .bind(i64::try_from(p.flows.len()).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db(OP))?
+                .rows_affected()
+        };
+        if recorded == 0 {
+            tx.rollback().await.map_err(StoreError::db(OP))?;
+            return Ok(IngestOutcome::Duplicate);
+        }
+
+        sqlx::query(UPSERT_AGENT_FROM_BATCH)
+            .bind(p.node_id)
+            .bind(p.boot_id)
+            .bind(p.received_unix_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(OP))?;
+        let mut boot =
+            sqlx::query(UPSERT_BOOT_FROM_BATCH).bind(p.node_id).bind(p.boot_id).bind(p.received_unix_ms).bind(p.seq);
+        for v in p.loss {
+            boot = boot.bind(v);
+        }
+        boot.execute(&mut *tx).await.map_err(StoreError::db(OP))?;
+
+        // Flows, as multi-row INSERTs.
+        let f = &p.flows;
+        let mut start = 0;
+        for size in chunk_sizes(f.len(), rows_per_chunk(FLOW_COLS)) {
+            let mut b = QueryBuilder::<Sqlite>::new(format!("INSERT INTO flows ({}) ", q::FLOW_COLUMNS));
+            b.push_values(start..start + size, |mut row, i| {
+                row.push_bind(p.node_id)
+                    .push_bind(p.received_unix_ms)
+                    .push_bind(f.src_identity[i])
+                    .push_bind(f.dst_identity[i])
+                    .push_bind(f.src_addr[i].as_str())
+                    .push_bind(f.src_port[i])
+                    .push_bind(f.dst_addr[i].as_str())
+                    .push_bind(f.dst_port[i])
+                    .push_bind(f.protocol[i])
+                    .push_bind(f.direction[i])
+                    .push_bind(f.netns_ino[i])
+                    .push_bind(f.cgroup_id[i])
+                    .push_bind(f.pid[i])
+                    .push_bind(f.comm[i].as_str())
+                    .push_bind(f.connections[i])
+                    .push_bind(f.bytes_sent[i])
+                    .push_bind(f.bytes_received[i])
+                    .push_bind(f.packets[i])
+                    .push_bind(f.verdict[i])
+                    .push_bind(f.first_seen_unix_ms[i])
+                    .push_bind(f.last_seen_unix_ms[i]);
+            });
+            b.build().execute(&mut *tx).await.map_err(StoreError::db(OP))?;
+            start += size;
+        }
+
+        // Edges, pre-aggregated and sorted, upserted in chunks.
+        let mut start = 0;
+        for size in chunk_sizes(p.edges.len(), rows_per_chunk(EDGE_COLS)) {
+            let mut b = QueryBuilder::<Sqlite>::new(format!("INSERT INTO edges ({}) ", q::EDGE_COLUMNS));
+            b.push_values(&p.edges[start..start + size], |mut row, (k, a)| {
+                let [ce, be, ci, bi] = a.counters();
+                row.push_bind(i64::from(k.src.0))
+                    .push_bind(i64::from(k.dst.0))
+                    .push_bind(i32::from(k.dst_port))
+                    .push_bind(i32::from(k.protocol.number()))
+                    .push_bind(a.first_seen_unix_ms)
+                    .push_bind(a.last_seen_unix_ms)
+                    .push_bind(ce)
+                    .push_bind(be)
+                    .push_bind(ci)
+                    .push_bind(bi);
+            });
+            b.push(UPSERT_EDGES);
+            b.build().execute(&mut *tx).await.map_err(StoreError::db(OP))?;
+            start += size;
+        }
+
+        if let Some(eps) = &p.endpoints {
+            sqlx::query(q::DELETE_NODE_ENDPOINTS)
+                .bind(p.node_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db(OP))?;
+            for chunk in eps.chunks(rows_per_chunk(ENDPOINT_COLS)) {
+                let mut b = QueryBuilder::<Sqlite>::new(format!("INSERT INTO endpoints ({}) ", q::ENDPOINT_COLUMNS));
+                b.push_values(chunk, |mut row, e| {
+                    row.push_bind(p.node_id)
+                        .push_bind(e.netns_ino)
+                        .push_bind(e.netns_name.as_deref())
+                        .push_bind(e.host)
+                        .push_bind(e.identity)
+                        .push_bind(e.workload.as_deref())
+                        .push_bind(e.addresses.as_str())
+                        .push_bind(e.cgroups.as_str())
+                        .push_bind(p.received_unix_ms);
+                });
+                b.build().execute(&mut *tx).await.map_err(StoreError::db(OP))?;
+            }
+        }
+
+        for chunk in p.dns.chunks(rows_per_chunk(DNS_COLS)) {
+            let mut b = QueryBuilder::<Sqlite>::new(format!("INSERT INTO dns_answers ({}) ", q::DNS_COLUMNS));
+            b.push_values(chunk, |mut row, d| {
+                row.push_bind(p.node_id)
+                    .push_bind(d.netns_ino)
+                    .push_bind(d.name.as_str())
+                    .push_bind(d.addr.as_str())
+                    .push_bind(d.ttl_seconds)
+                    .push_bind(d.first_seen_unix_ms)
+                    .push_bind(d.last_seen_unix_ms);
+            });
+            b.push(UPSERT_DNS);
+            b.build().execute(&mut *tx).await.map_err(StoreError::db(OP))?;
+        }
+
+        tx.commit().await.map_err(StoreError::db(OP))?;
+        Ok(IngestOutcome::Stored { flows: f.len() as u64, edges: p.edges.len() as u64 })
+    }
+
+    // === reads ===
+
+    pub async fn edges(&self, query: &EdgeQuery) -> Result<Vec<EdgeRow>, StoreError> {
+        let mut b = q::edges::<Sqlite>(query);
+        let raw = b.build_query_as::<RawEdge>().fetch_all(&self.reader).await.map_err(StoreError::db("edges"))?;
+        let mut cache = LabelCache::default();
+        raw.into_iter().map(|r| r.into_row(&mut cache)).collect()
+    }
+
+    pub async fn flows(&self, query: &FlowQuery) -> Result<Vec<FlowRow>, StoreError> {
+        let mut b = q::flows::<Sqlite>(query);
+        b.build_query_as::<RawFlow>()
+            .fetch_all(&self.reader)
+            .await
+            .map_err(StoreError::db("flows"))?
+            .into_iter()
+            .map(FlowRow::try_from)
+            .collect()
+    }
+
+    pub async fn endpoints(&self) -> Result<Vec<EndpointRow>, StoreError> {
+        sqlx::query_as::<_, RawEndpoint>(q::SELECT_ENDPOINTS)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(StoreError::db("endpoints"))?
+            .into_iter()
+            .map(EndpointRow::try_from)
+            .collect()
+    }
+
+    pub async fn dns_answers(&self, since_unix_ms: i64) -> Result<Vec<DnsAnswer>, StoreError> {
+        sqlx::query_as::<_, RawDnsAnswer>(q::SELECT_DNS_ANSWERS)
+            .bind(since_unix_ms)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(StoreError::db("dns_answers"))?
+            .into_iter()
+            .map(DnsAnswer::try_from)
+            .collect()
+    }
+
+    // === retention ===
+
+    pub async fn prune_flows(&self, older_than_unix_ms: i64) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(q::PRUNE_FLOWS_CHUNK)
+                .bind(older_than_unix_ms)
+                .bind(q::PRUNE_CHUNK)
+                .execute(&self.writer)
+                .await
+                .map_err(StoreError::db("prune_flows"))?
+                .rows_affected();
+            total += n;
+            if n < q::PRUNE_CHUNK as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    pub async fn prune_dns_answers(&self, older_than_unix_ms: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(q::PRUNE_DNS_ANSWERS)
+            .bind(older_than_unix_ms)
+            .execute(&self.writer)
+            .await
+            .map_err(StoreError::db("prune_dns_answers"))?
+            .rows_affected())
+    }
+
+    pub async fn prune_batch_records(&self, older_than_unix_ms: i64) -> Result<u64, StoreError> {
+        const OP: &str = "prune_batch_records";
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
+        sqlx::query(MARK_PRUNED_BATCHES)
+            .bind(older_than_unix_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(OP))?;
+        let n = sqlx::query(q::PRUNE_BATCH_RECORDS)
+            .bind(older_than_unix_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(OP))?
+            .rows_affected();
+        tx.commit().await.map_err(StoreError::db(OP))?;
+        Ok(n)
+    }
+}
