@@ -298,7 +298,7 @@ fn write_section(title: &str, body: &str) {
             let end = old[start + head.len()..].find("\n## ").map(|i| start + head.len() + i + 1).unwrap_or(old.len());
             format!("{}{}{}", &old[..start], section, &old[end..])
         }
-        None => format!("{}\n{}", old.trim_end(), format!("\n{section}")),
+        None => format!("{}\n\n{section}", old.trim_end()),
     };
     std::fs::write(&path, new).expect("write BENCHMARKS.md");
     println!("wrote ## {title} to {}", path.display());

@@ -135,7 +135,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
                 let flows = agg.flush();
                 metrics.dns_answers.inc_by(dns.len() as u64);
-                let endpoints = endpoints_dirty.then(|| facts.clone());
+                let endpoints = endpoints_dirty.then(|| reported(&filter, &facts));
                 let batches = cutter.cut(flows, endpoints, std::mem::take(&mut dns), &metrics);
                 endpoints_dirty = false;
                 if !batches.is_empty() {
@@ -186,6 +186,13 @@ fn netns_filter(args: &Args, host_ino: u64, facts: &[EndpointFact]) -> NetnsFilt
         return NetnsFilter::Only(inos);
     }
     if args.observe_host { NetnsFilter::All } else { NetnsFilter::Except(BTreeSet::from([host_ino])) }
+}
+
+/// The endpoint facts sent to the learner: the observed namespaces and the host's.
+/// Namespaces the collector was told to ignore are left out: on a node where isolated
+/// namespaces reuse addresses, their facts would only make addresses ambiguous.
+fn reported(filter: &NetnsFilter, facts: &[EndpointFact]) -> Vec<EndpointFact> {
+    facts.iter().filter(|f| f.host || is_observed(filter, f.netns_ino)).cloned().collect()
 }
 
 fn is_observed(filter: &NetnsFilter, ino: u64) -> bool {

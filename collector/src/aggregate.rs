@@ -194,9 +194,8 @@ impl Aggregator {
             dst_addr: canonical_ip(dst.ip()),
             dst_port: dst.port(),
             netns_ino: ev.netns_ino,
-            // Accept-side events run in softirq context: whatever cgroup and process
-            // happened to be current is not the server's, so the kernel reports 0 and
-            // the learner attributes the flow by address.
+            // Accept-side events run in softirq context, so they carry no pid or comm;
+            // their cgroup is the accepted socket's, inherited from the listener.
             cgroup_id: ev.cgroup_id,
             comm: ev.comm.clone(),
         }

@@ -54,6 +54,22 @@ pub enum EndpointError {
     ThreadPanicked { path: PathBuf },
 }
 
+impl EndpointError {
+    /// The namespace went away between listing and entering it: its process
+    /// exited (`ENOENT`/`ESRCH` under `/proc`) or its bind mount was removed (the
+    /// leftover file is not a namespace: `EINVAL` from setns). Not an error for a
+    /// scan of a node where workloads come and go.
+    pub(crate) fn is_vanished(&self) -> bool {
+        match self {
+            EndpointError::EnterNetns { source, .. } => {
+                source.kind() == io::ErrorKind::NotFound
+                    || matches!(source.raw_os_error(), Some(libc::ESRCH | libc::EINVAL | libc::ENOENT))
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A way into one network namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct NetnsHandle {
@@ -99,8 +115,8 @@ pub fn scan() -> Result<Vec<EndpointFact>, EndpointError> {
         let addresses = match in_netns(&handle.path, interface_addresses) {
             Ok(Ok(addresses)) => addresses,
             Ok(Err(source)) => return Err(EndpointError::Interfaces { netns_ino: handle.ino, source }),
-            // The process whose namespace this was has exited: skip it.
-            Err(EndpointError::EnterNetns { .. }) if handle.name.is_none() => {
+            // Its last process exited, or `ip netns del` ran, while we scanned.
+            Err(err) if err.is_vanished() => {
                 tracing::debug!(netns = handle.ino, path = %handle.path.display(), "Network namespace vanished during the scan.");
                 continue;
             }

@@ -101,7 +101,10 @@ pub fn seed(netns: &[EndpointFact]) -> Result<Vec<SockEvent>, SeedError> {
             Ok(Err(DumpError::Io(source))) => return Err(SeedError::Netlink { netns_ino, source }),
             Ok(Err(DumpError::Kernel(code))) => return Err(SeedError::Kernel { netns_ino, code }),
             Ok(Err(DumpError::Decode(reason))) => return Err(SeedError::Decode { netns_ino, reason }),
-            Err(EndpointError::EnterNetns { .. }) if handle.name.is_none() => continue,
+            Err(err) if err.is_vanished() => {
+                tracing::debug!(netns = netns_ino, "Network namespace vanished before seeding.");
+                continue;
+            }
             Err(source) => return Err(SeedError::Enter { netns_ino, source }),
         };
         let established: Vec<&DiagSocket> = sockets.iter().filter(|s| s.state == TCP_ESTABLISHED).collect();
@@ -193,9 +196,7 @@ fn receive_dump(socket: &Socket, out: &mut Vec<DiagSocket>) -> Result<(), DumpEr
                     return Err(DumpError::Kernel(e.code.map_or(0, |c| c.get())));
                 }
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(resp)) => {
-                    if let Some(s) = diag_socket(&resp) {
-                        out.push(s);
-                    }
+                    out.push(diag_socket(&resp));
                 }
                 _ => {}
             }
@@ -208,7 +209,7 @@ fn receive_dump(socket: &Socket, out: &mut Vec<DiagSocket>) -> Result<(), DumpEr
     }
 }
 
-fn diag_socket(resp: &InetResponse) -> Option<DiagSocket> {
+fn diag_socket(resp: &InetResponse) -> DiagSocket {
     let h = &resp.header;
     let id = &h.socket_id;
     let mut cgroup_id = 0;
@@ -222,14 +223,14 @@ fn diag_socket(resp: &InetResponse) -> Option<DiagSocket> {
             cgroup_id = u64::from_ne_bytes(value);
         }
     }
-    Some(DiagSocket {
+    DiagSocket {
         state: h.state,
         local: SocketAddr::new(id.source_address, id.source_port),
         remote: SocketAddr::new(id.destination_address, id.destination_port),
         inode: h.inode,
         cookie: u64::from_ne_bytes(id.cookie),
         cgroup_id,
-    })
+    }
 }
 
 /// socket inode → (pid, comm) of a process holding it, from `/proc/*/fd`.

@@ -144,8 +144,12 @@ async fn stream_once(
                     return Err(StreamError::Protocol(format!("ack for seq {} but seq {} was next", ack.seq, entry.seq)));
                 }
                 match v1::AckStatus::try_from(ack.status) {
-                    Ok(v1::AckStatus::Stored) => metrics.batches_acked.inc(),
-                    Ok(v1::AckStatus::Duplicate) => metrics.batches_duplicate.inc(),
+                    Ok(v1::AckStatus::Stored) => {
+                        metrics.batches_acked.inc();
+                    }
+                    Ok(v1::AckStatus::Duplicate) => {
+                        metrics.batches_duplicate.inc();
+                    }
                     _ => {
                         metrics.batches_rejected.inc();
                         tracing::error!(seq = ack.seq, flows = entry.flows, error = %ack.error, "Learner rejected a batch; it is dropped and counted as lost.");

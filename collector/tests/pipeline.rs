@@ -25,27 +25,26 @@ const UDP_PORT: u16 = 5353;
 
 /// The workloads: hosts[0] client, hosts[1] web server, hosts[2] UDP service.
 fn inventory(net: &TestNet) -> String {
-    let h = net.hosts();
-    format!(
-        r#"
-workloads:
-  - name: client
-    namespace: e2e
-    labels: {{app: client, tier: "front'end <b>"}}
-    match: {{netns: [{}]}}
-  - name: web
-    namespace: e2e
-    labels: {{app: web}}
-    match: {{netns: [{}]}}
-  - name: metrics
-    namespace: e2e
-    labels: {{app: metrics, note: "x'); DROP TABLE edges;--"}}
-    match: {{netns: [{}]}}
-"#,
-        h[0].netns.name(),
-        h[1].netns.name(),
-        h[2].netns.name()
-    )
+    let workloads = [
+        ("client", r#"{app: client, tier: "front'end <b>"}"#),
+        ("web", "{app: web}"),
+        ("metrics", r#"{app: metrics, note: "x'); DROP TABLE edges;--"}"#),
+    ];
+    let mut s = String::from("workloads:\n");
+    for (host, (name, labels)) in net.hosts().iter().zip(workloads) {
+        s.push_str(&format!(
+            "  - name: {name}\n    namespace: e2e\n    labels: {labels}\n    match: {{netns: [{}]}}\n",
+            host.netns.name()
+        ));
+    }
+    s
+}
+
+/// The last lines of the collector's log, for failure messages.
+fn log_tail(dir: &Path) -> String {
+    let log = std::fs::read_to_string(dir.join("collector.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 struct Learner {
@@ -217,9 +216,9 @@ async fn learns_exact_edges(db_url: String) {
     assert_eventually_async!(
         WAIT,
         async || edge(&store, "client", "web", TCP_PORT, Protocol::Tcp).await.is_some_and(|e| e.connections == 5),
-        "client→web:8080/tcp with 5 connections; have {:?} (collector log: {})",
+        "client→web:8080/tcp with 5 connections; have {:?}\ncollector log:\n{}",
         edge(&store, "client", "web", TCP_PORT, Protocol::Tcp).await,
-        dir.path().join("collector.log").display()
+        log_tail(dir.path())
     );
     assert_eventually_async!(
         WAIT,
@@ -305,8 +304,9 @@ async fn learner_restart_mid_stream_loses_and_duplicates_nothing() {
     assert_eventually_async!(
         WAIT,
         async || edge(&store, "client", "web", TCP_PORT, Protocol::Tcp).await.is_some_and(|e| e.connections >= total),
-        "all {total} connections arrive; have {:?}",
-        edge(&store, "client", "web", TCP_PORT, Protocol::Tcp).await
+        "all {total} connections arrive; have {:?}\ncollector log:\n{}",
+        edge(&store, "client", "web", TCP_PORT, Protocol::Tcp).await,
+        log_tail(dir.path())
     );
     // Once the collector's spool is empty every batch has been acked: any resend has
     // landed, so the count is final.

@@ -128,8 +128,8 @@ CREATE TABLE flows (
     last_seen_unix_ms  INTEGER NOT NULL
 );
 CREATE INDEX flows_last_seen ON flows (last_seen_unix_ms);
-CREATE INDEX flows_src_identity ON flows (src_identity, id);
-CREATE INDEX flows_dst_identity ON flows (dst_identity, id);
+-- CREATE INDEX flows_src_identity ON flows (src_identity, id);
+-- CREATE INDEX flows_dst_identity ON flows (dst_identity, id);
 
 -- Endpoints: the latest snapshot each node reported, one row per network namespace.
 CREATE TABLE endpoints (

@@ -10,12 +10,13 @@
 //! - `ci`: what `.ci/run` calls; today the same as `test`.
 //! - `env`: `setup` + PostgreSQL, then prints `export …` lines for running single tests
 //!   by hand.
-//! - `demo`: lands with the pipeline.
+//! - `demo`: the whole pipeline on this host (see `demo.rs`).
 //!
 //! Everything is plain `std::process::Command`: each step prints what it runs.
 
 #![forbid(unsafe_code)]
 
+mod demo;
 mod postgres;
 mod setup;
 mod test;
@@ -44,8 +45,9 @@ enum Cmd {
     /// Set up and start PostgreSQL, then print `export …` lines for running `cargo test`
     /// by hand: `eval "$(cargo xtask env)"`.
     Env,
-    /// Run the end-to-end demo (not there yet).
-    Demo,
+    /// The whole pipeline on this host: workloads in network namespaces, learner on
+    /// SQLite, collector, real traffic, then the learned graph.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,10 +57,7 @@ fn main() -> ExitCode {
         Cmd::Test(args) => test::run(&args),
         Cmd::Ci => test::run_ci(),
         Cmd::Env => test::print_env(),
-        Cmd::Demo => {
-            println!("demo lands with the pipeline");
-            Ok(ExitCode::FAILURE)
-        }
+        Cmd::Demo(args) => demo::run(&args).map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -2,17 +2,18 @@
 //! answers of every workload on the node and hands them to user space without
 //! ever changing a verdict.
 //!
-//! * TCP: the `sock/inet_sock_set_state` tracepoint. It is stable ABI (a format
-//!   file user space checks), fires for IPv4 and IPv6 alike and — for the client's
-//!   `CLOSE → SYN_SENT` — in the connecting process's context, so pid, comm and
-//!   cgroup are the real owner's. The owner is remembered per socket in
-//!   `SOCK_OWNER_V1` so the later softirq transitions carry it too.
+//! * TCP: the `sock/inet_sock_set_state` tracepoint. Its record layout is
+//!   published in a format file user space checks before loading; it fires for
+//!   IPv4 and IPv6 alike and — for the client's `CLOSE → SYN_SENT` — in the
+//!   connecting process's context, so pid, comm and cgroup are the real owner's.
+//!   The owner is remembered per socket in `SOCK_OWNER_V1` so the later softirq
+//!   transitions carry it too (and the Connect event waits for the local port).
 //! * UDP + DNS: cgroup_skb ingress/egress at the cgroup v2 root. See the user-space
 //!   `datapath` module doc for why this hook and not sock_addr or tc.
 //!
 //! Kernel struct fields (netns inode, TCP byte counters, a socket's cgroup) are
 //! read with `bpf_probe_read_kernel` at offsets user space resolved from BTF and
-//! wrote into the read-only global `BH_KOFFSETS`: Rust eBPF has no CO-RE, so no
+//! writes into the read-only global `BH_KOFFSETS`: Rust eBPF has no CO-RE, so no
 //! offset of a kernel struct is compiled in here.
 #![no_std]
 #![no_main]
@@ -44,10 +45,12 @@ use bulkhead_abi::collector::{
     UdpFlowKey, UdpFlowValue,
 };
 
-/// The collector only observes: every cgroup_skb program returns "allow", also
-/// when it fails (fail-open). Dropping is the enforcer's job, never the collector's.
-const FAIL_ACTION: i32 = 1;
+/// cgroup_skb verdict "let the packet through". The collector only observes, so
+/// this is the only verdict its programs compute.
 const ALLOW: i32 = 1;
+/// Verdict when a program fails: fail-open. Dropping is the enforcer's job, never
+/// the collector's; a collector bug must not cut a workload off.
+const FAIL_ACTION: i32 = ALLOW;
 
 /// Kernel offsets from BTF; user space overrides this before load
 /// (`EbpfLoader::override_global`), so the verifier sees them as constants.
@@ -153,11 +156,11 @@ fn netns_observed(ino: u64) -> bool {
     };
     if mode == NETNS_MODE_ONLY {
         // SAFETY: the value is not kept past this expression.
-        return unsafe { NETNS_FILTER_V1.get(&ino) }.is_some();
+        return unsafe { NETNS_FILTER_V1.get(ino) }.is_some();
     }
     if mode == NETNS_MODE_EXCEPT {
         // SAFETY: as above.
-        return unsafe { NETNS_FILTER_V1.get(&ino) }.is_none();
+        return unsafe { NETNS_FILTER_V1.get(ino) }.is_none();
     }
     true
 }
@@ -168,6 +171,15 @@ fn current_comm() -> [u8; COMM_LEN] {
 }
 
 // === TCP: sock/inet_sock_set_state ===
+//
+// Transitions and what they report:
+//   CLOSE → SYN_SENT        connect() in process context: remember the owner
+//                           (pid, comm, cgroup, time). No event yet: the kernel
+//                           picks the local port only *after* this transition.
+//   SYN_SENT → ESTABLISHED  Connect (owner, time of the SYN) + Established.
+//   SYN_SENT → CLOSE        Connect + Close: a refused or timed-out attempt.
+//   SYN_RECV → ESTABLISHED  Accept (softirq: no pid/comm; the socket's cgroup).
+//   * → CLOSE               Close with the final byte/segment counters.
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
@@ -184,30 +196,69 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     if args.protocol != IPPROTO_TCP {
         return Ok(());
     }
-    let kind = match (args.oldstate, args.newstate) {
-        (TCP_CLOSE, TCP_SYN_SENT) => KIND_CONNECT,
-        (TCP_SYN_SENT, TCP_ESTABLISHED) => KIND_ESTABLISHED,
-        (TCP_SYN_RECV, TCP_ESTABLISHED) => KIND_ACCEPT,
+    let (old, new) = (args.oldstate, args.newstate);
+    let interesting = (old == TCP_CLOSE && new == TCP_SYN_SENT)
+        || (new == TCP_ESTABLISHED && (old == TCP_SYN_SENT || old == TCP_SYN_RECV))
         // LISTEN → CLOSE is a listener going away, not a connection.
-        (old, TCP_CLOSE) if old != TCP_LISTEN && old != TCP_CLOSE => KIND_CLOSE,
-        _ => return Ok(()),
-    };
+        || (new == TCP_CLOSE && old != TCP_LISTEN && old != TCP_CLOSE);
+    if !interesting {
+        return Ok(());
+    }
     let sk = args.skaddr;
     let netns = sock_netns(sk)?;
     if !netns_observed(netns) {
+        if new == TCP_CLOSE {
+            // The filter may have changed since connect: forget the owner anyway.
+            let _ = SOCK_OWNER_V1.remove(sk);
+        }
         return Ok(());
     }
 
+    if old == TCP_CLOSE && new == TCP_SYN_SENT {
+        let owner = SockOwner {
+            ts_ns: now_ns(),
+            // SAFETY: helper without arguments.
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            _pad: [0; 4],
+            comm: current_comm(),
+        };
+        let _ = SOCK_OWNER_V1.insert(sk, owner, 0);
+        return Ok(());
+    }
+
+    // Whatever connect recorded, copied out before any map update can move it.
+    // SAFETY: the value is copied immediately.
+    let owner: Option<SockOwner> = unsafe { SOCK_OWNER_V1.get(sk) }.copied();
+    let now = now_ns();
+    if old == TCP_SYN_SENT {
+        let connect_ts = match &owner {
+            Some(o) => o.ts_ns,
+            None => now,
+        };
+        emit_tcp(&args, netns, KIND_CONNECT, connect_ts, owner.as_ref());
+    }
+    if new == TCP_ESTABLISHED {
+        let kind = if old == TCP_SYN_SENT { KIND_ESTABLISHED } else { KIND_ACCEPT };
+        emit_tcp(&args, netns, kind, now, owner.as_ref());
+    } else {
+        let _ = SOCK_OWNER_V1.remove(sk);
+        emit_tcp(&args, netns, KIND_CLOSE, now, owner.as_ref());
+    }
+    Ok(())
+}
+
+/// Writes one TCP event. `owner` is what connect recorded (client side only);
+/// without it pid/comm stay 0 and the cgroup is the socket's own.
+#[inline(always)]
+fn emit_tcp(args: &InetSockSetStateArgs, netns: u64, kind: u8, ts_ns: u64, owner: Option<&SockOwner>) {
+    let sk = args.skaddr;
     let Some(mut entry) = FLOW_EVENTS_V1.reserve::<SockEventRaw>(0) else {
         count(COUNTER_FLOW_LOST);
-        // Still forget the owner of a closing socket: its address may be reused.
-        if kind == KIND_CLOSE {
-            let _ = SOCK_OWNER_V1.remove(&sk);
-        }
-        return Ok(());
+        return;
     };
     let ev = entry.write(SockEventRaw::ZERO);
-    ev.ts_ns = now_ns();
+    ev.ts_ns = ts_ns;
     ev.sock = sk;
     ev.netns_ino = netns;
     ev.sport = args.sport;
@@ -222,47 +273,26 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         ev.saddr[..4].copy_from_slice(&args.saddr);
         ev.daddr[..4].copy_from_slice(&args.daddr);
     }
-
-    if kind == KIND_CONNECT {
-        // Process context: the connecting task is current.
-        let owner = SockOwner {
-            // SAFETY: helper without arguments.
-            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-            _pad: [0; 4],
-            comm: current_comm(),
-        };
-        ev.cgroup_id = owner.cgroup_id;
-        ev.pid = owner.pid;
-        ev.comm = owner.comm;
-        let _ = SOCK_OWNER_V1.insert(&sk, &owner, 0);
-    } else {
-        // Softirq (or the closing task): use what connect recorded, else the
-        // socket's own cgroup. pid/comm stay 0 when no connect was seen.
-        // SAFETY: the value is copied out immediately.
-        match unsafe { SOCK_OWNER_V1.get(&sk) } {
-            Some(owner) => {
-                ev.cgroup_id = owner.cgroup_id;
-                ev.pid = owner.pid;
-                ev.comm = owner.comm;
-            }
-            None => ev.cgroup_id = sock_cgroup_id(sk),
+    match owner {
+        Some(o) => {
+            ev.cgroup_id = o.cgroup_id;
+            ev.pid = o.pid;
+            ev.comm = o.comm;
         }
-        if kind == KIND_CLOSE {
-            let _ = SOCK_OWNER_V1.remove(&sk);
-            if koff!(flags) & OFFSETS_HAVE_TCP_BYTES != 0 {
-                ev.bytes_sent = read_kernel(sk, koff!(tcp_bytes_acked)).unwrap_or(0);
-                ev.bytes_received = read_kernel(sk, koff!(tcp_bytes_received)).unwrap_or(0);
-            }
-            if koff!(flags) & OFFSETS_HAVE_TCP_SEGS != 0 {
-                let segs_in: u32 = read_kernel(sk, koff!(tcp_segs_in)).unwrap_or(0);
-                let segs_out: u32 = read_kernel(sk, koff!(tcp_segs_out)).unwrap_or(0);
-                ev.packets = u64::from(segs_in) + u64::from(segs_out);
-            }
+        None => ev.cgroup_id = sock_cgroup_id(sk),
+    }
+    if kind == KIND_CLOSE {
+        if koff!(flags) & OFFSETS_HAVE_TCP_BYTES != 0 {
+            ev.bytes_sent = read_kernel(sk, koff!(tcp_bytes_acked)).unwrap_or(0);
+            ev.bytes_received = read_kernel(sk, koff!(tcp_bytes_received)).unwrap_or(0);
+        }
+        if koff!(flags) & OFFSETS_HAVE_TCP_SEGS != 0 {
+            let segs_in: u32 = read_kernel(sk, koff!(tcp_segs_in)).unwrap_or(0);
+            let segs_out: u32 = read_kernel(sk, koff!(tcp_segs_out)).unwrap_or(0);
+            ev.packets = u64::from(segs_in) + u64::from(segs_out);
         }
     }
     entry.submit(BPF_RB_NO_WAKEUP.into());
-    Ok(())
 }
 
 // === UDP + DNS: cgroup_skb at the cgroup v2 root ===
@@ -270,7 +300,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 #[cgroup_skb(ingress)]
 pub fn udp_ingress(ctx: SkBuffContext) -> i32 {
     match try_udp(&ctx, false) {
-        Ok(verdict) => verdict,
+        Ok(()) => ALLOW,
         Err(_) => {
             count(COUNTER_READ_FAILED);
             FAIL_ACTION
@@ -281,7 +311,7 @@ pub fn udp_ingress(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb(egress)]
 pub fn udp_egress(ctx: SkBuffContext) -> i32 {
     match try_udp(&ctx, true) {
-        Ok(verdict) => verdict,
+        Ok(()) => ALLOW,
         Err(_) => {
             count(COUNTER_READ_FAILED);
             FAIL_ACTION
@@ -300,7 +330,8 @@ fn sock_addr_of(sk: *mut aya_ebpf::bindings::bpf_sock) -> u64 {
     unsafe { bpf_probe_read_kernel(&raw const ptr) }.unwrap_or(0)
 }
 
-fn try_udp(ctx: &SkBuffContext, egress: bool) -> Result<i32, i32> {
+/// Observes one packet. Only ever observes: the verdict is always [`ALLOW`].
+fn try_udp(ctx: &SkBuffContext, egress: bool) -> Result<(), i32> {
     let skb: *mut __sk_buff = ctx.skb.skb;
     // Packets start at the IP header in cgroup_skb programs.
     let first: u8 = ctx.load(0).map_err(|e| e as i32)?;
@@ -310,12 +341,12 @@ fn try_udp(ctx: &SkBuffContext, egress: bool) -> Result<i32, i32> {
         4 => {
             let proto: u8 = ctx.load(9).map_err(|e| e as i32)?;
             if proto != IPPROTO_UDP {
-                return Ok(ALLOW);
+                return Ok(());
             }
             let frag: [u8; 2] = ctx.load(6).map_err(|e| e as i32)?;
             // Only the first fragment carries the UDP header.
             if u16::from_be_bytes(frag) & 0x1fff != 0 {
-                return Ok(ALLOW);
+                return Ok(());
             }
             let s: [u8; 4] = ctx.load(12).map_err(|e| e as i32)?;
             let d: [u8; 4] = ctx.load(16).map_err(|e| e as i32)?;
@@ -331,12 +362,12 @@ fn try_udp(ctx: &SkBuffContext, egress: bool) -> Result<i32, i32> {
             // counted (rare for workload traffic; documented in user space).
             let next: u8 = ctx.load(6).map_err(|e| e as i32)?;
             if next != IPPROTO_UDP {
-                return Ok(ALLOW);
+                return Ok(());
             }
             key.family = AF_INET6;
             (ctx.load(8).map_err(|e| e as i32)?, ctx.load(24).map_err(|e| e as i32)?, 40)
         }
-        _ => return Ok(ALLOW),
+        _ => return Ok(()),
     };
     let ports: [u8; 4] = ctx.load(l4).map_err(|e| e as i32)?;
     let udp_len: [u8; 2] = ctx.load(l4 + 4).map_err(|e| e as i32)?;
@@ -347,11 +378,11 @@ fn try_udp(ctx: &SkBuffContext, egress: bool) -> Result<i32, i32> {
     // SAFETY: reading the context's socket field; the verifier checks the access.
     let sk = unsafe { (*skb).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return Ok(ALLOW);
+        return Ok(());
     }
     let netns = sock_netns(sock_addr_of(sk))?;
     if !netns_observed(netns) {
-        return Ok(ALLOW);
+        return Ok(());
     }
     key.netns_ino = netns;
     if egress {
@@ -361,7 +392,7 @@ fn try_udp(ctx: &SkBuffContext, egress: bool) -> Result<i32, i32> {
     }
 
     let now = now_ns();
-    match UDP_FLOWS_V1.get_ptr_mut(&key) {
+    match UDP_FLOWS_V1.get_ptr_mut(key) {
         Some(v) => add_counters(v, egress, payload, now),
         None => new_flow(ctx, &key, egress, payload, now),
     }
@@ -369,7 +400,7 @@ fn try_udp(ctx: &SkBuffContext, egress: bool) -> Result<i32, i32> {
     if !egress && sport == 53 {
         dns_answer(ctx, &key, l4 + 8, now);
     }
-    Ok(ALLOW)
+    Ok(())
 }
 
 /// `*p += v` as one BPF atomic instruction (`BPF_ATOMIC | BPF_ADD`): several CPUs
@@ -420,7 +451,7 @@ fn new_flow(ctx: &SkBuffContext, key: &UdpFlowKey, egress: bool, payload: u64, n
         _pad: [0; 4],
         comm,
     };
-    if UDP_FLOWS_V1.insert(key, &value, BPF_NOEXIST.into()).is_err() {
+    if UDP_FLOWS_V1.insert(key, value, BPF_NOEXIST.into()).is_err() {
         // Another CPU created it first: count into its entry instead.
         match UDP_FLOWS_V1.get_ptr_mut(key) {
             Some(v) => add_counters(v, egress, payload, now),
@@ -478,12 +509,12 @@ fn dns_answer(ctx: &SkBuffContext, key: &UdpFlowKey, offset: usize, now: u64) {
         (*ev).family = key.family;
         (*ev).dport = key.lport;
         (*ev)._pad = [0; 2];
-        // The verifier needs a provably bounded, non-zero length.
-        let n = (len as u32) & 0x3ff;
-        if n == 0 || n > DNS_PAYLOAD_MAX as u32 {
-            entry.discard(0);
-            return;
-        }
+        // The verifier needs a length it can prove is in [1, DNS_PAYLOAD_MAX].
+        // `len` is in that range already, but LLVM drops checks it can prove
+        // redundant and the verifier cannot follow its reasoning; black_box hides
+        // the value so the mask below survives and gives the verifier its bounds.
+        const _: () = assert!(DNS_PAYLOAD_MAX.is_power_of_two());
+        let n = (core::hint::black_box((len as u32).wrapping_sub(1)) & (DNS_PAYLOAD_MAX as u32 - 1)) + 1;
         let ret = bpf_skb_load_bytes(
             ctx.skb.skb as *const c_void,
             offset as u32,

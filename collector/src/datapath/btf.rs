@@ -125,7 +125,7 @@ pub(crate) fn field(btf: &Btf, root: &str, path: &[&str], expected_size: usize) 
         bits += member_bits;
         last_type = Some(ty);
     }
-    if bits % 8 != 0 {
+    if !bits.is_multiple_of(8) {
         return Err(BtfError::NotByteAligned { path: dotted });
     }
     let size = last_type.as_ref().map(|t| type_size(btf, t)).transpose().map_err(lookup)?.unwrap_or(0);

@@ -205,7 +205,7 @@ mod tests {
         raw.kind = KIND_ACCEPT;
         raw.protocol = IPPROTO_TCP as u8;
         raw.family = AF_INET6;
-        raw.saddr = Ipv6Addr::from(Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped()).octets();
+        raw.saddr = Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped().octets();
         raw.daddr = "fd00::2".parse::<Ipv6Addr>().expect("v6").octets();
         let ev = sock_event(&as_bytes(&raw), &BootClock::with_offset_ms(0)).expect("decode");
         assert_eq!(ev.local.ip(), IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)));

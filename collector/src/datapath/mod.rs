@@ -5,13 +5,17 @@
 //! * **TCP** — tracepoint `sock/inet_sock_set_state` (no kprobes on our kernels,
 //!   and fentry/fexit are refused on the VMs we run on; a tracepoint is also a
 //!   published format we can check at load time). `CLOSE → SYN_SENT` runs in the
-//!   connecting process, so it carries pid (tgid), comm and cgroup id; the kernel
-//!   remembers them per socket so `SYN_SENT → ESTABLISHED` and `→ CLOSE` (softirq)
-//!   carry them too. `SYN_RECV → ESTABLISHED` is the accept side: pid and comm are
-//!   unknown there (0 / empty), but the cgroup is the *socket's* (an accepted
-//!   socket inherits the listener's cgroup, i.e. the server's), read from
-//!   `sk->sk_cgrp_data`. `→ CLOSE` carries `tcp_sock.bytes_acked`,
-//!   `bytes_received` and `segs_in + segs_out` as final counters.
+//!   connecting process: the kernel records pid (tgid), comm, cgroup id and time
+//!   per socket. The Connect event itself is written at the socket's next
+//!   transition (`→ ESTABLISHED`, or `→ CLOSE` for a refused attempt) because the
+//!   kernel only picks the local port *after* entering SYN_SENT, and a Connect
+//!   with port 0 could not be matched with its Close. Established and Close of
+//!   that socket carry the same owner. `SYN_RECV → ESTABLISHED` is the accept
+//!   side, in softirq: pid and comm are unknown (0 / empty), but the cgroup is the
+//!   *socket's* (an accepted socket inherits the listener's cgroup, i.e. the
+//!   server's), read from `sk->sk_cgrp_data`. `→ CLOSE` carries
+//!   `tcp_sock.bytes_acked` / `bytes_received` (which include the SYN and FIN,
+//!   so up to 2 more than the payload) and `segs_in + segs_out` as packets.
 //! * **UDP and DNS** — cgroup_skb ingress + egress attached at the cgroup v2 root.
 //!   Chosen over the alternatives because:
 //!   - it sees every datagram of every socket on the node, in every network
@@ -135,7 +139,7 @@ impl Default for DatapathOptions {
 pub enum DatapathError {
     #[error("option {option} = {value} is invalid: {reason}")]
     InvalidOption { option: &'static str, value: u64, reason: &'static str },
-    #[error("the sock/inet_sock_set_state tracepoint does not match what the program reads")]
+    #[error("checking the sock/inet_sock_set_state tracepoint format")]
     TracepointFormat(#[from] tracefs::FormatError),
     #[error("resolving kernel struct offsets from BTF")]
     Btf(#[from] btf::BtfError),
@@ -195,7 +199,7 @@ pub struct DatapathCounters {
 /// The loaded and attached programs plus the maps user space reads.
 /// Dropping it detaches everything.
 pub struct Datapath {
-    // Field order matters for Drop only in that all of these are plain fds.
+    /// Owns the programs and their links: dropping it detaches them.
     ebpf: Ebpf,
     flow_events: RingBuf<MapData>,
     dns_events: Option<RingBuf<MapData>>,
@@ -222,6 +226,12 @@ impl std::fmt::Debug for Datapath {
             .finish_non_exhaustive()
     }
 }
+
+// The agent may move the datapath into its own task or thread.
+const _: fn() = || {
+    fn assert_send<T: Send>() {}
+    assert_send::<Datapath>();
+};
 
 // === impl Datapath ===
 
@@ -486,7 +496,7 @@ impl Datapath {
         self.cgroup_root.as_deref()
     }
 
-    /// Names of the maps still owned by the loader (for diagnostics).
+    /// Names of the loaded programs (for diagnostics).
     pub fn loaded_programs(&self) -> Vec<String> {
         self.ebpf.programs().map(|(name, _)| name.to_owned()).collect()
     }

@@ -11,6 +11,9 @@
 //! * counters of an entry the LRU evicted before we read them (the map is sized so
 //!   this only happens under a flood of new 5-tuples; the next datagram of such a
 //!   flow re-creates it and reports a new Connect/Accept).
+//!
+//! A flow that resumes after being idle past the timeout is, likewise, reported
+//! as a new Connect/Accept: for UDP there is no connection to tell otherwise.
 
 use std::collections::HashMap;
 use std::time::Duration;

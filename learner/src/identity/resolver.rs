@@ -37,7 +37,8 @@ impl Subject {
 #[derive(Debug, Default, Clone)]
 struct NodeEndpoints {
     by_netns: HashMap<u64, EndpointFact>,
-    by_addr: HashMap<IpAddr, u64>,
+    /// Address → (netns, whether that netns is a managed workload).
+    by_addr: HashMap<IpAddr, (u64, bool)>,
 }
 
 /// Endpoint knowledge of all nodes plus the inventory.
@@ -59,16 +60,28 @@ impl Resolver {
     }
 
     /// Replaces everything known about one node's endpoints.
+    ///
+    /// Isolated namespaces on one node may reuse an address. Then the address is
+    /// ambiguous; the namespace the inventory knows wins over an unmanaged one (a
+    /// managed workload is what policy is about), and among equals the lowest inode, so
+    /// the answer never depends on the order of the report.
     pub fn update_node(&mut self, node: &str, facts: Vec<EndpointFact>) {
         let mut ne = NodeEndpoints::default();
-        for f in facts {
-            for a in &f.addresses {
-                if routable(a.addr) {
-                    ne.by_addr.insert(a.addr, f.netns_ino);
+        let mut facts = facts;
+        facts.sort_by_key(|f| f.netns_ino);
+        for f in &facts {
+            let managed = matches!(self.endpoint_subject(f), Subject::Workload { .. });
+            for a in f.addresses.iter().filter(|a| routable(a.addr)) {
+                match ne.by_addr.get(&a.addr) {
+                    Some(&(_, true)) => {}
+                    Some(&(_, false)) if !managed => {}
+                    _ => {
+                        ne.by_addr.insert(a.addr, (f.netns_ino, managed));
+                    }
                 }
             }
-            ne.by_netns.insert(f.netns_ino, f);
         }
+        ne.by_netns = facts.into_iter().map(|f| (f.netns_ino, f)).collect();
         self.nodes.insert(node.to_owned(), ne);
         self.rebuild_ipcache();
     }
@@ -79,7 +92,7 @@ impl Resolver {
         // Deterministic winner when two nodes claim one address.
         nodes.sort_by(|a, b| a.0.cmp(b.0));
         for (node, ne) in nodes {
-            for (addr, ino) in &ne.by_addr {
+            for (addr, (ino, _)) in &ne.by_addr {
                 self.ipcache.entry(*addr).or_insert_with(|| (node.clone(), *ino));
             }
         }
@@ -123,16 +136,14 @@ impl Resolver {
         }
         let local_node = self.nodes.get(node);
         let hit = local_node
-            .and_then(|ne| ne.by_addr.get(&peer).map(|ino| (node, *ino)))
+            .and_then(|ne| ne.by_addr.get(&peer).map(|(ino, _)| (node, *ino)))
             .or_else(|| self.ipcache.get(&peer).map(|(n, ino)| (n.as_str(), *ino)));
-        if let Some((peer_node, ino)) = hit {
-            if let Some(fact) = self.endpoint(peer_node, ino) {
-                if fact.host {
-                    let r = if peer_node == node { ReservedIdentity::Host } else { ReservedIdentity::RemoteNode };
-                    return Subject::Reserved(r);
-                }
-                return self.endpoint_subject(fact);
+        if let Some((peer_node, fact)) = hit.and_then(|(n, ino)| Some((n, self.endpoint(n, ino)?))) {
+            if fact.host {
+                let r = if peer_node == node { ReservedIdentity::Host } else { ReservedIdentity::RemoteNode };
+                return Subject::Reserved(r);
             }
+            return self.endpoint_subject(fact);
         }
         self.by_addr(peer).unwrap_or(Subject::Reserved(ReservedIdentity::World))
     }

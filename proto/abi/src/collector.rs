@@ -215,17 +215,21 @@ pub struct UdpFlowValue {
 }
 const _: () = assert!(size_of::<UdpFlowValue>() == 88);
 
-/// Who started a TCP connection, recorded in process context at connect so the
-/// later (softirq) transitions of the same socket can carry it.
+/// Who started a TCP connection, and when, recorded in process context at
+/// `CLOSE → SYN_SENT` so the later (softirq) transitions of the same socket can
+/// carry it. The Connect event itself is only written at the next transition,
+/// when the kernel has picked the local port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockOwner {
+    /// `CLOCK_BOOTTIME` of the connect.
+    pub ts_ns: u64,
     pub cgroup_id: u64,
     pub pid: u32,
     pub _pad: [u8; 4],
     pub comm: [u8; COMM_LEN],
 }
-const _: () = assert!(size_of::<SockOwner>() == 32);
+const _: () = assert!(size_of::<SockOwner>() == 40);
 
 /// Kernel struct offsets resolved from `/sys/kernel/btf/vmlinux` at load time.
 /// Pointer offsets are from the start of `struct sock` (== `struct tcp_sock`).

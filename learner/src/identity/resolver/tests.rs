@@ -149,3 +149,20 @@ fn a_new_snapshot_replaces_the_old_one() {
     // 10.0.0.11 left node-a's snapshot; nobody else has it.
     assert_eq!(name(&r.peer_subject("node-a", &f)), "reserved:world");
 }
+
+#[test]
+fn a_reused_address_resolves_to_the_managed_namespace_whatever_the_order() {
+    for order in [[12u64, 10], [10, 12]] {
+        let mut r = Resolver::new(Inventory::parse(INV).expect("valid inventory"));
+        let facts = order
+            .iter()
+            .map(|ino| match ino {
+                10 => fact(10, Some("bh-ds"), "10.0.0.50", false),
+                _ => fact(12, Some("bh-unknown"), "10.0.0.50", false),
+            })
+            .collect();
+        r.update_node("node-a", facts);
+        let f = flow(99, Direction::Egress, "10.0.0.1", "10.0.0.50", "x");
+        assert_eq!(name(&r.peer_subject("node-a", &f)), "deathstar", "order {order:?}");
+    }
+}
