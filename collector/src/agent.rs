@@ -31,6 +31,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut datapath = Datapath::load(&DatapathOptions::default()).context("loading the eBPF datapath")?;
     let host_ino = endpoints::host_netns_ino();
+    // The filter goes in before the agent opens any connection of its own (metrics,
+    // learner), so its own traffic is never reported as a workload's.
+    let mut facts = endpoints::scan().context("scanning network namespaces")?;
+    let mut known_ns: HashSet<u64> = facts.iter().map(|f| f.netns_ino).collect();
+    let mut filter = netns_filter(&args, host_ino, &facts);
+    datapath.set_netns_filter(&filter).context("setting the network-namespace filter")?;
 
     let spool = Spool::open(&args.spool_dir, args.spool_max_bytes)
         .with_context(|| format!("opening the spool at {}", args.spool_dir.display()))?;
@@ -63,12 +69,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut agg = Aggregator::new(AggregatorConfig { ephemeral_ports: ephemeral, ..Default::default() });
     let mut cutter = BatchCutter { node_id, boot_id, seq: 0, max_flows: args.max_batch_flows.max(1) };
 
-    // Endpoints first, so the first batch can tell the learner who is who; then the
-    // connections that predate us.
-    let mut facts = endpoints::scan().context("scanning network namespaces")?;
-    let mut known_ns: HashSet<u64> = facts.iter().map(|f| f.netns_ino).collect();
-    let mut filter = netns_filter(&args, host_ino, &facts);
-    datapath.set_netns_filter(&filter).context("setting the network-namespace filter")?;
+    // Connections that predate us; the first batch also carries the endpoints, so the
+    // learner knows who is who before it resolves them.
     let observed: Vec<EndpointFact> = facts.iter().filter(|f| is_observed(&filter, f.netns_ino)).cloned().collect();
     match seed::seed(&observed) {
         Ok(events) => {
@@ -100,6 +102,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 events.clear();
                 datapath.drain(&mut events, &mut dns).context("draining the ring buffer")?;
                 for ev in &events {
+                    // The kernel filters; this catches what was queued before the
+                    // filter went in or while it changed (it may over-report, briefly).
+                    if !is_observed(&filter, ev.netns_ino) {
+                        continue;
+                    }
                     unknown_ns_seen |= !known_ns.contains(&ev.netns_ino);
                     agg.record(ev);
                 }

@@ -91,6 +91,7 @@ async fn run() -> ExitCode {
 struct Results {
     backend: Backend,
     ingest_one: f64,
+    ingest_per_cpu: Option<f64>,
     ingest_many: f64,
     batch_p50_ms: f64,
     batch_p99_ms: f64,
@@ -120,9 +121,18 @@ async fn bench_backend(store: &Store) -> Results {
     let templates: Vec<Vec<ResolvedFlow>> = (0..32).map(|_| make_flows(&mut rng, &edges)).collect();
 
     // One writer.
-    let (ingest_one, lat) = ingest_for(store, "bench-one", &templates, INGEST_TIME).await;
+    let cpu_before = process_cpu_seconds();
+    let (ingest_one, lat, flows_one) = ingest_for(store, "bench-one", &templates, INGEST_TIME).await;
+    let per_cpu = match (cpu_before, process_cpu_seconds()) {
+        (Some(a), Some(b)) if b > a => Some(flows_one as f64 / (b - a)),
+        _ => None,
+    };
     let (batch_p50_ms, batch_p99_ms) = (ms(lat.value_at_quantile(0.5)), ms(lat.value_at_quantile(0.99)));
-    println!("ingest, 1 writer: {ingest_one:.0} flows/s (batch p50 {batch_p50_ms:.2} ms, p99 {batch_p99_ms:.2} ms)");
+    println!(
+        "ingest, 1 writer: {ingest_one:.0} flows/s (batch p50 {batch_p50_ms:.2} ms, p99 {batch_p99_ms:.2} ms; \
+         {} flows per CPU-second)",
+        per_cpu.map_or("?".into(), |v| format!("{v:.0}"))
+    );
 
     // Several writers at once (agents stream concurrently; SQLite still has one writer).
     let mut tasks = Vec::new();
@@ -201,6 +211,7 @@ async fn bench_backend(store: &Store) -> Results {
     Results {
         backend,
         ingest_one,
+        ingest_per_cpu: per_cpu,
         ingest_many,
         batch_p50_ms,
         batch_p99_ms,
@@ -212,13 +223,13 @@ async fn bench_backend(store: &Store) -> Results {
 }
 
 /// Ingests copies of `templates` as consecutive batches of one node for `time`;
-/// returns flows/s and the per-batch latency histogram (µs).
+/// returns flows/s, the per-batch latency histogram (µs) and the flows stored.
 async fn ingest_for(
     store: &Store,
     node: &str,
     templates: &[Vec<ResolvedFlow>],
     time: Duration,
-) -> (f64, Histogram<u64>) {
+) -> (f64, Histogram<u64>, u64) {
     let mut h = hist();
     // Warm-up: prepared statements, page cache.
     for seq in 0..3u64 {
@@ -242,7 +253,19 @@ async fn ingest_for(
         }
         h.saturating_record(t.elapsed().as_micros() as u64);
     }
-    (flows as f64 / started.elapsed().as_secs_f64(), h)
+    (flows as f64 / started.elapsed().as_secs_f64(), h, flows)
+}
+
+/// User + system CPU time of this process (all threads: the benchmark, tokio, the
+/// SQLite worker threads), from /proc/self/stat in clock ticks of 1/100 s (Linux's
+/// USER_HZ). The machine is shared, so flows per CPU-second is the steadier number.
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after_comm = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 fn make_flows(rng: &mut Rng, edges: &[(Identity, Identity, u16)]) -> Vec<ResolvedFlow> {
@@ -345,29 +368,36 @@ fn render(results: &[Results]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "## Learner store\n");
     let _ = writeln!(s, "Command: `{COMMAND}` (release build; needs `{URL_ENV}`, as the store tests do).");
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into());
     let _ = writeln!(
         s,
-        "Machine: {cpu}, {cores} cores; SQLite in a temp file (WAL, synchronous=NORMAL), local PostgreSQL.\n"
+        "Machine: {cpu}, {cores} cores, shared with other builds (load average at the end: {load}); SQLite in a \
+         temp file (WAL, synchronous=NORMAL), local PostgreSQL 15.\n"
     );
     let _ = writeln!(
         s,
         "Ingest: batches of {BATCH_FLOWS} flows over ~{INGEST_EDGES} edges between {WORKLOADS} workloads (skewed, 60 % \
          egress / 40 % ingress, 5 DNS answers per batch), one transaction each, {}s per measurement. \
-         Queries: a graph of {QUERY_EDGES} more edges between {QUERY_IDENTITIES} identities; {QUERIES} queries each.\n",
+         Queries: a graph of {QUERY_EDGES} more edges between {QUERY_IDENTITIES} identities; {QUERIES} queries each. \
+         Flows per CPU-second counts this process's CPU time only (for PostgreSQL the server's is not included); on \
+         a shared machine it is the steadier capacity figure for SQLite.\n",
         INGEST_TIME.as_secs()
     );
     let _ = writeln!(
         s,
-        "| backend | ingest, 1 writer | ingest, {WRITERS} writers | batch latency p50 / p99 | edges total | \
+        "| backend | ingest, 1 writer | flows per CPU-second (1 writer) | ingest, {WRITERS} writers | batch latency p50 / p99 | edges total | \
          edges(identity) p50 / p99 | edges(since, limit 100) p50 / p99 | all edges p50 / max |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
     for r in results {
         let _ = writeln!(
             s,
-            "| {:?} | {:.0} flows/s | {:.0} flows/s | {:.1} / {:.1} ms | {} | {} / {} µs ({} rows) | {} / {} µs | {:.0} / {:.0} ms |",
+            "| {:?} | {:.0} flows/s | {} | {:.0} flows/s | {:.1} / {:.1} ms | {} | {} / {} µs ({} rows) | {} / {} µs | {:.0} / {:.0} ms |",
             r.backend,
             r.ingest_one,
+            r.ingest_per_cpu.map_or("n/a".into(), |v| format!("{v:.0}")),
             r.ingest_many,
             r.batch_p50_ms,
             r.batch_p99_ms,

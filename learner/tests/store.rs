@@ -482,6 +482,8 @@ async fn prune_deletes_old_flows_only(f: &Fixture) {
     assert_eq!(left.len(), 20);
     assert!(left.iter().all(|r| r.flow.last_seen_unix_ms >= 1_000));
     assert_eq!(f.store.prune_flows(1_000).await.expect("prune again"), 0);
+    let q = FlowQuery { identity: Some(b), limit: 100, ..FlowQuery::default() };
+    assert_eq!(f.store.flows(&q).await.expect("by identity after prune").len(), 20);
     // The graph is long-term memory: edges survive flow retention.
     assert_eq!(all_edges(&f.store).await[0].edge.connections, 30);
 

@@ -44,11 +44,12 @@ const FLOW_SELECT: &str = "SELECT id, node_id, received_unix_ms, src_identity, d
 
 /// Recent flows, newest (highest id) first, keyset-paged by id.
 ///
-/// With an identity filter the page is the union of two index-ordered scans, one per
-/// side (`(src_identity, id)` and `(dst_identity, id)`), each stopping after `limit`
-/// rows. A plain `src = ? OR dst = ?` makes both engines collect *every* matching flow
-/// and sort it before applying the limit, which for a busy identity (world, the
-/// ingress controller) means millions of rows per page.
+/// With an identity filter (PostgreSQL) the page is the union of two index-ordered
+/// scans, one per side (`(src_identity, id)` and `(dst_identity, id)`), each stopping
+/// after `limit` rows. A plain `src = ? OR dst = ?` makes the planner collect *every*
+/// matching flow and sort it before applying the limit, which for a busy identity
+/// (world, the ingress controller) means millions of rows per page. SQLite has no such
+/// indexes and pages identity queries through `flow_blocks` ([`flows_in_block`]).
 pub(crate) fn flows<DB>(q: &FlowQuery) -> QueryBuilder<DB>
 where
     DB: Database,
@@ -77,6 +78,23 @@ where
             b.push(")");
         }
     }
+    b.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
+    b
+}
+
+/// Flows of one identity within the id range `first..=last` of one `flow_blocks` row
+/// (SQLite), newest first, at most `limit`.
+pub(crate) fn flows_in_block<DB>(q: &FlowQuery, identity: i64, first: i64, last: i64, limit: i64) -> QueryBuilder<DB>
+where
+    DB: Database,
+    for<'a> i64: Encode<'a, DB> + Type<DB>,
+    for<'a> i32: Encode<'a, DB> + Type<DB>,
+    for<'a> String: Encode<'a, DB> + Type<DB>,
+{
+    let mut b = QueryBuilder::new(FLOW_SELECT);
+    b.push("id BETWEEN ").push_bind(first).push(" AND ").push_bind(last);
+    b.push(" AND (src_identity = ").push_bind(identity).push(" OR dst_identity = ").push_bind(identity).push(")");
+    push_flow_filters(&mut b, q);
     b.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
     b
 }
@@ -147,6 +165,17 @@ pub(crate) const SELECT_DNS_ANSWERS: &str = "SELECT netns_ino, name, addr, ttl_s
 /// (SQLite: single) writer for long; the caller loops.
 pub(crate) const PRUNE_FLOWS_CHUNK: &str = "DELETE FROM flows WHERE id IN \
      (SELECT id FROM flows WHERE last_seen_unix_ms < $1 LIMIT $2)";
+
+/// Newest `flow_blocks` that mention an identity (`$1` = ',<id>,'), below a flow id.
+pub(crate) const SELECT_FLOW_BLOCKS: &str = "SELECT first_flow_id, last_flow_id FROM flow_blocks \
+     WHERE first_flow_id < $2 AND instr(identities, $1) > 0 ORDER BY last_flow_id DESC LIMIT $3";
+
+pub(crate) const INSERT_FLOW_BLOCK: &str =
+    "INSERT INTO flow_blocks (last_flow_id, first_flow_id, identities) VALUES ($1, $2, $3)";
+
+/// Blocks whose whole range was pruned.
+pub(crate) const PRUNE_FLOW_BLOCKS: &str = "DELETE FROM flow_blocks \
+     WHERE last_flow_id < (SELECT COALESCE(min(id), 9223372036854775807) FROM flows)";
 
 pub(crate) const PRUNE_DNS_ANSWERS: &str = "DELETE FROM dns_answers WHERE last_seen_unix_ms < $1";
 

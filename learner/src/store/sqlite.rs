@@ -6,7 +6,9 @@
 //! queue in-process, each transaction opened with `BEGIN IMMEDIATE`. Reads use a
 //! separate pool: under WAL they see the last committed state and never block the
 //! writer. `busy_timeout` covers other processes (a CLI, a backup) holding the lock.
+//! WAL checkpoints run on a third connection in the background (`checkpoint_loop`).
 
+use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -15,10 +17,11 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{QueryBuilder, Sqlite};
 
 use super::decode::{LabelCache, RawAgent, RawDnsAnswer, RawEdge, RawEndpoint, RawFlow, RawIdentity};
-use super::prepare::{PreparedBatch, chunk_sizes};
+use super::prepare::{FlowColumns, PreparedBatch, chunk_sizes};
 use super::queries::{self as q};
 use super::{
-    AgentRow, Backend, EdgeQuery, EdgeRow, EndpointRow, FlowQuery, FlowRow, IdentityRow, IngestOutcome, StoreError,
+    AgentRow, Backend, EdgeQuery, EdgeRow, EndpointRow, FlowQuery, FlowRow, IdentityRow, IngestOutcome, MAX_FLOW_PAGE,
+    StoreError,
 };
 use bulkhead_model::{DnsAnswer, Identity};
 
@@ -32,6 +35,9 @@ const MAX_BINDS: usize = 32_766;
 const MAX_ROWS: usize = 1024;
 /// Concurrent readers. Reads are short; the UI and API rarely need more.
 const READERS: u32 = 4;
+
+/// `flow_blocks` rows fetched per step of an identity query.
+const BLOCKS_PER_STEP: i64 = 64;
 
 const FLOW_COLS: usize = 21;
 const EDGE_COLS: usize = 10;
@@ -97,6 +103,18 @@ const MARK_PRUNED_BATCHES: &str = "UPDATE agent_boots \
            GROUP BY node_id, boot_id) AS p \
      WHERE agent_boots.node_id = p.node_id AND agent_boots.boot_id = p.boot_id";
 
+/// `flow_blocks.identities` of a batch: every identity on either end, as ',a,b,'.
+fn identity_list(f: &FlowColumns) -> String {
+    let ids: BTreeSet<i64> = f.src_identity.iter().chain(&f.dst_identity).copied().collect();
+    let mut s = String::with_capacity(ids.len() * 7 + 1);
+    s.push(',');
+    for id in ids {
+        s.push_str(&id.to_string());
+        s.push(',');
+    }
+    s
+}
+
 /// The SQLite half of [`Store`](super::Store).
 #[derive(Debug, Clone)]
 pub(crate) struct SqliteStore {
@@ -104,6 +122,35 @@ pub(crate) struct SqliteStore {
     writer: SqlitePool,
     /// Read-only connections (`query_only`); the writer itself for in-memory databases.
     reader: SqlitePool,
+    /// One connection that moves WAL frames into the database file in the background.
+    checkpointer: SqlitePool,
+}
+
+/// How often the WAL is checkpointed.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Checkpoints the WAL off the ingest path until the pool is closed.
+///
+/// SQLite's automatic checkpoint runs inside the committing writer's transaction: every
+/// ~1000 pages one ingest call copies the WAL into the database and fsyncs it, which
+/// shows as ingest latency spikes and takes the writer's time. A PASSIVE checkpoint
+/// from another connection never blocks the writer (or readers), so it runs here on a
+/// timer instead and the writer's connection has `wal_autocheckpoint = 0`.
+async fn checkpoint_loop(pool: SqlitePool) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+            if pool.is_closed() {
+                return;
+            }
+            tracing::warn!(%error, "WAL checkpoint failed; retrying.");
+        }
+    }
 }
 
 impl SqliteStore {
@@ -133,21 +180,33 @@ impl SqliteStore {
             // disk cannot keep up and the caller should shed load (agents retry).
             .acquire_timeout(Duration::from_secs(60));
         let writer_pool = if in_memory { writer_pool.idle_timeout(None).max_lifetime(None) } else { writer_pool };
-        let writer = writer_pool.connect_with(base.clone()).await.map_err(connect)?;
+        // The writer never checkpoints (see `checkpoint_loop`).
+        let writer_options = base.clone().pragma("wal_autocheckpoint", if in_memory { "1000" } else { "0" });
+        let writer = writer_pool.connect_with(writer_options).await.map_err(connect)?;
         MIGRATOR.run(&writer).await.map_err(|source| StoreError::Migrate { backend: Backend::Sqlite, source })?;
-        let reader = if in_memory {
-            writer.clone()
-        } else {
-            SqlitePoolOptions::new()
-                .max_connections(READERS)
-                .connect_with(base.create_if_missing(false).pragma("query_only", "ON"))
-                .await
-                .map_err(connect)?
-        };
-        Ok(Self { writer, reader })
+        if in_memory {
+            return Ok(Self { writer: writer.clone(), reader: writer.clone(), checkpointer: writer });
+        }
+        let reader = SqlitePoolOptions::new()
+            .max_connections(READERS)
+            .connect_with(base.clone().create_if_missing(false).pragma("query_only", "ON"))
+            .await
+            .map_err(connect)?;
+        let checkpointer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(base.create_if_missing(false))
+            .await
+            .map_err(connect)?;
+        tokio::spawn(checkpoint_loop(checkpointer.clone()));
+        Ok(Self { writer, reader, checkpointer })
     }
 
     pub async fn close(&self) {
+        // Fold the WAL back into the database file while we are the only user.
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&self.writer).await {
+            tracing::debug!(%error, "Final WAL checkpoint failed; SQLite retries on next open.");
+        }
+        self.checkpointer.close().await;
         self.reader.close().await;
         self.writer.close().await;
     }
@@ -341,6 +400,22 @@ impl SqliteStore {
             b.build().execute(&mut *tx).await.map_err(StoreError::db(OP))?;
             start += size;
         }
+        if f.len() > 0 {
+            // One writer, one transaction, AUTOINCREMENT: the batch's ids are the
+            // contiguous range ending at the last inserted rowid.
+            let last: i64 = sqlx::query_scalar("SELECT last_insert_rowid()")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(StoreError::db(OP))?;
+            let first = last - (f.len() as i64 - 1);
+            sqlx::query(q::INSERT_FLOW_BLOCK)
+                .bind(last)
+                .bind(first)
+                .bind(identity_list(f))
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db(OP))?;
+        }
 
         // Edges, pre-aggregated and sorted, upserted in chunks.
         let mut start = 0;
@@ -416,14 +491,43 @@ impl SqliteStore {
     }
 
     pub async fn flows(&self, query: &FlowQuery) -> Result<Vec<FlowRow>, StoreError> {
-        let mut b = q::flows::<Sqlite>(query);
-        b.build_query_as::<RawFlow>()
-            .fetch_all(&self.reader)
-            .await
-            .map_err(StoreError::db("flows"))?
-            .into_iter()
-            .map(FlowRow::try_from)
-            .collect()
+        const OP: &str = "flows";
+        let Some(identity) = query.identity else {
+            let mut b = q::flows::<Sqlite>(query);
+            let raw = b.build_query_as::<RawFlow>().fetch_all(&self.reader).await.map_err(StoreError::db(OP))?;
+            return raw.into_iter().map(FlowRow::try_from).collect();
+        };
+        // Walk the blocks that mention the identity, newest first, scanning each one's
+        // id range until the page is full (see flow_blocks in the migration).
+        let limit = i64::from(query.limit.min(MAX_FLOW_PAGE));
+        let id = i64::from(identity.0);
+        let pattern = format!(",{id},");
+        let mut cursor = query.before_id.unwrap_or(i64::MAX);
+        let mut out: Vec<RawFlow> = Vec::new();
+        let mut conn = self.reader.acquire().await.map_err(StoreError::db(OP))?;
+        while (out.len() as i64) < limit {
+            let blocks: Vec<(i64, i64)> = sqlx::query_as(q::SELECT_FLOW_BLOCKS)
+                .bind(pattern.as_str())
+                .bind(cursor)
+                .bind(BLOCKS_PER_STEP)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(StoreError::db(OP))?;
+            if blocks.is_empty() {
+                break;
+            }
+            for (first, last) in blocks {
+                let want = limit - out.len() as i64;
+                let upper = last.min(cursor.saturating_sub(1));
+                let mut b = q::flows_in_block::<Sqlite>(query, id, first, upper, want);
+                out.extend(b.build_query_as::<RawFlow>().fetch_all(&mut *conn).await.map_err(StoreError::db(OP))?);
+                cursor = first;
+                if out.len() as i64 >= limit {
+                    break;
+                }
+            }
+        }
+        out.into_iter().map(FlowRow::try_from).collect()
     }
 
     pub async fn endpoints(&self) -> Result<Vec<EndpointRow>, StoreError> {
@@ -461,9 +565,11 @@ impl SqliteStore {
                 .rows_affected();
             total += n;
             if n < q::PRUNE_CHUNK as u64 {
-                return Ok(total);
+                break;
             }
         }
+        sqlx::query(q::PRUNE_FLOW_BLOCKS).execute(&self.writer).await.map_err(StoreError::db("prune_flows"))?;
+        Ok(total)
     }
 
     pub async fn prune_dns_answers(&self, older_than_unix_ms: i64) -> Result<u64, StoreError> {
