@@ -29,7 +29,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     tracing::info!(node = %node_id, boot = %boot_id, learner = %args.learner, "Starting collector.");
 
-    let mut datapath = Datapath::load(&DatapathOptions::default()).context("loading the eBPF datapath")?;
+    let opts = DatapathOptions { ringbuf_bytes: args.ringbuf_bytes, ..Default::default() };
+    let mut datapath = Datapath::load(&opts).context("loading the eBPF datapath")?;
     let host_ino = endpoints::host_netns_ino();
     // The filter goes in before the agent opens any connection of its own (metrics,
     // learner), so its own traffic is never reported as a workload's.

@@ -95,7 +95,9 @@ CREATE TABLE edges (
 );
 -- The primary key serves "edges from X"; these serve "edges to X" and "recent edges".
 CREATE INDEX edges_dst_identity ON edges (dst_identity);
-CREATE INDEX edges_last_seen ON edges (last_seen_unix_ms);
+-- "Recent edges" in exactly the order Store::edges returns them, so a LIMIT stops early.
+CREATE INDEX edges_last_seen ON edges
+    (last_seen_unix_ms DESC, src_identity, dst_identity, dst_port, protocol);
 
 -- Recent flows (retention window, see Store::prune_flows). Flow ids are monotonic
 -- and never reused, which keyset pagination (`id < before_id`) relies on.

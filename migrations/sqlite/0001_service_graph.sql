@@ -97,7 +97,9 @@ CREATE TABLE edges (
 ) WITHOUT ROWID;
 -- The primary key serves "edges from X"; these serve "edges to X" and "recent edges".
 CREATE INDEX edges_dst_identity ON edges (dst_identity);
-CREATE INDEX edges_last_seen ON edges (last_seen_unix_ms);
+-- "Recent edges" in exactly the order Store::edges returns them, so a LIMIT stops early.
+CREATE INDEX edges_last_seen ON edges
+    (last_seen_unix_ms DESC, src_identity, dst_identity, dst_port, protocol);
 
 -- Recent flows (retention window, see Store::prune_flows). AUTOINCREMENT keeps ids
 -- monotonic and never reused, which keyset pagination (`id < before_id`) relies on.
@@ -135,9 +137,11 @@ CREATE INDEX flows_last_seen ON flows (last_seen_unix_ms);
 -- each stored batch instead appends one row: the id range of its flows (contiguous,
 -- as there is one writer) and every identity on either end (',256,300,'). An identity
 -- query walks the blocks newest first and scans only the ranges that mention it.
+-- Keyed by the first id: blocks are disjoint, so "blocks below a page cursor, newest
+-- first" is a backwards rowid range scan.
 CREATE TABLE flow_blocks (
-    last_flow_id  INTEGER PRIMARY KEY,
-    first_flow_id INTEGER NOT NULL,
+    first_flow_id INTEGER PRIMARY KEY,
+    last_flow_id  INTEGER NOT NULL,
     identities    TEXT    NOT NULL
 );
 

@@ -168,10 +168,10 @@ pub(crate) const PRUNE_FLOWS_CHUNK: &str = "DELETE FROM flows WHERE id IN \
 
 /// Newest `flow_blocks` that mention an identity (`$1` = ',<id>,'), below a flow id.
 pub(crate) const SELECT_FLOW_BLOCKS: &str = "SELECT first_flow_id, last_flow_id FROM flow_blocks \
-     WHERE first_flow_id < $2 AND instr(identities, $1) > 0 ORDER BY last_flow_id DESC LIMIT $3";
+     WHERE first_flow_id < $2 AND instr(identities, $1) > 0 ORDER BY first_flow_id DESC LIMIT $3";
 
 pub(crate) const INSERT_FLOW_BLOCK: &str =
-    "INSERT INTO flow_blocks (last_flow_id, first_flow_id, identities) VALUES ($1, $2, $3)";
+    "INSERT INTO flow_blocks (first_flow_id, last_flow_id, identities) VALUES ($1, $2, $3)";
 
 /// Blocks whose whole range was pruned.
 pub(crate) const PRUNE_FLOW_BLOCKS: &str = "DELETE FROM flow_blocks \

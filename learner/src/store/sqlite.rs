@@ -369,11 +369,13 @@ impl SqliteStore {
         }
         boot.execute(&mut *tx).await.map_err(StoreError::db(OP))?;
 
-        // Flows, as multi-row INSERTs.
+        // Flows, as multi-row INSERTs. OR ROLLBACK: a constraint failure aborts the whole
+        // batch anyway, and saying so lets SQLite skip the statement journal it keeps to
+        // undo a half-applied multi-row statement (here: ~136k -> ~162k flows/s, noisy box).
         let f = &p.flows;
         let mut start = 0;
         for size in chunk_sizes(f.len(), rows_per_chunk(FLOW_COLS)) {
-            let mut b = QueryBuilder::<Sqlite>::new(format!("INSERT INTO flows ({}) ", q::FLOW_COLUMNS));
+            let mut b = QueryBuilder::<Sqlite>::new(format!("INSERT OR ROLLBACK INTO flows ({}) ", q::FLOW_COLUMNS));
             b.push_values(start..start + size, |mut row, i| {
                 row.push_bind(p.node_id)
                     .push_bind(p.received_unix_ms)
@@ -409,8 +411,8 @@ impl SqliteStore {
                 .map_err(StoreError::db(OP))?;
             let first = last - (f.len() as i64 - 1);
             sqlx::query(q::INSERT_FLOW_BLOCK)
-                .bind(last)
                 .bind(first)
+                .bind(last)
                 .bind(identity_list(f))
                 .execute(&mut *tx)
                 .await

@@ -45,7 +45,7 @@ pub const PROG_SKB_EGRESS: &str = "udp_egress";
 
 // === Default capacities (user space may override with `map_max_entries`) ===
 
-pub const DEFAULT_FLOW_EVENTS_BYTES: u32 = 1 << 20;
+pub const DEFAULT_FLOW_EVENTS_BYTES: u32 = 8 << 20;
 pub const DEFAULT_DNS_EVENTS_BYTES: u32 = 1 << 18;
 pub const DEFAULT_UDP_FLOWS: u32 = 16384;
 pub const DEFAULT_SOCK_OWNER: u32 = 16384;
