@@ -38,6 +38,14 @@ fn main() {
     let stop = Arc::new(AtomicBool::new(false));
     serve(&net, stop.clone());
     let dst = SocketAddr::new(IpAddr::V4(net.hosts()[1].ipv4), PORT);
+    // Hundreds of thousands of connections from one address to one port would run
+    // the client out of ports held in TIME_WAIT and measure that instead of the
+    // collector: reuse them (safe with timestamps) and widen the range. Both sysctls are
+    // per network namespace, so only the test's client namespace changes.
+    net.hosts()[0].netns.run(|| {
+        std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1").expect("tcp_tw_reuse");
+        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535").expect("port range");
+    });
 
     // Warm-up, then the baseline without any collector.
     load(&net, dst, None, Duration::from_secs(1));

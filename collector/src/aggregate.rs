@@ -1,9 +1,12 @@
 //! Aggregation of socket events into flows over one flush interval.
 //!
 //! Pure and synchronous so it can be tested without a kernel. Every connection becomes
-//! one count on a flow keyed by who talked to whom on which server port; the client's
-//! ephemeral port is folded to 0 because it identifies a connection, not a service,
-//! and keeping it would make the learner store one row per connection.
+//! one count on a flow keyed by who talked to whom on which server port. The
+//! initiator's port is always folded to 0: it identifies a connection, not a service,
+//! policy (NetworkPolicy, Cilium) only ever names destination ports, and keeping it
+//! would make the learner store one row per connection. Folding by "is it in the
+//! ephemeral range" would not do: that range is a per-namespace sysctl that workloads
+//! may change.
 //!
 //! Byte counters arrive later than the connection (TCP close, UDP traffic updates), so
 //! the aggregator remembers which flow each open socket pair belongs to across flush
@@ -11,20 +14,22 @@
 //! their late counters are attributed by port heuristics instead (counted in
 //! [`AggregatorStats::unattributed`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 
 use bulkhead_model::{Direction, Flow, Protocol, Verdict};
 
-use crate::event::{SockEvent, SockEventKind};
+use rustc_hash::FxHashMap as HashMap;
+
+use crate::event::{Comm, SockEvent, SockEventKind};
 
 /// Limits of the aggregator.
 #[derive(Debug, Clone)]
 pub struct AggregatorConfig {
-    /// Local ports the kernel hands out for outgoing connections
-    /// (`/proc/sys/net/ipv4/ip_local_port_range`); an initiator port in this range is
-    /// folded to 0.
+    /// Local ports the kernel usually hands out for outgoing connections
+    /// (`/proc/sys/net/ipv4/ip_local_port_range`); only used to guess which side
+    /// started a connection whose start was not seen.
     pub ephemeral_ports: RangeInclusive<u16>,
     /// Most distinct flows kept in one interval; events beyond are dropped and counted.
     pub max_flows: usize,
@@ -48,7 +53,7 @@ pub struct AggregatorStats {
 }
 
 /// What identifies one aggregated flow.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct FlowKey {
     protocol: Protocol,
     direction: Direction,
@@ -58,7 +63,7 @@ struct FlowKey {
     dst_port: u16,
     netns_ino: u64,
     cgroup_id: u64,
-    comm: String,
+    comm: Comm,
 }
 
 #[derive(Debug, Clone)]
@@ -89,8 +94,8 @@ impl Aggregator {
     pub fn new(config: AggregatorConfig) -> Self {
         Self {
             config,
-            flows: HashMap::new(),
-            open: HashMap::new(),
+            flows: HashMap::default(),
+            open: HashMap::default(),
             open_order: VecDeque::new(),
             stats: Default::default(),
         }
@@ -111,24 +116,24 @@ impl Aggregator {
         match ev.kind {
             SockEventKind::Connect | SockEventKind::SeedEgress => {
                 let key = self.key_for(ev, Direction::Egress);
-                self.remember(open_key, key.clone());
+                self.remember(open_key, key);
                 self.add(key, ev, 1);
             }
             SockEventKind::Accept | SockEventKind::SeedIngress => {
                 let key = self.key_for(ev, Direction::Ingress);
-                self.remember(open_key, key.clone());
+                self.remember(open_key, key);
                 self.add(key, ev, 1);
             }
             // The attempt was counted at Connect; success adds nothing to the flow.
             SockEventKind::Established => {}
             SockEventKind::Traffic | SockEventKind::Close => {
                 let key = match self.open.get(&open_key) {
-                    Some(key) => key.clone(),
+                    Some(key) => *key,
                     None => {
                         self.stats.unattributed += 1;
                         let key = self.key_for(ev, self.guess_direction(ev));
                         if ev.kind == SockEventKind::Traffic {
-                            self.remember(open_key, key.clone());
+                            self.remember(open_key, key);
                         }
                         key
                     }
@@ -156,7 +161,7 @@ impl Aggregator {
                 netns_ino: k.netns_ino,
                 cgroup_id: k.cgroup_id,
                 pid: v.pid,
-                comm: k.comm,
+                comm: k.comm.to_string(),
                 connections: v.connections,
                 bytes_sent: v.bytes_sent,
                 bytes_received: v.bytes_received,
@@ -185,19 +190,18 @@ impl Aggregator {
             Direction::Egress => (ev.local, ev.remote),
             Direction::Ingress => (ev.remote, ev.local),
         };
-        let src_port = if self.config.ephemeral_ports.contains(&src.port()) { 0 } else { src.port() };
         FlowKey {
             protocol: ev.protocol,
             direction,
             src_addr: canonical_ip(src.ip()),
-            src_port,
+            src_port: 0,
             dst_addr: canonical_ip(dst.ip()),
             dst_port: dst.port(),
             netns_ino: ev.netns_ino,
             // Accept-side events run in softirq context, so they carry no pid or comm;
             // their cgroup is the accepted socket's, inherited from the listener.
             cgroup_id: ev.cgroup_id,
-            comm: ev.comm.clone(),
+            comm: ev.comm,
         }
     }
 

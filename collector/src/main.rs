@@ -82,7 +82,9 @@ fn init_logging(format: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
+// One thread: the agent's work is a poll loop, a small gRPC stream and a metrics
+// endpoint; a multi-threaded runtime only added wake-ups and context switches.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args.log_format)?;

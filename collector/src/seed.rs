@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bulkhead_model::{EndpointFact, Protocol};
+
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla as _};
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
@@ -31,7 +32,7 @@ use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr};
 
 use crate::endpoints::{self, EndpointError};
-use crate::event::{SockEvent, SockEventKind};
+use crate::event::{Comm, SockEvent, SockEventKind};
 
 /// `INET_DIAG_CGROUP_ID` (include/uapi/linux/inet_diag.h), not decoded by the crate.
 const INET_DIAG_CGROUP_ID: u16 = 21;
@@ -125,7 +126,7 @@ pub fn seed(netns: &[EndpointFact]) -> Result<Vec<SockEvent>, SeedError> {
                 netns_ino,
                 cgroup_id: s.cgroup_id,
                 pid,
-                comm,
+                comm: Comm::new(&comm),
                 sock: s.cookie,
                 bytes_sent: 0,
                 bytes_received: 0,

@@ -9,7 +9,7 @@ fn ev(kind: SockEventKind, local: &str, remote: &str, t: i64) -> SockEvent {
         netns_ino: 4026532000,
         cgroup_id: 77,
         pid: 42,
-        comm: "curl".into(),
+        comm: Comm::new("curl"),
         sock: 1,
         bytes_sent: 0,
         bytes_received: 0,
@@ -50,10 +50,13 @@ fn accept_reports_remote_as_source() {
 }
 
 #[test]
-fn non_ephemeral_client_port_is_kept() {
+fn client_ports_are_folded_whatever_their_range() {
     let mut a = agg();
     a.record(&ev(SockEventKind::Connect, "10.0.0.1:123", "10.0.0.2:123", 0));
-    assert_eq!(a.flush()[0].src_port, 123);
+    a.record(&ev(SockEventKind::Connect, "10.0.0.1:2000", "10.0.0.2:123", 0));
+    let flows = a.flush();
+    assert_eq!(flows.len(), 1);
+    assert_eq!((flows[0].src_port, flows[0].dst_port, flows[0].connections), (0, 123, 2));
 }
 
 #[test]

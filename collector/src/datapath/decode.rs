@@ -9,7 +9,7 @@ use bulkhead_abi::collector::{
 };
 use bulkhead_model::Protocol;
 
-use crate::event::{SockEvent, SockEventKind};
+use crate::event::{Comm, SockEvent, SockEventKind};
 
 /// Converts the kernel's `CLOCK_BOOTTIME` to wall-clock Unix milliseconds.
 ///
@@ -160,9 +160,8 @@ fn addr(family: u16, bytes: &[u8; 16]) -> Result<IpAddr, DecodeError> {
     }
 }
 
-fn comm(bytes: &[u8; COMM_LEN]) -> String {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+fn comm(bytes: &[u8; COMM_LEN]) -> Comm {
+    Comm::from_kernel(bytes)
 }
 
 #[cfg(test)]
