@@ -10,6 +10,7 @@
 //! namespaces, so tests running in parallel (the tracepoint and the root
 //! cgroup_skb programs are node-global) never see each other's traffic.
 
+use bulkhead_testkit::dns::Answers;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -518,47 +519,25 @@ fn udp_flows_are_reported_with_bytes_v4_and_v6() {
     }
 }
 
-/// A DNS responder in `b` answering every A query with 10.99.0.7 (TTL 321) and
-/// every AAAA query with fd00:99::7 (TTL 123).
+const ANSWERS: Answers = Answers {
+    v4: Ipv4Addr::new(10, 99, 0, 7),
+    ttl_a: 321,
+    v6: Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 7),
+    ttl_aaaa: 123,
+};
+
+/// A DNS responder in `b` answering with [`ANSWERS`].
 fn dns_responder(pair: &NetnsPair, addr: SocketAddr, queries: usize) -> std::thread::JoinHandle<()> {
-    use simple_dns::rdata::{A, AAAA, RData};
-    use simple_dns::{CLASS, Packet, QTYPE, ResourceRecord, TYPE};
     let sock = in_ns(&pair.b, "bh-dns", move || UdpSocket::bind(addr).expect("bind :53"));
-    sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    std::thread::spawn(move || {
-        for _ in 0..queries {
-            let mut buf = [0u8; 512];
-            let (n, from) = sock.recv_from(&mut buf).expect("query");
-            let query = Packet::parse(&buf[..n]).expect("parse query");
-            let mut reply = query.clone().into_reply();
-            for q in &query.questions {
-                let rdata = match q.qtype {
-                    QTYPE::TYPE(TYPE::AAAA) => {
-                        (123, RData::AAAA(AAAA { address: "fd00:99::7".parse::<Ipv6Addr>().expect("v6").into() }))
-                    }
-                    _ => (321, RData::A(A { address: Ipv4Addr::new(10, 99, 0, 7).into() })),
-                };
-                reply.answers.push(ResourceRecord::new(q.qname.clone(), CLASS::IN, rdata.0, rdata.1));
-            }
-            sock.send_to(&reply.build_bytes_vec_compressed().expect("build reply"), from).expect("reply");
-        }
-    })
+    bulkhead_testkit::dns::responder(sock, queries, ANSWERS)
 }
 
 fn dns_query(pair: &NetnsPair, server: SocketAddr, name: &'static str, qtype: simple_dns::TYPE) {
-    use simple_dns::{CLASS, Name, Packet, QCLASS, QTYPE, Question};
     let unspecified: SocketAddr =
         if server.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
     in_ns(&pair.a, "bh-resolver", move || {
-        let mut q = Packet::new_query(0x4242);
-        q.questions.push(Question::new(Name::new_unchecked(name), QTYPE::TYPE(qtype), QCLASS::CLASS(CLASS::IN), false));
         let c = UdpSocket::bind(unspecified).expect("bind");
-        c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        c.send_to(&q.build_bytes_vec().expect("build query"), server).expect("send query");
-        let mut buf = [0u8; 512];
-        let n = c.recv(&mut buf).expect("answer");
-        let answer = Packet::parse(&buf[..n]).expect("parse answer");
-        assert_eq!(answer.answers.len(), 1);
+        assert_eq!(bulkhead_testkit::dns::query(&c, server, name, qtype), 1);
     });
 }
 

@@ -3,9 +3,10 @@
 //! to an in-process learner; real TCP and UDP traffic; the store must hold exactly the
 //! expected edges — on SQLite and on PostgreSQL. A second test kills the learner while
 //! the collector streams and checks that no connection is lost or counted twice.
+//! DNS answers a workload receives arrive in the learner's store too.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -16,8 +17,8 @@ use bulkhead_learner::grpc::ingest::Enrollment;
 use bulkhead_learner::server::{self, Running, ServerConfig};
 use bulkhead_learner::store::{EdgeQuery, Store};
 use bulkhead_model::{Edge, Identity, Labels, Protocol};
-use bulkhead_testkit::assert_eventually_async;
 use bulkhead_testkit::netns::{ChildGuard, TestNet, require_root};
+use bulkhead_testkit::{assert_eventually_async, dns};
 
 const WAIT: Duration = Duration::from_secs(60);
 const TCP_PORT: u16 = 8080;
@@ -166,6 +167,22 @@ fn udp_flows(net: &TestNet, from: usize, to: usize, sockets: usize) -> UdpSocket
     server
 }
 
+const DNS_ANSWERS: dns::Answers =
+    dns::Answers { v4: Ipv4Addr::new(10, 99, 0, 7), ttl_a: 321, v6: Ipv6Addr::LOCALHOST, ttl_aaaa: 1 };
+
+/// `from` resolves `name` through a DNS server in `to`.
+fn resolve_through(net: &TestNet, from: usize, to: usize, name: &'static str) {
+    let server = SocketAddr::new(IpAddr::V4(net.hosts()[to].ipv4), 53);
+    let sock = net.hosts()[to].netns.run(move || UdpSocket::bind(server).expect("bind :53"));
+    let responder = dns::responder(sock, 1, DNS_ANSWERS);
+    let answers = net.hosts()[from].netns.run(move || {
+        let c = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        dns::query(&c, server, name, dns::QueryType::A)
+    });
+    assert_eq!(answers, 1);
+    responder.join().expect("responder");
+}
+
 fn spooled_batches(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().ends_with(".pb")).count())
@@ -212,6 +229,7 @@ async fn learns_exact_edges(db_url: String) {
     serve_tcp(&net, 1, stop.clone());
     tcp_connections(&net, 0, 1, 5);
     let _udp_server = udp_flows(&net, 0, 2, 2);
+    resolve_through(&net, 0, 2, "db.e2e.test");
 
     assert_eventually_async!(
         WAIT,
@@ -225,6 +243,18 @@ async fn learns_exact_edges(db_url: String) {
         async || edge(&store, "client", "metrics", UDP_PORT, Protocol::Udp).await.is_some_and(|e| e.connections == 2),
         "client→metrics:5353/udp with 2 flows; have {:?}",
         edge(&store, "client", "metrics", UDP_PORT, Protocol::Udp).await
+    );
+    let client_ns = net.hosts()[0].netns.ino();
+    assert_eventually_async!(
+        WAIT,
+        async || store.dns_answers(0).await.unwrap_or_default().iter().any(|d| {
+            d.name == "db.e2e.test"
+                && d.addr == IpAddr::from(DNS_ANSWERS.v4)
+                && d.ttl_seconds == 321
+                && d.netns_ino == client_ns
+        }),
+        "the client's DNS answer is stored; have {:?}",
+        store.dns_answers(0).await
     );
     stop.store(true, Ordering::Relaxed);
 
@@ -244,7 +274,11 @@ async fn learns_exact_edges(db_url: String) {
         .map(|k| (k.src.0, k.dst.0, k.dst_port, k.protocol))
         .collect();
     among.sort();
-    let mut want = vec![(ids[0].0, ids[1].0, TCP_PORT, Protocol::Tcp), (ids[0].0, ids[2].0, UDP_PORT, Protocol::Udp)];
+    let mut want = vec![
+        (ids[0].0, ids[1].0, TCP_PORT, Protocol::Tcp),
+        (ids[0].0, ids[2].0, 53, Protocol::Udp),
+        (ids[0].0, ids[2].0, UDP_PORT, Protocol::Udp),
+    ];
     want.sort();
     assert_eq!(among, want);
 

@@ -19,6 +19,9 @@ use crate::identity::{IdentityCache, Resolver};
 use crate::store::Store;
 use crate::web::{self, AppState};
 
+/// How long (node, boot, seq) dedupe records are kept.
+const BATCH_RECORD_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
+
 /// What a learner needs to run.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -122,10 +125,17 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         loop {
             tick.tick().await;
             let cutoff = unix_ms() - retention.as_millis() as i64;
-            match retention_store.prune_flows(cutoff).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(deleted = n, "Pruned flows past the retention window."),
-                Err(err) => tracing::warn!(error = %err, "Pruning flows failed; will retry."),
+            if let Err(err) = retention_store.prune_flows(cutoff).await {
+                tracing::warn!(error = %err, "Pruning flows failed; will retry.");
+            }
+            // DNS answers age out with the flows they explain.
+            if let Err(err) = retention_store.prune_dns_answers(cutoff).await {
+                tracing::warn!(error = %err, "Pruning DNS answers failed; will retry.");
+            }
+            // Dedupe records only need to outlive the agents' spools; a week is far
+            // beyond any spool, and the store keeps a per-boot watermark anyway.
+            if let Err(err) = retention_store.prune_batch_records(unix_ms() - BATCH_RECORD_RETENTION_MS).await {
+                tracing::warn!(error = %err, "Pruning batch records failed; will retry.");
             }
         }
     });

@@ -42,7 +42,13 @@ async fn seeded() -> (Store, tempfile::TempDir) {
         received_unix_ms: 3_000,
         flows: vec![ResolvedFlow { flow, src_identity: a, dst_identity: b }],
         endpoints: None,
-        dns_answers: vec![],
+        dns_answers: vec![bulkhead_model::DnsAnswer {
+            netns_ino: 1,
+            name: "api.example.com".into(),
+            addr: "192.0.2.10".parse().expect("ip"),
+            ttl_seconds: 300,
+            seen_unix_ms: 2_500,
+        }],
         loss: Default::default(),
     };
     store.ingest(&batch).await.expect("ingest");
@@ -105,4 +111,16 @@ async fn bad_parameters_are_400_with_a_reason() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = get(&store, "/api/v1/edges?identity=-1").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn dns_answers_are_served() {
+    let (store, _d) = seeded().await;
+    let (status, dns) = get(&store, "/api/v1/dns").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(dns[0]["name"], "api.example.com");
+    assert_eq!(dns[0]["addr"], "192.0.2.10");
+    assert_eq!(dns[0]["ttl_seconds"], 300);
+    let (_, none) = get(&store, "/api/v1/dns?since_ms=9999999999999").await;
+    assert_eq!(none.as_array().map(Vec::len), Some(0));
 }

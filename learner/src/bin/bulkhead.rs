@@ -4,7 +4,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use bulkhead_model::{Edge, Flow, Identity, Labels};
+use bulkhead_model::{DnsAnswer, Edge, Flow, Identity, Labels};
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -51,6 +51,8 @@ enum Command {
     Endpoints,
     /// Nodes (agents), their last contact and loss counters.
     Agents,
+    /// DNS answers workloads received (name → address, TTL).
+    Dns,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,6 +157,26 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Endpoints => print_json(&api.get("endpoints", &[]).await?)?,
         Command::Agents => print_json(&api.get("agents", &[]).await?)?,
+        Command::Dns => {
+            let raw = api.get("dns", &[]).await?;
+            if args.json {
+                return print_json(&raw);
+            }
+            let answers: Vec<DnsAnswer> = parse(&raw)?;
+            let rows: Vec<Vec<String>> = answers
+                .iter()
+                .map(|d| {
+                    vec![
+                        printable(&d.name),
+                        d.addr.to_string(),
+                        format!("{}s", d.ttl_seconds),
+                        d.netns_ino.to_string(),
+                        ago(d.seen_unix_ms),
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "ADDRESS", "TTL", "NETNS", "SEEN"], &rows);
+        }
     }
     Ok(())
 }

@@ -22,6 +22,7 @@ pub fn routes() -> Router<AppState> {
         .route("/identities", get(identities))
         .route("/endpoints", get(endpoints))
         .route("/agents", get(agents))
+        .route("/dns", get(dns))
 }
 
 /// API errors: a status and a message safe to show; internals go to the log.
@@ -95,6 +96,18 @@ async fn endpoints(State(s): State<AppState>) -> Result<impl IntoResponse, ApiEr
 
 async fn agents(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.store.agents().await?))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DnsParams {
+    /// Only answers seen since this time (Unix ms); default: all retained.
+    pub since_ms: Option<i64>,
+}
+
+/// DNS answers workloads received (name → address, TTL): the raw material for FQDN
+/// egress rules.
+async fn dns(State(s): State<AppState>, Query(p): Query<DnsParams>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.store.dns_answers(p.since_ms.unwrap_or(0)).await?))
 }
 
 fn check_limit(limit: Option<u32>) -> Result<Option<u32>, ApiError> {

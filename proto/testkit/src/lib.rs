@@ -3,6 +3,7 @@
 //! panics), a throwaway PostgreSQL database, and `assert_eventually!`.
 
 pub mod cgroup;
+pub mod dns;
 pub mod eventually;
 pub mod netns;
 pub mod postgres;
