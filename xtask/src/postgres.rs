@@ -1,5 +1,5 @@
 //! PostgreSQL for the store tests: a running Debian cluster, a `bulkhead_test` role with a
-//! password made up for this run, and no leftover `bulkhead_test_*` databases.
+//! random password kept outside the repository, and no leftover `bulkhead_test_*` databases.
 //!
 //! The tests get `BULKHEAD_TEST_POSTGRES_URL=postgres://bulkhead_test:<pw>@127.0.0.1:<port>/postgres`
 //! and create their own databases (`bulkhead_test_*` or `bh_test_*`) from there.
@@ -62,25 +62,60 @@ fn newest_server_version() -> Result<String> {
 }
 
 /// Makes sure a cluster is running, prepares the role and returns the tests' URL.
+///
+/// The role's password is random, made on this machine, and kept in a root-only file
+/// under the cache directory (never in the repository). It is reused while it still
+/// logs in, so two overlapping runs (`cargo xtask env` in one shell, `cargo xtask test`
+/// in another) do not pull the password from under each other; a new one is made only
+/// when the file is missing or stale.
 pub fn prepare() -> Result<String> {
     let cluster = running_cluster()?;
-    let password = random_hex(24)?;
-    // Everything goes through psql's stdin: the password never shows up in `ps`.
-    psql(
-        &cluster,
-        &format!(
-            "DO $$ BEGIN
-               IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{ROLE}') THEN CREATE ROLE {ROLE}; END IF;
-             END $$;
-             ALTER ROLE {ROLE} LOGIN CREATEDB PASSWORD '{password}';"
-        ),
-    )
-    .context("creating/updating the test role")?;
-    step!("test", "postgres: role {ROLE} ready (password generated for this run)");
+    let file = crate::util::cache_dir()?.join("postgres-test-password");
+    let kept = std::fs::read_to_string(&file).ok().map(|p| p.trim().to_owned()).filter(|p| !p.is_empty());
+    let password = match kept {
+        Some(p) if check_login(&cluster, &p).is_ok() => {
+            step!("test", "postgres: role {ROLE} ready (password kept in {})", file.display());
+            p
+        }
+        _ => {
+            let password = random_hex(24)?;
+            // Everything goes through psql's stdin: the password never shows up in `ps`.
+            psql(
+                &cluster,
+                &format!(
+                    "DO $$ BEGIN
+                       IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{ROLE}') THEN CREATE ROLE {ROLE}; END IF;
+                     END $$;
+                     ALTER ROLE {ROLE} LOGIN CREATEDB PASSWORD '{password}';"
+                ),
+            )
+            .context("creating/updating the test role")?;
+            write_private(&file, &password)?;
+            step!("test", "postgres: role {ROLE} ready (new password, kept in {})", file.display());
+            password
+        }
+    };
     drop_leftover_databases(&cluster)?;
     let url = format!("postgres://{ROLE}:{password}@127.0.0.1:{}/postgres", cluster.port);
     check_login(&cluster, &password)?;
     Ok(url)
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &std::path::Path, content: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(content.as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The cluster to use, started (and created if there is none).
