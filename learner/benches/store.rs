@@ -7,6 +7,15 @@
 //! fails before measuring anything, so a SQLite-only table is never mistaken for the
 //! whole picture. Prints the numbers and replaces the `## Learner store` section of
 //! BENCHMARKS.md at the workspace root.
+//!
+//! The machine this runs on is shared, so every ingest figure is measured several times
+//! ([`INGEST_RUNS`] runs of [`INGEST_TIME`]) and reported as the median with the range,
+//! next to flows per CPU-second of this process (what a core of ingest buys, whatever
+//! else the machine is doing).
+//!
+//! `cargo bench -p bulkhead-learner --bench store -- sqlite-ingest` (or
+//! `postgres-ingest`) measures only that backend's ingest, for quick iteration; it prints
+//! and leaves BENCHMARKS.md alone.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
@@ -14,7 +23,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use bulkhead_learner::store::{Backend, EdgeQuery, IngestBatch, IngestOutcome, ResolvedFlow, Store};
+use bulkhead_learner::store::{Backend, EdgeQuery, FlowQuery, IngestBatch, IngestOutcome, ResolvedFlow, Store};
 use bulkhead_model::{Direction, DnsAnswer, Flow, Identity, Labels, LossCounters, Protocol, Verdict};
 use hdrhistogram::Histogram;
 
@@ -27,8 +36,10 @@ const BATCH_FLOWS: usize = 1_000;
 const INGEST_EDGES: usize = 1_000;
 /// Workloads (identities) of the ingest workload.
 const WORKLOADS: usize = 200;
-/// How long each ingest measurement runs.
-const INGEST_TIME: Duration = Duration::from_secs(4);
+/// How long each ingest run lasts.
+const INGEST_TIME: Duration = Duration::from_secs(2);
+/// Runs per ingest measurement; the median is reported, with the range.
+const INGEST_RUNS: usize = 5;
 /// Concurrent writers (one agent stream each) in the concurrent measurement.
 const WRITERS: usize = 4;
 /// Edges in the graph for the query measurements (on top of the ingest workload's).
@@ -36,9 +47,29 @@ const QUERY_EDGES: usize = 100_000;
 /// Identities the query graph's edges run between.
 const QUERY_IDENTITIES: usize = 1_000;
 const QUERIES: usize = 2_000;
+/// Recent-flow page queries of each kind.
+const FLOW_QUERIES: usize = 500;
+
+/// What to run: everything (and write BENCHMARKS.md), or one backend's ingest only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Full,
+    IngestOnly(Backend),
+}
 
 fn main() -> ExitCode {
-    if std::env::var(URL_ENV).map(|v| v.trim().is_empty()).unwrap_or(true) {
+    // `cargo bench` passes `--bench`; the only other argument understood is a mode.
+    let mode = match std::env::args().skip(1).find(|a| !a.starts_with('-')).as_deref() {
+        None => Mode::Full,
+        Some("sqlite-ingest") => Mode::IngestOnly(Backend::Sqlite),
+        Some("postgres-ingest") => Mode::IngestOnly(Backend::Postgres),
+        Some(other) => {
+            eprintln!("unknown argument {other:?}: expected sqlite-ingest, postgres-ingest or nothing");
+            return ExitCode::FAILURE;
+        }
+    };
+    if mode != Mode::IngestOnly(Backend::Sqlite) && std::env::var(URL_ENV).map(|v| v.trim().is_empty()).unwrap_or(true)
+    {
         eprintln!("\n==================================================================");
         eprintln!("  {URL_ENV} is NOT SET: the PostgreSQL half of this benchmark");
         eprintln!("  cannot run, so nothing is measured and BENCHMARKS.md is untouched.");
@@ -54,23 +85,31 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(run())
+    rt.block_on(run(mode))
 }
 
-async fn run() -> ExitCode {
+async fn run(mode: Mode) -> ExitCode {
     let mut results = Vec::new();
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-    let sqlite = Store::open(&url).await.expect("open sqlite store");
-    results.push(bench_backend(&sqlite).await);
-    sqlite.close().await;
+    if matches!(mode, Mode::Full | Mode::IngestOnly(Backend::Sqlite)) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+        let sqlite = Store::open(&url).await.expect("open sqlite store");
+        results.push(bench_backend(&sqlite, mode).await);
+        sqlite.close().await;
+    }
 
-    let pg_db = bulkhead_testkit::postgres::fresh_database().await;
-    let pg = Store::open(pg_db.url()).await.expect("open postgres store");
-    results.push(bench_backend(&pg).await);
-    pg.close().await;
-    drop(pg_db);
+    if matches!(mode, Mode::Full | Mode::IngestOnly(Backend::Postgres)) {
+        let pg_db = bulkhead_testkit::postgres::fresh_database().await;
+        let pg = Store::open(pg_db.url()).await.expect("open postgres store");
+        results.push(bench_backend(&pg, mode).await);
+        pg.close().await;
+        drop(pg_db);
+    }
+
+    if mode != Mode::Full {
+        return ExitCode::SUCCESS;
+    }
 
     let section = render(&results);
     println!("\n{section}");
@@ -90,18 +129,20 @@ async fn run() -> ExitCode {
 #[derive(Debug)]
 struct Results {
     backend: Backend,
-    ingest_one: f64,
-    ingest_per_cpu: Option<f64>,
-    ingest_many: f64,
+    ingest_one: Spread,
+    ingest_per_cpu: Option<Spread>,
+    ingest_many: Spread,
     batch_p50_ms: f64,
     batch_p99_ms: f64,
     edges_total: usize,
     by_identity: (u64, u64, usize),
     recent: (u64, u64),
     full_scan_ms: (f64, f64),
+    /// (query, p50 µs, p99 µs) of recent-flow pages.
+    flow_queries: Vec<(&'static str, u64, u64)>,
 }
 
-async fn bench_backend(store: &Store) -> Results {
+async fn bench_backend(store: &Store, mode: Mode) -> Results {
     let backend = store.backend();
     println!("== {backend:?} ==");
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -121,32 +162,71 @@ async fn bench_backend(store: &Store) -> Results {
     let templates: Vec<Vec<ResolvedFlow>> = (0..32).map(|_| make_flows(&mut rng, &edges)).collect();
 
     // One writer.
-    let cpu_before = process_cpu_seconds();
-    let (ingest_one, lat, flows_one) = ingest_for(store, "bench-one", &templates, INGEST_TIME).await;
-    let per_cpu = match (cpu_before, process_cpu_seconds()) {
-        (Some(a), Some(b)) if b > a => Some(flows_one as f64 / (b - a)),
-        _ => None,
-    };
+    let mut one = Vec::with_capacity(INGEST_RUNS);
+    let mut per_cpu = Vec::with_capacity(INGEST_RUNS);
+    let mut lat = hist();
+    let mut seq = 0;
+    warm_up(store, "bench-one", &templates).await;
+    for _ in 0..INGEST_RUNS {
+        let cpu_before = process_cpu_seconds();
+        let run = ingest_for(store, "bench-one", &mut seq, &templates, INGEST_TIME).await;
+        if let (Some(a), Some(b)) = (cpu_before, process_cpu_seconds())
+            && b > a
+        {
+            per_cpu.push(run.flows as f64 / (b - a));
+        }
+        one.push(run.flows_per_s);
+        lat.add(&run.latency_us).expect("same histogram bounds");
+    }
+    let (ingest_one, per_cpu) = (Spread::of(one), (per_cpu.len() == INGEST_RUNS).then(|| Spread::of(per_cpu)));
     let (batch_p50_ms, batch_p99_ms) = (ms(lat.value_at_quantile(0.5)), ms(lat.value_at_quantile(0.99)));
     println!(
-        "ingest, 1 writer: {ingest_one:.0} flows/s (batch p50 {batch_p50_ms:.2} ms, p99 {batch_p99_ms:.2} ms; \
+        "ingest, 1 writer: {ingest_one} flows/s (batch p50 {batch_p50_ms:.2} ms, p99 {batch_p99_ms:.2} ms; \
          {} flows per CPU-second)",
-        per_cpu.map_or("?".into(), |v| format!("{v:.0}"))
+        per_cpu.map_or("?".into(), |v| v.to_string())
     );
 
     // Several writers at once (agents stream concurrently; SQLite still has one writer).
-    let mut tasks = Vec::new();
+    let mut many = Vec::with_capacity(INGEST_RUNS);
+    let mut seqs = [0u64; WRITERS];
     for w in 0..WRITERS {
-        let (store, templates) = (store.clone(), templates.clone());
-        tasks.push(tokio::spawn(async move {
-            ingest_for(&store, &format!("bench-many-{w}"), &templates, INGEST_TIME).await.0
-        }));
+        warm_up(store, &format!("bench-many-{w}"), &templates).await;
     }
-    let mut ingest_many = 0.0;
-    for t in tasks {
-        ingest_many += t.await.expect("writer task");
+    for _ in 0..INGEST_RUNS {
+        let mut tasks = Vec::new();
+        for (w, seq) in seqs.iter().enumerate() {
+            let (store, templates, mut seq) = (store.clone(), templates.clone(), *seq);
+            tasks.push(tokio::spawn(async move {
+                let run = ingest_for(&store, &format!("bench-many-{w}"), &mut seq, &templates, INGEST_TIME).await;
+                (run.flows_per_s, seq)
+            }));
+        }
+        let mut total = 0.0;
+        for (t, seq) in tasks.into_iter().zip(seqs.iter_mut()) {
+            let (rate, next) = t.await.expect("writer task");
+            total += rate;
+            *seq = next;
+        }
+        many.push(total);
     }
-    println!("ingest, {WRITERS} writers: {ingest_many:.0} flows/s");
+    let ingest_many = Spread::of(many);
+    println!("ingest, {WRITERS} writers: {ingest_many} flows/s");
+
+    if mode != Mode::Full {
+        return Results {
+            backend,
+            ingest_one,
+            ingest_per_cpu: per_cpu,
+            ingest_many,
+            batch_p50_ms,
+            batch_p99_ms,
+            edges_total: 0,
+            by_identity: (0, 0, 0),
+            recent: (0, 0),
+            full_scan_ms: (0.0, 0.0),
+            flow_queries: Vec::new(),
+        };
+    }
 
     // --- query graph: 100k more edges between 1,000 identities ---
     let mut qids = Vec::with_capacity(QUERY_IDENTITIES);
@@ -208,6 +288,37 @@ async fn bench_backend(store: &Store) -> Results {
     let full_scan_ms = (ms(h.value_at_quantile(0.5)), ms(h.max()));
     println!("edges(all {edges_total}): p50 {:.0} ms, max {:.0} ms", full_scan_ms.0, full_scan_ms.1);
 
+    // --- recent-flow pages over everything ingested above ---
+    let mut flow_queries = Vec::new();
+    let kinds: [(&'static str, MakeFlowQuery); 5] = [
+        ("newest 100", |_, _| FlowQuery { limit: 100, ..FlowQuery::default() }),
+        ("identity, 100", |rng, ids| FlowQuery {
+            identity: Some(ids[rng.below(ids.len())]),
+            limit: 100,
+            ..FlowQuery::default()
+        }),
+        ("node, 100", |rng, _| FlowQuery {
+            node_id: Some(format!("bench-many-{}", rng.below(WRITERS))),
+            limit: 100,
+            ..FlowQuery::default()
+        }),
+        ("dst_port, 100", |_, _| FlowQuery { dst_port: Some(5432), limit: 100, ..FlowQuery::default() }),
+        ("newest 10000", |_, _| FlowQuery { limit: 10_000, ..FlowQuery::default() }),
+    ];
+    for (name, make) in kinds {
+        let mut h = hist();
+        let n = if name.ends_with("10000") { FLOW_QUERIES / 10 } else { FLOW_QUERIES };
+        for _ in 0..n {
+            let q = make(&mut rng, &ids);
+            let t = Instant::now();
+            let rows = store.flows(&q).await.expect("flows");
+            h.saturating_record(t.elapsed().as_micros() as u64);
+            assert_eq!(rows.len(), q.limit as usize, "{name}: the store holds more than a page");
+        }
+        println!("flows({name}): p50 {} µs, p99 {} µs", h.value_at_quantile(0.5), h.value_at_quantile(0.99));
+        flow_queries.push((name, h.value_at_quantile(0.5), h.value_at_quantile(0.99)));
+    }
+
     Results {
         backend,
         ingest_one,
@@ -219,33 +330,71 @@ async fn bench_backend(store: &Store) -> Results {
         by_identity,
         recent,
         full_scan_ms,
+        flow_queries,
     }
 }
 
-/// Ingests copies of `templates` as consecutive batches of one node for `time`;
-/// returns flows/s, the per-batch latency histogram (µs) and the flows stored.
+/// Builds one recent-flow query from the workload's identities.
+type MakeFlowQuery = fn(&mut Rng, &[Identity]) -> FlowQuery;
+
+/// Median and range of repeated measurements.
+#[derive(Debug, Clone, Copy)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(mut v: Vec<f64>) -> Spread {
+        assert!(!v.is_empty(), "no measurements");
+        v.sort_by(f64::total_cmp);
+        Spread { median: v[v.len() / 2], min: v[0], max: v[v.len() - 1] }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.0} ({:.0}–{:.0})", self.median, self.min, self.max)
+    }
+}
+
+/// One timed ingest run.
+struct IngestRun {
+    flows_per_s: f64,
+    flows: u64,
+    /// Per-batch latency, µs.
+    latency_us: Histogram<u64>,
+}
+
+/// Prepared statements and page cache; not timed.
+async fn warm_up(store: &Store, node: &str, templates: &[Vec<ResolvedFlow>]) {
+    for (seq, t) in templates.iter().enumerate().take(8) {
+        store.ingest(&batch(node, 1_000_000_000 + seq as u64, t.clone())).await.expect("warm-up");
+    }
+}
+
+/// Ingests copies of `templates` as consecutive batches of one node (continuing after
+/// `seq`) for `time`.
 async fn ingest_for(
     store: &Store,
     node: &str,
+    seq: &mut u64,
     templates: &[Vec<ResolvedFlow>],
     time: Duration,
-) -> (f64, Histogram<u64>, u64) {
+) -> IngestRun {
     let mut h = hist();
-    // Warm-up: prepared statements, page cache.
-    for seq in 0..3u64 {
-        store.ingest(&batch(node, 1_000_000 + seq, templates[0].clone())).await.expect("warm-up");
-    }
     let mut batches = Vec::with_capacity(templates.len());
-    let (mut flows, mut seq) = (0u64, 0u64);
+    let mut flows = 0u64;
     let started = Instant::now();
     while started.elapsed() < time {
         if batches.is_empty() {
-            // Clone outside the timed call (a gRPC handler owns its batch anyway).
+            // Clone outside the timed calls (a gRPC handler owns its batch anyway).
             batches = templates.iter().map(|t| batch(node, 0, t.clone())).collect();
         }
         let Some(mut b) = batches.pop() else { continue };
-        seq += 1;
-        b.seq = seq;
+        *seq += 1;
+        b.seq = *seq;
         let t = Instant::now();
         match store.ingest(&b).await.expect("ingest") {
             IngestOutcome::Stored { flows: n, .. } => flows += n,
@@ -253,7 +402,8 @@ async fn ingest_for(
         }
         h.saturating_record(t.elapsed().as_micros() as u64);
     }
-    (flows as f64 / started.elapsed().as_secs_f64(), h, flows)
+    // Wall time of the whole loop, batch copies included: conservative.
+    IngestRun { flows_per_s: flows as f64 / started.elapsed().as_secs_f64(), flows, latency_us: h }
 }
 
 /// User + system CPU time of this process (all threads: the benchmark, tokio, the
@@ -379,8 +529,8 @@ fn render(results: &[Results]) -> String {
     let _ = writeln!(
         s,
         "Ingest: batches of {BATCH_FLOWS} flows over ~{INGEST_EDGES} edges between {WORKLOADS} workloads (skewed, 60 % \
-         egress / 40 % ingress, 5 DNS answers per batch), one transaction each, {}s per measurement. \
-         Queries: a graph of {QUERY_EDGES} more edges between {QUERY_IDENTITIES} identities; {QUERIES} queries each. \
+         egress / 40 % ingress, 5 DNS answers per batch), one transaction each; \
+         each ingest figure is the median (and range) of {INGEST_RUNS} runs of {}s. Queries: a graph of {QUERY_EDGES} more edges between {QUERY_IDENTITIES} identities; {QUERIES} queries each. \
          Flows per CPU-second counts this process's CPU time only (for PostgreSQL the server's is not included); on \
          a shared machine it is the steadier capacity figure for SQLite.\n",
         INGEST_TIME.as_secs()
@@ -394,10 +544,10 @@ fn render(results: &[Results]) -> String {
     for r in results {
         let _ = writeln!(
             s,
-            "| {:?} | {:.0} flows/s | {} | {:.0} flows/s | {:.1} / {:.1} ms | {} | {} / {} µs ({} rows) | {} / {} µs | {:.0} / {:.0} ms |",
+            "| {:?} | {} flows/s | {} | {} flows/s | {:.1} / {:.1} ms | {} | {} / {} µs ({} rows) | {} / {} µs | {:.0} / {:.0} ms |",
             r.backend,
             r.ingest_one,
-            r.ingest_per_cpu.map_or("n/a".into(), |v| format!("{v:.0}")),
+            r.ingest_per_cpu.map_or("n/a".into(), |v| v.to_string()),
             r.ingest_many,
             r.batch_p50_ms,
             r.batch_p99_ms,
@@ -410,6 +560,19 @@ fn render(results: &[Results]) -> String {
             r.full_scan_ms.0,
             r.full_scan_ms.1,
         );
+    }
+    let _ = writeln!(
+        s,
+        "\nRecent-flow pages (`Store::flows`, newest first) over everything ingested above, p50 / p99 \
+         ({FLOW_QUERIES} queries each, {} for the 10,000-row page):\n",
+        FLOW_QUERIES / 10
+    );
+    let names: Vec<&str> = results.first().map(|r| r.flow_queries.iter().map(|q| q.0).collect()).unwrap_or_default();
+    let _ = writeln!(s, "| backend | {} |", names.join(" | "));
+    let _ = writeln!(s, "|---|{}", "---|".repeat(names.len()));
+    for r in results {
+        let cells: Vec<String> = r.flow_queries.iter().map(|(_, p50, p99)| format!("{p50} / {p99} µs")).collect();
+        let _ = writeln!(s, "| {:?} | {} |", r.backend, cells.join(" | "));
     }
     s
 }

@@ -95,6 +95,9 @@ store_cases!(
     dns_answers_are_stored_once_per_answer,
     agents_registration_hello_and_loss,
     edge_queries_filter_and_limit,
+    large_batches_span_statement_chunks,
+    prune_by_blocks_is_exact_and_ids_never_reused,
+    flow_queries_match_a_model_across_many_batches,
 );
 
 // === builders ===
@@ -751,6 +754,166 @@ async fn edge_queries_filter_and_limit(f: &Fixture) {
         f.store.edges(&q(Some(0), Some(ids[0]), Some(1))).await.expect("all filters")[0].edge.last_seen_unix_ms,
         5
     );
+}
+
+/// Sizes beyond one statement's rows (1024 flows or edges, 512 DNS answers on SQLite)
+/// and odd remainders: every row is stored once, nothing is padded in.
+async fn large_batches_span_statement_chunks(f: &Fixture) {
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(workload(&f.store, &format!("w{i}")).await);
+    }
+    // 2500 flows over 1500 distinct edges (40 x 40 pairs, ports 80/81 for the first 700).
+    let flows: Vec<ResolvedFlow> = (0..2500usize)
+        .map(|i| {
+            let e = i % 1500;
+            let (src, dst) = (ids[e % 40], ids[(e / 40) % 40]);
+            let port = if e < 1600 - 900 { 80 } else { 81 };
+            let mut fl = flow(Direction::Egress, port, 1, 2, 3, i as i64, i as i64 + 1);
+            fl.src_addr = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i as u32));
+            fl.comm = format!("c{}", i % 7);
+            resolved(fl, src, dst)
+        })
+        .collect();
+    let mut x = batch("node-big", 1, flows.clone());
+    x.dns_answers = (0..600u32).map(|i| dns(&format!("n{i}.example"), (i % 200) as u8, 30, i64::from(i))).collect();
+    let distinct_edges: BTreeSet<(Identity, Identity, u16)> =
+        flows.iter().map(|r| (r.src_identity, r.dst_identity, r.flow.dst_port)).collect();
+    assert_eq!(ingest(&f.store, &x).await, IngestOutcome::Stored { flows: 2500, edges: distinct_edges.len() as u64 });
+    // A second, exactly-one-chunk batch right after.
+    let y = batch("node-big", 2, flows[..1024].to_vec());
+    assert!(matches!(ingest(&f.store, &y).await, IngestOutcome::Stored { flows: 1024, .. }));
+
+    let stored = all_flows(&f.store).await;
+    assert_eq!(stored.len(), 2500 + 1024);
+    // Newest first: batch 2 reversed, then batch 1 reversed, contents exact.
+    let expected: Vec<&Flow> = flows[..1024].iter().rev().chain(flows.iter().rev()).map(|r| &r.flow).collect();
+    let got: Vec<&Flow> = stored.iter().map(|r| &r.flow).collect();
+    assert_eq!(got, expected);
+    assert!(stored.windows(2).all(|w| w[0].id > w[1].id));
+    assert!(stored.iter().all(|r| r.node_id == "node-big" && r.received_unix_ms == 1_000_000));
+    let edges = all_edges(&f.store).await;
+    assert_eq!(edges.len(), distinct_edges.len());
+    assert_eq!(edges.iter().map(|e| e.edge.connections).sum::<u64>(), 2500 + 1024);
+    assert_eq!(f.store.dns_answers(0).await.expect("dns").len(), 600);
+    assert_eq!(f.store.stored_through_seq("node-big", "boot-1").await.expect("seq"), 2);
+}
+
+/// Pruning removes exactly the flows last seen before the cutoff, whether their batch
+/// expired wholly or partly, and keeps every query working; ids are never reused.
+async fn prune_by_blocks_is_exact_and_ids_never_reused(f: &Fixture) {
+    let (a, b, c) = (workload(&f.store, "a").await, workload(&f.store, "b").await, workload(&f.store, "c").await);
+    // Batch 1: last seen 0..99 (all old); batch 2: 50..149 (straddles 100); batch 3:
+    // 200..299 (all new); batch 4 from another node: 0..9 (all old).
+    let make = |start: i64, dst: Identity| -> Vec<ResolvedFlow> {
+        (0..100).map(|i| resolved(flow(Direction::Egress, 80, 1, 1, 1, start + i, start + i), a, dst)).collect()
+    };
+    ingest(&f.store, &batch("node-1", 1, make(0, b))).await;
+    ingest(&f.store, &batch("node-1", 2, make(50, c))).await;
+    ingest(&f.store, &batch("node-1", 3, make(200, b))).await;
+    ingest(&f.store, &batch("node-2", 1, make(0, c)[..10].to_vec())).await;
+    let before = all_flows(&f.store).await;
+    let max_id = before.iter().map(|r| r.id).max().expect("flows");
+
+    assert_eq!(f.store.prune_flows(100).await.expect("prune"), 100 + 50 + 10);
+    let left = all_flows(&f.store).await;
+    let expected: Vec<i64> = before.iter().filter(|r| r.flow.last_seen_unix_ms >= 100).map(|r| r.id).collect();
+    assert_eq!(left.iter().map(|r| r.id).collect::<Vec<_>>(), expected);
+    assert_eq!(f.store.prune_flows(100).await.expect("again"), 0);
+    let q = |identity: Option<Identity>, node: Option<&str>| FlowQuery {
+        identity,
+        node_id: node.map(str::to_owned),
+        limit: 1000,
+        ..FlowQuery::default()
+    };
+    assert_eq!(f.store.flows(&q(Some(c), None)).await.expect("c").len(), 50);
+    assert_eq!(f.store.flows(&q(Some(b), None)).await.expect("b").len(), 100);
+    assert_eq!(f.store.flows(&q(None, Some("node-2"))).await.expect("node-2").len(), 0);
+    assert_eq!(f.store.flows(&q(None, Some("node-1"))).await.expect("node-1").len(), 150);
+    // The partly pruned batch prunes further later.
+    assert_eq!(f.store.prune_flows(120).await.expect("prune more"), 20);
+    assert_eq!(f.store.flows(&q(Some(c), None)).await.expect("c").len(), 30);
+
+    // Everything gone, then new flows: ids keep growing.
+    assert_eq!(f.store.prune_flows(i64::MAX).await.expect("all"), 130);
+    assert!(all_flows(&f.store).await.is_empty());
+    ingest(&f.store, &batch("node-1", 4, make(1_000, b)[..5].to_vec())).await;
+    let fresh = all_flows(&f.store).await;
+    assert_eq!(fresh.len(), 5);
+    assert!(fresh.iter().all(|r| r.id > max_id), "flow ids are never reused");
+    assert_eq!(f.store.flows(&q(Some(b), Some("node-1"))).await.expect("after refill").len(), 5);
+}
+
+/// Every filter combination and page size gives exactly the flows a plain filter over
+/// all stored flows gives, across many small batches from interleaved nodes (SQLite
+/// walks `flow_blocks` in steps; this crosses steps and non-adjacent blocks).
+async fn flow_queries_match_a_model_across_many_batches(f: &Fixture) {
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(workload(&f.store, &format!("m{i}")).await);
+    }
+    let mut seqs = [0u64; 3];
+    for k in 0..150usize {
+        let node = k % 3;
+        let flows = (0..(1 + k % 4))
+            .map(|j| {
+                let t = (k * 10 + j) as i64;
+                let port = [80, 443, 53][(k + j) % 3];
+                resolved(flow(Direction::Egress, port, 1, 1, 1, t, t), ids[k % 5], ids[(k / 5 + j) % 5])
+            })
+            .collect();
+        seqs[node] += 1;
+        ingest(&f.store, &batch(&format!("node-{node}"), seqs[node], flows)).await;
+    }
+    let all = all_flows(&f.store).await;
+    assert_eq!(all.len(), (0..150).map(|k| 1 + k % 4).sum::<usize>());
+    for identity in [None, Some(ids[0]), Some(ids[3])] {
+        for node in [None, Some("node-1")] {
+            for port in [None, Some(443u16)] {
+                for since in [None, Some(700i64)] {
+                    let expected: Vec<i64> = all
+                        .iter()
+                        .filter(|r| identity.is_none_or(|i| r.src_identity == i || r.dst_identity == i))
+                        .filter(|r| node.is_none_or(|n| r.node_id == n))
+                        .filter(|r| port.is_none_or(|p| r.flow.dst_port == p))
+                        .filter(|r| since.is_none_or(|s| r.flow.last_seen_unix_ms >= s))
+                        .map(|r| r.id)
+                        .collect();
+                    for page in [1u32, 7, 100, 1000] {
+                        let mut got = Vec::new();
+                        let mut before = None;
+                        loop {
+                            let q = FlowQuery {
+                                since_unix_ms: since,
+                                node_id: node.map(str::to_owned),
+                                identity,
+                                dst_port: port,
+                                limit: page,
+                                before_id: before,
+                            };
+                            let rows = f.store.flows(&q).await.expect("flows");
+                            assert!(rows.len() <= page as usize);
+                            for r in &rows {
+                                let model = all.iter().find(|m| m.id == r.id).expect("known flow");
+                                assert_eq!(r, model, "rows carry their batch's node and receive time");
+                            }
+                            let Some(last) = rows.last() else { break };
+                            before = Some(last.id);
+                            got.extend(rows.iter().map(|r| r.id));
+                            if page > 100 {
+                                break;
+                            }
+                        }
+                        if page > 100 {
+                            assert_eq!(got, expected.iter().copied().take(page as usize).collect::<Vec<_>>());
+                        } else {
+                            assert_eq!(got, expected, "{identity:?} {node:?} {port:?} {since:?} page {page}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 // === schema hygiene (backend-independent) ===

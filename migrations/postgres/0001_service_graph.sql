@@ -1,5 +1,7 @@
 -- Bulkhead learner: the service graph (PostgreSQL). Kept in lockstep with
--- migrations/sqlite/0001_service_graph.sql: same tables, columns and meanings.
+-- migrations/sqlite/0001_service_graph.sql: same tables, columns and meanings, except
+-- where SQLite's hot flow-insert path differs (its flows keep node_id and
+-- received_unix_ms in a per-batch flow_blocks table; see there).
 --
 -- Conventions (both backends):
 --   * times are Unix milliseconds in BIGINT (`*_unix_ms`), never local time;
@@ -8,7 +10,9 @@
 --   * label sets are stored in their canonical JSON form (`Labels::canonical`) and are
 --     looked up through the SHA-256 of that form: label values are attacker-controlled
 --     and unbounded in number, and b-tree entries are capped at ~2.7 kB here;
---   * addresses are text (`IpAddr` Display), so both backends decode them the same way;
+--   * flow addresses are their octets in network order, 4 bytes (IPv4) or 16 (IPv6), and
+--     a flow's direction and verdict are small integers (the bulkhead.v1 wire numbers),
+--     as on SQLite; other addresses (DNS answers) are text (`IpAddr` Display);
 --   * ports and protocol numbers are INTEGER, everything else numeric is BIGINT.
 
 -- One row per security-relevant label set. Identity numbers are u32; BIGINT holds all
@@ -109,12 +113,14 @@ CREATE TABLE flows (
     received_unix_ms   BIGINT  NOT NULL,
     src_identity       BIGINT  NOT NULL,
     dst_identity       BIGINT  NOT NULL,
-    src_addr           TEXT    NOT NULL,
+    -- Addresses in network order: 4 bytes (IPv4) or 16 (IPv6).
+    src_addr           BYTEA   NOT NULL CHECK (length(src_addr) IN (4, 16)),
     src_port           INTEGER NOT NULL,
-    dst_addr           TEXT    NOT NULL,
+    dst_addr           BYTEA   NOT NULL CHECK (length(dst_addr) IN (4, 16)),
     dst_port           INTEGER NOT NULL,
     protocol           INTEGER NOT NULL,
-    direction          TEXT    NOT NULL CHECK (direction IN ('egress', 'ingress')),
+    -- Codes as on the wire (bulkhead.v1): 1 egress, 2 ingress.
+    direction          SMALLINT NOT NULL CHECK (direction IN (1, 2)),
     netns_ino          BIGINT  NOT NULL,
     cgroup_id          BIGINT  NOT NULL,
     pid                BIGINT  NOT NULL,
@@ -123,14 +129,16 @@ CREATE TABLE flows (
     bytes_sent         BIGINT  NOT NULL,
     bytes_received     BIGINT  NOT NULL,
     packets            BIGINT  NOT NULL,
-    verdict            TEXT    NOT NULL CHECK (verdict IN ('forwarded', 'audit', 'denied')),
+    -- 1 forwarded, 2 audit, 3 denied.
+    verdict            SMALLINT NOT NULL CHECK (verdict IN (1, 2, 3)),
     first_seen_unix_ms BIGINT  NOT NULL,
     last_seen_unix_ms  BIGINT  NOT NULL
 );
 CREATE INDEX flows_last_seen ON flows (last_seen_unix_ms);
--- Identity lookups. (SQLite uses a per-batch flow_blocks table instead: there, these
--- indexes halve ingest; here concurrent writers interleave ids, so a batch's flows are
--- not one contiguous id range and the per-flow indexes stay.)
+-- Identity lookups. (SQLite uses a per-batch flow_blocks table instead, for these and
+-- for pruning: there, per-flow indexes halve ingest; here concurrent writers interleave
+-- ids, so a batch's flows are not one contiguous id range and the per-flow indexes
+-- stay, and node_id / received_unix_ms stay on each row.)
 CREATE INDEX flows_src_identity ON flows (src_identity, id);
 CREATE INDEX flows_dst_identity ON flows (dst_identity, id);
 

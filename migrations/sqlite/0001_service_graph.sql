@@ -1,5 +1,6 @@
 -- Bulkhead learner: the service graph (SQLite). Kept in lockstep with
--- migrations/postgres/0001_service_graph.sql: same tables, columns and meanings.
+-- migrations/postgres/0001_service_graph.sql: same tables, columns and meanings, except
+-- where the hot flow-insert path is shaped for SQLite (flows / flow_blocks, below).
 --
 -- Conventions (both backends):
 --   * times are Unix milliseconds in 64-bit integers (`*_unix_ms`), never local time;
@@ -9,7 +10,10 @@
 --     looked up through the SHA-256 of that form: label values are attacker-controlled
 --     and unbounded in number, and a digest keeps the unique index small on every
 --     backend (PostgreSQL b-tree entries are capped at ~2.7 kB);
---   * addresses are text (`IpAddr` Display), so both backends decode them the same way.
+--   * flow addresses are their octets in network order, 4 bytes (IPv4) or 16 (IPv6), and
+--     a flow's direction and verdict are small integers (the bulkhead.v1 wire numbers):
+--     flows are the bulk of every write, and text there costs formatting, copies and
+--     pages; other addresses (DNS answers) are text (`IpAddr` Display).
 
 -- One row per security-relevant label set. AUTOINCREMENT (not plain rowid) because an
 -- identity number, once handed out, must never be handed out again: enforcers and
@@ -103,20 +107,23 @@ CREATE INDEX edges_last_seen ON edges
 
 -- Recent flows (retention window, see Store::prune_flows). AUTOINCREMENT keeps ids
 -- monotonic and never reused, which keyset pagination (`id < before_id`) relies on.
--- No foreign keys to identities: the batch's edge upsert in the same transaction
--- already checks every identity it references, and flows are the hot insert path.
+-- What every flow of a batch shares (node, receive time) lives once in its
+-- `flow_blocks` row, not on each flow. No foreign keys to identities: the batch's edge
+-- upsert in the same transaction already checks every identity it references. No
+-- secondary index at all: each one is a second b-tree insert per flow, and everything
+-- a flow is looked up by is first narrowed down through flow_blocks.
 CREATE TABLE flows (
     id                 INTEGER PRIMARY KEY AUTOINCREMENT,
-    node_id            TEXT    NOT NULL,
-    received_unix_ms   INTEGER NOT NULL,
     src_identity       INTEGER NOT NULL,
     dst_identity       INTEGER NOT NULL,
-    src_addr           TEXT    NOT NULL,
+    -- Addresses in network order: 4 bytes (IPv4) or 16 (IPv6).
+    src_addr           BLOB    NOT NULL CHECK (length(src_addr) IN (4, 16)),
     src_port           INTEGER NOT NULL,
-    dst_addr           TEXT    NOT NULL,
+    dst_addr           BLOB    NOT NULL CHECK (length(dst_addr) IN (4, 16)),
     dst_port           INTEGER NOT NULL,
     protocol           INTEGER NOT NULL,
-    direction          TEXT    NOT NULL CHECK (direction IN ('egress', 'ingress')),
+    -- Codes as on the wire (bulkhead.v1): 1 egress, 2 ingress.
+    direction          INTEGER NOT NULL CHECK (direction IN (1, 2)),
     netns_ino          INTEGER NOT NULL,
     cgroup_id          INTEGER NOT NULL,
     pid                INTEGER NOT NULL,
@@ -125,25 +132,40 @@ CREATE TABLE flows (
     bytes_sent         INTEGER NOT NULL,
     bytes_received     INTEGER NOT NULL,
     packets            INTEGER NOT NULL,
-    verdict            TEXT    NOT NULL CHECK (verdict IN ('forwarded', 'audit', 'denied')),
+    -- 1 forwarded, 2 audit, 3 denied.
+    verdict            INTEGER NOT NULL CHECK (verdict IN (1, 2, 3)),
     first_seen_unix_ms INTEGER NOT NULL,
     last_seen_unix_ms  INTEGER NOT NULL
 );
-CREATE INDEX flows_last_seen ON flows (last_seen_unix_ms);
 
--- Identity lookups on flows. Per-flow (src_identity, id) / (dst_identity, id) indexes,
--- as PostgreSQL has, make every batch dirty one index page per identity it mentions
--- and cut SQLite's ingest rate by more than half (measured; see BENCHMARKS.md). Here
--- each stored batch instead appends one row: the id range of its flows (contiguous,
--- as there is one writer) and every identity on either end (',256,300,'). An identity
--- query walks the blocks newest first and scans only the ranges that mention it.
+-- One row per stored batch with flows. There is one writer, so a batch's flows are the
+-- contiguous id range first_flow_id..=last_flow_id, written in the batch's transaction
+-- together with this row. The row holds what the batch's flows share (node_id,
+-- received_unix_ms) and what lets readers and pruning skip whole batches:
+--   * identities: every identity on either end, as ',256,300,'. Per-flow
+--     (src_identity, id) / (dst_identity, id) indexes, as PostgreSQL has, make every
+--     batch dirty one index page per identity it mentions and cut SQLite's ingest rate
+--     by more than half (measured); an identity query instead walks the blocks newest
+--     first and scans only the id ranges of those that mention it;
+--   * the oldest and newest last_seen of its flows: pruning finds expiring batches
+--     through the index on the oldest and deletes wholly expired ones as id ranges
+--     (a per-flow last_seen index was one more b-tree insert per flow, for pruning
+--     only); `since` queries skip blocks whose newest flow is older.
 -- Keyed by the first id: blocks are disjoint, so "blocks below a page cursor, newest
--- first" is a backwards rowid range scan.
+-- first" is a backwards rowid range scan. Pruning keeps a partly pruned block's range
+-- and raises its oldest last_seen; a block goes when its last flow does.
 CREATE TABLE flow_blocks (
-    first_flow_id INTEGER PRIMARY KEY,
-    last_flow_id  INTEGER NOT NULL,
-    identities    TEXT    NOT NULL
+    first_flow_id         INTEGER PRIMARY KEY,
+    last_flow_id          INTEGER NOT NULL,
+    node_id               TEXT    NOT NULL,
+    received_unix_ms      INTEGER NOT NULL,
+    identities            TEXT    NOT NULL,
+    min_last_seen_unix_ms INTEGER NOT NULL,
+    max_last_seen_unix_ms INTEGER NOT NULL
 );
+CREATE INDEX flow_blocks_min_last_seen ON flow_blocks (min_last_seen_unix_ms);
+-- "Flows of node X, newest first".
+CREATE INDEX flow_blocks_node ON flow_blocks (node_id, first_flow_id);
 
 -- Endpoints: the latest snapshot each node reported, one row per network namespace.
 CREATE TABLE endpoints (

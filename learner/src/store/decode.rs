@@ -6,11 +6,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use bulkhead_model::{
-    CgroupFact, Direction, DnsAnswer, Edge, EdgeKey, EndpointFact, Flow, Identity, InterfaceAddress, Labels,
-    LossCounters, Verdict,
+    CgroupFact, DnsAnswer, Edge, EdgeKey, EndpointFact, Flow, Identity, InterfaceAddress, Labels, LossCounters,
 };
 
-use super::prepare::{protocol_from_db, unbits};
+use super::prepare::{addr_from_db, direction_from_db, protocol_from_db, unbits, verdict_from_db};
 use super::{AgentRow, EdgeRow, EndpointRow, FlowRow, IdentityRow, StoreError};
 
 fn invalid(table: &'static str, column: &'static str, value: impl ToString) -> StoreError {
@@ -165,19 +164,43 @@ impl RawEdge {
 
 // === flows ===
 
+/// A flow row with its batch facts (PostgreSQL keeps them on every row).
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct RawFlow {
     pub id: i64,
     pub node_id: String,
     pub received_unix_ms: i64,
+    #[sqlx(flatten)]
+    pub flow: RawFlowColumns,
+}
+
+impl TryFrom<RawFlow> for FlowRow {
+    type Error = StoreError;
+    fn try_from(r: RawFlow) -> Result<Self, StoreError> {
+        r.flow.into_row(r.id, r.node_id, r.received_unix_ms)
+    }
+}
+
+/// A flow row without its batch facts (SQLite keeps those once per batch, in
+/// `flow_blocks`).
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct RawBlockFlow {
+    pub id: i64,
+    #[sqlx(flatten)]
+    pub flow: RawFlowColumns,
+}
+
+/// The per-flow columns, identical on both backends.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct RawFlowColumns {
     pub src_identity: i64,
     pub dst_identity: i64,
-    pub src_addr: String,
+    pub src_addr: Vec<u8>,
     pub src_port: i32,
-    pub dst_addr: String,
+    pub dst_addr: Vec<u8>,
     pub dst_port: i32,
     pub protocol: i32,
-    pub direction: String,
+    pub direction: i16,
     pub netns_ino: i64,
     pub cgroup_id: i64,
     pub pid: i64,
@@ -186,38 +209,28 @@ pub(crate) struct RawFlow {
     pub bytes_sent: i64,
     pub bytes_received: i64,
     pub packets: i64,
-    pub verdict: String,
+    pub verdict: i16,
     pub first_seen_unix_ms: i64,
     pub last_seen_unix_ms: i64,
 }
 
-impl TryFrom<RawFlow> for FlowRow {
-    type Error = StoreError;
-    fn try_from(r: RawFlow) -> Result<Self, StoreError> {
+impl RawFlowColumns {
+    pub fn into_row(self, id: i64, node_id: String, received_unix_ms: i64) -> Result<FlowRow, StoreError> {
         const T: &str = "flows";
-        let direction = match r.direction.as_str() {
-            "egress" => Direction::Egress,
-            "ingress" => Direction::Ingress,
-            other => return Err(invalid(T, "direction", other)),
-        };
-        let verdict = match r.verdict.as_str() {
-            "forwarded" => Verdict::Forwarded,
-            "audit" => Verdict::Audit,
-            "denied" => Verdict::Denied,
-            other => return Err(invalid(T, "verdict", other)),
-        };
+        let r = self;
         Ok(FlowRow {
-            id: r.id,
+            id,
+            node_id,
+            received_unix_ms,
             src_identity: identity(T, "src_identity", r.src_identity)?,
             dst_identity: identity(T, "dst_identity", r.dst_identity)?,
-            received_unix_ms: r.received_unix_ms,
             flow: Flow {
-                src_addr: addr(T, "src_addr", &r.src_addr)?,
+                src_addr: addr_from_db(T, "src_addr", &r.src_addr)?,
                 src_port: port(T, "src_port", r.src_port)?,
-                dst_addr: addr(T, "dst_addr", &r.dst_addr)?,
+                dst_addr: addr_from_db(T, "dst_addr", &r.dst_addr)?,
                 dst_port: port(T, "dst_port", r.dst_port)?,
                 protocol: protocol_from_db(T, r.protocol)?,
-                direction,
+                direction: direction_from_db(r.direction)?,
                 netns_ino: unbits(r.netns_ino),
                 cgroup_id: unbits(r.cgroup_id),
                 pid: u32::try_from(r.pid).map_err(|_| invalid(T, "pid", r.pid))?,
@@ -226,11 +239,10 @@ impl TryFrom<RawFlow> for FlowRow {
                 bytes_sent: counter(T, "bytes_sent", r.bytes_sent)?,
                 bytes_received: counter(T, "bytes_received", r.bytes_received)?,
                 packets: counter(T, "packets", r.packets)?,
-                verdict,
+                verdict: verdict_from_db(r.verdict)?,
                 first_seen_unix_ms: r.first_seen_unix_ms,
                 last_seen_unix_ms: r.last_seen_unix_ms,
             },
-            node_id: r.node_id,
         })
     }
 }

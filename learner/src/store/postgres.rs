@@ -16,7 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Postgres};
 
 use super::decode::{LabelCache, RawAgent, RawDnsAnswer, RawEdge, RawEndpoint, RawFlow, RawIdentity};
-use super::prepare::PreparedBatch;
+use super::prepare::{AddrBytes, PreparedBatch};
 use super::queries::{self as q};
 use super::{
     AgentRow, Backend, EdgeQuery, EdgeRow, EndpointRow, FlowQuery, FlowRow, IdentityRow, IngestOutcome, StoreError,
@@ -33,9 +33,9 @@ const INGEST_ATTEMPTS: u32 = 3;
 const INSERT_FLOWS: &str = "INSERT INTO flows (node_id, received_unix_ms, src_identity, dst_identity, src_addr, \
      src_port, dst_addr, dst_port, protocol, direction, netns_ino, cgroup_id, pid, comm, connections, bytes_sent, \
      bytes_received, packets, verdict, first_seen_unix_ms, last_seen_unix_ms) \
-     SELECT $1::text, $2::bigint, u.* FROM UNNEST($3::bigint[], $4::bigint[], $5::text[], $6::int[], $7::text[], \
-     $8::int[], $9::int[], $10::text[], $11::bigint[], $12::bigint[], $13::bigint[], $14::text[], $15::bigint[], \
-     $16::bigint[], $17::bigint[], $18::bigint[], $19::text[], $20::bigint[], $21::bigint[]) AS u";
+     SELECT $1::text, $2::bigint, u.* FROM UNNEST($3::bigint[], $4::bigint[], $5::bytea[], $6::int[], $7::bytea[], \
+     $8::int[], $9::int[], $10::smallint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::text[], $15::bigint[], \
+     $16::bigint[], $17::bigint[], $18::bigint[], $19::smallint[], $20::bigint[], $21::bigint[]) AS u";
 
 const UPSERT_EDGES: &str = "INSERT INTO edges (src_identity, dst_identity, dst_port, protocol, first_seen_unix_ms, \
      last_seen_unix_ms, connections_egress, bytes_egress, connections_ingress, bytes_ingress) \
@@ -253,12 +253,12 @@ impl PgStore {
 
     // === ingest ===
 
-    pub async fn ingest(&self, p: &PreparedBatch<'_>) -> Result<IngestOutcome, StoreError> {
+    pub async fn ingest(&self, p: PreparedBatch) -> Result<IngestOutcome, StoreError> {
         let mut attempt = 1;
         loop {
-            match self.ingest_once(p).await {
+            match self.ingest_once(&p).await {
                 Err(e) if e.is_transient() && attempt < INGEST_ATTEMPTS => {
-                    tracing::debug!(node = p.node_id, seq = p.seq, attempt, error = %e, "Retrying ingest.");
+                    tracing::debug!(node = %p.node_id, seq = p.seq, attempt, error = %e, "Retrying ingest.");
                     attempt += 1;
                 }
                 other => return other,
@@ -266,7 +266,7 @@ impl PgStore {
         }
     }
 
-    async fn ingest_once(&self, p: &PreparedBatch<'_>) -> Result<IngestOutcome, StoreError> {
+    async fn ingest_once(&self, p: &PreparedBatch) -> Result<IngestOutcome, StoreError> {
         const OP: &str = "ingest";
         let mut tx = self.pool.begin().await.map_err(StoreError::db(OP))?;
         if !record_batch(&mut tx, p).await.map_err(StoreError::db(OP))? {
@@ -367,16 +367,19 @@ impl PgStore {
 }
 
 /// Records the batch in the dedupe table; false if it was stored (or pruned) before.
-async fn record_batch(conn: &mut PgConnection, p: &PreparedBatch<'_>) -> Result<bool, sqlx::Error> {
-    let pruned: Option<Option<i64>> =
-        sqlx::query_scalar(q::PRUNED_THROUGH_SEQ).bind(p.node_id).bind(p.boot_id).fetch_optional(&mut *conn).await?;
+async fn record_batch(conn: &mut PgConnection, p: &PreparedBatch) -> Result<bool, sqlx::Error> {
+    let pruned: Option<Option<i64>> = sqlx::query_scalar(q::PRUNED_THROUGH_SEQ)
+        .bind(p.node_id.as_str())
+        .bind(p.boot_id.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
     let pruned = pruned.flatten();
     if pruned.is_some_and(|through| p.seq <= through) {
         return Ok(false);
     }
     let n = sqlx::query(q::INSERT_BATCH_RECORD)
-        .bind(p.node_id)
-        .bind(p.boot_id)
+        .bind(p.node_id.as_str())
+        .bind(p.boot_id.as_str())
         .bind(p.seq)
         .bind(p.received_unix_ms)
         .bind(i64::try_from(p.flows.len()).unwrap_or(i64::MAX))
@@ -388,15 +391,18 @@ async fn record_batch(conn: &mut PgConnection, p: &PreparedBatch<'_>) -> Result<
 
 /// Everything but the dedupe record, in a fixed statement order (agents, boots, flows,
 /// edges, endpoints, DNS) so concurrent transactions take row locks in the same order.
-async fn write_batch(conn: &mut PgConnection, p: &PreparedBatch<'_>) -> Result<(), sqlx::Error> {
+async fn write_batch(conn: &mut PgConnection, p: &PreparedBatch) -> Result<(), sqlx::Error> {
     sqlx::query(UPSERT_AGENT_FROM_BATCH)
-        .bind(p.node_id)
-        .bind(p.boot_id)
+        .bind(p.node_id.as_str())
+        .bind(p.boot_id.as_str())
         .bind(p.received_unix_ms)
         .execute(&mut *conn)
         .await?;
-    let mut boot =
-        sqlx::query(UPSERT_BOOT_FROM_BATCH).bind(p.node_id).bind(p.boot_id).bind(p.received_unix_ms).bind(p.seq);
+    let mut boot = sqlx::query(UPSERT_BOOT_FROM_BATCH)
+        .bind(p.node_id.as_str())
+        .bind(p.boot_id.as_str())
+        .bind(p.received_unix_ms)
+        .bind(p.seq);
     for v in p.loss {
         boot = boot.bind(v);
     }
@@ -405,20 +411,20 @@ async fn write_batch(conn: &mut PgConnection, p: &PreparedBatch<'_>) -> Result<(
     let f = &p.flows;
     if f.len() > 0 {
         sqlx::query(INSERT_FLOWS)
-            .bind(p.node_id)
+            .bind(p.node_id.as_str())
             .bind(p.received_unix_ms)
             .bind(&f.src_identity)
             .bind(&f.dst_identity)
-            .bind(&f.src_addr)
+            .bind(f.src_addr.iter().map(AddrBytes::as_slice).collect::<Vec<_>>())
             .bind(&f.src_port)
-            .bind(&f.dst_addr)
+            .bind(f.dst_addr.iter().map(AddrBytes::as_slice).collect::<Vec<_>>())
             .bind(&f.dst_port)
             .bind(&f.protocol)
             .bind(&f.direction)
             .bind(&f.netns_ino)
             .bind(&f.cgroup_id)
             .bind(&f.pid)
-            .bind(&f.comm)
+            .bind(f.comm.iter().map(|c| &**c).collect::<Vec<&str>>())
             .bind(&f.connections)
             .bind(&f.bytes_sent)
             .bind(&f.bytes_received)
@@ -468,10 +474,10 @@ async fn write_batch(conn: &mut PgConnection, p: &PreparedBatch<'_>) -> Result<(
     }
 
     if let Some(eps) = &p.endpoints {
-        sqlx::query(q::DELETE_NODE_ENDPOINTS).bind(p.node_id).execute(&mut *conn).await?;
+        sqlx::query(q::DELETE_NODE_ENDPOINTS).bind(p.node_id.as_str()).execute(&mut *conn).await?;
         if !eps.is_empty() {
             sqlx::query(INSERT_ENDPOINTS)
-                .bind(p.node_id)
+                .bind(p.node_id.as_str())
                 .bind(eps.iter().map(|e| e.netns_ino).collect::<Vec<_>>())
                 .bind(eps.iter().map(|e| e.netns_name.clone()).collect::<Vec<_>>())
                 .bind(eps.iter().map(|e| e.host).collect::<Vec<_>>())
@@ -488,7 +494,7 @@ async fn write_batch(conn: &mut PgConnection, p: &PreparedBatch<'_>) -> Result<(
     if !p.dns.is_empty() {
         let d = &p.dns;
         sqlx::query(UPSERT_DNS)
-            .bind(p.node_id)
+            .bind(p.node_id.as_str())
             .bind(d.iter().map(|a| a.netns_ino).collect::<Vec<_>>())
             .bind(d.iter().map(|a| a.name.clone()).collect::<Vec<_>>())
             .bind(d.iter().map(|a| a.addr.clone()).collect::<Vec<_>>())

@@ -2,10 +2,12 @@
 //! stores, flows folded into edges, snapshots and DNS answers deduplicated. Everything
 //! here is pure so both backends write exactly the same rows.
 
-use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
-use bulkhead_model::{Direction, EdgeKey, Protocol};
+use bulkhead_model::{Direction, EdgeKey, Protocol, Verdict};
 
 use super::{IngestBatch, StoreError};
 
@@ -33,6 +35,44 @@ pub(crate) fn text(s: &str) -> String {
     if s.contains('\0') { s.replace('\0', "\u{FFFD}") } else { s.to_owned() }
 }
 
+/// A flow address as stored: its octets in network order, 4 (IPv4) or 16 (IPv6) of
+/// them. An IPv4-mapped IPv6 address stays 16 bytes, so every address round-trips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AddrBytes {
+    len: u8,
+    octets: [u8; 16],
+}
+
+impl AddrBytes {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.octets[..usize::from(self.len)]
+    }
+}
+
+impl From<IpAddr> for AddrBytes {
+    fn from(a: IpAddr) -> Self {
+        let mut octets = [0; 16];
+        match a {
+            IpAddr::V4(v4) => {
+                octets[..4].copy_from_slice(&v4.octets());
+                AddrBytes { len: 4, octets }
+            }
+            IpAddr::V6(v6) => AddrBytes { len: 16, octets: v6.octets() },
+        }
+    }
+}
+
+/// Inverse of [`AddrBytes`]'s encoding.
+pub(crate) fn addr_from_db(table: &'static str, column: &'static str, b: &[u8]) -> Result<IpAddr, StoreError> {
+    if let Ok(v4) = <[u8; 4]>::try_from(b) {
+        Ok(IpAddr::V4(Ipv4Addr::from(v4)))
+    } else if let Ok(v6) = <[u8; 16]>::try_from(b) {
+        Ok(IpAddr::V6(Ipv6Addr::from(v6)))
+    } else {
+        Err(StoreError::InvalidStoredValue { table, column, value: format!("{} address bytes", b.len()) })
+    }
+}
+
 /// Per-edge totals of one batch, split by the side that observed them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct EdgeAgg {
@@ -57,21 +97,22 @@ impl EdgeAgg {
 pub(crate) struct FlowColumns {
     pub src_identity: Vec<i64>,
     pub dst_identity: Vec<i64>,
-    pub src_addr: Vec<String>,
+    pub src_addr: Vec<AddrBytes>,
     pub src_port: Vec<i32>,
-    pub dst_addr: Vec<String>,
+    pub dst_addr: Vec<AddrBytes>,
     pub dst_port: Vec<i32>,
     pub protocol: Vec<i32>,
-    pub direction: Vec<&'static str>,
+    pub direction: Vec<i16>,
     pub netns_ino: Vec<i64>,
     pub cgroup_id: Vec<i64>,
     pub pid: Vec<i64>,
-    pub comm: Vec<String>,
+    /// Shared per distinct name: binding an `Arc<str>` copies no text.
+    pub comm: Vec<Arc<str>>,
     pub connections: Vec<i64>,
     pub bytes_sent: Vec<i64>,
     pub bytes_received: Vec<i64>,
     pub packets: Vec<i64>,
-    pub verdict: Vec<&'static str>,
+    pub verdict: Vec<i16>,
     pub first_seen_unix_ms: Vec<i64>,
     pub last_seen_unix_ms: Vec<i64>,
 }
@@ -107,9 +148,9 @@ pub(crate) struct DnsValues {
 
 /// A batch ready to be written.
 #[derive(Debug)]
-pub(crate) struct PreparedBatch<'a> {
-    pub node_id: &'a str,
-    pub boot_id: &'a str,
+pub(crate) struct PreparedBatch {
+    pub node_id: String,
+    pub boot_id: String,
     pub seq: i64,
     pub received_unix_ms: i64,
     pub flows: FlowColumns,
@@ -122,8 +163,8 @@ pub(crate) struct PreparedBatch<'a> {
     pub loss: [i64; 5],
 }
 
-impl<'a> PreparedBatch<'a> {
-    pub fn new(batch: &'a IngestBatch) -> Result<Self, StoreError> {
+impl PreparedBatch {
+    pub fn new(batch: &IngestBatch) -> Result<Self, StoreError> {
         let seq = i64::try_from(batch.seq).map_err(|_| StoreError::OutOfRange { field: "seq", value: batch.seq })?;
         let n = batch.flows.len();
         let mut flows = FlowColumns {
@@ -148,25 +189,33 @@ impl<'a> PreparedBatch<'a> {
             last_seen_unix_ms: Vec::with_capacity(n),
         };
         let mut edges: BTreeMap<EdgeKey, EdgeAgg> = BTreeMap::new();
+        let mut comms: HashMap<&str, Arc<str>> = HashMap::new();
         for rf in &batch.flows {
             let f = &rf.flow;
             flows.src_identity.push(i64::from(rf.src_identity.0));
             flows.dst_identity.push(i64::from(rf.dst_identity.0));
-            flows.src_addr.push(f.src_addr.to_string());
+            flows.src_addr.push(AddrBytes::from(f.src_addr));
             flows.src_port.push(i32::from(f.src_port));
-            flows.dst_addr.push(f.dst_addr.to_string());
+            flows.dst_addr.push(AddrBytes::from(f.dst_addr));
             flows.dst_port.push(i32::from(f.dst_port));
             flows.protocol.push(i32::from(f.protocol.number()));
-            flows.direction.push(f.direction.as_str());
+            flows.direction.push(direction_code(f.direction));
             flows.netns_ino.push(bits(f.netns_ino));
             flows.cgroup_id.push(bits(f.cgroup_id));
             flows.pid.push(i64::from(f.pid));
-            flows.comm.push(text(&f.comm));
+            flows.comm.push(match comms.get(f.comm.as_str()) {
+                Some(c) => c.clone(),
+                None => {
+                    let c: Arc<str> = Arc::from(text(&f.comm));
+                    comms.insert(f.comm.as_str(), c.clone());
+                    c
+                }
+            });
             flows.connections.push(sat(f.connections));
             flows.bytes_sent.push(sat(f.bytes_sent));
             flows.bytes_received.push(sat(f.bytes_received));
             flows.packets.push(sat(f.packets));
-            flows.verdict.push(f.verdict.as_str());
+            flows.verdict.push(verdict_code(f.verdict));
             flows.first_seen_unix_ms.push(f.first_seen_unix_ms);
             flows.last_seen_unix_ms.push(f.last_seen_unix_ms);
 
@@ -266,8 +315,8 @@ impl<'a> PreparedBatch<'a> {
 
         let l = &batch.loss;
         Ok(PreparedBatch {
-            node_id: &batch.node_id,
-            boot_id: &batch.boot_id,
+            node_id: batch.node_id.clone(),
+            boot_id: batch.boot_id.clone(),
             seq,
             received_unix_ms: batch.received_unix_ms,
             flows,
@@ -285,22 +334,40 @@ impl<'a> PreparedBatch<'a> {
     }
 }
 
-/// Splits `n` rows into chunks of at most `max` rows whose sizes come from a small
-/// fixed set (`max`, then powers of two), so the multi-row INSERT statements built for
-/// them repeat and stay in the driver's prepared-statement cache.
-pub(crate) fn chunk_sizes(mut n: usize, max: usize) -> Vec<usize> {
-    let mut out = Vec::new();
-    let max = max.max(1);
-    while n >= max {
-        out.push(max);
-        n -= max;
+/// Stored code of a flow's direction: the wire's (`bulkhead.v1.Direction`) numbers.
+pub(crate) fn direction_code(d: Direction) -> i16 {
+    match d {
+        Direction::Egress => 1,
+        Direction::Ingress => 2,
     }
-    while n > 0 {
-        let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
-        out.push(p);
-        n -= p;
+}
+
+/// Inverse of [`direction_code`].
+pub(crate) fn direction_from_db(v: i16) -> Result<Direction, StoreError> {
+    match v {
+        1 => Ok(Direction::Egress),
+        2 => Ok(Direction::Ingress),
+        _ => Err(StoreError::InvalidStoredValue { table: "flows", column: "direction", value: v.to_string() }),
     }
-    out
+}
+
+/// Stored code of a flow's verdict: the wire's (`bulkhead.v1.Verdict`) numbers.
+pub(crate) fn verdict_code(v: Verdict) -> i16 {
+    match v {
+        Verdict::Forwarded => 1,
+        Verdict::Audit => 2,
+        Verdict::Denied => 3,
+    }
+}
+
+/// Inverse of [`verdict_code`].
+pub(crate) fn verdict_from_db(v: i16) -> Result<Verdict, StoreError> {
+    match v {
+        1 => Ok(Verdict::Forwarded),
+        2 => Ok(Verdict::Audit),
+        3 => Ok(Verdict::Denied),
+        _ => Err(StoreError::InvalidStoredValue { table: "flows", column: "verdict", value: v.to_string() }),
+    }
 }
 
 /// The protocol stored in an edge or flow row.
@@ -317,14 +384,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunks_cover_everything_with_few_distinct_sizes() {
-        for n in 0..3000 {
-            let c = chunk_sizes(n, 512);
-            assert_eq!(c.iter().sum::<usize>(), n);
-            assert!(c.iter().all(|s| *s <= 512 && (*s == 512 || s.is_power_of_two())));
+    fn addresses_round_trip() {
+        for a in ["10.1.2.3", "0.0.0.0", "255.255.255.255", "::", "fe80::1:2:3:4", "::ffff:10.1.2.3", "::1"] {
+            let a: IpAddr = a.parse().expect("address");
+            let b = AddrBytes::from(a);
+            assert_eq!(b.as_slice().len(), if a.is_ipv4() { 4 } else { 16 });
+            assert_eq!(addr_from_db("flows", "src_addr", b.as_slice()).expect("decodes"), a);
         }
-        assert_eq!(chunk_sizes(1000, 512), vec![512, 256, 128, 64, 32, 8]);
-        assert!(chunk_sizes(0, 512).is_empty());
+        assert!(addr_from_db("flows", "src_addr", &[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn codes_round_trip() {
+        for d in [Direction::Egress, Direction::Ingress] {
+            assert_eq!(direction_from_db(direction_code(d)).expect("direction"), d);
+        }
+        for v in [Verdict::Forwarded, Verdict::Audit, Verdict::Denied] {
+            assert_eq!(verdict_from_db(verdict_code(v)).expect("verdict"), v);
+        }
+        assert!(direction_from_db(0).is_err() && verdict_from_db(4).is_err());
     }
 
     #[test]

@@ -42,14 +42,14 @@ const FLOW_SELECT: &str = "SELECT id, node_id, received_unix_ms, src_identity, d
      connections, bytes_sent, bytes_received, packets, verdict, first_seen_unix_ms, last_seen_unix_ms \
      FROM flows WHERE ";
 
-/// Recent flows, newest (highest id) first, keyset-paged by id.
+/// Recent flows (PostgreSQL), newest (highest id) first, keyset-paged by id.
 ///
-/// With an identity filter (PostgreSQL) the page is the union of two index-ordered
-/// scans, one per side (`(src_identity, id)` and `(dst_identity, id)`), each stopping
-/// after `limit` rows. A plain `src = ? OR dst = ?` makes the planner collect *every*
-/// matching flow and sort it before applying the limit, which for a busy identity
-/// (world, the ingress controller) means millions of rows per page. SQLite has no such
-/// indexes and pages identity queries through `flow_blocks` ([`flows_in_block`]).
+/// With an identity filter the page is the union of two index-ordered scans, one per
+/// side (`(src_identity, id)` and `(dst_identity, id)`), each stopping after `limit`
+/// rows. A plain `src = ? OR dst = ?` makes the planner collect *every* matching flow
+/// and sort it before applying the limit, which for a busy identity (world, the ingress
+/// controller) means millions of rows per page. SQLite keeps per-batch facts in
+/// `flow_blocks` and pages through those instead (see `sqlite::SqliteStore::flows`).
 pub(crate) fn flows<DB>(q: &FlowQuery) -> QueryBuilder<DB>
 where
     DB: Database,
@@ -78,23 +78,6 @@ where
             b.push(")");
         }
     }
-    b.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
-    b
-}
-
-/// Flows of one identity within the id range `first..=last` of one `flow_blocks` row
-/// (SQLite), newest first, at most `limit`.
-pub(crate) fn flows_in_block<DB>(q: &FlowQuery, identity: i64, first: i64, last: i64, limit: i64) -> QueryBuilder<DB>
-where
-    DB: Database,
-    for<'a> i64: Encode<'a, DB> + Type<DB>,
-    for<'a> i32: Encode<'a, DB> + Type<DB>,
-    for<'a> String: Encode<'a, DB> + Type<DB>,
-{
-    let mut b = QueryBuilder::new(FLOW_SELECT);
-    b.push("id BETWEEN ").push_bind(first).push(" AND ").push_bind(last);
-    b.push(" AND (src_identity = ").push_bind(identity).push(" OR dst_identity = ").push_bind(identity).push(")");
-    push_flow_filters(&mut b, q);
     b.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
     b
 }
@@ -161,21 +144,10 @@ pub(crate) const SELECT_ENDPOINTS: &str = "SELECT node_id, netns_ino, netns_name
 pub(crate) const SELECT_DNS_ANSWERS: &str = "SELECT netns_ino, name, addr, ttl_seconds, last_seen_unix_ms \
      FROM dns_answers WHERE last_seen_unix_ms >= $1 ORDER BY name, addr, netns_ino";
 
-/// Deletes at most `$2` old flows per statement so a big prune never holds the
-/// (SQLite: single) writer for long; the caller loops.
+/// Deletes at most `$2` old flows per statement (PostgreSQL; SQLite prunes through
+/// `flow_blocks`) so a big prune never holds locks for long; the caller loops.
 pub(crate) const PRUNE_FLOWS_CHUNK: &str = "DELETE FROM flows WHERE id IN \
      (SELECT id FROM flows WHERE last_seen_unix_ms < $1 LIMIT $2)";
-
-/// Newest `flow_blocks` that mention an identity (`$1` = ',<id>,'), below a flow id.
-pub(crate) const SELECT_FLOW_BLOCKS: &str = "SELECT first_flow_id, last_flow_id FROM flow_blocks \
-     WHERE first_flow_id < $2 AND instr(identities, $1) > 0 ORDER BY first_flow_id DESC LIMIT $3";
-
-pub(crate) const INSERT_FLOW_BLOCK: &str =
-    "INSERT INTO flow_blocks (first_flow_id, last_flow_id, identities) VALUES ($1, $2, $3)";
-
-/// Blocks whose whole range was pruned.
-pub(crate) const PRUNE_FLOW_BLOCKS: &str = "DELETE FROM flow_blocks \
-     WHERE last_flow_id < (SELECT COALESCE(min(id), 9223372036854775807) FROM flows)";
 
 pub(crate) const PRUNE_DNS_ANSWERS: &str = "DELETE FROM dns_answers WHERE last_seen_unix_ms < $1";
 
@@ -184,15 +156,5 @@ pub(crate) const PRUNE_BATCH_RECORDS: &str = "DELETE FROM ingested_batches WHERE
 /// Rows deleted per prune statement.
 pub(crate) const PRUNE_CHUNK: i64 = 10_000;
 
-pub(crate) const FLOW_COLUMNS: &str = "node_id, received_unix_ms, src_identity, dst_identity, src_addr, src_port, \
-     dst_addr, dst_port, protocol, direction, netns_ino, cgroup_id, pid, comm, connections, bytes_sent, \
-     bytes_received, packets, verdict, first_seen_unix_ms, last_seen_unix_ms";
-
-pub(crate) const EDGE_COLUMNS: &str = "src_identity, dst_identity, dst_port, protocol, first_seen_unix_ms, \
-     last_seen_unix_ms, connections_egress, bytes_egress, connections_ingress, bytes_ingress";
-
 pub(crate) const ENDPOINT_COLUMNS: &str =
     "node_id, netns_ino, netns_name, host, identity, workload, addresses, cgroups, updated_unix_ms";
-
-pub(crate) const DNS_COLUMNS: &str =
-    "node_id, netns_ino, name, addr, ttl_seconds, first_seen_unix_ms, last_seen_unix_ms";

@@ -7,18 +7,23 @@
 //! separate pool: under WAL they see the last committed state and never block the
 //! writer. `busy_timeout` covers other processes (a CLI, a backup) holding the lock.
 //! WAL checkpoints run on a third connection in the background (`checkpoint_loop`).
+//!
+//! Ingest is shaped for this single writer (see `sqlite_ingest`): a batch is a few
+//! fixed multi-statement scripts, and its flows are one contiguous id range described by
+//! one `flow_blocks` row, which reads and pruning go through (see the migration).
 
-use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+use tokio::sync::{mpsc, oneshot};
 
-use super::decode::{LabelCache, RawAgent, RawDnsAnswer, RawEdge, RawEndpoint, RawFlow, RawIdentity};
-use super::prepare::{FlowColumns, PreparedBatch, chunk_sizes};
+use super::decode::{LabelCache, RawAgent, RawBlockFlow, RawDnsAnswer, RawEdge, RawEndpoint, RawIdentity};
+use super::prepare::PreparedBatch;
 use super::queries::{self as q};
+use super::sqlite_ingest::{self, FLOW_COLUMNS};
 use super::{
     AgentRow, Backend, EdgeQuery, EdgeRow, EndpointRow, FlowQuery, FlowRow, IdentityRow, IngestOutcome, MAX_FLOW_PAGE,
     StoreError,
@@ -28,63 +33,15 @@ use bulkhead_model::{DnsAnswer, Identity};
 pub(crate) static MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");
 
 /// SQLite's default limit on bound parameters per statement (SQLITE_MAX_VARIABLE_NUMBER
-/// since 3.32); multi-row INSERTs are chunked to stay below it.
+/// since 3.32); endpoint snapshots are chunked to stay below it.
 const MAX_BINDS: usize = 32_766;
-/// Rows per multi-row INSERT. Fewer, larger statements amortise the driver's per-statement
-/// hop to its worker thread; sizes repeat (see `chunk_sizes`) so statements stay prepared.
-const MAX_ROWS: usize = 1024;
 /// Concurrent readers. Reads are short; the UI and API rarely need more.
 const READERS: u32 = 4;
 
-/// `flow_blocks` rows fetched per step of an identity query.
+/// `flow_blocks` rows fetched per step of a flow query.
 const BLOCKS_PER_STEP: i64 = 64;
 
-const FLOW_COLS: usize = 21;
-const EDGE_COLS: usize = 10;
 const ENDPOINT_COLS: usize = 9;
-const DNS_COLS: usize = 7;
-
-fn rows_per_chunk(cols: usize) -> usize {
-    (MAX_BINDS / cols).min(MAX_ROWS)
-}
-
-const UPSERT_EDGES: &str = " ON CONFLICT (src_identity, dst_identity, dst_port, protocol) DO UPDATE SET \
-     first_seen_unix_ms = min(edges.first_seen_unix_ms, excluded.first_seen_unix_ms), \
-     last_seen_unix_ms = max(edges.last_seen_unix_ms, excluded.last_seen_unix_ms), \
-     connections_egress = min(edges.connections_egress, 9223372036854775807 - excluded.connections_egress) \
-        + excluded.connections_egress, \
-     bytes_egress = min(edges.bytes_egress, 9223372036854775807 - excluded.bytes_egress) + excluded.bytes_egress, \
-     connections_ingress = min(edges.connections_ingress, 9223372036854775807 - excluded.connections_ingress) \
-        + excluded.connections_ingress, \
-     bytes_ingress = min(edges.bytes_ingress, 9223372036854775807 - excluded.bytes_ingress) + excluded.bytes_ingress";
-
-const UPSERT_DNS: &str = " ON CONFLICT (node_id, netns_ino, name, addr) DO UPDATE SET \
-     ttl_seconds = CASE WHEN excluded.last_seen_unix_ms >= dns_answers.last_seen_unix_ms \
-        THEN excluded.ttl_seconds ELSE dns_answers.ttl_seconds END, \
-     first_seen_unix_ms = min(dns_answers.first_seen_unix_ms, excluded.first_seen_unix_ms), \
-     last_seen_unix_ms = max(dns_answers.last_seen_unix_ms, excluded.last_seen_unix_ms)";
-
-const UPSERT_AGENT_FROM_BATCH: &str = "INSERT INTO agents \
-     (node_id, boot_id, first_seen_unix_ms, last_seen_unix_ms, batches_stored) VALUES ($1, $2, $3, $3, 1) \
-     ON CONFLICT (node_id) DO UPDATE SET \
-     boot_id = COALESCE(agents.boot_id, excluded.boot_id), \
-     first_seen_unix_ms = COALESCE(agents.first_seen_unix_ms, excluded.first_seen_unix_ms), \
-     last_seen_unix_ms = max(COALESCE(agents.last_seen_unix_ms, excluded.last_seen_unix_ms), excluded.last_seen_unix_ms), \
-     batches_stored = agents.batches_stored + 1";
-
-const UPSERT_BOOT_FROM_BATCH: &str = "INSERT INTO agent_boots (node_id, boot_id, first_seen_unix_ms, \
-     last_seen_unix_ms, stored_through_seq, batches_stored, loss_ringbuf_dropped, loss_queue_dropped, \
-     loss_spool_evicted_batches, loss_spool_evicted_flows, loss_rejected_batches) \
-     VALUES ($1, $2, $3, $3, $4, 1, $5, $6, $7, $8, $9) \
-     ON CONFLICT (node_id, boot_id) DO UPDATE SET \
-     last_seen_unix_ms = max(agent_boots.last_seen_unix_ms, excluded.last_seen_unix_ms), \
-     stored_through_seq = max(agent_boots.stored_through_seq, excluded.stored_through_seq), \
-     batches_stored = agent_boots.batches_stored + 1, \
-     loss_ringbuf_dropped = max(agent_boots.loss_ringbuf_dropped, excluded.loss_ringbuf_dropped), \
-     loss_queue_dropped = max(agent_boots.loss_queue_dropped, excluded.loss_queue_dropped), \
-     loss_spool_evicted_batches = max(agent_boots.loss_spool_evicted_batches, excluded.loss_spool_evicted_batches), \
-     loss_spool_evicted_flows = max(agent_boots.loss_spool_evicted_flows, excluded.loss_spool_evicted_flows), \
-     loss_rejected_batches = max(agent_boots.loss_rejected_batches, excluded.loss_rejected_batches)";
 
 const TOUCH_AGENT: &str = "INSERT INTO agents \
      (node_id, boot_id, agent_version, first_seen_unix_ms, last_seen_unix_ms) VALUES ($1, $2, $3, $4, $4) \
@@ -103,16 +60,183 @@ const MARK_PRUNED_BATCHES: &str = "UPDATE agent_boots \
            GROUP BY node_id, boot_id) AS p \
      WHERE agent_boots.node_id = p.node_id AND agent_boots.boot_id = p.boot_id";
 
-/// `flow_blocks.identities` of a batch: every identity on either end, as ',a,b,'.
-fn identity_list(f: &FlowColumns) -> String {
-    let ids: BTreeSet<i64> = f.src_identity.iter().chain(&f.dst_identity).copied().collect();
-    let mut s = String::with_capacity(ids.len() * 7 + 1);
-    s.push(',');
-    for id in ids {
-        s.push_str(&id.to_string());
-        s.push(',');
+/// Blocks holding flows last seen before `$1`, in the order of the index on
+/// `min_last_seen_unix_ms` (so the LIMIT stops the scan); a partly pruned block's
+/// minimum is kept current.
+const SELECT_EXPIRING_BLOCKS: &str = "SELECT first_flow_id, last_flow_id, max_last_seen_unix_ms FROM flow_blocks \
+     WHERE min_last_seen_unix_ms < $1 ORDER BY min_last_seen_unix_ms LIMIT $2";
+
+/// Blocks examined per prune step (each step is one transaction).
+const PRUNE_BLOCKS_PER_STEP: i64 = 256;
+
+const DELETE_FLOW_RANGE: &str = "DELETE FROM flows WHERE id BETWEEN $1 AND $2";
+
+const DELETE_BLOCK_RANGE: &str = "DELETE FROM flow_blocks WHERE first_flow_id BETWEEN $1 AND $2";
+
+const DELETE_OLD_FLOWS_IN_RANGE: &str = "DELETE FROM flows WHERE id BETWEEN $1 AND $2 AND last_seen_unix_ms < $3";
+
+/// After a partial prune the block still holds its newest flow (else it would have been
+/// wholly expired); should it hold none, the block is left for the next wholly-expired pass.
+const UPDATE_BLOCK_MIN_LAST_SEEN: &str = "UPDATE flow_blocks SET min_last_seen_unix_ms = \
+     COALESCE((SELECT min(last_seen_unix_ms) FROM flows WHERE id BETWEEN $1 AND $2), max_last_seen_unix_ms) \
+     WHERE first_flow_id = $1";
+
+/// A `flow_blocks` row as the flow reader needs it.
+#[derive(Debug, sqlx::FromRow)]
+struct RawBlock {
+    first_flow_id: i64,
+    last_flow_id: i64,
+    node_id: String,
+    received_unix_ms: i64,
+}
+
+/// The newest [`BLOCKS_PER_STEP`] blocks below `cursor` that can hold flows matching
+/// `q` (same node, mentions the identity, something seen since `since`).
+fn block_query<'a>(q: &'a FlowQuery, identity_pattern: Option<&'a str>, cursor: i64) -> QueryBuilder<Sqlite> {
+    let mut b = QueryBuilder::new(
+        "SELECT first_flow_id, last_flow_id, node_id, received_unix_ms FROM flow_blocks WHERE first_flow_id < ",
+    );
+    b.push_bind(cursor);
+    if let Some(node) = &q.node_id {
+        b.push(" AND node_id = ").push_bind(node.clone());
     }
-    s
+    if let Some(pattern) = identity_pattern {
+        b.push(" AND instr(identities, ").push_bind(pattern.to_owned()).push(") > 0");
+    }
+    if let Some(since) = q.since_unix_ms {
+        b.push(" AND max_last_seen_unix_ms >= ").push_bind(since);
+    }
+    b.push(" ORDER BY first_flow_id DESC LIMIT ").push_bind(BLOCKS_PER_STEP);
+    b
+}
+
+/// Flows with ids in `lo..=hi` (blocks that all match the block-level filters of `q`)
+/// that match its per-flow filters, newest first, at most `limit`.
+fn flows_in_range(q: &FlowQuery, lo: i64, hi: i64, limit: i64) -> QueryBuilder<Sqlite> {
+    let mut b = QueryBuilder::new(format!("SELECT id, {FLOW_COLUMNS} FROM flows WHERE id BETWEEN "));
+    b.push_bind(lo).push(" AND ").push_bind(hi);
+    if let Some(id) = q.identity {
+        let id = i64::from(id.0);
+        b.push(" AND (src_identity = ").push_bind(id).push(" OR dst_identity = ").push_bind(id).push(")");
+    }
+    if let Some(since) = q.since_unix_ms {
+        b.push(" AND last_seen_unix_ms >= ").push_bind(since);
+    }
+    if let Some(port) = q.dst_port {
+        b.push(" AND dst_port = ").push_bind(i32::from(port));
+    }
+    b.push(" ORDER BY id DESC LIMIT ").push_bind(limit);
+    b
+}
+
+// === group commit ===
+
+/// Ingests waiting for the writer task beyond this many wait to be queued.
+const INGEST_QUEUE: usize = 64;
+/// A group (one transaction) takes at most this many batches ...
+const MAX_GROUP_BATCHES: usize = 16;
+/// ... or, counting from the first batch that reaches it, this many flows.
+const MAX_GROUP_FLOWS: usize = 16_384;
+/// How long a writer may be waited for (pool acquisition or ingest queue).
+const WRITER_WAIT: Duration = Duration::from_secs(60);
+
+/// One ingest call waiting for the writer task.
+struct IngestRequest {
+    batch: PreparedBatch,
+    reply: oneshot::Sender<Result<IngestOutcome, StoreError>>,
+}
+
+/// The writer task: stores queued batches, all that are waiting together in one
+/// transaction (group commit).
+///
+/// With one agent stream this is one batch per transaction, as before. When several
+/// streams ingest at once, a batch that arrives while another is being written would
+/// otherwise wait for the writer anyway; taking every waiting batch at once saves each
+/// its own BEGIN/COMMIT round trips and writes the pages the batches share (edges,
+/// agents, the tails of flows and blocks) to the WAL once per group instead of once per
+/// batch. Each batch keeps its own dedupe record and `flow_blocks` row. Should the group
+/// fail, it is rolled back and its batches are stored one by one, so one bad batch only
+/// fails itself. The task is spawned, so a caller that gives up (a closed stream) never
+/// cancels a transaction holding other callers' batches.
+async fn ingest_loop(pool: SqlitePool, mut queue: mpsc::Receiver<IngestRequest>) {
+    let mut group: Vec<IngestRequest> = Vec::new();
+    while let Some(first) = queue.recv().await {
+        let mut flows = first.batch.flows.len();
+        group.push(first);
+        while group.len() < MAX_GROUP_BATCHES && flows < MAX_GROUP_FLOWS {
+            let Ok(next) = queue.try_recv() else { break };
+            flows += next.batch.flows.len();
+            group.push(next);
+        }
+        let outcomes = match store_together(&pool, group.iter().map(|r| &r.batch)).await {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            Err(error) if group.len() == 1 => vec![Err(error)],
+            Err(error) => {
+                tracing::debug!(%error, batches = group.len(), "Group ingest failed; storing its batches one by one.");
+                let mut outcomes = Vec::with_capacity(group.len());
+                for r in &group {
+                    outcomes.push(store_together(&pool, std::iter::once(&r.batch)).await.map(|mut o| o.remove(0)));
+                }
+                outcomes
+            }
+        };
+        for (request, outcome) in group.drain(..).zip(outcomes) {
+            // The caller may have stopped waiting; its batch is stored all the same.
+            let _ = request.reply.send(outcome);
+        }
+    }
+}
+
+/// Stores batches in one transaction; one outcome per batch, in order.
+async fn store_together<'a>(
+    pool: &SqlitePool,
+    batches: impl Iterator<Item = &'a PreparedBatch>,
+) -> Result<Vec<IngestOutcome>, StoreError> {
+    const OP: &str = "ingest";
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
+    let mut outcomes = Vec::new();
+    for p in batches {
+        outcomes.push(store_one(&mut tx, p).await.map_err(StoreError::db(OP))?);
+    }
+    tx.commit().await.map_err(StoreError::db(OP))?;
+    Ok(outcomes)
+}
+
+/// One batch inside the caller's transaction: dedupe record, then everything else.
+/// A duplicate writes nothing.
+async fn store_one(conn: &mut SqliteConnection, p: &PreparedBatch) -> Result<IngestOutcome, sqlx::Error> {
+    let recorded = sqlx::query(sqlite_ingest::RECORD_BATCH)
+        .bind(p.node_id.as_str())
+        .bind(p.boot_id.as_str())
+        .bind(p.seq)
+        .bind(p.received_unix_ms)
+        .bind(i64::try_from(p.flows.len()).unwrap_or(i64::MAX))
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if recorded == 0 {
+        return Ok(IngestOutcome::Duplicate);
+    }
+    sqlite_ingest::write_batch(&mut *conn, p).await?;
+    if let Some(eps) = &p.endpoints {
+        sqlx::query(q::DELETE_NODE_ENDPOINTS).bind(p.node_id.as_str()).execute(&mut *conn).await?;
+        for chunk in eps.chunks(MAX_BINDS / ENDPOINT_COLS) {
+            let mut b = QueryBuilder::<Sqlite>::new(format!("INSERT INTO endpoints ({}) ", q::ENDPOINT_COLUMNS));
+            b.push_values(chunk, |mut row, e| {
+                row.push_bind(p.node_id.as_str())
+                    .push_bind(e.netns_ino)
+                    .push_bind(e.netns_name.as_deref())
+                    .push_bind(e.host)
+                    .push_bind(e.identity)
+                    .push_bind(e.workload.as_deref())
+                    .push_bind(e.addresses.as_str())
+                    .push_bind(e.cgroups.as_str())
+                    .push_bind(p.received_unix_ms);
+            });
+            b.build().execute(&mut *conn).await?;
+        }
+    }
+    Ok(sqlite_ingest::stored(p))
 }
 
 /// The SQLite half of [`Store`](super::Store).
@@ -124,6 +248,8 @@ pub(crate) struct SqliteStore {
     reader: SqlitePool,
     /// One connection that moves WAL frames into the database file in the background.
     checkpointer: SqlitePool,
+    /// Batches for the writer task (`ingest_loop`).
+    ingest: mpsc::Sender<IngestRequest>,
 }
 
 /// How often the WAL is checkpointed.
@@ -178,14 +304,16 @@ impl SqliteStore {
             .min_connections(1)
             // Writers queue here behind one another; a queue longer than this means the
             // disk cannot keep up and the caller should shed load (agents retry).
-            .acquire_timeout(Duration::from_secs(60));
+            .acquire_timeout(WRITER_WAIT);
         let writer_pool = if in_memory { writer_pool.idle_timeout(None).max_lifetime(None) } else { writer_pool };
         // The writer never checkpoints (see `checkpoint_loop`).
         let writer_options = base.clone().pragma("wal_autocheckpoint", if in_memory { "1000" } else { "0" });
         let writer = writer_pool.connect_with(writer_options).await.map_err(connect)?;
         MIGRATOR.run(&writer).await.map_err(|source| StoreError::Migrate { backend: Backend::Sqlite, source })?;
+        let (ingest, queue) = mpsc::channel(INGEST_QUEUE);
+        tokio::spawn(ingest_loop(writer.clone(), queue));
         if in_memory {
-            return Ok(Self { writer: writer.clone(), reader: writer.clone(), checkpointer: writer });
+            return Ok(Self { writer: writer.clone(), reader: writer.clone(), checkpointer: writer, ingest });
         }
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
@@ -198,7 +326,7 @@ impl SqliteStore {
             .await
             .map_err(connect)?;
         tokio::spawn(checkpoint_loop(checkpointer.clone()));
-        Ok(Self { writer, reader, checkpointer })
+        Ok(Self { writer, reader, checkpointer, ingest })
     }
 
     pub async fn close(&self) {
@@ -324,163 +452,20 @@ impl SqliteStore {
 
     // === ingest ===
 
-    pub async fn ingest(&self, p: &PreparedBatch<'_>) -> Result<IngestOutcome, StoreError> {
-        const OP: &str = "ingest";
-        let db = StoreError::db(OP);
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
-
-        let pruned: Option<Option<i64>> = sqlx::query_scalar(q::PRUNED_THROUGH_SEQ)
-            .bind(p.node_id)
-            .bind(p.boot_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(StoreError::db(OP))?;
-        let pruned = pruned.flatten();
-        let recorded = if pruned.is_some_and(|through| p.seq <= through) {
-            0
-        } else {
-            sqlx::query(q::INSERT_BATCH_RECORD)
-                .bind(p.node_id)
-                .bind(p.boot_id)
-                .bind(p.seq)
-                .bind(p.received_unix_ms)
-                .bind(i64::try_from(p.flows.len()).unwrap_or(i64::MAX))
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::db(OP))?
-                .rows_affected()
+    /// Hands the batch to the writer task (`ingest_loop`) and waits for its outcome.
+    pub async fn ingest(&self, batch: PreparedBatch) -> Result<IngestOutcome, StoreError> {
+        let db = StoreError::db("ingest");
+        let (reply, outcome) = oneshot::channel();
+        let wait = async {
+            self.ingest.send(IngestRequest { batch, reply }).await.map_err(|_| db(sqlx::Error::PoolClosed))?;
+            outcome.await.map_err(|_| StoreError::db("ingest")(sqlx::Error::WorkerCrashed))?
         };
-        if recorded == 0 {
-            tx.rollback().await.map_err(StoreError::db(OP))?;
-            return Ok(IngestOutcome::Duplicate);
-        }
-
-        sqlx::query(UPSERT_AGENT_FROM_BATCH)
-            .bind(p.node_id)
-            .bind(p.boot_id)
-            .bind(p.received_unix_ms)
-            .execute(&mut *tx)
+        // As long as a pooled writer would wait: a longer queue means the disk cannot
+        // keep up, and the agent should back off and resend (it may then learn the
+        // batch was stored after all: a duplicate).
+        tokio::time::timeout(WRITER_WAIT, wait)
             .await
-            .map_err(StoreError::db(OP))?;
-        let mut boot =
-            sqlx::query(UPSERT_BOOT_FROM_BATCH).bind(p.node_id).bind(p.boot_id).bind(p.received_unix_ms).bind(p.seq);
-        for v in p.loss {
-            boot = boot.bind(v);
-        }
-        boot.execute(&mut *tx).await.map_err(StoreError::db(OP))?;
-
-        // Flows, as multi-row INSERTs. OR ROLLBACK: a constraint failure aborts the whole
-        // batch anyway, and saying so lets SQLite skip the statement journal it keeps to
-        // undo a half-applied multi-row statement (here: ~136k -> ~162k flows/s, noisy box).
-        let f = &p.flows;
-        let mut start = 0;
-        for size in chunk_sizes(f.len(), rows_per_chunk(FLOW_COLS)) {
-            let mut b = QueryBuilder::<Sqlite>::new(format!("INSERT OR ROLLBACK INTO flows ({}) ", q::FLOW_COLUMNS));
-            b.push_values(start..start + size, |mut row, i| {
-                row.push_bind(p.node_id)
-                    .push_bind(p.received_unix_ms)
-                    .push_bind(f.src_identity[i])
-                    .push_bind(f.dst_identity[i])
-                    .push_bind(f.src_addr[i].as_str())
-                    .push_bind(f.src_port[i])
-                    .push_bind(f.dst_addr[i].as_str())
-                    .push_bind(f.dst_port[i])
-                    .push_bind(f.protocol[i])
-                    .push_bind(f.direction[i])
-                    .push_bind(f.netns_ino[i])
-                    .push_bind(f.cgroup_id[i])
-                    .push_bind(f.pid[i])
-                    .push_bind(f.comm[i].as_str())
-                    .push_bind(f.connections[i])
-                    .push_bind(f.bytes_sent[i])
-                    .push_bind(f.bytes_received[i])
-                    .push_bind(f.packets[i])
-                    .push_bind(f.verdict[i])
-                    .push_bind(f.first_seen_unix_ms[i])
-                    .push_bind(f.last_seen_unix_ms[i]);
-            });
-            b.build().execute(&mut *tx).await.map_err(StoreError::db(OP))?;
-            start += size;
-        }
-        if f.len() > 0 {
-            // One writer, one transaction, AUTOINCREMENT: the batch's ids are the
-            // contiguous range ending at the last inserted rowid.
-            let last: i64 = sqlx::query_scalar("SELECT last_insert_rowid()")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(StoreError::db(OP))?;
-            let first = last - (f.len() as i64 - 1);
-            sqlx::query(q::INSERT_FLOW_BLOCK)
-                .bind(first)
-                .bind(last)
-                .bind(identity_list(f))
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::db(OP))?;
-        }
-
-        // Edges, pre-aggregated and sorted, upserted in chunks.
-        let mut start = 0;
-        for size in chunk_sizes(p.edges.len(), rows_per_chunk(EDGE_COLS)) {
-            let mut b = QueryBuilder::<Sqlite>::new(format!("INSERT INTO edges ({}) ", q::EDGE_COLUMNS));
-            b.push_values(&p.edges[start..start + size], |mut row, (k, a)| {
-                let [ce, be, ci, bi] = a.counters();
-                row.push_bind(i64::from(k.src.0))
-                    .push_bind(i64::from(k.dst.0))
-                    .push_bind(i32::from(k.dst_port))
-                    .push_bind(i32::from(k.protocol.number()))
-                    .push_bind(a.first_seen_unix_ms)
-                    .push_bind(a.last_seen_unix_ms)
-                    .push_bind(ce)
-                    .push_bind(be)
-                    .push_bind(ci)
-                    .push_bind(bi);
-            });
-            b.push(UPSERT_EDGES);
-            b.build().execute(&mut *tx).await.map_err(StoreError::db(OP))?;
-            start += size;
-        }
-
-        if let Some(eps) = &p.endpoints {
-            sqlx::query(q::DELETE_NODE_ENDPOINTS)
-                .bind(p.node_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::db(OP))?;
-            for chunk in eps.chunks(rows_per_chunk(ENDPOINT_COLS)) {
-                let mut b = QueryBuilder::<Sqlite>::new(format!("INSERT INTO endpoints ({}) ", q::ENDPOINT_COLUMNS));
-                b.push_values(chunk, |mut row, e| {
-                    row.push_bind(p.node_id)
-                        .push_bind(e.netns_ino)
-                        .push_bind(e.netns_name.as_deref())
-                        .push_bind(e.host)
-                        .push_bind(e.identity)
-                        .push_bind(e.workload.as_deref())
-                        .push_bind(e.addresses.as_str())
-                        .push_bind(e.cgroups.as_str())
-                        .push_bind(p.received_unix_ms);
-                });
-                b.build().execute(&mut *tx).await.map_err(StoreError::db(OP))?;
-            }
-        }
-
-        for chunk in p.dns.chunks(rows_per_chunk(DNS_COLS)) {
-            let mut b = QueryBuilder::<Sqlite>::new(format!("INSERT INTO dns_answers ({}) ", q::DNS_COLUMNS));
-            b.push_values(chunk, |mut row, d| {
-                row.push_bind(p.node_id)
-                    .push_bind(d.netns_ino)
-                    .push_bind(d.name.as_str())
-                    .push_bind(d.addr.as_str())
-                    .push_bind(d.ttl_seconds)
-                    .push_bind(d.first_seen_unix_ms)
-                    .push_bind(d.last_seen_unix_ms);
-            });
-            b.push(UPSERT_DNS);
-            b.build().execute(&mut *tx).await.map_err(StoreError::db(OP))?;
-        }
-
-        tx.commit().await.map_err(StoreError::db(OP))?;
-        Ok(IngestOutcome::Stored { flows: f.len() as u64, edges: p.edges.len() as u64 })
+            .unwrap_or_else(|_| Err(StoreError::db("ingest")(sqlx::Error::PoolTimedOut)))
     }
 
     // === reads ===
@@ -492,44 +477,47 @@ impl SqliteStore {
         raw.into_iter().map(|r| r.into_row(&mut cache)).collect()
     }
 
+    /// Flows newest first. Every stored batch's flows are one id range with one
+    /// `flow_blocks` row holding what the flows of the batch share (node, receive time)
+    /// and what lets a query skip it (identities, newest `last_seen`). This walks the
+    /// blocks that can match, newest first, and reads each run of adjacent blocks with
+    /// one rowid range scan until the page is full.
     pub async fn flows(&self, query: &FlowQuery) -> Result<Vec<FlowRow>, StoreError> {
         const OP: &str = "flows";
-        let Some(identity) = query.identity else {
-            let mut b = q::flows::<Sqlite>(query);
-            let raw = b.build_query_as::<RawFlow>().fetch_all(&self.reader).await.map_err(StoreError::db(OP))?;
-            return raw.into_iter().map(FlowRow::try_from).collect();
-        };
-        // Walk the blocks that mention the identity, newest first, scanning each one's
-        // id range until the page is full (see flow_blocks in the migration).
-        let limit = i64::from(query.limit.min(MAX_FLOW_PAGE));
-        let id = i64::from(identity.0);
-        let pattern = format!(",{id},");
+        let limit = query.limit.min(MAX_FLOW_PAGE) as usize;
+        let pattern = query.identity.map(|id| format!(",{},", id.0));
         let mut cursor = query.before_id.unwrap_or(i64::MAX);
-        let mut out: Vec<RawFlow> = Vec::new();
+        let mut out = Vec::new();
         let mut conn = self.reader.acquire().await.map_err(StoreError::db(OP))?;
-        while (out.len() as i64) < limit {
-            let blocks: Vec<(i64, i64)> = sqlx::query_as(q::SELECT_FLOW_BLOCKS)
-                .bind(pattern.as_str())
-                .bind(cursor)
-                .bind(BLOCKS_PER_STEP)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(StoreError::db(OP))?;
-            if blocks.is_empty() {
+        while out.len() < limit {
+            let mut b = block_query(query, pattern.as_deref(), cursor);
+            let blocks: Vec<RawBlock> = b.build_query_as().fetch_all(&mut *conn).await.map_err(StoreError::db(OP))?;
+            let Some(oldest) = blocks.last() else { break };
+            let more = blocks.len() as i64 == BLOCKS_PER_STEP;
+            let oldest = oldest.first_flow_id;
+            let mut rest = blocks.as_slice();
+            while !rest.is_empty() && out.len() < limit {
+                // Blocks are newest first; a run is blocks whose ranges touch.
+                let run_len = 1 + rest.windows(2).take_while(|w| w[1].last_flow_id + 1 == w[0].first_flow_id).count();
+                let (run, tail) = rest.split_at(run_len);
+                rest = tail;
+                let (lo, hi) = (run[run_len - 1].first_flow_id, run[0].last_flow_id.min(cursor.saturating_sub(1)));
+                let mut b = flows_in_range(query, lo, hi, (limit - out.len()) as i64);
+                let rows: Vec<RawBlockFlow> =
+                    b.build_query_as().fetch_all(&mut *conn).await.map_err(StoreError::db(OP))?;
+                for r in rows {
+                    // The block holding this id: the first (newest) one starting at or below it.
+                    let block = &run[run.partition_point(|b| b.first_flow_id > r.id).min(run_len - 1)];
+                    out.push(r.flow.into_row(r.id, block.node_id.clone(), block.received_unix_ms)?);
+                }
+                cursor = lo;
+            }
+            if !more {
                 break;
             }
-            for (first, last) in blocks {
-                let want = limit - out.len() as i64;
-                let upper = last.min(cursor.saturating_sub(1));
-                let mut b = q::flows_in_block::<Sqlite>(query, id, first, upper, want);
-                out.extend(b.build_query_as::<RawFlow>().fetch_all(&mut *conn).await.map_err(StoreError::db(OP))?);
-                cursor = first;
-                if out.len() as i64 >= limit {
-                    break;
-                }
-            }
+            cursor = cursor.min(oldest);
         }
-        out.into_iter().map(FlowRow::try_from).collect()
+        Ok(out)
     }
 
     pub async fn endpoints(&self) -> Result<Vec<EndpointRow>, StoreError> {
@@ -556,22 +544,75 @@ impl SqliteStore {
     // === retention ===
 
     pub async fn prune_flows(&self, older_than_unix_ms: i64) -> Result<u64, StoreError> {
+        const OP: &str = "prune_flows";
         let mut total = 0;
         loop {
-            let n = sqlx::query(q::PRUNE_FLOWS_CHUNK)
+            // One transaction per step of at most ~PRUNE_CHUNK flows, so ingest waits
+            // for one step at most.
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
+            let mut blocks: Vec<(i64, i64, i64)> = sqlx::query_as(SELECT_EXPIRING_BLOCKS)
                 .bind(older_than_unix_ms)
-                .bind(q::PRUNE_CHUNK)
-                .execute(&self.writer)
+                .bind(PRUNE_BLOCKS_PER_STEP)
+                .fetch_all(&mut *tx)
                 .await
-                .map_err(StoreError::db("prune_flows"))?
-                .rows_affected();
-            total += n;
-            if n < q::PRUNE_CHUNK as u64 {
-                break;
+                .map_err(StoreError::db(OP))?;
+            if blocks.is_empty() {
+                tx.commit().await.map_err(StoreError::db(OP))?;
+                return Ok(total);
             }
+            blocks.sort_unstable();
+            let mut budget = q::PRUNE_CHUNK;
+            let mut i = 0;
+            while i < blocks.len() && budget > 0 {
+                let (first, last, newest) = blocks[i];
+                if newest < older_than_unix_ms {
+                    // A run of wholly expired blocks with nothing in between: one range
+                    // delete of the flows (rowid range) and of the blocks.
+                    let mut end = last;
+                    i += 1;
+                    while i < blocks.len() && blocks[i].2 < older_than_unix_ms && blocks[i].0 == end + 1 {
+                        end = blocks[i].1;
+                        i += 1;
+                    }
+                    let n = sqlx::query(DELETE_FLOW_RANGE)
+                        .bind(first)
+                        .bind(end)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::db(OP))?
+                        .rows_affected();
+                    sqlx::query(DELETE_BLOCK_RANGE)
+                        .bind(first)
+                        .bind(end)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::db(OP))?;
+                    total += n;
+                    budget -= (end - first + 1).min(budget);
+                } else {
+                    // Straddles the cutoff: delete its old flows, then record the block's
+                    // new oldest flow (the block keeps its id range).
+                    let n = sqlx::query(DELETE_OLD_FLOWS_IN_RANGE)
+                        .bind(first)
+                        .bind(last)
+                        .bind(older_than_unix_ms)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::db(OP))?
+                        .rows_affected();
+                    sqlx::query(UPDATE_BLOCK_MIN_LAST_SEEN)
+                        .bind(first)
+                        .bind(last)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(StoreError::db(OP))?;
+                    total += n;
+                    budget -= (last - first + 1).min(budget);
+                    i += 1;
+                }
+            }
+            tx.commit().await.map_err(StoreError::db(OP))?;
         }
-        sqlx::query(q::PRUNE_FLOW_BLOCKS).execute(&self.writer).await.map_err(StoreError::db("prune_flows"))?;
-        Ok(total)
     }
 
     pub async fn prune_dns_answers(&self, older_than_unix_ms: i64) -> Result<u64, StoreError> {
