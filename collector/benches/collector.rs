@@ -104,10 +104,12 @@ fn main() {
             "max" => "max".to_owned(),
             n => n.to_owned(),
         };
+        // A ratio only means something for the unpaced phase.
+        let ratio =
+            if *name == "max" { format!("{:.2}×", m.load.rate() / base.rate()) } else { "– (paced)".to_owned() };
         md.push_str(&format!(
-            "| collector | {target} | {:.0} | {:.2}× | {:.2} | {} |\n",
+            "| collector | {target} | {:.0} | {ratio} | {:.2} | {} |\n",
             m.load.rate(),
-            m.load.rate() / base.rate(),
             m.cpu_pct,
             m.lost
         ));
