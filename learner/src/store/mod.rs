@@ -181,7 +181,7 @@ impl Store {
     pub async fn ingest(&self, batch: &IngestBatch) -> Result<IngestOutcome, StoreError> {
         let started = Instant::now();
         let prepared = PreparedBatch::new(batch)?;
-        let outcome = dispatch!(self, s => s.ingest(prepared).await)?;
+        let outcome = dispatch!(self, s => s.ingest(&prepared).await)?;
         tracing::debug!(
             node = %batch.node_id,
             boot = %batch.boot_id,

@@ -253,12 +253,12 @@ impl PgStore {
 
     // === ingest ===
 
-    pub async fn ingest(&self, p: PreparedBatch) -> Result<IngestOutcome, StoreError> {
+    pub async fn ingest(&self, p: &PreparedBatch<'_>) -> Result<IngestOutcome, StoreError> {
         let mut attempt = 1;
         loop {
-            match self.ingest_once(&p).await {
+            match self.ingest_once(p).await {
                 Err(e) if e.is_transient() && attempt < INGEST_ATTEMPTS => {
-                    tracing::debug!(node = %p.node_id, seq = p.seq, attempt, error = %e, "Retrying ingest.");
+                    tracing::debug!(node = p.node_id, seq = p.seq, attempt, error = %e, "Retrying ingest.");
                     attempt += 1;
                 }
                 other => return other,
@@ -266,7 +266,7 @@ impl PgStore {
         }
     }
 
-    async fn ingest_once(&self, p: &PreparedBatch) -> Result<IngestOutcome, StoreError> {
+    async fn ingest_once(&self, p: &PreparedBatch<'_>) -> Result<IngestOutcome, StoreError> {
         const OP: &str = "ingest";
         let mut tx = self.pool.begin().await.map_err(StoreError::db(OP))?;
         if !record_batch(&mut tx, p).await.map_err(StoreError::db(OP))? {
@@ -367,19 +367,16 @@ impl PgStore {
 }
 
 /// Records the batch in the dedupe table; false if it was stored (or pruned) before.
-async fn record_batch(conn: &mut PgConnection, p: &PreparedBatch) -> Result<bool, sqlx::Error> {
-    let pruned: Option<Option<i64>> = sqlx::query_scalar(q::PRUNED_THROUGH_SEQ)
-        .bind(p.node_id.as_str())
-        .bind(p.boot_id.as_str())
-        .fetch_optional(&mut *conn)
-        .await?;
+async fn record_batch(conn: &mut PgConnection, p: &PreparedBatch<'_>) -> Result<bool, sqlx::Error> {
+    let pruned: Option<Option<i64>> =
+        sqlx::query_scalar(q::PRUNED_THROUGH_SEQ).bind(p.node_id).bind(p.boot_id).fetch_optional(&mut *conn).await?;
     let pruned = pruned.flatten();
     if pruned.is_some_and(|through| p.seq <= through) {
         return Ok(false);
     }
     let n = sqlx::query(q::INSERT_BATCH_RECORD)
-        .bind(p.node_id.as_str())
-        .bind(p.boot_id.as_str())
+        .bind(p.node_id)
+        .bind(p.boot_id)
         .bind(p.seq)
         .bind(p.received_unix_ms)
         .bind(i64::try_from(p.flows.len()).unwrap_or(i64::MAX))
@@ -391,18 +388,15 @@ async fn record_batch(conn: &mut PgConnection, p: &PreparedBatch) -> Result<bool
 
 /// Everything but the dedupe record, in a fixed statement order (agents, boots, flows,
 /// edges, endpoints, DNS) so concurrent transactions take row locks in the same order.
-async fn write_batch(conn: &mut PgConnection, p: &PreparedBatch) -> Result<(), sqlx::Error> {
+async fn write_batch(conn: &mut PgConnection, p: &PreparedBatch<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(UPSERT_AGENT_FROM_BATCH)
-        .bind(p.node_id.as_str())
-        .bind(p.boot_id.as_str())
+        .bind(p.node_id)
+        .bind(p.boot_id)
         .bind(p.received_unix_ms)
         .execute(&mut *conn)
         .await?;
-    let mut boot = sqlx::query(UPSERT_BOOT_FROM_BATCH)
-        .bind(p.node_id.as_str())
-        .bind(p.boot_id.as_str())
-        .bind(p.received_unix_ms)
-        .bind(p.seq);
+    let mut boot =
+        sqlx::query(UPSERT_BOOT_FROM_BATCH).bind(p.node_id).bind(p.boot_id).bind(p.received_unix_ms).bind(p.seq);
     for v in p.loss {
         boot = boot.bind(v);
     }
@@ -411,7 +405,7 @@ async fn write_batch(conn: &mut PgConnection, p: &PreparedBatch) -> Result<(), s
     let f = &p.flows;
     if f.len() > 0 {
         sqlx::query(INSERT_FLOWS)
-            .bind(p.node_id.as_str())
+            .bind(p.node_id)
             .bind(p.received_unix_ms)
             .bind(&f.src_identity)
             .bind(&f.dst_identity)
@@ -474,10 +468,10 @@ async fn write_batch(conn: &mut PgConnection, p: &PreparedBatch) -> Result<(), s
     }
 
     if let Some(eps) = &p.endpoints {
-        sqlx::query(q::DELETE_NODE_ENDPOINTS).bind(p.node_id.as_str()).execute(&mut *conn).await?;
+        sqlx::query(q::DELETE_NODE_ENDPOINTS).bind(p.node_id).execute(&mut *conn).await?;
         if !eps.is_empty() {
             sqlx::query(INSERT_ENDPOINTS)
-                .bind(p.node_id.as_str())
+                .bind(p.node_id)
                 .bind(eps.iter().map(|e| e.netns_ino).collect::<Vec<_>>())
                 .bind(eps.iter().map(|e| e.netns_name.clone()).collect::<Vec<_>>())
                 .bind(eps.iter().map(|e| e.host).collect::<Vec<_>>())
@@ -494,7 +488,7 @@ async fn write_batch(conn: &mut PgConnection, p: &PreparedBatch) -> Result<(), s
     if !p.dns.is_empty() {
         let d = &p.dns;
         sqlx::query(UPSERT_DNS)
-            .bind(p.node_id.as_str())
+            .bind(p.node_id)
             .bind(d.iter().map(|a| a.netns_ino).collect::<Vec<_>>())
             .bind(d.iter().map(|a| a.name.clone()).collect::<Vec<_>>())
             .bind(d.iter().map(|a| a.addr.clone()).collect::<Vec<_>>())

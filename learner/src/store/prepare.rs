@@ -148,9 +148,9 @@ pub(crate) struct DnsValues {
 
 /// A batch ready to be written.
 #[derive(Debug)]
-pub(crate) struct PreparedBatch {
-    pub node_id: String,
-    pub boot_id: String,
+pub(crate) struct PreparedBatch<'a> {
+    pub node_id: &'a str,
+    pub boot_id: &'a str,
     pub seq: i64,
     pub received_unix_ms: i64,
     pub flows: FlowColumns,
@@ -163,8 +163,8 @@ pub(crate) struct PreparedBatch {
     pub loss: [i64; 5],
 }
 
-impl PreparedBatch {
-    pub fn new(batch: &IngestBatch) -> Result<Self, StoreError> {
+impl<'a> PreparedBatch<'a> {
+    pub fn new(batch: &'a IngestBatch) -> Result<Self, StoreError> {
         let seq = i64::try_from(batch.seq).map_err(|_| StoreError::OutOfRange { field: "seq", value: batch.seq })?;
         let n = batch.flows.len();
         let mut flows = FlowColumns {
@@ -315,8 +315,8 @@ impl PreparedBatch {
 
         let l = &batch.loss;
         Ok(PreparedBatch {
-            node_id: batch.node_id.clone(),
-            boot_id: batch.boot_id.clone(),
+            node_id: &batch.node_id,
+            boot_id: &batch.boot_id,
             seq,
             received_unix_ms: batch.received_unix_ms,
             flows,

@@ -17,8 +17,7 @@ use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
-use tokio::sync::{mpsc, oneshot};
+use sqlx::{QueryBuilder, Sqlite};
 
 use super::decode::{LabelCache, RawAgent, RawBlockFlow, RawDnsAnswer, RawEdge, RawEndpoint, RawIdentity};
 use super::prepare::PreparedBatch;
@@ -129,116 +128,6 @@ fn flows_in_range(q: &FlowQuery, lo: i64, hi: i64, limit: i64) -> QueryBuilder<S
     b
 }
 
-// === group commit ===
-
-/// Ingests waiting for the writer task beyond this many wait to be queued.
-const INGEST_QUEUE: usize = 64;
-/// A group (one transaction) takes at most this many batches ...
-const MAX_GROUP_BATCHES: usize = 16;
-/// ... or, counting from the first batch that reaches it, this many flows.
-const MAX_GROUP_FLOWS: usize = 16_384;
-/// How long a writer may be waited for (pool acquisition or ingest queue).
-const WRITER_WAIT: Duration = Duration::from_secs(60);
-
-/// One ingest call waiting for the writer task.
-struct IngestRequest {
-    batch: PreparedBatch,
-    reply: oneshot::Sender<Result<IngestOutcome, StoreError>>,
-}
-
-/// The writer task: stores queued batches, all that are waiting together in one
-/// transaction (group commit).
-///
-/// With one agent stream this is one batch per transaction, as before. When several
-/// streams ingest at once, a batch that arrives while another is being written would
-/// otherwise wait for the writer anyway; taking every waiting batch at once saves each
-/// its own BEGIN/COMMIT round trips and writes the pages the batches share (edges,
-/// agents, the tails of flows and blocks) to the WAL once per group instead of once per
-/// batch. Each batch keeps its own dedupe record and `flow_blocks` row. Should the group
-/// fail, it is rolled back and its batches are stored one by one, so one bad batch only
-/// fails itself. The task is spawned, so a caller that gives up (a closed stream) never
-/// cancels a transaction holding other callers' batches.
-async fn ingest_loop(pool: SqlitePool, mut queue: mpsc::Receiver<IngestRequest>) {
-    let mut group: Vec<IngestRequest> = Vec::new();
-    while let Some(first) = queue.recv().await {
-        let mut flows = first.batch.flows.len();
-        group.push(first);
-        while group.len() < MAX_GROUP_BATCHES && flows < MAX_GROUP_FLOWS {
-            let Ok(next) = queue.try_recv() else { break };
-            flows += next.batch.flows.len();
-            group.push(next);
-        }
-        let outcomes = match store_together(&pool, group.iter().map(|r| &r.batch)).await {
-            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
-            Err(error) if group.len() == 1 => vec![Err(error)],
-            Err(error) => {
-                tracing::debug!(%error, batches = group.len(), "Group ingest failed; storing its batches one by one.");
-                let mut outcomes = Vec::with_capacity(group.len());
-                for r in &group {
-                    outcomes.push(store_together(&pool, std::iter::once(&r.batch)).await.map(|mut o| o.remove(0)));
-                }
-                outcomes
-            }
-        };
-        for (request, outcome) in group.drain(..).zip(outcomes) {
-            // The caller may have stopped waiting; its batch is stored all the same.
-            let _ = request.reply.send(outcome);
-        }
-    }
-}
-
-/// Stores batches in one transaction; one outcome per batch, in order.
-async fn store_together<'a>(
-    pool: &SqlitePool,
-    batches: impl Iterator<Item = &'a PreparedBatch>,
-) -> Result<Vec<IngestOutcome>, StoreError> {
-    const OP: &str = "ingest";
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
-    let mut outcomes = Vec::new();
-    for p in batches {
-        outcomes.push(store_one(&mut tx, p).await.map_err(StoreError::db(OP))?);
-    }
-    tx.commit().await.map_err(StoreError::db(OP))?;
-    Ok(outcomes)
-}
-
-/// One batch inside the caller's transaction: dedupe record, then everything else.
-/// A duplicate writes nothing.
-async fn store_one(conn: &mut SqliteConnection, p: &PreparedBatch) -> Result<IngestOutcome, sqlx::Error> {
-    let recorded = sqlx::query(sqlite_ingest::RECORD_BATCH)
-        .bind(p.node_id.as_str())
-        .bind(p.boot_id.as_str())
-        .bind(p.seq)
-        .bind(p.received_unix_ms)
-        .bind(i64::try_from(p.flows.len()).unwrap_or(i64::MAX))
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    if recorded == 0 {
-        return Ok(IngestOutcome::Duplicate);
-    }
-    sqlite_ingest::write_batch(&mut *conn, p).await?;
-    if let Some(eps) = &p.endpoints {
-        sqlx::query(q::DELETE_NODE_ENDPOINTS).bind(p.node_id.as_str()).execute(&mut *conn).await?;
-        for chunk in eps.chunks(MAX_BINDS / ENDPOINT_COLS) {
-            let mut b = QueryBuilder::<Sqlite>::new(format!("INSERT INTO endpoints ({}) ", q::ENDPOINT_COLUMNS));
-            b.push_values(chunk, |mut row, e| {
-                row.push_bind(p.node_id.as_str())
-                    .push_bind(e.netns_ino)
-                    .push_bind(e.netns_name.as_deref())
-                    .push_bind(e.host)
-                    .push_bind(e.identity)
-                    .push_bind(e.workload.as_deref())
-                    .push_bind(e.addresses.as_str())
-                    .push_bind(e.cgroups.as_str())
-                    .push_bind(p.received_unix_ms);
-            });
-            b.build().execute(&mut *conn).await?;
-        }
-    }
-    Ok(sqlite_ingest::stored(p))
-}
-
 /// The SQLite half of [`Store`](super::Store).
 #[derive(Debug, Clone)]
 pub(crate) struct SqliteStore {
@@ -248,8 +137,6 @@ pub(crate) struct SqliteStore {
     reader: SqlitePool,
     /// One connection that moves WAL frames into the database file in the background.
     checkpointer: SqlitePool,
-    /// Batches for the writer task (`ingest_loop`).
-    ingest: mpsc::Sender<IngestRequest>,
 }
 
 /// How often the WAL is checkpointed.
@@ -304,16 +191,14 @@ impl SqliteStore {
             .min_connections(1)
             // Writers queue here behind one another; a queue longer than this means the
             // disk cannot keep up and the caller should shed load (agents retry).
-            .acquire_timeout(WRITER_WAIT);
+            .acquire_timeout(Duration::from_secs(60));
         let writer_pool = if in_memory { writer_pool.idle_timeout(None).max_lifetime(None) } else { writer_pool };
         // The writer never checkpoints (see `checkpoint_loop`).
         let writer_options = base.clone().pragma("wal_autocheckpoint", if in_memory { "1000" } else { "0" });
         let writer = writer_pool.connect_with(writer_options).await.map_err(connect)?;
         MIGRATOR.run(&writer).await.map_err(|source| StoreError::Migrate { backend: Backend::Sqlite, source })?;
-        let (ingest, queue) = mpsc::channel(INGEST_QUEUE);
-        tokio::spawn(ingest_loop(writer.clone(), queue));
         if in_memory {
-            return Ok(Self { writer: writer.clone(), reader: writer.clone(), checkpointer: writer, ingest });
+            return Ok(Self { writer: writer.clone(), reader: writer.clone(), checkpointer: writer });
         }
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
@@ -326,7 +211,7 @@ impl SqliteStore {
             .await
             .map_err(connect)?;
         tokio::spawn(checkpoint_loop(checkpointer.clone()));
-        Ok(Self { writer, reader, checkpointer, ingest })
+        Ok(Self { writer, reader, checkpointer })
     }
 
     pub async fn close(&self) {
@@ -452,20 +337,48 @@ impl SqliteStore {
 
     // === ingest ===
 
-    /// Hands the batch to the writer task (`ingest_loop`) and waits for its outcome.
-    pub async fn ingest(&self, batch: PreparedBatch) -> Result<IngestOutcome, StoreError> {
-        let db = StoreError::db("ingest");
-        let (reply, outcome) = oneshot::channel();
-        let wait = async {
-            self.ingest.send(IngestRequest { batch, reply }).await.map_err(|_| db(sqlx::Error::PoolClosed))?;
-            outcome.await.map_err(|_| StoreError::db("ingest")(sqlx::Error::WorkerCrashed))?
-        };
-        // As long as a pooled writer would wait: a longer queue means the disk cannot
-        // keep up, and the agent should back off and resend (it may then learn the
-        // batch was stored after all: a duplicate).
-        tokio::time::timeout(WRITER_WAIT, wait)
+    pub async fn ingest(&self, p: &PreparedBatch<'_>) -> Result<IngestOutcome, StoreError> {
+        const OP: &str = "ingest";
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
+        let recorded = sqlx::query(sqlite_ingest::RECORD_BATCH)
+            .bind(p.node_id)
+            .bind(p.boot_id)
+            .bind(p.seq)
+            .bind(p.received_unix_ms)
+            .bind(i64::try_from(p.flows.len()).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
             .await
-            .unwrap_or_else(|_| Err(StoreError::db("ingest")(sqlx::Error::PoolTimedOut)))
+            .map_err(StoreError::db(OP))?
+            .rows_affected();
+        if recorded == 0 {
+            tx.rollback().await.map_err(StoreError::db(OP))?;
+            return Ok(IngestOutcome::Duplicate);
+        }
+        sqlite_ingest::write_batch(&mut tx, p).await.map_err(StoreError::db(OP))?;
+        if let Some(eps) = &p.endpoints {
+            sqlx::query(q::DELETE_NODE_ENDPOINTS)
+                .bind(p.node_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db(OP))?;
+            for chunk in eps.chunks(MAX_BINDS / ENDPOINT_COLS) {
+                let mut b = QueryBuilder::<Sqlite>::new(format!("INSERT INTO endpoints ({}) ", q::ENDPOINT_COLUMNS));
+                b.push_values(chunk, |mut row, e| {
+                    row.push_bind(p.node_id)
+                        .push_bind(e.netns_ino)
+                        .push_bind(e.netns_name.as_deref())
+                        .push_bind(e.host)
+                        .push_bind(e.identity)
+                        .push_bind(e.workload.as_deref())
+                        .push_bind(e.addresses.as_str())
+                        .push_bind(e.cgroups.as_str())
+                        .push_bind(p.received_unix_ms);
+                });
+                b.build().execute(&mut *tx).await.map_err(StoreError::db(OP))?;
+            }
+        }
+        tx.commit().await.map_err(StoreError::db(OP))?;
+        Ok(sqlite_ingest::stored(p))
     }
 
     // === reads ===

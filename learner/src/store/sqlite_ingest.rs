@@ -191,7 +191,7 @@ fn chunks(n: usize, max: usize) -> impl Iterator<Item = std::ops::Range<usize>> 
 
 /// Writes everything of a new batch after its dedupe record, inside the caller's
 /// transaction.
-pub(crate) async fn write_batch(conn: &mut SqliteConnection, p: &PreparedBatch) -> Result<(), sqlx::Error> {
+pub(crate) async fn write_batch(conn: &mut SqliteConnection, p: &PreparedBatch<'_>) -> Result<(), sqlx::Error> {
     let s = scripts();
     let f = &p.flows;
     let n = f.len();
@@ -201,7 +201,7 @@ pub(crate) async fn write_batch(conn: &mut SqliteConnection, p: &PreparedBatch) 
     let mut args = SqliteArguments::default();
     let first = flow_chunks.next();
     args.reserve(AGENT_AND_BOOT_ARGS + first.as_ref().map_or(0, |r| r.len() * FLOW_COLS), 0);
-    let (node, boot): (Arc<str>, Arc<str>) = (Arc::from(p.node_id.as_str()), Arc::from(p.boot_id.as_str()));
+    let (node, boot): (Arc<str>, Arc<str>) = (Arc::from(p.node_id), Arc::from(p.boot_id));
     for _ in 0..2 {
         add(&mut args, node.clone())?;
         add(&mut args, boot.clone())?;
@@ -272,7 +272,7 @@ pub(crate) async fn write_batch(conn: &mut SqliteConnection, p: &PreparedBatch) 
 }
 
 /// What a stored batch reports.
-pub(crate) fn stored(p: &PreparedBatch) -> IngestOutcome {
+pub(crate) fn stored(p: &PreparedBatch<'_>) -> IngestOutcome {
     IngestOutcome::Stored { flows: p.flows.len() as u64, edges: p.edges.len() as u64 }
 }
 
@@ -313,7 +313,11 @@ fn push_flows(args: &mut SqliteArguments, f: &FlowColumns, rows: std::ops::Range
     Ok(())
 }
 
-fn push_edges(args: &mut SqliteArguments, p: &PreparedBatch, rows: std::ops::Range<usize>) -> Result<(), sqlx::Error> {
+fn push_edges(
+    args: &mut SqliteArguments,
+    p: &PreparedBatch<'_>,
+    rows: std::ops::Range<usize>,
+) -> Result<(), sqlx::Error> {
     for (k, a) in &p.edges[rows] {
         let [ce, be, ci, bi] = a.counters();
         add(args, i64::from(k.src.0))?;
