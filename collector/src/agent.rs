@@ -12,7 +12,7 @@ use bulkhead_collector::metrics::{self, Metrics};
 use bulkhead_collector::ship::{self, ShipperConfig};
 use bulkhead_collector::spool::Spool;
 use bulkhead_collector::{endpoints, seed};
-use bulkhead_model::{DnsAnswer, EndpointFact, FlowBatch};
+use bulkhead_model::{DnsAnswer, EndpointFact};
 use bulkhead_proto::v1;
 use tokio::sync::Notify;
 
@@ -231,30 +231,31 @@ impl BatchCutter {
             return Vec::new();
         }
         let now = unix_ms();
-        let mut chunks: Vec<Vec<bulkhead_model::Flow>> =
-            flows.chunks(self.max_flows).map(<[bulkhead_model::Flow]>::to_vec).collect();
-        if chunks.is_empty() {
-            chunks.push(Vec::new());
-        }
-        let mut endpoints = endpoints;
+        let loss = v1::LossCounters::from(metrics.loss());
+        // Endpoints and DNS answers travel in the first batch of the interval, so the
+        // learner knows the addresses before it resolves the flows.
+        let mut endpoints = Some(endpoints);
         let mut dns_answers = Some(dns_answers);
+        let mut chunks: Vec<&[bulkhead_model::Flow]> = flows.chunks(self.max_flows).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
         chunks
             .into_iter()
-            .map(|flows| {
+            .map(|chunk| {
                 self.seq += 1;
-                let batch = FlowBatch {
+                let eps = endpoints.take().flatten();
+                v1::FlowBatch {
                     node_id: self.node_id.clone(),
                     boot_id: self.boot_id.clone(),
                     seq: self.seq,
                     created_unix_ms: now,
-                    flows,
-                    // Endpoints travel in the first batch of the interval so the learner
-                    // knows the addresses before it resolves the flows.
-                    endpoints: endpoints.take(),
-                    dns_answers: dns_answers.take().unwrap_or_default(),
-                    loss: metrics.loss(),
-                };
-                v1::FlowBatch::from(&batch)
+                    flows: chunk.iter().map(v1::Flow::from).collect(),
+                    endpoints_snapshot: eps.is_some(),
+                    endpoints: eps.iter().flatten().map(v1::EndpointFact::from).collect(),
+                    dns_answers: dns_answers.take().unwrap_or_default().iter().map(v1::DnsAnswer::from).collect(),
+                    loss: Some(loss),
+                }
             })
             .collect()
     }

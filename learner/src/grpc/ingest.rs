@@ -145,37 +145,53 @@ impl IngestService {
         if let Some(facts) = &batch.endpoints {
             self.resolver.write().unwrap_or_else(|p| p.into_inner()).update_node(node, facts.clone());
         }
-        // Resolve subjects under the lock (pure, fast), then number them without it.
-        type LocalKey = (u64, u64, String, IpAddr);
-        let (subjects, endpoint_subjects) = {
+        // Resolve under the lock (pure, fast), then number without it. A batch holds
+        // thousands of flows but only a handful of distinct ends: each distinct end is
+        // resolved and numbered once, and flows keep indices into that list.
+        let (distinct, ends, endpoint_subjects) = {
             let r = self.resolver.read().unwrap_or_else(|p| p.into_inner());
-            let mut local: HashMap<LocalKey, Subject> = HashMap::new();
-            let mut peer: HashMap<(u64, IpAddr), Subject> = HashMap::new();
-            let subjects: Vec<(Subject, Subject)> = batch
+            let mut distinct: Vec<Subject> = Vec::new();
+            let mut local: HashMap<(u64, u64, &str, IpAddr), usize> = HashMap::new();
+            let mut peer: HashMap<(u64, IpAddr), usize> = HashMap::new();
+            let mut index: HashMap<Subject, usize> = HashMap::new();
+            let mut intern = |s: Subject| {
+                *index.entry(s).or_insert_with_key(|s| {
+                    distinct.push(s.clone());
+                    distinct.len() - 1
+                })
+            };
+            let ends: Vec<(usize, usize)> = batch
                 .flows
                 .iter()
                 .map(|f| {
-                    let lk = (f.netns_ino, f.cgroup_id, f.comm.clone(), f.local_addr());
-                    let l = local.entry(lk).or_insert_with(|| r.local_subject(node, f)).clone();
-                    let p = peer.entry((f.netns_ino, f.peer_addr())).or_insert_with(|| r.peer_subject(node, f)).clone();
+                    let lk = (f.netns_ino, f.cgroup_id, f.comm.as_str(), f.local_addr());
+                    let l = *local.entry(lk).or_insert_with(|| intern(r.local_subject(node, f)));
+                    let p =
+                        *peer.entry((f.netns_ino, f.peer_addr())).or_insert_with(|| intern(r.peer_subject(node, f)));
                     (l, p)
                 })
                 .collect();
             let eps: Option<Vec<Subject>> =
                 batch.endpoints.as_ref().map(|facts| facts.iter().map(|f| r.endpoint_subject(f)).collect());
-            (subjects, eps)
+            (distinct, ends, eps)
         };
         let mut numbered: HashMap<Subject, Identity> = HashMap::new();
-        let mut flows = Vec::with_capacity(batch.flows.len());
-        for (flow, (local, peer)) in batch.flows.into_iter().zip(subjects) {
-            let l = self.number(&mut numbered, &local).await?;
-            let p = self.number(&mut numbered, &peer).await?;
-            let (src_identity, dst_identity) = match flow.direction {
-                bulkhead_model::Direction::Egress => (l, p),
-                bulkhead_model::Direction::Ingress => (p, l),
-            };
-            flows.push(ResolvedFlow { flow, src_identity, dst_identity });
+        let mut ids = Vec::with_capacity(distinct.len());
+        for s in &distinct {
+            ids.push(self.number(&mut numbered, s).await?);
         }
+        let flows = batch
+            .flows
+            .into_iter()
+            .zip(ends)
+            .map(|(flow, (l, p))| {
+                let (src, dst) = match flow.direction {
+                    bulkhead_model::Direction::Egress => (l, p),
+                    bulkhead_model::Direction::Ingress => (p, l),
+                };
+                ResolvedFlow { flow, src_identity: ids[src], dst_identity: ids[dst] }
+            })
+            .collect();
         let endpoints = match (batch.endpoints, endpoint_subjects) {
             (Some(facts), Some(subjects)) => {
                 let mut out = Vec::with_capacity(facts.len());
