@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub struct Identity(pub u32);
 
 /// Identities with a fixed meaning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ReservedIdentity {
     /// The node itself (its own network namespace).

@@ -10,6 +10,8 @@ pub mod endpoint;
 pub mod flow;
 pub mod identity;
 pub mod labels;
+pub mod policy;
+pub mod proposal;
 #[cfg(feature = "proto")]
 pub mod proto;
 
@@ -18,3 +20,8 @@ pub use endpoint::{CgroupFact, EndpointFact, InterfaceAddress};
 pub use flow::{Direction, DnsAnswer, Flow, FlowBatch, LossCounters, Protocol, Verdict};
 pub use identity::{Identity, ReservedIdentity};
 pub use labels::{LabelError, Labels};
+pub use policy::{LabelSelector, Peer, Policy, PortRange, RolloutMode, Rule, SelectorOperator, SelectorRequirement};
+pub use proposal::{
+    Convergence, Evidence, HygieneFlag, Level, Lint, LintCode, Proposal, ProposalStatus, ProposedRule,
+    RemovalSuggestion, Severity, WidenedPair, Window,
+};
