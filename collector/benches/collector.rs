@@ -192,6 +192,7 @@ async fn start_pipeline(net: &TestNet, dir: &Path) -> (Running, ChildGuard, Stri
         enrollment: Enrollment::Open,
         max_batch_bytes: 4 << 20,
         flow_retention: Duration::from_secs(3600),
+        policy: Default::default(),
     })
     .await
     .expect("learner");

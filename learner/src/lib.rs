@@ -3,8 +3,10 @@
 //! `/api/v1` JSON API.
 #![forbid(unsafe_code)]
 
+pub mod export;
 pub mod grpc;
 pub mod identity;
+pub mod policy;
 pub mod server;
 pub mod store;
 pub mod web;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bulkhead_learner::grpc::ingest::{Enrollment, unix_ms};
+use bulkhead_learner::identity::kube::KubeConfigSource;
+use bulkhead_learner::policy::PolicyConfig;
 use bulkhead_learner::server::{self, ServerConfig};
 use bulkhead_learner::store::Store;
 use clap::{Parser, Subcommand};
@@ -38,6 +40,17 @@ struct ServeArgs {
     /// Inventory file (YAML) labelling workloads by netns, cgroup, process, IP or CIDR.
     #[arg(long, env = "BULKHEAD_INVENTORY")]
     inventory: Option<PathBuf>,
+    /// Watch this Kubernetes cluster for identities (pods, namespaces, services,
+    /// network policies), using a kubeconfig file (its current context).
+    #[arg(long, env = "BULKHEAD_KUBECONFIG", value_name = "PATH", conflicts_with_all = ["kube_in_cluster", "kube"])]
+    kubeconfig: Option<PathBuf>,
+    /// Watch the cluster the learner runs in, with its pod's service account.
+    #[arg(long, env = "BULKHEAD_KUBE_IN_CLUSTER", conflicts_with = "kube")]
+    kube_in_cluster: bool,
+    /// Watch the cluster kubectl would use: `$KUBECONFIG` or `~/.kube/config`, else the
+    /// pod's service account.
+    #[arg(long, env = "BULKHEAD_KUBE")]
+    kube: bool,
     /// Whether unknown nodes may enroll by connecting.
     #[arg(long, env = "BULKHEAD_ENROLLMENT", value_enum, default_value = "open")]
     enrollment: Enrollment,
@@ -47,6 +60,21 @@ struct ServeArgs {
     /// How long recorded flows are kept, in hours (the graph's edges are kept).
     #[arg(long, env = "BULKHEAD_FLOW_RETENTION_HOURS", default_value_t = 24)]
     flow_retention_hours: u64,
+    /// Re-synthesize proposals every N minutes in the background (0 = only on request).
+    #[arg(long, env = "BULKHEAD_SYNTHESIZE_EVERY_MINUTES", default_value_t = 5)]
+    synthesize_every_minutes: u64,
+    /// Learning window of synthesis, in hours.
+    #[arg(long, env = "BULKHEAD_LEARNING_WINDOW_HOURS", default_value_t = 24)]
+    learning_window_hours: u64,
+    /// How far background synthesis generalizes peers: exact, labels or namespace.
+    #[arg(long, env = "BULKHEAD_LEVEL", default_value = "exact")]
+    level: bulkhead_model::Level,
+    /// A workload's learning has converged after this many minutes without new edges.
+    #[arg(long, env = "BULKHEAD_QUIET_PERIOD_MINUTES", default_value_t = 60)]
+    quiet_period_minutes: u64,
+    /// Approved rules unused this many days are suggested for removal.
+    #[arg(long, env = "BULKHEAD_UNUSED_AFTER_DAYS", default_value_t = 14)]
+    unused_after_days: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,7 +116,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve => {
             let s = args.serve;
             ensure_sqlite_dir(&args.db)?;
-            let running = server::start(ServerConfig {
+            let kube = match (s.kubeconfig, s.kube_in_cluster, s.kube) {
+                (Some(path), _, _) => Some(KubeConfigSource::Kubeconfig(path)),
+                (None, true, _) => Some(KubeConfigSource::InCluster),
+                (None, false, true) => Some(KubeConfigSource::Infer),
+                (None, false, false) => None,
+            };
+            let config = ServerConfig {
                 db_url: args.db,
                 grpc_listen: s.grpc_listen,
                 http_listen: s.http_listen,
@@ -96,8 +130,16 @@ async fn main() -> anyhow::Result<()> {
                 enrollment: s.enrollment,
                 max_batch_bytes: s.max_batch_bytes,
                 flow_retention: Duration::from_secs(s.flow_retention_hours * 3600),
-            })
-            .await?;
+                policy: PolicyConfig {
+                    level: s.level,
+                    window_ms: hours_ms(s.learning_window_hours),
+                    quiet_period_ms: hours_ms(s.quiet_period_minutes) / 60,
+                    unused_after_ms: hours_ms(s.unused_after_days.saturating_mul(24)),
+                    synthesize_every: (s.synthesize_every_minutes > 0)
+                        .then(|| Duration::from_secs(s.synthesize_every_minutes.saturating_mul(60))),
+                },
+            };
+            let running = server::start_with_kube(config, kube).await?;
             tokio::select! {
                 _ = running.wait() => anyhow::bail!("a server task stopped"),
                 _ = tokio::signal::ctrl_c() => tracing::info!("Shutting down."),
@@ -132,4 +174,9 @@ fn ensure_sqlite_dir(url: &str) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Hours as milliseconds, saturating (flags are operator input).
+fn hours_ms(hours: u64) -> i64 {
+    i64::try_from(hours.saturating_mul(3_600_000)).unwrap_or(i64::MAX)
 }

@@ -1,6 +1,7 @@
-//! Wiring of the learner process: store, identity resolution, gRPC and HTTP servers
-//! and background retention, all on one tokio runtime. Tests start it in-process on
-//! port 0 through [`start`].
+//! Wiring of the learner process: store, identity resolution (inventory and, when
+//! configured, Kubernetes watchers), gRPC and HTTP servers and background retention,
+//! all on one tokio runtime. Tests start it in-process on port 0 through [`start`] (or
+//! [`start_with_kube`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,11 +14,19 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::export::import_network_policy;
 use crate::grpc::ingest::{Enrollment, IngestService, unix_ms};
 use crate::identity::inventory::Inventory;
+use crate::identity::kube::{self, KubeConfigSource, KubeStatus, KubeWatchers};
 use crate::identity::{IdentityCache, Resolver};
-use crate::store::Store;
+use crate::policy::{PolicyConfig, PolicyService, SynthesisRequest};
+use crate::store::{ClusterPolicyRow, Store};
 use crate::web::{self, AppState};
+
+/// gRPC health service name that reports the Kubernetes source: `SERVING` while every
+/// watch is listed and working, `NOT_SERVING` while one fails (e.g. an RBAC denial) or
+/// has not listed yet. Not registered when no cluster is configured.
+pub const KUBE_HEALTH_SERVICE: &str = "bulkhead.kube";
 
 /// How long (node, boot, seq) dedupe records are kept.
 const BATCH_RECORD_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
@@ -35,7 +44,13 @@ pub struct ServerConfig {
     pub max_batch_bytes: usize,
     /// How long recorded flows are kept (edges are kept forever).
     pub flow_retention: Duration,
+    /// Synthesis defaults and the background re-synthesis period.
+    pub policy: PolicyConfig,
 }
+
+/// How often the Kubernetes NetworkPolicies seen by the watchers are re-imported into
+/// the store (only when the watched state changed).
+const CLUSTER_POLICY_IMPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// A started learner.
 #[derive(Debug)]
@@ -43,6 +58,10 @@ pub struct Running {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub store: Store,
+    /// Who is who: inventory, Kubernetes view, nodes' endpoints, conflicts.
+    pub resolver: Arc<RwLock<Resolver>>,
+    /// The Kubernetes watchers, when a cluster is configured.
+    pub kube: Option<KubeWatchers>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -52,6 +71,14 @@ impl Running {
         for t in &self.tasks {
             t.abort();
         }
+        if let Some(k) = &self.kube {
+            k.abort();
+        }
+    }
+
+    /// The Kubernetes source's health, when a cluster is configured.
+    pub fn kube_status(&self) -> Option<KubeStatus> {
+        self.kube.as_ref().map(KubeWatchers::status)
     }
 
     /// Waits until any server task ends (they normally run forever).
@@ -63,12 +90,26 @@ impl Running {
     }
 }
 
+/// Starts a learner with the inventory as its only identity source.
 pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
+    start_with_kube(cfg, None).await
+}
+
+/// Starts a learner that also watches the Kubernetes cluster `kube_source` names (both
+/// sources run at once). A configuration that cannot be loaded fails the start; an API
+/// server that is unreachable or refuses access does not — the watchers retry, and log
+/// and report ([`Running::kube_status`], [`KUBE_HEALTH_SERVICE`]) what is wrong.
+pub async fn start_with_kube(cfg: ServerConfig, kube_source: Option<KubeConfigSource>) -> anyhow::Result<Running> {
+    let kube_client = match &kube_source {
+        Some(source) => Some(kube::connect(source).await.context("configuring the Kubernetes source")?),
+        None => None,
+    };
     let inventory = match &cfg.inventory {
         Some(p) => Inventory::load(p).with_context(|| format!("loading inventory {}", p.display()))?,
         None => Inventory::default(),
     };
     tracing::info!(workloads = inventory.workloads().len(), "Loaded inventory.");
+    let policy_inventory = Arc::new(inventory.clone());
     let store = Store::open(&cfg.db_url).await.context("opening the store")?;
 
     // Endpoints reported before a restart keep resolving until agents send new ones.
@@ -81,9 +122,11 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         resolver.update_node(&node, facts);
     }
 
+    let resolver = Arc::new(RwLock::new(resolver));
+    let kube_watchers = kube_client.map(|client| KubeWatchers::spawn(client, resolver.clone()));
     let ingest = IngestService {
         store: store.clone(),
-        resolver: Arc::new(RwLock::new(resolver)),
+        resolver: resolver.clone(),
         identities: Arc::new(IdentityCache::new(store.clone())),
         enrollment: cfg.enrollment,
         max_batch_bytes: cfg.max_batch_bytes,
@@ -97,6 +140,25 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<FlowIngestServer<IngestService>>().await;
+    let mut tasks = Vec::new();
+    if let Some(watchers) = &kube_watchers {
+        let mut status = watchers.subscribe();
+        let reporter = health_reporter.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let healthy = status.borrow_and_update().healthy();
+                let serving = if healthy {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status(KUBE_HEALTH_SERVICE, serving).await;
+                if status.changed().await.is_err() {
+                    break;
+                }
+            }
+        }));
+    }
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(
@@ -111,7 +173,9 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
         }
     });
 
-    let app = web::router(AppState { store: store.clone() });
+    let policy =
+        PolicyService::new(store.clone(), policy_inventory, cfg.policy.clone()).with_resolver(resolver.clone());
+    let app = web::router(AppState { store: store.clone(), policy: policy.clone() });
     let http_task = tokio::spawn(async move {
         if let Err(err) = axum::serve(http_listener, app).await {
             tracing::error!(error = %err, "HTTP server stopped.");
@@ -139,6 +203,77 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Running> {
             }
         }
     });
+    if let Some(every) = cfg.policy.synthesize_every {
+        tasks.push(tokio::spawn(synthesize_periodically(policy, every)));
+    }
+    if kube_watchers.is_some() {
+        tasks.push(tokio::spawn(import_cluster_policies(store.clone(), resolver.clone())));
+    }
     tracing::info!(%grpc_addr, %http_addr, "Learner serving.");
-    Ok(Running { grpc_addr, http_addr, store, tasks: vec![grpc_task, http_task, retention_task] })
+    tasks.extend([grpc_task, http_task, retention_task]);
+    Ok(Running { grpc_addr, http_addr, store, resolver, kube: kube_watchers, tasks })
+}
+
+/// Keeps proposals fresh: new workloads get proposals, approved ones drift proposals.
+async fn synthesize_periodically(policy: PolicyService, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick fires at once; give agents one period to report first.
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(err) = policy.synthesize(&SynthesisRequest::default(), unix_ms()).await {
+            tracing::warn!(error = %err, "Background synthesis failed; will retry.");
+        }
+    }
+}
+
+/// Mirrors the cluster's NetworkPolicies into the store (source `kubernetes`), so the
+/// policy already deployed there is shown next to proposals. Objects that cannot be
+/// represented are logged and left out; the rest is still imported.
+async fn import_cluster_policies(store: Store, resolver: Arc<RwLock<Resolver>>) {
+    let mut tick = tokio::time::interval(CLUSTER_POLICY_IMPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut imported_generation = None;
+    loop {
+        tick.tick().await;
+        let (generation, rows) = {
+            let r = resolver.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let kube = r.kube();
+            // Until everything is listed once, "no policies" may just mean "not yet".
+            if !kube.is_ready() || imported_generation == Some(kube.generation()) {
+                continue;
+            }
+            let rows: Vec<ClusterPolicyRow> = kube.network_policies().filter_map(cluster_policy_row).collect();
+            (kube.generation(), rows)
+        };
+        match store.replace_cluster_policies("kubernetes", rows, unix_ms()).await {
+            Ok(_) => imported_generation = Some(generation),
+            Err(err) => tracing::warn!(error = %err, "Importing cluster NetworkPolicies failed; will retry."),
+        }
+    }
+}
+
+fn cluster_policy_row(np: &k8s_openapi::api::networking::v1::NetworkPolicy) -> Option<ClusterPolicyRow> {
+    let meta = &np.metadata;
+    let (namespace, name) = (meta.namespace.clone()?, meta.name.clone()?);
+    match import_network_policy(np) {
+        Ok((policy, warnings)) => {
+            for w in &warnings {
+                tracing::info!(namespace = %namespace, name = %name, warning = %w, "NetworkPolicy imported incompletely.");
+            }
+            Some(ClusterPolicyRow {
+                namespace,
+                name,
+                uid: meta.uid.clone().unwrap_or_default(),
+                resource_version: meta.resource_version.clone().unwrap_or_default(),
+                policy,
+                raw: serde_json::to_value(np).unwrap_or(serde_json::Value::Null),
+            })
+        }
+        Err(err) => {
+            tracing::warn!(namespace = %namespace, name = %name, error = %err, "NetworkPolicy cannot be imported.");
+            None
+        }
+    }
 }

@@ -56,7 +56,7 @@ async fn seeded() -> (Store, tempfile::TempDir) {
 }
 
 async fn get(store: &Store, uri: &str) -> (StatusCode, serde_json::Value) {
-    let resp = router(AppState { store: store.clone() })
+    let resp = router(AppState::for_store(store.clone()))
         .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
         .await
         .expect("response");

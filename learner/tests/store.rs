@@ -1,83 +1,23 @@
 //! The store's behaviour, checked identically on SQLite (a temp file) and PostgreSQL (a
-//! throwaway database from `bulkhead_testkit::postgres`). Each case is written once as
-//! an async fn over a [`Fixture`]; `store_cases!` generates one `#[tokio::test]` per
-//! backend. The PostgreSQL tests need `BULKHEAD_TEST_POSTGRES_URL` (set by
-//! `cargo xtask test`) and fail, not skip, without it.
+//! throwaway database from `bulkhead_testkit::postgres`), with the fixture in
+//! `tests/common`: each case is written once as an async fn over a [`Fixture`];
+//! `store_cases!` generates one `#[tokio::test]` per backend. The PostgreSQL tests need
+//! `BULKHEAD_TEST_POSTGRES_URL` (set by `cargo xtask test`) and fail, not skip, without
+//! it.
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bulkhead_learner::store::{
-    Backend, EdgeQuery, EdgeRow, FlowQuery, IngestBatch, IngestOutcome, ResolvedEndpoint, ResolvedFlow, Store,
+    EdgeQuery, EdgeRow, FlowQuery, IngestBatch, IngestOutcome, ResolvedEndpoint, ResolvedFlow, Store,
 };
 use bulkhead_model::{
     CgroupFact, Direction, DnsAnswer, EndpointFact, Flow, Identity, InterfaceAddress, Labels, LossCounters, Protocol,
     ReservedIdentity, Verdict,
 };
-use bulkhead_testkit::postgres::{PgTestDb, fresh_database};
-
-// === fixture ===
-
-/// A freshly migrated, empty store plus what is needed to open it again.
-struct Fixture {
-    store: Store,
-    url: String,
-    // Dropped after `store`: removes the temp dir / drops the database.
-    _db: Db,
-}
-
-enum Db {
-    Sqlite(#[expect(dead_code, reason = "held for its Drop")] tempfile::TempDir),
-    Postgres(#[expect(dead_code, reason = "held for its Drop")] PgTestDb),
-}
-
-impl Fixture {
-    async fn sqlite() -> Fixture {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("learner.db").display());
-        let store = Store::open(&url).await.expect("open sqlite store");
-        assert_eq!(store.backend(), Backend::Sqlite);
-        Fixture { store, url, _db: Db::Sqlite(dir) }
-    }
-
-    async fn postgres() -> Fixture {
-        let db = fresh_database().await;
-        let url = db.url().to_owned();
-        let store = Store::open(&url).await.expect("open postgres store");
-        assert_eq!(store.backend(), Backend::Postgres);
-        Fixture { store, url, _db: Db::Postgres(db) }
-    }
-
-    /// A second, independent handle on the same database (a learner restart).
-    async fn reopen(&self) -> Store {
-        Store::open(&self.url).await.expect("reopen store")
-    }
-}
-
-macro_rules! store_cases {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let f = super::Fixture::sqlite().await;
-                    super::$case(&f).await;
-                    f.store.close().await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let f = super::Fixture::postgres().await;
-                    super::$case(&f).await;
-                    f.store.close().await;
-                }
-            )*
-        }
-    };
-}
+use common::{Fixture, all_flows, batch, labels, resolved, store_cases};
 
 store_cases!(
     identities_are_stable_across_reopen,
@@ -101,10 +41,6 @@ store_cases!(
 );
 
 // === builders ===
-
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    Labels::new(pairs.iter().copied()).expect("valid labels")
-}
 
 fn ip(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))
@@ -133,23 +69,6 @@ fn flow(direction: Direction, port: u16, connections: u64, sent: u64, received: 
     }
 }
 
-fn resolved(flow: Flow, src: Identity, dst: Identity) -> ResolvedFlow {
-    ResolvedFlow { flow, src_identity: src, dst_identity: dst }
-}
-
-fn batch(node: &str, seq: u64, flows: Vec<ResolvedFlow>) -> IngestBatch {
-    IngestBatch {
-        node_id: node.into(),
-        boot_id: "boot-1".into(),
-        seq,
-        received_unix_ms: 1_000_000,
-        flows,
-        endpoints: None,
-        dns_answers: vec![],
-        loss: LossCounters::default(),
-    }
-}
-
 async fn ingest(store: &Store, b: &IngestBatch) -> IngestOutcome {
     store.ingest(b).await.expect("ingest")
 }
@@ -160,19 +79,6 @@ async fn workload(store: &Store, app: &str) -> Identity {
 
 async fn all_edges(store: &Store) -> Vec<EdgeRow> {
     store.edges(&EdgeQuery::default()).await.expect("edges")
-}
-
-async fn all_flows(store: &Store) -> Vec<bulkhead_learner::store::FlowRow> {
-    let mut out = Vec::new();
-    let mut before = None;
-    loop {
-        let page =
-            store.flows(&FlowQuery { limit: 1000, before_id: before, ..FlowQuery::default() }).await.expect("flows");
-        let Some(last) = page.last() else { break };
-        before = Some(last.id);
-        out.extend(page);
-    }
-    out
 }
 
 // === cases ===
@@ -885,6 +791,7 @@ async fn flow_queries_match_a_model_across_many_batches(f: &Fixture) {
                         loop {
                             let q = FlowQuery {
                                 since_unix_ms: since,
+                                until_unix_ms: None,
                                 node_id: node.map(str::to_owned),
                                 identity,
                                 dst_port: port,

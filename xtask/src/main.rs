@@ -3,8 +3,9 @@
 //!
 //! - `setup`: installs what the project needs on a fresh Debian 12 machine (apt
 //!   packages, rustup components, bpf-linker built against the toolchain's own LLVM) and
-//!   makes the kernel mounts available (bpffs, tracefs, cgroup2). Idempotent; fast when
-//!   everything is already there.
+//!   makes the kernel mounts available (bpffs, tracefs, cgroup2), builds the test
+//!   kube-apiserver from Debian's source and the kubernetes-validate venv. Idempotent;
+//!   fast when everything is already there.
 //! - `test`: `setup`, then PostgreSQL for the store tests, then fmt, clippy (host and
 //!   eBPF crates) and every test, as root. Ends with the line `N passed, N failed`.
 //! - `ci`: what `.ci/run` calls; today the same as `test`.
@@ -17,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod kube;
 mod postgres;
 mod setup;
 mod test;

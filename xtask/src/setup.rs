@@ -5,7 +5,9 @@
 //! 2. rustup components (`rust-src` for the eBPF `build-std`, `rustfmt`, `clippy`);
 //! 3. bpf-linker 0.13.0 built against the toolchain's own libLLVM (shared/EBPF.md) in
 //!    `~/.cache/bulkhead/bpf-linker`;
-//! 4. kernel mounts: bpffs on `/sys/fs/bpf`, tracefs, a cgroup2 hierarchy.
+//! 4. kernel mounts: bpffs on `/sys/fs/bpf`, tracefs, a cgroup2 hierarchy;
+//! 5. the Kubernetes test tooling (`kube.rs`): kube-apiserver v1.20.2 built from
+//!    Debian's source on a thread while steps 2–4 run, and the kubernetes-validate venv.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,6 +41,8 @@ const FALLBACK_CGROUP2_MOUNT: &str = "/run/bulkhead/cgroup2";
 pub struct Setup {
     /// Directory holding `bpf-linker`; prepend it to `PATH` for builds.
     pub bpf_linker_bin: PathBuf,
+    /// The kube-apiserver for the Kubernetes tests (`BULKHEAD_KUBE_APISERVER`).
+    pub kube_apiserver: PathBuf,
 }
 
 impl Setup {
@@ -57,11 +61,14 @@ pub fn ensure_all() -> Result<Setup> {
     let start = Instant::now();
     require_root("setup")?;
     apt_packages()?;
+    let kube_apiserver = crate::kube::start_apiserver_build()?;
     rustup_components()?;
     let bpf_linker_bin = bpf_linker()?;
     mounts()?;
+    crate::kube::ensure_venv()?;
+    let kube_apiserver = kube_apiserver.finish()?;
     step!("setup", "done in {}", fmt_duration(start.elapsed()));
-    Ok(Setup { bpf_linker_bin })
+    Ok(Setup { bpf_linker_bin, kube_apiserver })
 }
 
 // === apt ===
@@ -72,13 +79,14 @@ fn dpkg_installed(package: &str) -> bool {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().map(|(p, _)| *p).filter(|p| !dpkg_installed(p)).collect();
+    let all = || APT_PACKAGES.iter().chain(crate::kube::APT_PACKAGES);
+    let missing: Vec<&str> = all().map(|(p, _)| *p).filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
-        let names: Vec<&str> = APT_PACKAGES.iter().map(|(p, _)| *p).collect();
+        let names: Vec<&str> = all().map(|(p, _)| *p).collect();
         step!("setup", "apt packages: present ({})", names.join(", "));
         return Ok(());
     }
-    for (p, why) in APT_PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+    for (p, why) in all().filter(|(p, _)| missing.contains(p)) {
         step!("setup", "apt package {p}: missing (for {why})");
     }
     step!("setup", "apt: installing {} (~1 min)…", missing.join(" "));

@@ -49,6 +49,11 @@ pub fn print_env() -> Result<ExitCode> {
     let path = setup.path_env()?;
     println!("export PATH='{}'", path.to_string_lossy().replace('\'', r"'\''"));
     println!("export {}='{url}'", postgres::URL_ENV);
+    println!(
+        "export {}='{}'",
+        crate::kube::APISERVER_ENV,
+        setup.kube_apiserver.to_string_lossy().replace('\'', r"'\''")
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -75,7 +80,12 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     let url = postgres::prepare()?;
     timed("fixtures+postgres", t);
 
-    let env = TestEnv { path: setup.path_env()?, postgres_url: url, root: repo_root()? };
+    let env = TestEnv {
+        path: setup.path_env()?,
+        postgres_url: url,
+        kube_apiserver: setup.kube_apiserver.clone(),
+        root: repo_root()?,
+    };
 
     if args.no_lint {
         step!("test", "skipping fmt and clippy (--no-lint)");
@@ -159,6 +169,8 @@ struct TestEnv {
     path: OsString,
     /// For the store tests.
     postgres_url: String,
+    /// For the Kubernetes tests.
+    kube_apiserver: PathBuf,
     root: PathBuf,
 }
 
@@ -167,6 +179,7 @@ impl TestEnv {
         cmd.current_dir(&self.root)
             .env("PATH", &self.path)
             .env(postgres::URL_ENV, &self.postgres_url)
+            .env(crate::kube::APISERVER_ENV, &self.kube_apiserver)
             .stdin(Stdio::null())
     }
 

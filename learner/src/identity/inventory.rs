@@ -223,6 +223,15 @@ impl Inventory {
         &self.workloads
     }
 
+    /// The CIDRs of every workload or external group named by CIDR (synthesis turns
+    /// external groups into CIDR-group peers and needs their prefixes).
+    pub fn cidrs_of(&self, workload: &str) -> Vec<IpNet> {
+        let mut out: Vec<IpNet> =
+            self.by_cidr.iter().filter(|(_, i)| self.workloads[*i].name == workload).map(|(net, _)| *net).collect();
+        out.sort();
+        out
+    }
+
     pub fn by_netns(&self, name: &str) -> Option<&Workload> {
         self.by_netns.get(name).map(|i| &self.workloads[*i])
     }

@@ -1,7 +1,9 @@
-//! Workload identity: who a flow's ends are ([`resolver`]) and the stable numbers
-//! allocated for their label sets ([`IdentityCache`]).
+//! Workload identity: who a flow's ends are ([`resolver`], fed by the [`inventory`]
+//! file and the [`kube`] watchers) and the stable numbers allocated for their label
+//! sets ([`IdentityCache`]).
 
 pub mod inventory;
+pub mod kube;
 pub mod resolver;
 
 use std::collections::HashMap;
@@ -10,7 +12,7 @@ use bulkhead_model::{Identity, Labels};
 use tokio::sync::Mutex;
 
 use crate::store::{Store, StoreError};
-pub use resolver::{Resolver, Subject};
+pub use resolver::{Conflict, ConflictKind, Resolver, Subject};
 
 /// Label set → identity, backed by the store. Allocation is rare (new workloads) and
 /// lookups are per flow, so hits stay in memory; the store guarantees that concurrent

@@ -20,11 +20,11 @@ pub(crate) fn identity(table: &'static str, column: &'static str, v: i64) -> Res
     u32::try_from(v).map(Identity).map_err(|_| invalid(table, column, v))
 }
 
-fn counter(table: &'static str, column: &'static str, v: i64) -> Result<u64, StoreError> {
+pub(crate) fn counter(table: &'static str, column: &'static str, v: i64) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| invalid(table, column, v))
 }
 
-fn port(table: &'static str, column: &'static str, v: i32) -> Result<u16, StoreError> {
+pub(crate) fn port(table: &'static str, column: &'static str, v: i32) -> Result<u16, StoreError> {
     u16::try_from(v).map_err(|_| invalid(table, column, v))
 }
 

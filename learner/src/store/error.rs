@@ -2,9 +2,10 @@
 //! the source. Callers convert them at one boundary (gRPC status, API response) and
 //! never show their text to agents or users.
 
-use bulkhead_model::LabelError;
+use bulkhead_model::{LabelError, ProposalStatus};
 
 use super::Backend;
+use super::audit::ChainBreak;
 
 /// Everything the store can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -76,11 +77,59 @@ pub enum StoreError {
     /// handing one workload another's identity.
     #[error("identity {identity} has the same labels digest as a different label set")]
     DigestCollision { identity: i64 },
+
+    /// A domain object (proposal, policy, audit detail) could not be serialised for
+    /// storage.
+    #[error("could not encode the {what} as JSON")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A required text (actor, action, subject) is empty or blank: an audit entry
+    /// nobody can attribute is worthless.
+    #[error("{field} must not be empty")]
+    MissingField { field: &'static str },
+
+    /// A rejection must say why; the next analyst reads it.
+    #[error("rejecting proposal {id} needs a comment")]
+    CommentRequired { id: i64 },
+
+    /// No proposal has this id.
+    #[error("proposal {id} does not exist")]
+    ProposalNotFound { id: i64 },
+
+    /// The proposal is not in a state the requested step starts from (already decided,
+    /// superseded, not approved yet…). Concurrent decisions: the loser gets this.
+    #[error("proposal {id} is {from:?}; it cannot become {to:?}")]
+    InvalidTransition { id: i64, from: ProposalStatus, to: ProposalStatus },
+
+    /// The identity named as a target was never allocated.
+    #[error("identity {identity} does not exist")]
+    UnknownIdentity { identity: u32 },
+
+    /// The audit log's hash chain does not verify: it was changed outside the store.
+    #[error("audit log entry {id} fails verification: {kind}")]
+    AuditChainBroken { id: i64, kind: ChainBreak },
+
+    /// One import named the same NetworkPolicy twice.
+    #[error("cluster policy {namespace}/{name} appears twice in one import")]
+    DuplicateClusterPolicy { namespace: String, name: String },
 }
 
 impl StoreError {
     pub(crate) fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
         move |source| StoreError::Database { operation, source }
+    }
+
+    /// Like [`StoreError::db`], except that a foreign-key violation means the target
+    /// identity does not exist (the only foreign key the statement can violate).
+    pub(crate) fn db_target(operation: &'static str, identity: u32) -> impl FnOnce(sqlx::Error) -> StoreError {
+        move |source| match &source {
+            sqlx::Error::Database(e) if e.is_foreign_key_violation() => StoreError::UnknownIdentity { identity },
+            _ => StoreError::Database { operation, source },
+        }
     }
 
     /// True when retrying the same call may succeed (deadlock, serialization failure,

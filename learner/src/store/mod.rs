@@ -4,7 +4,7 @@
 //! single file, WAL, one writer; see `sqlite`); PostgreSQL serves larger or replicated
 //! deployments (see `postgres`). Both run the same numbered migrations from
 //! `migrations/sqlite` and `migrations/postgres`, and the same test suite
-//! (`tests/store.rs`) runs against each.
+//! (`tests/store.rs`, `tests/store_policy.rs`) runs against each.
 //!
 //! What the store guarantees:
 //! - **At-least-once delivery becomes exactly-once storage.** A batch is stored in one
@@ -20,31 +20,54 @@
 //!   restarts and concurrent allocators; numbers are never reused.
 //! - **Attacker-controlled strings are data.** Label values, comms, DNS names and node
 //!   ids are always bound parameters; SQL text is built only from constants.
+//! - **Review decisions are single and recorded.** A proposal version is decided once
+//!   (a conditional UPDATE: of two concurrent approvals exactly one wins), and every
+//!   decision, deployment and rollout change writes its audit entry in the same
+//!   transaction. The audit log is append-only in the database (triggers) and
+//!   hash-chained (see `audit`).
 
+mod audit;
+mod cluster_policies;
 mod decode;
 mod error;
+mod external_peers;
+mod policy_sql;
 mod postgres;
+mod postgres_policy;
 mod prepare;
+mod proposals;
 mod queries;
+mod rollout;
 mod sqlite;
 mod sqlite_ingest;
+mod sqlite_policy;
 mod types;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use bulkhead_model::{DnsAnswer, Identity, Labels};
+use bulkhead_model::{DnsAnswer, Identity, Labels, Proposal, RolloutMode};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+pub use audit::{AuditEntry, AuditQuery, AuditRow, ChainBreak, MAX_AUDIT_PAGE, actions};
+pub use cluster_policies::{ClusterPolicyImport, ClusterPolicyRow};
 pub use error::StoreError;
+pub use external_peers::ExternalPeerRow;
+pub use proposals::{
+    ActivePolicy, Decision, LEARNER_ACTOR, MAX_PROPOSAL_PAGE, ProposalQuery, ProposalRecord, ProposalSummary,
+};
+pub use rollout::RolloutRow;
 pub use types::{
     AgentRow, EdgeQuery, EdgeRow, EndpointRow, FlowQuery, FlowRow, IdentityRow, IngestBatch, IngestOutcome,
     MAX_FLOW_PAGE, ResolvedEndpoint, ResolvedFlow,
 };
 
+use audit::PreparedAudit;
 use decode::RawIdentity;
 use postgres::PgStore;
-use prepare::PreparedBatch;
+use prepare::{PreparedBatch, text};
+use proposals::{NewProposal, PreparedDecision};
+use rollout::PreparedRollout;
 use sqlite::SqliteStore;
 
 /// Which database a [`Store`] talks to.
@@ -237,6 +260,199 @@ impl Store {
     pub async fn prune_batch_records(&self, older_than_unix_ms: i64) -> Result<u64, StoreError> {
         dispatch!(self, s => s.prune_batch_records(older_than_unix_ms).await)
     }
+
+    // === proposals ===
+
+    /// Stores a synthesized proposal as a version of its target, in one transaction:
+    /// * same content as the target's pending (`proposed`) version: that version gets
+    ///   the fresh evidence in place; no new version, no audit entry;
+    /// * same content as the target's newest version and that one is already decided
+    ///   (approved, deployed, rejected): nothing changes, that version is returned —
+    ///   the analyst answered this question;
+    /// * otherwise: a new version (newest + 1), older pending versions superseded by
+    ///   it, audited as `proposal.proposed` by [`LEARNER_ACTOR`].
+    ///
+    /// "Content" is what the proposal would allow, not its evidence (see
+    /// `proposals::content_digest`). Fails with [`StoreError::UnknownIdentity`] if the
+    /// target was never allocated.
+    pub async fn put_proposal(&self, proposal: &Proposal, now_ms: i64) -> Result<ProposalRecord, StoreError> {
+        let new = NewProposal::new(proposal)?;
+        let record = dispatch!(self, s => s.put_proposal(&new, now_ms).await)?;
+        let r = &record.summary;
+        tracing::debug!(
+            id = r.id,
+            target = r.target.0,
+            version = r.version,
+            status = r.status.as_str(),
+            "Stored proposal."
+        );
+        Ok(record)
+    }
+
+    /// Proposal versions without their JSON, newest first; page with
+    /// [`ProposalQuery::before_id`].
+    pub async fn proposals(&self, q: &ProposalQuery) -> Result<Vec<ProposalSummary>, StoreError> {
+        dispatch!(self, s => s.proposals(q).await)
+    }
+
+    /// One proposal version in full.
+    pub async fn proposal(&self, id: i64) -> Result<Option<ProposalRecord>, StoreError> {
+        dispatch!(self, s => s.proposal(id).await)
+    }
+
+    /// Every version of a target, newest first.
+    pub async fn proposal_versions(&self, target: Identity) -> Result<Vec<ProposalSummary>, StoreError> {
+        dispatch!(self, s => s.proposal_versions(target).await)
+    }
+
+    /// Decides a `proposed` version. Approving stores `policy` as what was approved and
+    /// supersedes the target's other approved (not yet deployed) version; rejecting
+    /// needs a non-blank comment ([`StoreError::CommentRequired`]). Any other current
+    /// status is [`StoreError::InvalidTransition`] — also for the loser of two
+    /// concurrent decisions. Audited (`proposal.approve` / `proposal.reject`, detail:
+    /// version, comment, what the approval confirmed, dropped or added) in the same
+    /// transaction.
+    pub async fn decide_proposal(
+        &self,
+        id: i64,
+        decision: Decision,
+        actor: &str,
+        comment: Option<&str>,
+        now_ms: i64,
+    ) -> Result<ProposalRecord, StoreError> {
+        let d = PreparedDecision::new(id, decision, actor, comment)?;
+        let record = dispatch!(self, s => s.decide_proposal(id, &d, now_ms).await)?;
+        tracing::info!(
+            id,
+            target = record.summary.target.0,
+            version = record.summary.version,
+            status = d.to.as_str(),
+            actor = %d.reviewer,
+            "Decided proposal."
+        );
+        Ok(record)
+    }
+
+    /// Records that an approved version is now deployed; the target's previously
+    /// deployed version becomes superseded. Only `approved` versions can be deployed
+    /// ([`StoreError::InvalidTransition`]). Audited as `proposal.deploy`.
+    pub async fn mark_deployed(&self, id: i64, actor: &str, now_ms: i64) -> Result<ProposalRecord, StoreError> {
+        audit::require("actor", actor)?;
+        let actor = text(actor);
+        let record = dispatch!(self, s => s.mark_deployed(id, &actor, now_ms).await)?;
+        tracing::info!(id, target = record.summary.target.0, version = record.summary.version, actor = %actor, "Deployed proposal.");
+        Ok(record)
+    }
+
+    /// The policy set: per target its deployed version and/or its approved one (at
+    /// most one of each), with the approved policy; by target, then version.
+    pub async fn active_policies(&self) -> Result<Vec<ActivePolicy>, StoreError> {
+        dispatch!(self, s => s.active_policies().await)
+    }
+
+    // === audit ===
+
+    /// Appends an entry to the audit log (actor, action and subject must not be blank).
+    pub async fn append_audit(&self, entry: &AuditEntry) -> Result<AuditRow, StoreError> {
+        let e = PreparedAudit::new(entry)?;
+        dispatch!(self, s => s.append_audit(e).await)
+    }
+
+    /// Audit entries, newest first; page with [`AuditQuery::before_id`].
+    pub async fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRow>, StoreError> {
+        dispatch!(self, s => s.audit(q).await)
+    }
+
+    /// Re-computes the whole hash chain and checks the head; returns the number of
+    /// entries, or [`StoreError::AuditChainBroken`] naming the first bad entry.
+    pub async fn verify_audit_chain(&self) -> Result<u64, StoreError> {
+        let started = Instant::now();
+        let n = dispatch!(self, s => s.verify_audit_chain().await)
+            .inspect_err(|e| tracing::error!(error = %e, "Audit log failed verification."))?;
+        tracing::info!(entries = n, elapsed_ms = started.elapsed().as_millis() as u64, "Verified audit log.");
+        Ok(n)
+    }
+
+    // === rollout ===
+
+    /// Sets a target's rollout mode, audited as `rollout.mode` (detail: from, to,
+    /// reason). Re-setting the current mode is recorded too but keeps the time the
+    /// target entered it. No approved policy is required here: gates are the caller's.
+    pub async fn set_rollout_mode(
+        &self,
+        target: Identity,
+        mode: RolloutMode,
+        actor: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<RolloutRow, StoreError> {
+        let change = PreparedRollout::new(target, mode, actor, reason)?;
+        let row = dispatch!(self, s => s.set_rollout_mode(&change, now_ms).await)?;
+        tracing::info!(target = target.0, mode = mode.as_str(), actor = %change.actor, "Set rollout mode.");
+        Ok(row)
+    }
+
+    /// Targets with an explicit rollout mode, by target. Absent targets are in
+    /// [`RolloutMode::Learn`].
+    pub async fn rollout_modes(&self) -> Result<Vec<RolloutRow>, StoreError> {
+        dispatch!(self, s => s.rollout_modes().await)
+    }
+
+    // === cluster policies ===
+
+    /// Replaces the NetworkPolicies imported from `source` with `rows`, atomically;
+    /// returns what changed (audited as `cluster_policies.import` when anything did).
+    /// An import naming one (namespace, name) twice is refused.
+    pub async fn replace_cluster_policies(
+        &self,
+        source: &str,
+        rows: impl AsRef<[ClusterPolicyRow]>,
+        now_ms: i64,
+    ) -> Result<ClusterPolicyImport, StoreError> {
+        audit::require("source", source)?;
+        let source = text(source);
+        let prepared = cluster_policies::prepare(rows.as_ref())?;
+        let counts = dispatch!(self, s => s.replace_cluster_policies(&source, &prepared, now_ms).await)?;
+        tracing::info!(
+            source = %source,
+            added = counts.added,
+            updated = counts.updated,
+            removed = counts.removed,
+            unchanged = counts.unchanged,
+            "Imported cluster policies."
+        );
+        Ok(counts)
+    }
+
+    /// Every imported NetworkPolicy, by namespace and name.
+    pub async fn cluster_policies(&self) -> Result<Vec<ClusterPolicyRow>, StoreError> {
+        dispatch!(self, s => s.cluster_policies().await)
+    }
+
+    // === replay feeds ===
+
+    /// Recorded traffic between managed workloads and outside addresses (the reserved
+    /// `world` identity) overlapping `[since, until]` (`last_seen >= since`,
+    /// `first_seen <= until`), per (local identity, direction, address, port,
+    /// protocol), sorted by those. Limited to the flow retention window.
+    pub async fn external_peers(
+        &self,
+        since_unix_ms: i64,
+        until_unix_ms: i64,
+    ) -> Result<Vec<ExternalPeerRow>, StoreError> {
+        let mut rows = dispatch!(self, s => s.external_peers(since_unix_ms, until_unix_ms).await)?;
+        rows.sort_unstable();
+        Ok(rows)
+    }
+}
+
+/// Lowercase hex, for digests and hashes shown to people.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// An identity row found by digest, after checking it really holds these labels.

@@ -111,7 +111,7 @@ const INSERT_IDENTITY_RETURNING: &str = "INSERT INTO identities (labels_digest, 
 /// The PostgreSQL half of [`Store`](super::Store).
 #[derive(Debug, Clone)]
 pub(crate) struct PgStore {
-    pool: PgPool,
+    pub(super) pool: PgPool,
 }
 
 impl PgStore {

@@ -96,6 +96,9 @@ where
     if let Some(since) = q.since_unix_ms {
         b.push(" AND last_seen_unix_ms >= ").push_bind(since);
     }
+    if let Some(until) = q.until_unix_ms {
+        b.push(" AND first_seen_unix_ms <= ").push_bind(until);
+    }
     if let Some(node) = &q.node_id {
         b.push(" AND node_id = ").push_bind(node.clone());
     }

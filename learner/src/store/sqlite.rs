@@ -121,6 +121,11 @@ fn flows_in_range(q: &FlowQuery, lo: i64, hi: i64, limit: i64) -> QueryBuilder<S
     if let Some(since) = q.since_unix_ms {
         b.push(" AND last_seen_unix_ms >= ").push_bind(since);
     }
+    // Blocks keep no first_seen bounds (ingest would pay for them), so `until` is a
+    // per-flow filter only.
+    if let Some(until) = q.until_unix_ms {
+        b.push(" AND first_seen_unix_ms <= ").push_bind(until);
+    }
     if let Some(port) = q.dst_port {
         b.push(" AND dst_port = ").push_bind(i32::from(port));
     }
@@ -132,9 +137,9 @@ fn flows_in_range(q: &FlowQuery, lo: i64, hi: i64, limit: i64) -> QueryBuilder<S
 #[derive(Debug, Clone)]
 pub(crate) struct SqliteStore {
     /// Exactly one connection: the only writer.
-    writer: SqlitePool,
+    pub(super) writer: SqlitePool,
     /// Read-only connections (`query_only`); the writer itself for in-memory databases.
-    reader: SqlitePool,
+    pub(super) reader: SqlitePool,
     /// One connection that moves WAL frames into the database file in the background.
     checkpointer: SqlitePool,
 }

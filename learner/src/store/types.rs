@@ -67,6 +67,9 @@ pub struct EdgeQuery {
 pub struct FlowQuery {
     /// Only flows seen at or after this time (`last_seen >= since`).
     pub since_unix_ms: Option<i64>,
+    /// Only flows that began at or before this time (`first_seen <= until`); with
+    /// `since`, the flows overlapping a window (replay).
+    pub until_unix_ms: Option<i64>,
     /// Only flows reported by this node.
     pub node_id: Option<String>,
     /// Only flows from or to this identity.
@@ -85,7 +88,15 @@ pub const MAX_FLOW_PAGE: u32 = 10_000;
 
 impl Default for FlowQuery {
     fn default() -> Self {
-        Self { since_unix_ms: None, node_id: None, identity: None, dst_port: None, limit: 100, before_id: None }
+        Self {
+            since_unix_ms: None,
+            until_unix_ms: None,
+            node_id: None,
+            identity: None,
+            dst_port: None,
+            limit: 100,
+            before_id: None,
+        }
     }
 }
 

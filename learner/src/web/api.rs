@@ -29,13 +29,28 @@ pub fn routes() -> Router<AppState> {
 #[derive(Debug)]
 pub enum ApiError {
     BadRequest(String),
+    NotFound(String),
+    /// The request conflicts with the current state (e.g. deciding a decided proposal).
+    Conflict(String),
     Unavailable,
 }
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
-        tracing::error!(error = %err, "Store query failed.");
-        ApiError::Unavailable
+        match err {
+            // Conditions the caller can act on: said as they are.
+            StoreError::ProposalNotFound { .. } | StoreError::UnknownIdentity { .. } => {
+                ApiError::NotFound(err.to_string())
+            }
+            StoreError::InvalidTransition { .. } => ApiError::Conflict(err.to_string()),
+            StoreError::CommentRequired { .. } | StoreError::MissingField { .. } => {
+                ApiError::BadRequest(err.to_string())
+            }
+            _ => {
+                tracing::error!(error = %err, "Store query failed.");
+                ApiError::Unavailable
+            }
+        }
     }
 }
 
@@ -43,6 +58,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, msg) = match self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "the store is unavailable".to_owned()),
         };
         (status, Json(serde_json::json!({ "error": msg }))).into_response()
@@ -77,6 +94,7 @@ async fn flows(State(s): State<AppState>, Query(p): Query<FlowParams>) -> Result
     let limit = check_limit(p.limit)?.unwrap_or(100);
     let q = FlowQuery {
         since_unix_ms: p.since_ms,
+        until_unix_ms: None,
         node_id: p.node,
         identity: p.identity.map(Identity),
         dst_port: p.port,

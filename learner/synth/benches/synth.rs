@@ -208,7 +208,7 @@ fn main() {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load: Vec<&str> = load.split_whitespace().take(3).collect();
     let mut body = String::new();
-    body.push_str("Command: `cargo bench -p bulkhead-synth --bench synth` (release build, one thread).\n");
+    body.push_str("Command: `cargo bench -p bulkhead-synth --bench synth` (release build; targets split over one worker thread per core, here 2).\n");
     body.push_str(&format!(
         "Machine: 2 cores, shared with other builds (load average at the end: {}).\n\n",
         load.join(" ")

@@ -237,15 +237,14 @@ impl Ctx<'_> {
             }
             let peer = if dir == Direction::Egress { e.key.dst } else { e.key.src };
             let port = PortRange::single(e.key.protocol, e.key.dst_port);
-            let mut agg = Agg::default();
-            agg.add(e.connections, e.bytes, e.first_seen_unix_ms, e.last_seen_unix_ms);
-            agg.edges.push(e.key);
-            agg.peers.push(peer);
             if peer == Identity::WORLD {
+                let mut agg = Agg::default();
+                agg.add(e.connections, e.bytes, e.first_seen_unix_ms, e.last_seen_unix_ms);
+                agg.edges.push(e.key);
+                agg.peers.push(peer);
                 obs.world_edges.entry(port).or_default().push((e.key, agg));
                 continue;
             }
-            obs.pairs.insert((peer, port));
             let slot = match (peer.reserved(), self.index.get(peer).map(|i| &i.kind)) {
                 (Some(r), _) => obs.entities.entry(r).or_default(),
                 (None, Some(IdentityKind::Workload)) => obs.workloads.entry(peer).or_default(),
@@ -254,7 +253,12 @@ impl Ctx<'_> {
                 // stays unallowed and so shows up in replay as would-deny.
                 (None, None) => continue,
             };
-            slot.entry(port).or_default().merge(&agg);
+            obs.pairs.insert((peer, port));
+            // Straight into the slot: one allocation per list, not a temporary merged in.
+            let agg = slot.entry(port).or_default();
+            agg.add(e.connections, e.bytes, e.first_seen_unix_ms, e.last_seen_unix_ms);
+            agg.edges.push(e.key);
+            agg.peers.push(peer);
         }
         for x in self.external_by_local.get(&t).into_iter().flatten() {
             if x.direction != dir {

@@ -1,10 +1,12 @@
 //! Test fixtures shared by Bulkhead's test suites: network namespaces, veth links and
 //! cgroups with unique per-run names that are removed on drop (even when a test
-//! panics), a throwaway PostgreSQL database, and `assert_eventually!`.
+//! panics), a throwaway PostgreSQL database, a real Kubernetes API server, and
+//! `assert_eventually!`.
 
 pub mod cgroup;
 pub mod dns;
 pub mod eventually;
+pub mod kube;
 pub mod netns;
 pub mod postgres;
 

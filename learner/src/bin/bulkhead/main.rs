@@ -1,6 +1,8 @@
 //! `bulkhead`: the operator CLI. Talks to a running learner's `/api/v1` JSON API, so
 //! it works from any machine that can reach the learner and never touches its store.
 
+mod policy;
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -53,6 +55,51 @@ enum Command {
     Agents,
     /// DNS answers workloads received (name → address, TTL).
     Dns,
+    /// Policy proposals: list, show, diff, approve, reject, synthesize.
+    #[command(subcommand)]
+    Proposals(policy::ProposalsCommand),
+    /// "What would this block?": replay recorded flows against a proposal or the
+    /// active policy set and list the connections it would deny.
+    Simulate {
+        /// Replay this proposal alone (its workload's flows).
+        #[arg(long)]
+        proposal: Option<i64>,
+        /// With the active set: let pending proposals stand in for their workloads.
+        #[arg(long)]
+        include_proposed: bool,
+        /// How far back to replay, in hours.
+        #[arg(long, default_value_t = 24.0)]
+        since_hours: f64,
+        /// At most this many would-deny connections listed.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Export approved policies (or one proposal) as Kubernetes YAML.
+    Export {
+        /// networkpolicy or cilium.
+        #[arg(long, default_value = "networkpolicy")]
+        format: String,
+        /// Only the policies selecting this workload (identity number).
+        #[arg(long, conflicts_with = "namespace")]
+        target: Option<u32>,
+        /// Only this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Export this proposal's policy instead of the approved set.
+        #[arg(long)]
+        proposal: Option<i64>,
+        /// Write to this file instead of stdout.
+        #[arg(long, short)]
+        output: Option<std::path::PathBuf>,
+    },
+    /// The audit log: every proposal decision and rollout change, newest first.
+    Audit {
+        /// Only actions starting with this, e.g. `proposal.`.
+        #[arg(long)]
+        action: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,6 +224,14 @@ async fn main() -> anyhow::Result<()> {
                 .collect();
             print_table(&["NAME", "ADDRESS", "TTL", "NETNS", "SEEN"], &rows);
         }
+        Command::Proposals(cmd) => policy::proposals(&api, args.json, cmd).await?,
+        Command::Simulate { proposal, include_proposed, since_hours, limit } => {
+            policy::simulate(&api, args.json, proposal, include_proposed, since_hours, limit).await?
+        }
+        Command::Export { format, target, namespace, proposal, output } => {
+            policy::export(&api, format, target, namespace, proposal, output).await?
+        }
+        Command::Audit { action, limit } => policy::audit(&api, args.json, action, limit).await?,
     }
     Ok(())
 }
@@ -196,6 +251,22 @@ impl Api {
             .send()
             .await
             .with_context(|| format!("requesting {url} (is the learner running? see --server)"))?;
+        Self::answer(&url, resp).await
+    }
+
+    /// POSTs JSON; `actor` (when not empty) names who decides, for the audit log.
+    async fn post(&self, path: &str, actor: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}/api/v1/{path}", self.base);
+        let mut req = self.client.post(&url).json(body);
+        if !actor.is_empty() {
+            req = req.header("x-bulkhead-actor", actor);
+        }
+        let resp =
+            req.send().await.with_context(|| format!("requesting {url} (is the learner running? see --server)"))?;
+        Self::answer(&url, resp).await
+    }
+
+    async fn answer(url: &str, resp: reqwest::Response) -> anyhow::Result<serde_json::Value> {
         let status = resp.status();
         let body: serde_json::Value = resp.json().await.with_context(|| format!("reading the answer of {url}"))?;
         if !status.is_success() {

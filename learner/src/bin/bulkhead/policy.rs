@@ -1,0 +1,439 @@
+//! Policy commands: proposals (list, show, diff, approve, reject, synthesize),
+//! simulate (replay recorded flows against policies) and export (Kubernetes YAML).
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use bulkhead_model::{HygieneFlag, Lint, Proposal, ProposalStatus};
+use clap::Subcommand;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{Api, ago, now_ms, parse, print_json, print_table, printable};
+
+#[derive(Debug, Subcommand)]
+pub enum ProposalsCommand {
+    /// Proposal versions, newest first.
+    List {
+        /// proposed, approved, rejected, deployed or superseded.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this workload (identity number).
+        #[arg(long)]
+        target: Option<u32>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// One proposal with every rule's evidence, flags, widening and lints.
+    Show { id: i64 },
+    /// What a proposal changes against the active policy or another version.
+    Diff {
+        id: i64,
+        /// `active` (deployed, else approved), `previous`, or a version number.
+        #[arg(long, default_value = "active")]
+        against: String,
+    },
+    /// Approve a proposal. Every flagged rule must be confirmed or dropped.
+    Approve {
+        id: i64,
+        /// Confirm a flagged rule (repeatable), e.g. `--confirm egress-2`.
+        #[arg(long)]
+        confirm: Vec<String>,
+        /// Leave a flagged rule out (repeatable).
+        #[arg(long)]
+        drop: Vec<String>,
+        #[arg(long)]
+        comment: Option<String>,
+        /// Who decides (recorded in the audit log).
+        #[arg(long = "as", env = "BULKHEAD_ACTOR")]
+        actor: Option<String>,
+    },
+    /// Reject a proposal; say why.
+    Reject {
+        id: i64,
+        #[arg(long)]
+        comment: String,
+        #[arg(long = "as", env = "BULKHEAD_ACTOR")]
+        actor: Option<String>,
+    },
+    /// Synthesize proposals now from the learning window.
+    Synthesize {
+        /// exact, labels or namespace.
+        #[arg(long)]
+        level: Option<String>,
+        /// Learning window ending now, in hours (default: the learner's, 24 h).
+        #[arg(long)]
+        window_hours: Option<f64>,
+        /// Only these workloads (repeatable identity numbers).
+        #[arg(long)]
+        target: Vec<u32>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+struct Summary {
+    id: i64,
+    target: u32,
+    workload: String,
+    version: u32,
+    status: ProposalStatus,
+    created_unix_ms: i64,
+    ingress_rules: u64,
+    egress_rules: u64,
+    flagged_rules: u64,
+    widening_total: u64,
+    converged: bool,
+    lints: u64,
+    reviewer: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Record {
+    #[serde(flatten)]
+    summary: Summary,
+    proposal: Proposal,
+    comment: Option<String>,
+    #[serde(default)]
+    cluster_policies: Vec<ClusterPolicy>,
+}
+
+/// An imported Kubernetes NetworkPolicy that selects the proposal's workload.
+#[derive(Debug, Deserialize)]
+struct ClusterPolicy {
+    namespace: String,
+    name: String,
+    policy: bulkhead_model::Policy,
+}
+
+fn actor(given: Option<String>) -> String {
+    given.unwrap_or_else(|| {
+        let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_or_else(|_| "unknown".into(), |h| h.trim().to_owned());
+        format!("{user}@{host}")
+    })
+}
+
+pub async fn proposals(api: &Api, json: bool, cmd: ProposalsCommand) -> anyhow::Result<()> {
+    match cmd {
+        ProposalsCommand::List { status, target, limit } => {
+            let mut q = vec![("limit", limit.to_string())];
+            if let Some(s) = status {
+                q.push(("status", s));
+            }
+            if let Some(t) = target {
+                q.push(("target", t.to_string()));
+            }
+            let raw = api.get("proposals", &q).await?;
+            if json {
+                return print_json(&raw);
+            }
+            print_summaries(&parse::<Vec<Summary>>(&raw)?);
+        }
+        ProposalsCommand::Show { id } => {
+            let raw = api.get(&format!("proposals/{id}"), &[]).await?;
+            if json {
+                return print_json(&raw);
+            }
+            print_record(&parse(&raw)?);
+        }
+        ProposalsCommand::Diff { id, against } => {
+            let raw = api.get(&format!("proposals/{id}/diff"), &[("against", against)]).await?;
+            if json {
+                return print_json(&raw);
+            }
+            match raw["against"].as_array() {
+                Some(a) => println!("proposal {id} against proposal {} (version {}):", a[0], a[1]),
+                None => println!("proposal {id} against nothing (no active policy):"),
+            }
+            let text = raw["text"].as_str().unwrap_or_default();
+            print!("{}", if text.is_empty() { "(no changes)\n" } else { text });
+        }
+        ProposalsCommand::Approve { id, confirm, drop, comment, actor: who } => {
+            let body = json!({"confirm": confirm, "drop": drop, "comment": comment});
+            let raw = api.post(&format!("proposals/{id}/approve"), &actor(who), &body).await?;
+            if json {
+                return print_json(&raw);
+            }
+            let r: Summary = parse(&raw)?;
+            println!("Approved proposal {id} (workload {}, version {}).", printable(&r.workload), r.version);
+        }
+        ProposalsCommand::Reject { id, comment, actor: who } => {
+            let raw = api.post(&format!("proposals/{id}/reject"), &actor(who), &json!({"comment": comment})).await?;
+            if json {
+                return print_json(&raw);
+            }
+            println!("Rejected proposal {id}.");
+        }
+        ProposalsCommand::Synthesize { level, window_hours, target } => {
+            let window_ms = window_hours.map(|h| (h * 3_600_000.0) as i64);
+            eprintln!("Synthesizing proposals from the learning window …");
+            let raw = api
+                .post("proposals/synthesize", "", &json!({"level": level, "window_ms": window_ms, "targets": target}))
+                .await?;
+            if json {
+                return print_json(&raw);
+            }
+            let list: Vec<Summary> = parse(&raw)?;
+            print_summaries(&list);
+            let pending = list.iter().filter(|s| s.status == ProposalStatus::Proposed).count();
+            println!("{} workloads, {pending} proposals awaiting review.", list.len());
+        }
+    }
+    Ok(())
+}
+
+fn print_summaries(list: &[Summary]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.to_string(),
+                format!("{} ({})", printable(&s.workload), s.target),
+                s.version.to_string(),
+                s.status.as_str().to_owned(),
+                format!("{}/{}", s.ingress_rules, s.egress_rules),
+                s.flagged_rules.to_string(),
+                s.widening_total.to_string(),
+                if s.converged { "yes" } else { "no" }.to_owned(),
+                s.lints.to_string(),
+                s.reviewer.as_deref().map(printable).unwrap_or_default(),
+                ago(s.created_unix_ms),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "WORKLOAD",
+            "VER",
+            "STATUS",
+            "IN/OUT",
+            "FLAGGED",
+            "WIDENS",
+            "CONVERGED",
+            "LINTS",
+            "REVIEWER",
+            "CREATED",
+        ],
+        &rows,
+    );
+}
+
+fn print_record(r: &Record) {
+    let p = &r.proposal;
+    let s = &r.summary;
+    println!(
+        "Proposal {} — {} (identity {}), version {}, {}",
+        s.id,
+        printable(&p.workload),
+        s.target,
+        s.version,
+        s.status.as_str()
+    );
+    if let Some(c) = &r.comment {
+        println!("Comment: {}", printable(c));
+    }
+    println!(
+        "Level {}; window {} → {}; {}",
+        p.level,
+        ago(p.window.from_unix_ms),
+        ago(p.window.to_unix_ms),
+        if p.convergence.converged {
+            "converged".to_owned()
+        } else {
+            "NOT converged (edges still appearing)".to_owned()
+        }
+    );
+    println!("Policy {} selects {}", printable(&p.policy.name), printable(&p.policy.selector.to_string()));
+    println!();
+    let rows: Vec<Vec<String>> = p
+        .rules
+        .iter()
+        .map(|r| {
+            let ports: Vec<String> = r.rule.ports.iter().map(ToString::to_string).collect();
+            let flags: Vec<&str> = r.flags.iter().map(|f| flag_name(*f)).collect();
+            vec![
+                r.id.clone(),
+                if r.included { "yes".into() } else { "HELD".into() },
+                printable(&r.rule.peer.to_string()),
+                ports.join(","),
+                r.evidence.connections.to_string(),
+                r.evidence.edges.len().to_string(),
+                if r.evidence.last_seen_unix_ms > 0 { ago(r.evidence.last_seen_unix_ms) } else { "-".into() },
+                r.widens_total.to_string(),
+                flags.join(","),
+            ]
+        })
+        .collect();
+    print_table(&["RULE", "IN POLICY", "PEER", "PORTS", "CONNS", "EDGES", "LAST SEEN", "WIDENS", "FLAGS"], &rows);
+    for r in p.rules.iter().filter(|r| !r.flags.is_empty()) {
+        for f in &r.flags {
+            println!("  {} held back: {}", r.id, f.describe());
+        }
+    }
+    if !p.lints.is_empty() {
+        println!();
+        for Lint { code, severity, message } in &p.lints {
+            println!(
+                "{severity:?} [{}]: {message}",
+                serde_json::to_value(code).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+            );
+        }
+    }
+    if !r.cluster_policies.is_empty() {
+        println!();
+        println!("Already in the cluster (imported NetworkPolicies selecting this workload):");
+        for c in &r.cluster_policies {
+            let count = |rules: &Option<Vec<bulkhead_model::Rule>>| {
+                rules.as_ref().map_or("-".to_owned(), |r| r.len().to_string())
+            };
+            println!(
+                "  {}/{}: ingress rules {}, egress rules {}",
+                printable(&c.namespace),
+                printable(&c.name),
+                count(&c.policy.ingress),
+                count(&c.policy.egress)
+            );
+        }
+    }
+    for rm in &p.removals {
+        let when = rm.last_used_unix_ms.map_or_else(|| "never used".to_owned(), |t| format!("last used {}", ago(t)));
+        println!("Suggest removing {} rule {} ({when}).", rm.direction.as_str(), printable(&rm.rule.peer.to_string()));
+    }
+}
+
+fn flag_name(f: HygieneFlag) -> &'static str {
+    match f {
+        HygieneFlag::PortScan => "port-scan",
+        HygieneFlag::CloudMetadata => "cloud-metadata",
+        HygieneFlag::NewExternalEgress => "new-external-egress",
+    }
+}
+
+/// Replays recorded flows against a proposal or the active policy set.
+pub async fn simulate(
+    api: &Api,
+    json: bool,
+    proposal: Option<i64>,
+    include_proposed: bool,
+    since_hours: f64,
+    limit: usize,
+) -> anyhow::Result<()> {
+    let to = now_ms();
+    let from = to - (since_hours * 3_600_000.0) as i64;
+    eprintln!("Replaying recorded flows of the last {since_hours} h …");
+    let body = json!({
+        "proposal_id": proposal,
+        "include_proposed": include_proposed,
+        "from_unix_ms": from,
+        "to_unix_ms": to,
+        "limit": limit,
+    });
+    let raw = api.post("simulate", "", &body).await?;
+    if json {
+        return print_json(&raw);
+    }
+    let policies = raw["policies"].as_array().map_or(0, Vec::len);
+    println!(
+        "{} flows ({} connections) evaluated against {policies} policies: {} would be denied{}.",
+        raw["flows_evaluated"],
+        raw["connections_total"],
+        raw["would_deny_total"],
+        if raw["truncated"] == true { " (range truncated: oldest flows not read)" } else { "" }
+    );
+    let empty = Vec::new();
+    let rows: Vec<Vec<String>> = raw["would_deny"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|d| {
+            let s = |k: &str| d[k].as_str().map(printable).unwrap_or_else(|| d[k].to_string());
+            vec![
+                format!("{} {}", s("src_name"), s("src_addr")),
+                format!("{} {}:{}", s("dst_name"), s("dst_addr"), d["dst_port"]),
+                s("protocol"),
+                d["connections"].to_string(),
+                d["last_seen_unix_ms"].as_i64().map(ago).unwrap_or_default(),
+                d["reasons"]
+                    .as_array()
+                    .map(|r| r.iter().filter_map(|x| x.as_str()).map(printable).collect::<Vec<_>>().join("; "))
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        print_table(&["SOURCE", "DESTINATION", "PROTO", "CONNS", "LAST SEEN", "WHY"], &rows);
+    }
+    Ok(())
+}
+
+/// Exports policies as Kubernetes YAML to stdout or a file; warnings go to stderr.
+pub async fn export(
+    api: &Api,
+    format: String,
+    target: Option<u32>,
+    namespace: Option<String>,
+    proposal: Option<i64>,
+    output: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut q = vec![("format", format)];
+    if let Some(t) = target {
+        q.push(("target", t.to_string()));
+    }
+    if let Some(ns) = namespace {
+        q.push(("namespace", ns));
+    }
+    if let Some(p) = proposal {
+        q.push(("proposal", p.to_string()));
+    }
+    let raw = api.get("export", &q).await?;
+    let yaml = raw["yaml"].as_str().unwrap_or_default();
+    match &output {
+        Some(path) => std::fs::write(path, yaml).with_context(|| format!("writing {}", path.display()))?,
+        None => std::io::stdout().write_all(yaml.as_bytes()).context("writing to stdout")?,
+    }
+    for w in raw["warnings"].as_array().into_iter().flatten().filter_map(|w| w.as_str()) {
+        eprintln!("warning: {}", printable(w));
+    }
+    let errors: Vec<&str> = raw["errors"].as_array().into_iter().flatten().filter_map(|e| e.as_str()).collect();
+    for e in &errors {
+        eprintln!("error: {}", printable(e));
+    }
+    if !errors.is_empty() {
+        anyhow::bail!("{} policies could not be exported (see above); the others were", errors.len());
+    }
+    Ok(())
+}
+
+/// The audit log, newest first.
+pub async fn audit(api: &Api, json: bool, action: Option<String>, limit: u32) -> anyhow::Result<()> {
+    let mut q = vec![("limit", limit.to_string())];
+    if let Some(a) = action {
+        q.push(("action", a));
+    }
+    let raw = api.get("audit", &q).await?;
+    if json {
+        return print_json(&raw);
+    }
+    let empty = Vec::new();
+    let rows: Vec<Vec<String>> = raw
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().map(printable).unwrap_or_default();
+            vec![
+                e["id"].to_string(),
+                e["at_unix_ms"].as_i64().map(ago).unwrap_or_default(),
+                s("actor"),
+                s("action"),
+                s("subject"),
+                printable(&e["detail"].to_string()),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "WHEN", "ACTOR", "ACTION", "SUBJECT", "DETAIL"], &rows);
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! `/api/v1` for policy learning: proposals (list, show, synthesize, diff, approve,
+//! reject), replay ("simulate"), export, the audit log and imported cluster policies.
+//!
+//! Who decided is taken from the `X-Bulkhead-Actor` header for now; the UI's session
+//! authentication (issue 5) replaces the [`Actor`] extractor, so every handler that
+//! records a decision already goes through one place.
+
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bulkhead_model::{Identity, ProposalStatus};
+use serde::Deserialize;
+
+use super::AppState;
+use super::api::ApiError;
+use crate::grpc::ingest::unix_ms;
+use crate::policy::replay::ReplayRequest;
+use crate::policy::review::{Against, Approval};
+use crate::policy::{ExportRequest, PolicyError, SynthesisRequest};
+use crate::store::{AuditQuery, MAX_AUDIT_PAGE, MAX_PROPOSAL_PAGE, ProposalQuery};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/proposals", get(list))
+        .route("/proposals/synthesize", post(synthesize))
+        .route("/proposals/{id}", get(show))
+        .route("/proposals/{id}/diff", get(diff))
+        .route("/proposals/{id}/approve", post(approve))
+        .route("/proposals/{id}/reject", post(reject))
+        .route("/simulate", post(simulate))
+        .route("/export", get(export))
+        .route("/audit", get(audit))
+        .route("/cluster-policies", get(cluster_policies))
+}
+
+impl From<PolicyError> for ApiError {
+    fn from(err: PolicyError) -> Self {
+        match err {
+            PolicyError::Store(e) => e.into(),
+            PolicyError::NoSuchProposal { .. } => ApiError::NotFound(err.to_string()),
+            PolicyError::Approve(_) | PolicyError::InvalidRequest { .. } => ApiError::BadRequest(err.to_string()),
+            PolicyError::Task { .. } => {
+                tracing::error!(error = %err, "Policy task failed.");
+                ApiError::Unavailable
+            }
+        }
+    }
+}
+
+/// Who is acting (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Actor(pub String);
+
+/// Longest actor name accepted.
+const MAX_ACTOR_LEN: usize = 256;
+
+impl<S: Send + Sync> FromRequestParts<S> for Actor {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let value = parts.headers.get("x-bulkhead-actor").ok_or_else(|| {
+            ApiError::BadRequest("decisions need an X-Bulkhead-Actor header naming who decides".into())
+        })?;
+        let name =
+            value.to_str().map_err(|_| ApiError::BadRequest("X-Bulkhead-Actor must be visible ASCII".into()))?.trim();
+        if name.is_empty() || name.len() > MAX_ACTOR_LEN {
+            return Err(ApiError::BadRequest(format!("X-Bulkhead-Actor must be 1..={MAX_ACTOR_LEN} characters")));
+        }
+        Ok(Actor(name.to_owned()))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListParams {
+    pub status: Option<String>,
+    pub target: Option<u32>,
+    pub limit: Option<u32>,
+    pub before_id: Option<i64>,
+}
+
+async fn list(State(s): State<AppState>, Query(p): Query<ListParams>) -> Result<impl IntoResponse, ApiError> {
+    let status = p.status.as_deref().map(str::parse::<ProposalStatus>).transpose().map_err(ApiError::BadRequest)?;
+    let limit = p.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PROPOSAL_PAGE {
+        return Err(ApiError::BadRequest(format!("limit must be 1..={MAX_PROPOSAL_PAGE}")));
+    }
+    let q = ProposalQuery { status, target: p.target.map(Identity), limit, before_id: p.before_id };
+    Ok(Json(s.store.proposals(&q).await?))
+}
+
+async fn synthesize(
+    State(s): State<AppState>,
+    Json(req): Json<SynthesisRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.policy.synthesize(&req, unix_ms()).await?))
+}
+
+async fn show(State(s): State<AppState>, Path(id): Path<i64>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.policy.view(id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DiffParams {
+    /// `active` (default), `previous`, or a version number.
+    pub against: Option<String>,
+}
+
+async fn diff(
+    State(s): State<AppState>,
+    Path(id): Path<i64>,
+    Query(p): Query<DiffParams>,
+) -> Result<impl IntoResponse, ApiError> {
+    let against = match p.against.as_deref().unwrap_or("active") {
+        "active" | "deployed" => Against::Active,
+        "previous" => Against::Previous,
+        v => Against::Version(v.parse().map_err(|_| {
+            ApiError::BadRequest(format!("against must be active, previous or a version number, not {v:?}"))
+        })?),
+    };
+    Ok(Json(s.policy.diff(id, against).await?))
+}
+
+async fn approve(
+    State(s): State<AppState>,
+    actor: Actor,
+    Path(id): Path<i64>,
+    Json(a): Json<Approval>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.policy.approve(id, &a, &actor.0, unix_ms()).await?))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Rejection {
+    pub comment: String,
+}
+
+async fn reject(
+    State(s): State<AppState>,
+    actor: Actor,
+    Path(id): Path<i64>,
+    Json(r): Json<Rejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.policy.reject(id, &r.comment, &actor.0, unix_ms()).await?))
+}
+
+async fn simulate(State(s): State<AppState>, Json(req): Json<ReplayRequest>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.policy.replay(&req).await?))
+}
+
+async fn export(State(s): State<AppState>, Query(req): Query<ExportRequest>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.policy.export(&req).await?))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct AuditParams {
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub subject: Option<String>,
+    pub limit: Option<u32>,
+    pub before_id: Option<i64>,
+}
+
+async fn audit(State(s): State<AppState>, Query(p): Query<AuditParams>) -> Result<impl IntoResponse, ApiError> {
+    let limit = p.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_AUDIT_PAGE {
+        return Err(ApiError::BadRequest(format!("limit must be 1..={MAX_AUDIT_PAGE}")));
+    }
+    let q = AuditQuery {
+        since_unix_ms: p.since_ms,
+        until_unix_ms: p.until_ms,
+        actor: p.actor,
+        action_prefix: p.action,
+        subject: p.subject,
+        limit,
+        before_id: p.before_id,
+    };
+    Ok(Json(s.store.audit(&q).await?))
+}
+
+async fn cluster_policies(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.store.cluster_policies().await?))
+}

@@ -1,0 +1,120 @@
+//! The `bulkhead` CLI against a served `/api/v1` (real binary, real HTTP): the policy
+//! commands an operator runs — synthesize, list, show, diff, approve, simulate,
+//! export, audit.
+
+use std::net::IpAddr;
+use std::process::Output;
+
+use bulkhead_learner::grpc::ingest::unix_ms;
+use bulkhead_learner::store::{IngestBatch, ResolvedFlow, Store};
+use bulkhead_learner::web::{AppState, router};
+use bulkhead_model::labels::NAMESPACE_KEY;
+use bulkhead_model::{Direction, Flow, Identity, Labels, Protocol, Verdict};
+
+fn flow(src: &str, dst: &str, at: i64) -> Flow {
+    Flow {
+        src_addr: src.parse::<IpAddr>().expect("ip"),
+        src_port: 0,
+        dst_addr: dst.parse::<IpAddr>().expect("ip"),
+        dst_port: 80,
+        protocol: Protocol::Tcp,
+        direction: Direction::Egress,
+        netns_ino: 1,
+        cgroup_id: 0,
+        pid: 1,
+        comm: "curl".into(),
+        connections: 1,
+        bytes_sent: 1,
+        bytes_received: 1,
+        packets: 2,
+        verdict: Verdict::Forwarded,
+        first_seen_unix_ms: at,
+        last_seen_unix_ms: at,
+    }
+}
+
+async fn record(store: &Store, seq: u64, src: Identity, dst: Identity, f: Flow) {
+    let batch = IngestBatch {
+        node_id: "node-1".into(),
+        boot_id: "boot".into(),
+        seq,
+        received_unix_ms: f.last_seen_unix_ms,
+        flows: vec![ResolvedFlow { flow: f, src_identity: src, dst_identity: dst }],
+        endpoints: None,
+        dns_answers: vec![],
+        loss: Default::default(),
+    };
+    store.ingest(&batch).await.expect("ingest");
+}
+
+async fn bulkhead(server: &str, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"));
+    cmd.arg("--server").arg(server).args(args).env_remove("BULKHEAD_ACTOR");
+    cmd.output().await.expect("run bulkhead")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn policy_commands_end_to_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&format!("sqlite://{}", dir.path().join("cli.db").display())).await.expect("store");
+    let l = |class: &str, org: &str| {
+        Labels::new([(NAMESPACE_KEY, "default"), ("org", org), ("class", class)]).expect("labels")
+    };
+    let deathstar = store.ensure_identity(&l("deathstar", "empire")).await.expect("id");
+    let tiefighter = store.ensure_identity(&l("tiefighter", "empire")).await.expect("id");
+    let xwing = store.ensure_identity(&l("xwing", "alliance")).await.expect("id");
+    store.register_agent("node-1", 1).await.expect("agent");
+    let now = unix_ms();
+    record(&store, 1, tiefighter, deathstar, flow("10.202.0.11", "10.202.0.10", now - 3_600_000)).await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server = format!("http://{}", listener.local_addr().expect("addr"));
+    let app = router(AppState::for_store(store.clone()));
+    let serving = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let out = bulkhead(&server, &["proposals", "synthesize"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("proposals awaiting review"), "{}", stdout(&out));
+
+    let out = bulkhead(&server, &["--json", "proposals", "list", "--target", &deathstar.0.to_string()]).await;
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json list");
+    let id = list[0]["id"].as_i64().expect("a deathstar proposal");
+
+    let out = bulkhead(&server, &["proposals", "show", &id.to_string()]).await;
+    let text = stdout(&out);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("class=tiefighter") && text.contains("80/tcp"), "{text}");
+
+    let out = bulkhead(&server, &["proposals", "diff", &id.to_string()]).await;
+    assert!(stdout(&out).contains("+ ingress from workloads"), "{}", stdout(&out));
+
+    // xwing attacks later; the replay lists it.
+    record(&store, 2, xwing, deathstar, flow("10.202.0.12", "10.202.0.10", now - 60_000)).await;
+    let out = bulkhead(&server, &["simulate", "--proposal", &id.to_string(), "--since-hours", "0.5"]).await;
+    let text = stdout(&out);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("1 would be denied") && text.contains("10.202.0.12"), "{text}");
+
+    let out = bulkhead(&server, &["proposals", "approve", &id.to_string(), "--as", "alice", "--comment", "ok"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let out = bulkhead(&server, &["proposals", "approve", &id.to_string(), "--as", "bob"]).await;
+    assert!(!out.status.success(), "a second decision must fail");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("409"), "{out:?}");
+
+    let file = dir.path().join("policies.yaml");
+    let out = bulkhead(&server, &["export", "--namespace", "default", "-o", file.to_str().expect("path")]).await;
+    assert!(out.status.success(), "{out:?}");
+    let yaml = std::fs::read_to_string(&file).expect("exported file");
+    assert!(yaml.contains("kind: NetworkPolicy") && yaml.contains("port: 80"), "{yaml}");
+    let out = bulkhead(&server, &["export", "--format", "cilium"]).await;
+    assert!(stdout(&out).contains("kind: CiliumNetworkPolicy"), "{out:?}");
+
+    let out = bulkhead(&server, &["audit", "--action", "proposal."]).await;
+    let text = stdout(&out);
+    assert!(text.contains("proposal.approve") && text.contains("alice"), "{text}");
+    serving.abort();
+}

@@ -1,0 +1,136 @@
+//! The two-backend store fixture shared by `tests/store.rs` and `tests/store_policy.rs`:
+//! each case is written once as an async fn over a [`Fixture`], and [`store_cases!`]
+//! generates one `#[tokio::test]` per backend. The PostgreSQL tests need
+//! `BULKHEAD_TEST_POSTGRES_URL` (set by `cargo xtask test`) and fail, not skip, without
+//! it. The other test binaries do not use this module.
+
+// Not `expect`: each test binary compiles its own copy and uses a different part, so an
+// expectation would go unfulfilled in whichever binary does use an item.
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use bulkhead_learner::store::{Backend, FlowQuery, FlowRow, IngestBatch, ResolvedFlow, Store};
+use bulkhead_model::{Flow, Identity, Labels, LossCounters};
+use bulkhead_testkit::postgres::{PgTestDb, fresh_database};
+use sqlx::{Connection, Database, Executor, PgConnection, SqliteConnection};
+
+// === fixture ===
+
+/// A freshly migrated, empty store plus what is needed to reach its database again:
+/// to reopen it (a learner restart) or to bypass it with raw SQL.
+pub struct Fixture {
+    pub store: Store,
+    pub url: String,
+    // Dropped after `store`: removes the temp dir / drops the database.
+    _db: Db,
+}
+
+enum Db {
+    Sqlite(#[expect(dead_code, reason = "held for its Drop")] tempfile::TempDir),
+    Postgres(#[expect(dead_code, reason = "held for its Drop")] PgTestDb),
+}
+
+impl Fixture {
+    pub async fn sqlite() -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("learner.db").display());
+        let store = Store::open(&url).await.expect("open sqlite store");
+        assert_eq!(store.backend(), Backend::Sqlite);
+        Fixture { store, url, _db: Db::Sqlite(dir) }
+    }
+
+    pub async fn postgres() -> Fixture {
+        let db = fresh_database().await;
+        let url = db.url().to_owned();
+        let store = Store::open(&url).await.expect("open postgres store");
+        assert_eq!(store.backend(), Backend::Postgres);
+        Fixture { store, url, _db: Db::Postgres(db) }
+    }
+
+    /// A second, independent handle on the same database (a learner restart).
+    pub async fn reopen(&self) -> Store {
+        Store::open(&self.url).await.expect("reopen store")
+    }
+
+    /// Runs raw SQL on a separate connection, bypassing the store: what an operator
+    /// with a SQL shell (or an attacker with the database file) could do.
+    pub async fn raw_sql(&self, sql: &'static str) -> Result<u64, sqlx::Error> {
+        match self.store.backend() {
+            Backend::Sqlite => raw_sql::<SqliteConnection>(&self.url, sql).await.map(|r| r.rows_affected()),
+            Backend::Postgres => raw_sql::<PgConnection>(&self.url, sql).await.map(|r| r.rows_affected()),
+        }
+    }
+}
+
+async fn raw_sql<C>(url: &str, sql: &'static str) -> Result<<C::Database as Database>::QueryResult, sqlx::Error>
+where
+    C: Connection,
+    for<'c> &'c mut C: Executor<'c, Database = C::Database>,
+{
+    let backend = <C::Database as Database>::NAME;
+    let mut c = C::connect(url).await.unwrap_or_else(|e| panic!("raw {backend} connection: {e}"));
+    let r = sqlx::raw_sql(sql).execute(&mut c).await;
+    c.close().await.expect("close raw connection");
+    r
+}
+
+/// One `#[tokio::test]` per case and backend: `sqlite::case` and `postgres::case`, each
+/// on a fresh [`Fixture`], closing the store afterwards.
+macro_rules! store_cases {
+    ($($case:ident),* $(,)?) => {
+        $crate::common::store_cases!(@backend sqlite: $($case),*);
+        $crate::common::store_cases!(@backend postgres: $($case),*);
+    };
+    (@backend $backend:ident: $($case:ident),*) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let f = $crate::common::Fixture::$backend().await;
+                    super::$case(&f).await;
+                    f.store.close().await;
+                }
+            )*
+        }
+    };
+}
+pub(crate) use store_cases;
+
+// === builders ===
+
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    Labels::new(pairs.iter().copied()).expect("valid labels")
+}
+
+pub fn resolved(flow: Flow, src: Identity, dst: Identity) -> ResolvedFlow {
+    ResolvedFlow { flow, src_identity: src, dst_identity: dst }
+}
+
+/// A batch of `flows` from boot `boot-1` of `node`, received at 1 000 000 ms.
+pub fn batch(node: &str, seq: u64, flows: Vec<ResolvedFlow>) -> IngestBatch {
+    IngestBatch {
+        node_id: node.into(),
+        boot_id: "boot-1".into(),
+        seq,
+        received_unix_ms: 1_000_000,
+        flows,
+        endpoints: None,
+        dns_answers: vec![],
+        loss: LossCounters::default(),
+    }
+}
+
+// === reads ===
+
+/// Every stored flow, newest first, read page by page.
+pub async fn all_flows(store: &Store) -> Vec<FlowRow> {
+    let mut out = Vec::new();
+    let mut before = None;
+    loop {
+        let page =
+            store.flows(&FlowQuery { limit: 1000, before_id: before, ..FlowQuery::default() }).await.expect("flows");
+        let Some(last) = page.last() else { break };
+        before = Some(last.id);
+        out.extend(page);
+    }
+    out
+}
