@@ -118,7 +118,10 @@ fn main() {
         "\nLost = connections completed by the load generator minus connections counted on the learner's edge, ",
     );
     md.push_str("plus kernel ring-buffer drops; it must be 0.\n");
-    write_section("Collector", &md);
+    match bulkhead_testkit::benchmarks::write_section("Collector", &md) {
+        Ok(path) => println!("wrote ## Collector to {}", path.display()),
+        Err(e) => panic!("could not update BENCHMARKS.md: {e}"),
+    }
     let lost: u64 = rows.iter().map(|(_, m)| m.lost).sum();
     assert_eq!(lost, 0, "the collector lost events");
 }
@@ -304,21 +307,4 @@ fn metric(addr: &str, name: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-/// Replaces (or appends) one `## title` section of BENCHMARKS.md.
-fn write_section(title: &str, body: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
-    let head = format!("## {title}\n");
-    let section = format!("{head}\n{body}\n");
-    let new = match old.find(&head) {
-        Some(start) => {
-            let end = old[start + head.len()..].find("\n## ").map(|i| start + head.len() + i + 1).unwrap_or(old.len());
-            format!("{}{}{}", &old[..start], section, &old[end..])
-        }
-        None => format!("{}\n\n{section}", old.trim_end()),
-    };
-    std::fs::write(&path, new).expect("write BENCHMARKS.md");
-    println!("wrote ## {title} to {}", path.display());
 }

@@ -19,7 +19,6 @@
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -113,14 +112,13 @@ async fn run(mode: Mode) -> ExitCode {
 
     let section = render(&results);
     println!("\n{section}");
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    match write_section(&path, &section) {
-        Ok(()) => {
+    match bulkhead_testkit::benchmarks::write_section("Learner store", &section) {
+        Ok(path) => {
             println!("Wrote the `## Learner store` section of {}.", path.display());
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("could not update {}: {e}", path.display());
+            eprintln!("could not update BENCHMARKS.md: {e}");
             ExitCode::FAILURE
         }
     }
@@ -516,7 +514,6 @@ fn render(results: &[Results]) -> String {
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let mut s = String::new();
-    let _ = writeln!(s, "## Learner store\n");
     let _ = writeln!(s, "Command: `{COMMAND}` (release build; needs `{URL_ENV}`, as the store tests do).");
     let load = std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -575,36 +572,4 @@ fn render(results: &[Results]) -> String {
         let _ = writeln!(s, "| {:?} | {} |", r.backend, cells.join(" | "));
     }
     s
-}
-
-/// Replaces (or appends) the `## Learner store` section, leaving other sections alone.
-fn write_section(path: &Path, section: &str) -> std::io::Result<()> {
-    let old = match std::fs::read_to_string(path) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "# Benchmarks\n".to_owned(),
-        Err(e) => return Err(e),
-    };
-    let lines: Vec<&str> = old.lines().collect();
-    let start = lines.iter().position(|l| l.trim_end() == "## Learner store");
-    let mut out: Vec<String> = Vec::new();
-    match start {
-        Some(start) => {
-            let end =
-                lines[start + 1..].iter().position(|l| l.starts_with("## ")).map_or(lines.len(), |i| start + 1 + i);
-            out.extend(lines[..start].iter().map(|l| l.to_string()));
-            out.extend(section.trim_end().lines().map(str::to_owned));
-            if end < lines.len() {
-                out.push(String::new());
-            }
-            out.extend(lines[end..].iter().map(|l| l.to_string()));
-        }
-        None => {
-            out.extend(lines.iter().map(|l| l.to_string()));
-            if out.last().is_some_and(|l| !l.is_empty()) {
-                out.push(String::new());
-            }
-            out.extend(section.trim_end().lines().map(str::to_owned));
-        }
-    }
-    std::fs::write(path, out.join("\n") + "\n")
 }

@@ -9,7 +9,6 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -243,7 +242,10 @@ fn main() {
         ));
     }
     println!("\n{body}");
-    write_section("Policy synthesis", &body);
+    match bulkhead_testkit::benchmarks::write_section("Policy synthesis", &body) {
+        Ok(path) => println!("wrote ## Policy synthesis to {}", path.display()),
+        Err(e) => panic!("could not update BENCHMARKS.md: {e}"),
+    }
 }
 
 /// This process's user + system CPU time (both threads), from /proc.
@@ -258,21 +260,4 @@ fn cpu_ms() -> u64 {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// Replaces (or appends) one `## title` section of BENCHMARKS.md.
-fn write_section(title: &str, body: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../BENCHMARKS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
-    let head = format!("## {title}\n");
-    let section = format!("{head}\n{body}\n");
-    let new = match old.find(&head) {
-        Some(start) => {
-            let end = old[start + head.len()..].find("\n## ").map(|i| start + head.len() + i + 1).unwrap_or(old.len());
-            format!("{}{}{}", &old[..start], section, &old[end..])
-        }
-        None => format!("{}\n\n{section}", old.trim_end()),
-    };
-    std::fs::write(&path, new).expect("write BENCHMARKS.md");
-    println!("wrote ## {title} to {}", path.display());
 }

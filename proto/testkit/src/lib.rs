@@ -3,6 +3,7 @@
 //! panics), a throwaway PostgreSQL database, a real Kubernetes API server, and
 //! `assert_eventually!`.
 
+pub mod benchmarks;
 pub mod cgroup;
 pub mod dns;
 pub mod eventually;
