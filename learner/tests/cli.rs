@@ -113,6 +113,21 @@ async fn policy_commands_end_to_end() {
     let out = bulkhead(&server, &["export", "--format", "cilium"]).await;
     assert!(stdout(&out).contains("kind: CiliumNetworkPolicy"), "{out:?}");
 
+    // Rollout: approved deathstar goes to monitor; xwing (no policy) may not.
+    let out = bulkhead(
+        &server,
+        &["rollout", "set", "--target", &deathstar.0.to_string(), "--mode", "monitor", "--as", "alice"],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("learn -> monitor"), "{}", stdout(&out));
+    let out = bulkhead(&server, &["rollout", "list"]).await;
+    assert!(stdout(&out).contains("monitor"), "{}", stdout(&out));
+    let out =
+        bulkhead(&server, &["rollout", "set", "--namespace", "default", "--mode", "enforce", "--as", "alice"]).await;
+    assert!(!out.status.success(), "tiefighter has no approved policy: the namespace change is refused as a whole");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no approved policy"), "{out:?}");
+
     let out = bulkhead(&server, &["audit", "--action", "proposal."]).await;
     let text = stdout(&out);
     assert!(text.contains("proposal.approve") && text.contains("alice"), "{text}");

@@ -187,6 +187,24 @@ async fn reference_journey(mut s: Scenario) {
     let (status, _) = s.call("POST", "/api/v1/proposals/999999/approve", Some("bob"), Some(json!({}))).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
+    // Rollout gates: enforce straight from learn is refused, monitor is fine, then
+    // enforce; every change is audited.
+    let t = s.deathstar.0;
+    let (status, body) =
+        s.call("POST", "/api/v1/rollout", Some("alice"), Some(json!({"target": t, "mode": "enforce"}))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    for mode in ["monitor", "enforce"] {
+        let (status, body) =
+            s.call("POST", "/api/v1/rollout", Some("alice"), Some(json!({"target": t, "mode": mode}))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body[0]["to"], mode);
+    }
+    let (_, states) = s.call("GET", "/api/v1/rollout", None, None).await;
+    let ds = states.as_array().and_then(|a| a.iter().find(|r| r["target"] == t)).expect("deathstar state");
+    assert_eq!((ds["mode"].as_str(), ds["has_policy"].as_bool()), (Some("enforce"), Some(true)), "{states}");
+    let (status, _) = s.call("POST", "/api/v1/rollout", None, Some(json!({"target": t, "mode": "learn"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "rollout changes need an actor");
+
     // The whole (approved) policy set replays the same way.
     let req = json!({"from_unix_ms": attack - 60_000, "to_unix_ms": now + 60_000});
     let (_, replay) = s.call("POST", "/api/v1/simulate", None, Some(req)).await;
@@ -214,6 +232,8 @@ async fn reference_journey(mut s: Scenario) {
     let entries = audit.as_array().expect("array");
     assert!(entries.iter().any(|e| e["action"] == "proposal.approve" && e["actor"] == "alice"), "{audit}");
     assert!(entries.iter().any(|e| e["action"] == "proposal.proposed"), "{audit}");
+    let (_, audit) = s.call("GET", "/api/v1/audit?action=rollout.", None, None).await;
+    assert_eq!(audit.as_array().map(Vec::len), Some(2), "monitor and enforce: {audit}");
 
     // New traffic after approval: xwing's attempt is now an edge too; the next
     // synthesis is a new version whose diff against the approved one adds xwing.

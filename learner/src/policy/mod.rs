@@ -7,11 +7,13 @@
 //! * [`PolicyService::synthesize`] — run synthesis off the async runtime, store one
 //!   version per changed workload;
 //! * [`review`] — approve / reject / diff;
-//! * [`replay`] — "what would this block?" over any time range.
+//! * [`replay`] — "what would this block?" over any time range;
+//! * [`rollout`] — learn → monitor → enforce with its gates.
 
 pub mod inputs;
 pub mod replay;
 pub mod review;
+pub mod rollout;
 
 use std::sync::Arc;
 
@@ -37,6 +39,8 @@ pub enum PolicyError {
     Approve(#[from] bulkhead_synth::ApproveError),
     #[error("invalid request: {reason}")]
     InvalidRequest { reason: String },
+    #[error("gate not met for identity {}: {reason}", target.0)]
+    Gate { target: Identity, reason: String },
     #[error("synthesis task failed: {reason}")]
     Task { reason: String },
 }

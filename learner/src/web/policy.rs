@@ -18,6 +18,7 @@ use super::api::ApiError;
 use crate::grpc::ingest::unix_ms;
 use crate::policy::replay::ReplayRequest;
 use crate::policy::review::{Against, Approval};
+use crate::policy::rollout::RolloutRequest;
 use crate::policy::{ExportRequest, PolicyError, SynthesisRequest};
 use crate::store::{AuditQuery, MAX_AUDIT_PAGE, MAX_PROPOSAL_PAGE, ProposalQuery};
 
@@ -33,6 +34,7 @@ pub fn routes() -> Router<AppState> {
         .route("/export", get(export))
         .route("/audit", get(audit))
         .route("/cluster-policies", get(cluster_policies))
+        .route("/rollout", get(rollout_states).post(set_rollout))
 }
 
 impl From<PolicyError> for ApiError {
@@ -40,6 +42,7 @@ impl From<PolicyError> for ApiError {
         match err {
             PolicyError::Store(e) => e.into(),
             PolicyError::NoSuchProposal { .. } => ApiError::NotFound(err.to_string()),
+            PolicyError::Gate { .. } => ApiError::Conflict(err.to_string()),
             PolicyError::Approve(_) | PolicyError::InvalidRequest { .. } => ApiError::BadRequest(err.to_string()),
             PolicyError::Task { .. } => {
                 tracing::error!(error = %err, "Policy task failed.");
@@ -183,4 +186,16 @@ async fn audit(State(s): State<AppState>, Query(p): Query<AuditParams>) -> Resul
 
 async fn cluster_policies(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.store.cluster_policies().await?))
+}
+
+async fn rollout_states(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.policy.rollout_states().await?))
+}
+
+async fn set_rollout(
+    State(s): State<AppState>,
+    actor: Actor,
+    Json(req): Json<RolloutRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.policy.set_rollout(&req, &actor.0, unix_ms()).await?))
 }

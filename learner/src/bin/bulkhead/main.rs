@@ -92,6 +92,9 @@ enum Command {
         #[arg(long, short)]
         output: Option<std::path::PathBuf>,
     },
+    /// Rollout modes per workload (learn → monitor → enforce) with their gates.
+    #[command(subcommand)]
+    Rollout(policy::RolloutCommand),
     /// The audit log: every proposal decision and rollout change, newest first.
     Audit {
         /// Only actions starting with this, e.g. `proposal.`.
@@ -232,6 +235,7 @@ async fn main() -> anyhow::Result<()> {
             policy::export(&api, format, target, namespace, proposal, output).await?
         }
         Command::Audit { action, limit } => policy::audit(&api, args.json, action, limit).await?,
+        Command::Rollout(cmd) => policy::rollout(&api, args.json, cmd).await?,
     }
     Ok(())
 }

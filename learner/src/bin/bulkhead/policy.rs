@@ -437,3 +437,76 @@ pub async fn audit(api: &Api, json: bool, action: Option<String>, limit: u32) ->
     print_table(&["ID", "WHEN", "ACTOR", "ACTION", "SUBJECT", "DETAIL"], &rows);
     Ok(())
 }
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Every workload's mode and gate.
+    List,
+    /// Move one workload (`--target`) or a namespace to a mode.
+    Set {
+        #[arg(long, conflicts_with = "namespace", required_unless_present = "namespace")]
+        target: Option<u32>,
+        #[arg(long)]
+        namespace: Option<String>,
+        /// learn, monitor or enforce.
+        #[arg(long)]
+        mode: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Enforce without a monitor phase first.
+        #[arg(long)]
+        force: bool,
+        #[arg(long = "as", env = "BULKHEAD_ACTOR")]
+        actor: Option<String>,
+    },
+}
+
+pub async fn rollout(api: &Api, json: bool, cmd: RolloutCommand) -> anyhow::Result<()> {
+    match cmd {
+        RolloutCommand::List => {
+            let raw = api.get("rollout", &[]).await?;
+            if json {
+                return print_json(&raw);
+            }
+            let empty = Vec::new();
+            let rows: Vec<Vec<String>> = raw
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .map(|r| {
+                    let s = |k: &str| r[k].as_str().map(printable).unwrap_or_default();
+                    vec![
+                        format!("{} ({})", s("workload"), r["target"]),
+                        s("mode"),
+                        r["mode_since_unix_ms"].as_i64().map(ago).unwrap_or_else(|| "-".into()),
+                        if r["has_policy"] == true { "yes" } else { "no" }.into(),
+                        match r["converged"].as_bool() {
+                            Some(true) => "yes".into(),
+                            Some(false) => "no".into(),
+                            None => "-".into(),
+                        },
+                        s("changed_by"),
+                    ]
+                })
+                .collect();
+            print_table(&["WORKLOAD", "MODE", "SINCE", "APPROVED POLICY", "CONVERGED", "CHANGED BY"], &rows);
+        }
+        RolloutCommand::Set { target, namespace, mode, reason, force, actor: who } => {
+            let body =
+                json!({"target": target, "namespace": namespace, "mode": mode, "reason": reason, "force": force});
+            let raw = api.post("rollout", &actor(who), &body).await?;
+            if json {
+                return print_json(&raw);
+            }
+            for c in raw.as_array().into_iter().flatten() {
+                println!(
+                    "identity {}: {} -> {}",
+                    c["target"],
+                    c["from"].as_str().unwrap_or("?"),
+                    c["to"].as_str().unwrap_or("?")
+                );
+            }
+        }
+    }
+    Ok(())
+}
