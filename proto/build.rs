@@ -9,6 +9,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["bulkhead/v1/flow.proto"], &["."])?;
+        .compile_protos(&["bulkhead/v1/flow.proto", "bulkhead/v1/policy.proto"], &["."])?;
     Ok(())
 }

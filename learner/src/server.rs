@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bulkhead_proto::v1::flow_ingest_server::FlowIngestServer;
+use bulkhead_proto::v1::policy_stream_server::PolicyStreamServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::distribute::{Distributor, PolicyStreamService, Recorder};
 use crate::export::import_network_policy;
 use crate::grpc::ingest::{Enrollment, IngestService, unix_ms};
 use crate::identity::inventory::Inventory;
@@ -51,6 +53,12 @@ pub struct ServerConfig {
 /// How often the Kubernetes NetworkPolicies seen by the watchers are re-imported into
 /// the store (only when the watched state changed).
 const CLUSTER_POLICY_IMPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Node policies are recompiled at least this often.
+const RECOMPILE_EVERY: Duration = Duration::from_secs(5);
+
+/// Largest policy snapshot sent to an enforcer (NodePolicy limits stay well below).
+const MAX_POLICY_MESSAGE_BYTES: usize = 256 << 20;
 
 /// A started learner.
 #[derive(Debug)]
@@ -159,8 +167,15 @@ pub async fn start_with_kube(cfg: ServerConfig, kube_source: Option<KubeConfigSo
             }
         }));
     }
+    let distributor = Distributor::new();
+    let policy_stream = PolicyStreamService {
+        distributor: distributor.clone(),
+        recorder: Some(Recorder { store: store.clone(), distributor: distributor.clone() }),
+    };
+    health_reporter.set_serving::<PolicyStreamServer<PolicyStreamService>>().await;
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
+        .add_service(PolicyStreamServer::new(policy_stream).max_encoding_message_size(MAX_POLICY_MESSAGE_BYTES))
         .add_service(
             FlowIngestServer::new(ingest)
                 .max_decoding_message_size(cfg.max_batch_bytes)
@@ -173,8 +188,10 @@ pub async fn start_with_kube(cfg: ServerConfig, kube_source: Option<KubeConfigSo
         }
     });
 
-    let policy =
-        PolicyService::new(store.clone(), policy_inventory, cfg.policy.clone()).with_resolver(resolver.clone());
+    let policy_changed = Arc::new(tokio::sync::Notify::new());
+    let policy = PolicyService::new(store.clone(), policy_inventory.clone(), cfg.policy.clone())
+        .with_resolver(resolver.clone())
+        .notify_on_change(policy_changed.clone());
     let app = web::router(AppState { store: store.clone(), policy: policy.clone() });
     let http_task = tokio::spawn(async move {
         if let Err(err) = axum::serve(http_listener, app).await {
@@ -209,9 +226,49 @@ pub async fn start_with_kube(cfg: ServerConfig, kube_source: Option<KubeConfigSo
     if kube_watchers.is_some() {
         tasks.push(tokio::spawn(import_cluster_policies(store.clone(), resolver.clone())));
     }
+    tasks.push(tokio::spawn(distribute(
+        distributor,
+        store.clone(),
+        policy_inventory,
+        resolver.clone(),
+        policy_changed,
+    )));
     tracing::info!(%grpc_addr, %http_addr, "Learner serving.");
     tasks.extend([grpc_task, http_task, retention_task]);
     Ok(Running { grpc_addr, http_addr, store, resolver, kube: kube_watchers, tasks })
+}
+
+/// Recompiles node policies when a decision or rollout change says so, and at least
+/// every [`RECOMPILE_EVERY`] (endpoints, identities and DNS answers change without
+/// one); only nodes whose content changed get a new version.
+async fn distribute(
+    distributor: Distributor,
+    store: Store,
+    inventory: Arc<Inventory>,
+    resolver: Arc<RwLock<Resolver>>,
+    changed: Arc<tokio::sync::Notify>,
+) {
+    let mut tick = tokio::time::interval(RECOMPILE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = changed.notified() => {}
+        }
+        match distributor.recompile(&store, &inventory, Some(&resolver), unix_ms()).await {
+            Ok(nodes) => {
+                for node in nodes {
+                    let Some(p) = distributor.current(&node) else { continue };
+                    if let Err(err) = store.set_desired_version(&node, p.version, unix_ms()).await {
+                        tracing::warn!(node = %node, error = %err, "Recording the desired policy version failed.");
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "Compiling node policies failed; enforcers keep their last policy.")
+            }
+        }
+    }
 }
 
 /// Keeps proposals fresh: new workloads get proposals, approved ones drift proposals.

@@ -93,17 +93,32 @@ pub struct PolicyService {
     pub config: PolicyConfig,
     /// The live identity view; its Kubernetes part says which workloads back a Service.
     pub resolver: Option<Arc<std::sync::RwLock<Resolver>>>,
+    /// Woken after every decision or rollout change, so enforcers get the new policy
+    /// without waiting for the periodic recompile.
+    pub changed: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl PolicyService {
     pub fn new(store: Store, inventory: Arc<Inventory>, config: PolicyConfig) -> Self {
-        Self { store, inventory, config, resolver: None }
+        Self { store, inventory, config, resolver: None, changed: None }
     }
 
     /// With the live resolver (Service backends for lints).
     pub fn with_resolver(mut self, resolver: Arc<std::sync::RwLock<Resolver>>) -> Self {
         self.resolver = Some(resolver);
         self
+    }
+
+    /// Wake `n` after decisions and rollout changes.
+    pub fn notify_on_change(mut self, n: Arc<tokio::sync::Notify>) -> Self {
+        self.changed = Some(n);
+        self
+    }
+
+    pub(crate) fn changed(&self) {
+        if let Some(n) = &self.changed {
+            n.notify_one();
+        }
     }
 
     /// Label sets of the pods some Kubernetes Service selects.

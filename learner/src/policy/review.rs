@@ -84,7 +84,9 @@ impl PolicyService {
         let record = self.proposal(id).await?;
         let policy = approved_policy(&record.proposal, &a.confirm, &a.drop)?;
         let decision = Decision::Approve { policy };
-        Ok(self.store.decide_proposal(id, decision, actor, a.comment.as_deref(), now_ms).await?)
+        let record = self.store.decide_proposal(id, decision, actor, a.comment.as_deref(), now_ms).await?;
+        self.changed();
+        Ok(record)
     }
 
     /// Rejects proposal `id` (a comment saying why is required by the store).

@@ -136,6 +136,7 @@ impl PolicyService {
             let row = self.store.set_rollout_mode(s.target, req.mode, actor, &reason, now_ms).await?;
             out.push(RolloutChange { target: s.target, from: s.mode, to: req.mode, row });
         }
+        self.changed();
         Ok(out)
     }
 }

@@ -4,7 +4,7 @@
 //! single file, WAL, one writer; see `sqlite`); PostgreSQL serves larger or replicated
 //! deployments (see `postgres`). Both run the same numbered migrations from
 //! `migrations/sqlite` and `migrations/postgres`, and the same test suite
-//! (`tests/store.rs`, `tests/store_policy.rs`) runs against each.
+//! (`tests/store.rs`, `tests/store_policy.rs`, `tests/store_enforcement.rs`) runs against each.
 //!
 //! What the store guarantees:
 //! - **At-least-once delivery becomes exactly-once storage.** A batch is stored in one
@@ -25,10 +25,14 @@
 //!   decision, deployment and rollout change writes its audit entry in the same
 //!   transaction. The audit log is append-only in the database (triggers) and
 //!   hash-chained (see `audit`).
+//! - **Enforcer status is what the nodes said.** A node's applied version changes only
+//!   through its own Hello or Applied ack; a rejected ack records the refusal and leaves
+//!   the applied version alone (the node keeps enforcing it). See `enforcement`.
 
 mod audit;
 mod cluster_policies;
 mod decode;
+mod enforcement;
 mod error;
 mod external_peers;
 mod policy_sql;
@@ -51,6 +55,10 @@ use sha2::{Digest, Sha256};
 
 pub use audit::{AuditEntry, AuditQuery, AuditRow, ChainBreak, MAX_AUDIT_PAGE, actions};
 pub use cluster_policies::{ClusterPolicyImport, ClusterPolicyRow};
+pub use enforcement::{
+    AckOutcome, EnforcerRow, MAX_ERROR_CHARS, MAX_VERDICT_PAGE, RuleHitRow, RuleHits, RuleRef, VerdictCount,
+    VerdictEventRecord, VerdictEventRow, VerdictQuery,
+};
 pub use error::StoreError;
 pub use external_peers::ExternalPeerRow;
 pub use proposals::{
@@ -427,6 +435,131 @@ impl Store {
     /// Every imported NetworkPolicy, by namespace and name.
     pub async fn cluster_policies(&self) -> Result<Vec<ClusterPolicyRow>, StoreError> {
         dispatch!(self, s => s.cluster_policies().await)
+    }
+
+    // === enforcers ===
+
+    /// Records an enforcer's Hello: its boot, agent version and the policy version it
+    /// enforces right now (`None`: none, e.g. it started without pinned maps). That
+    /// version replaces the stored applied version — the node's word is the truth about
+    /// the node; its time changes only when the version does. Creates the node's row.
+    pub async fn enforcer_hello(
+        &self,
+        node_id: &str,
+        boot_id: &str,
+        agent_version: &str,
+        applied_version: Option<u64>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let node = enforcement::node(node_id)?;
+        let applied = applied_version.map(|v| enforcement::version("applied_version", v)).transpose()?;
+        let (boot, agent) = (text(boot_id), text(agent_version));
+        dispatch!(self, s => s.enforcer_hello(node, boot, agent, applied, now_ms).await)
+    }
+
+    /// Records an enforcer's answer to `version`. [`AckOutcome::Applied`]: the node now
+    /// enforces it (a pending refusal of an older or the same version is cleared).
+    /// [`AckOutcome::Rejected`]: the applied version stays what it was and the refusal
+    /// (version, error text bounded to [`MAX_ERROR_CHARS`]) is recorded.
+    pub async fn enforcer_ack(
+        &self,
+        node_id: &str,
+        version: u64,
+        status: AckOutcome,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let node = enforcement::node(node_id)?;
+        let stored = enforcement::version("version", version)?;
+        let error = match &status {
+            AckOutcome::Applied => None,
+            AckOutcome::Rejected { error } => Some(enforcement::error_text(error)),
+        };
+        let rejected = error.is_some();
+        dispatch!(self, s => s.enforcer_ack(node.clone(), stored, error, now_ms).await)?;
+        if rejected {
+            tracing::warn!(node = %node, version, "Enforcer rejected a policy version.");
+        } else {
+            tracing::debug!(node = %node, version, "Enforcer applied a policy version.");
+        }
+        Ok(())
+    }
+
+    /// The version distribution is streaming to `node_id` (what it should enforce).
+    /// Creates the node's row if the node was never seen.
+    pub async fn set_desired_version(&self, node_id: &str, version: u64, now_ms: i64) -> Result<(), StoreError> {
+        let node = enforcement::node(node_id)?;
+        let stored = enforcement::version("version", version)?;
+        dispatch!(self, s => s.set_desired_version(node, stored, now_ms).await)
+    }
+
+    /// Every enforcer node, by node id.
+    pub async fn enforcers(&self) -> Result<Vec<EnforcerRow>, StoreError> {
+        dispatch!(self, s => s.enforcers().await)
+    }
+
+    // === verdict events ===
+
+    /// Stores a node's verdict events in one transaction (all or none); returns how many.
+    /// Refused whole ([`StoreError::OutOfRange`]) if a policy version does not fit.
+    pub async fn insert_verdict_events(
+        &self,
+        node_id: &str,
+        events: &[VerdictEventRow],
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let node = enforcement::node(node_id)?;
+        let columns = enforcement::EventColumns::new(events)?;
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let started = Instant::now();
+        let n = dispatch!(self, s => s.insert_verdict_events(&node, &columns, now_ms).await)?;
+        tracing::debug!(
+            node = %node,
+            events = n,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "Stored verdict events."
+        );
+        Ok(n)
+    }
+
+    /// Verdict events, newest first; page with [`VerdictQuery::before_id`].
+    pub async fn verdict_events(&self, q: &VerdictQuery) -> Result<Vec<VerdictEventRecord>, StoreError> {
+        dispatch!(self, s => s.verdict_events(q).await)
+    }
+
+    /// Audit and deny events at or after `since_unix_ms`, per local identity (those with
+    /// none are absent), by identity: the rollout gate's "audit events in the last N
+    /// hours".
+    pub async fn verdict_counts(&self, since_unix_ms: i64) -> Result<Vec<VerdictCount>, StoreError> {
+        dispatch!(self, s => s.verdict_counts(since_unix_ms).await)
+    }
+
+    /// Deletes verdict events that happened before `older_than_unix_ms`; returns how many.
+    pub async fn prune_verdict_events(&self, older_than_unix_ms: i64) -> Result<u64, StoreError> {
+        let n = dispatch!(self, s => s.prune_verdict_events(older_than_unix_ms).await)?;
+        tracing::info!(deleted = n, older_than_unix_ms, "Pruned verdict events.");
+        Ok(n)
+    }
+
+    // === rule hits ===
+
+    /// Adds a node's rule-hit deltas to the totals, in one transaction: hits add
+    /// (saturating), the last hit is the later one. Repeats of a rule in one call count
+    /// together.
+    pub async fn add_rule_hits(&self, node_id: &str, hits: &[RuleHits]) -> Result<(), StoreError> {
+        let node = enforcement::node(node_id)?;
+        if hits.is_empty() {
+            return Ok(());
+        }
+        let columns = enforcement::HitColumns::new(hits);
+        dispatch!(self, s => s.add_rule_hits(&node, &columns).await)
+    }
+
+    /// Accumulated hits of the rules of proposal version `proposal_id`, per rule
+    /// (direction, index) and node. A rule that is absent was never reported as used.
+    pub async fn rule_hits(&self, proposal_id: i64) -> Result<Vec<RuleHitRow>, StoreError> {
+        dispatch!(self, s => s.rule_hits(proposal_id).await)
     }
 
     // === replay feeds ===

@@ -1,12 +1,13 @@
 //! The policy side's statements — proposals and their decisions, the audit chain,
-//! rollout modes, imported cluster policies — bound, run and decoded once for both
-//! backends.
+//! rollout modes, imported cluster policies, and what enforcers report back (status,
+//! verdict events, rule hits) — bound, run and decoded once for both backends.
 //!
 //! What differs for a reason stays with the backend (`sqlite_policy`,
 //! `postgres_policy`): how a write transaction begins and what it locks (SQLite's
 //! `BEGIN IMMEDIATE` on its single writer; PostgreSQL's advisory locks), the snapshot an
-//! audit-chain check reads, the audit-head read ([`PolicyDb::SELECT_AUDIT_HEAD`]) and the
-//! external-peer query. A write here takes the transaction its backend opened and
+//! audit-chain check reads, the audit-head read ([`PolicyDb::SELECT_AUDIT_HEAD`]), the
+//! external-peer query and the enforcers' batch inserts (multi-row VALUES on SQLite,
+//! UNNEST on PostgreSQL). A write here takes the transaction its backend opened and
 //! locked, runs its statements in it and commits it; a read takes the backend's read
 //! pool.
 //!
@@ -27,6 +28,10 @@ use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Transaction
 use super::audit::{self, AuditQuery, AuditRow, ChainCheck, PreparedAudit, RawAuditHead, RawAuditRow, actions};
 use super::cluster_policies::{
     self as cluster, ClusterPolicyImport, ClusterPolicyRow, RawClusterPolicy, RawStoredVersion,
+};
+use super::enforcement::{
+    self as enf, EnforcerRow, RawEnforcer, RawRuleHit, RawVerdictCount, RawVerdictEvent, RuleHitRow, VerdictCount,
+    VerdictEventRecord, VerdictQuery,
 };
 use super::proposals::{
     self as p, ActivePolicy, NewProposal, PreparedDecision, ProposalQuery, ProposalRecord, ProposalSummary, PutPlan,
@@ -59,6 +64,7 @@ where
     for<'q> String: Encode<'q, DB> + Type<DB>,
     for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> Option<&'q str>: Encode<'q, DB> + Type<DB>,
+    for<'q> Option<i64>: Encode<'q, DB> + Type<DB>,
     for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
     // …and the rows they read.
     for<'r> (i64,): FromRow<'r, DB::Row>,
@@ -72,6 +78,10 @@ where
     for<'r> RawRollout: FromRow<'r, DB::Row>,
     for<'r> RawStoredVersion: FromRow<'r, DB::Row>,
     for<'r> RawClusterPolicy: FromRow<'r, DB::Row>,
+    for<'r> RawEnforcer: FromRow<'r, DB::Row>,
+    for<'r> RawVerdictEvent: FromRow<'r, DB::Row>,
+    for<'r> RawVerdictCount: FromRow<'r, DB::Row>,
+    for<'r> RawRuleHit: FromRow<'r, DB::Row>,
 {
     // === proposals ===
 
@@ -413,6 +423,109 @@ where
     pub async fn cluster_policies(pool: &Pool<DB>) -> Result<Vec<ClusterPolicyRow>, StoreError> {
         let query = sqlx::query_as::<_, RawClusterPolicy>(cluster::SELECT_ALL);
         decode_all("cluster_policies", query.fetch_all(pool).await)
+    }
+
+    // === enforcers ===
+    //
+    // Status writes are one upsert each (no transaction needed); `writer` is the
+    // backend's write pool.
+
+    /// [`Store::enforcer_hello`](super::Store::enforcer_hello), values already stored form.
+    pub async fn enforcer_hello(
+        writer: &Pool<DB>,
+        node_id: String,
+        boot_id: String,
+        agent_version: String,
+        applied_version: Option<i64>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(enf::HELLO)
+            .bind(node_id)
+            .bind(boot_id)
+            .bind(agent_version)
+            .bind(applied_version)
+            .bind(applied_version.map(|_| now_ms))
+            .bind(now_ms)
+            .execute(writer)
+            .await
+            .map_err(StoreError::db("enforcer_hello"))?;
+        Ok(())
+    }
+
+    /// [`Store::enforcer_ack`](super::Store::enforcer_ack): `error` is `None` for an
+    /// applied version, the (bounded) reason for a rejected one.
+    pub async fn enforcer_ack(
+        writer: &Pool<DB>,
+        node_id: String,
+        version: i64,
+        error: Option<String>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let query = match error {
+            None => sqlx::query(enf::ACK_APPLIED).bind(node_id).bind(version).bind(now_ms),
+            Some(error) => sqlx::query(enf::ACK_REJECTED).bind(node_id).bind(version).bind(error).bind(now_ms),
+        };
+        query.execute(writer).await.map_err(StoreError::db("enforcer_ack"))?;
+        Ok(())
+    }
+
+    pub async fn set_desired_version(
+        writer: &Pool<DB>,
+        node_id: String,
+        version: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(enf::SET_DESIRED)
+            .bind(node_id)
+            .bind(version)
+            .bind(now_ms)
+            .execute(writer)
+            .await
+            .map_err(StoreError::db("set_desired_version"))?;
+        Ok(())
+    }
+
+    pub async fn enforcers(pool: &Pool<DB>) -> Result<Vec<EnforcerRow>, StoreError> {
+        let query = sqlx::query_as::<_, RawEnforcer>(enf::SELECT_ENFORCERS);
+        decode_all("enforcers", query.fetch_all(pool).await)
+    }
+
+    // === verdict events ===
+
+    pub async fn verdict_events(pool: &Pool<DB>, q: &VerdictQuery) -> Result<Vec<VerdictEventRecord>, StoreError> {
+        let mut b = enf::list::<DB>(q);
+        decode_all("verdict_events", b.build_query_as::<RawVerdictEvent>().fetch_all(pool).await)
+    }
+
+    pub async fn verdict_counts(pool: &Pool<DB>, since_unix_ms: i64) -> Result<Vec<VerdictCount>, StoreError> {
+        let query = sqlx::query_as::<_, RawVerdictCount>(enf::SELECT_COUNTS).bind(since_unix_ms);
+        decode_all("verdict_counts", query.fetch_all(pool).await)
+    }
+
+    /// Deletes in chunks of [`enf::PRUNE_CHUNK`] rows, each its own statement, so a large
+    /// backlog never holds the writer (SQLite) or many row locks (PostgreSQL) for long.
+    pub async fn prune_verdict_events(writer: &Pool<DB>, older_than_unix_ms: i64) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let result = sqlx::query(enf::PRUNE_EVENTS_CHUNK)
+                .bind(older_than_unix_ms)
+                .bind(enf::PRUNE_CHUNK)
+                .execute(writer)
+                .await
+                .map_err(StoreError::db("prune_verdict_events"))?;
+            let n = DB::rows_affected(&result);
+            total += n;
+            if n < enf::PRUNE_CHUNK as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    // === rule hits ===
+
+    pub async fn rule_hits(pool: &Pool<DB>, proposal_id: i64) -> Result<Vec<RuleHitRow>, StoreError> {
+        let query = sqlx::query_as::<_, RawRuleHit>(enf::SELECT_RULE_HITS).bind(proposal_id);
+        decode_all("rule_hits", query.fetch_all(pool).await)
     }
 }
 

@@ -1,6 +1,7 @@
-//! PostgreSQL half of proposals, the audit log, rollout modes, imported cluster policies
-//! and the external-peer feed: the statements shared with SQLite (`policy_sql`), plus the
-//! locks that SQLite's single writer makes unnecessary.
+//! PostgreSQL half of proposals, the audit log, rollout modes, imported cluster policies,
+//! the external-peer feed and what enforcers report: the statements shared with SQLite
+//! (`policy_sql`), plus the locks that SQLite's single writer makes unnecessary and the
+//! enforcers' batch inserts as one `UNNEST` statement each.
 //!
 //! Several learners (or API calls) may write at once, in READ COMMITTED transactions:
 //! * one target's versions are written under a transaction-scoped advisory lock on the
@@ -23,6 +24,7 @@ use sqlx::{PgConnection, Postgres, Transaction};
 use super::StoreError;
 use super::audit::{AuditQuery, AuditRow, PreparedAudit};
 use super::cluster_policies::{ClusterPolicyImport, ClusterPolicyRow, RawClusterPolicy};
+use super::enforcement::{self as enf, EventColumns, HitColumns, accumulate_hits};
 use super::external_peers::{self, ExternalPeerRow, RawExternalPeer};
 use super::policy_sql::{self, PolicyDb, decode_all};
 use super::postgres::PgStore;
@@ -30,6 +32,24 @@ use super::proposals::{ActivePolicy, NewProposal, PreparedDecision, ProposalQuer
 use super::rollout::{PreparedRollout, RolloutRow};
 
 type Sql = policy_sql::Sql<Postgres>;
+
+/// One statement per batch whatever its size (see `postgres`): one array per column.
+const INSERT_VERDICT_EVENTS: &str = "INSERT INTO verdict_events (node_id, received_unix_ms, at_unix_ms, \
+     local_identity, peer_identity, direction, verdict, src_addr, dst_addr, dst_port, protocol, policy_version, \
+     rule_proposal_id, rule_direction, rule_index) \
+     SELECT $1::text, $2::bigint, u.* FROM UNNEST($3::bigint[], $4::bigint[], $5::bigint[], $6::smallint[], \
+     $7::smallint[], $8::text[], $9::text[], $10::int[], $11::int[], $12::bigint[], $13::bigint[], \
+     $14::smallint[], $15::bigint[]) AS u";
+
+/// Rows arrive folded per rule and sorted (`HitColumns`): no row is touched twice, and
+/// concurrent reports lock rows in the same order.
+const UPSERT_RULE_HITS: &str = concat!(
+    "INSERT INTO rule_hits (proposal_id, direction, rule_index, node_id, hits, \
+     last_hit_unix_ms) SELECT u.proposal_id, u.direction, u.rule_index, $4::text, u.hits, u.last_hit_unix_ms \
+     FROM UNNEST($1::bigint[], $2::smallint[], $3::bigint[], $5::bigint[], $6::bigint[]) \
+     AS u (proposal_id, direction, rule_index, hits, last_hit_unix_ms)",
+    accumulate_hits!()
+);
 
 impl PolicyDb for Postgres {
     /// Locks the head row until commit: a concurrent append waits here, then reads the
@@ -139,6 +159,100 @@ impl PgStore {
 
     pub async fn cluster_policies(&self) -> Result<Vec<ClusterPolicyRow>, StoreError> {
         Sql::cluster_policies(&self.pool).await
+    }
+
+    // === enforcers ===
+
+    pub async fn enforcer_hello(
+        &self,
+        node_id: String,
+        boot_id: String,
+        agent_version: String,
+        applied_version: Option<i64>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        Sql::enforcer_hello(&self.pool, node_id, boot_id, agent_version, applied_version, now_ms).await
+    }
+
+    pub async fn enforcer_ack(
+        &self,
+        node_id: String,
+        version: i64,
+        error: Option<String>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        Sql::enforcer_ack(&self.pool, node_id, version, error, now_ms).await
+    }
+
+    pub async fn set_desired_version(&self, node_id: String, version: i64, now_ms: i64) -> Result<(), StoreError> {
+        Sql::set_desired_version(&self.pool, node_id, version, now_ms).await
+    }
+
+    pub async fn enforcers(&self) -> Result<Vec<enf::EnforcerRow>, StoreError> {
+        Sql::enforcers(&self.pool).await
+    }
+
+    /// One statement, so the batch is stored whole or not at all without an explicit
+    /// transaction.
+    pub async fn insert_verdict_events(&self, node_id: &str, c: &EventColumns, now_ms: i64) -> Result<u64, StoreError> {
+        if c.len() == 0 {
+            return Ok(0);
+        }
+        let n = sqlx::query(INSERT_VERDICT_EVENTS)
+            .bind(node_id)
+            .bind(now_ms)
+            .bind(&c.at_unix_ms)
+            .bind(&c.local_identity)
+            .bind(&c.peer_identity)
+            .bind(&c.direction)
+            .bind(&c.verdict)
+            .bind(&c.src_addr)
+            .bind(&c.dst_addr)
+            .bind(&c.dst_port)
+            .bind(&c.protocol)
+            .bind(&c.policy_version)
+            .bind(&c.rule_proposal_id)
+            .bind(&c.rule_direction)
+            .bind(&c.rule_index)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::db("insert_verdict_events"))?
+            .rows_affected();
+        Ok(n)
+    }
+
+    pub async fn verdict_events(&self, q: &enf::VerdictQuery) -> Result<Vec<enf::VerdictEventRecord>, StoreError> {
+        Sql::verdict_events(&self.pool, q).await
+    }
+
+    pub async fn verdict_counts(&self, since_unix_ms: i64) -> Result<Vec<enf::VerdictCount>, StoreError> {
+        Sql::verdict_counts(&self.pool, since_unix_ms).await
+    }
+
+    pub async fn prune_verdict_events(&self, older_than_unix_ms: i64) -> Result<u64, StoreError> {
+        Sql::prune_verdict_events(&self.pool, older_than_unix_ms).await
+    }
+
+    /// One statement (see [`UPSERT_RULE_HITS`]).
+    pub async fn add_rule_hits(&self, node_id: &str, c: &HitColumns) -> Result<(), StoreError> {
+        if c.len() == 0 {
+            return Ok(());
+        }
+        sqlx::query(UPSERT_RULE_HITS)
+            .bind(&c.proposal_id)
+            .bind(&c.direction)
+            .bind(&c.rule_index)
+            .bind(node_id)
+            .bind(&c.hits)
+            .bind(&c.last_hit_unix_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::db("add_rule_hits"))?;
+        Ok(())
+    }
+
+    pub async fn rule_hits(&self, proposal_id: i64) -> Result<Vec<enf::RuleHitRow>, StoreError> {
+        Sql::rule_hits(&self.pool, proposal_id).await
     }
 
     // === replay feeds ===

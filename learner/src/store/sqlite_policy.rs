@@ -1,5 +1,7 @@
-//! SQLite half of proposals, the audit log, rollout modes, imported cluster policies and
-//! the external-peer feed: the shared statements (`policy_sql`) on SQLite's pools.
+//! SQLite half of proposals, the audit log, rollout modes, imported cluster policies,
+//! the external-peer feed and what enforcers report: the shared statements
+//! (`policy_sql`) on SQLite's pools, plus the enforcers' batch inserts as multi-row
+//! VALUES in chunks below SQLite's bind-parameter limit.
 //!
 //! Every write is one `BEGIN IMMEDIATE` transaction on the single writer connection
 //! (see `sqlite`), which already serialises everything: a target's version numbers,
@@ -9,11 +11,12 @@
 
 use bulkhead_model::Identity;
 use sqlx::sqlite::SqliteQueryResult;
-use sqlx::{Sqlite, Transaction};
+use sqlx::{QueryBuilder, Sqlite, Transaction};
 
 use super::StoreError;
 use super::audit::{self, AuditQuery, AuditRow, PreparedAudit};
 use super::cluster_policies::{ClusterPolicyImport, ClusterPolicyRow, RawClusterPolicy};
+use super::enforcement::{self as enf, EVENT_COLUMNS, EventColumns, HitColumns};
 use super::external_peers::{self, ExternalPeerRow, RawExternalPeer};
 use super::policy_sql::{self, PolicyDb, decode_all};
 use super::proposals::{ActivePolicy, NewProposal, PreparedDecision, ProposalQuery, ProposalRecord, ProposalSummary};
@@ -21,6 +24,19 @@ use super::rollout::{PreparedRollout, RolloutRow};
 use super::sqlite::SqliteStore;
 
 type Sql = policy_sql::Sql<Sqlite>;
+
+/// SQLite's limit on bound parameters per statement (SQLITE_MAX_VARIABLE_NUMBER).
+const MAX_BINDS: usize = 32_766;
+/// Verdict events per INSERT (15 binds each).
+const EVENT_ROWS_PER_INSERT: usize = 2_000;
+/// Rule-hit rows per upsert (6 binds each).
+const HIT_ROWS_PER_UPSERT: usize = 5_000;
+const _: () = assert!(EVENT_ROWS_PER_INSERT * 15 <= MAX_BINDS && HIT_ROWS_PER_UPSERT * 6 <= MAX_BINDS);
+
+/// The row ranges of `n` rows in chunks of at most `max`.
+fn chunks(n: usize, max: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..n).step_by(max).map(move |lo| lo..n.min(lo + max))
+}
 
 impl PolicyDb for Sqlite {
     /// A plain read: the single writer already serialises appends.
@@ -117,6 +133,108 @@ impl SqliteStore {
 
     pub async fn cluster_policies(&self) -> Result<Vec<ClusterPolicyRow>, StoreError> {
         Sql::cluster_policies(&self.reader).await
+    }
+
+    // === enforcers ===
+
+    pub async fn enforcer_hello(
+        &self,
+        node_id: String,
+        boot_id: String,
+        agent_version: String,
+        applied_version: Option<i64>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        Sql::enforcer_hello(&self.writer, node_id, boot_id, agent_version, applied_version, now_ms).await
+    }
+
+    pub async fn enforcer_ack(
+        &self,
+        node_id: String,
+        version: i64,
+        error: Option<String>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        Sql::enforcer_ack(&self.writer, node_id, version, error, now_ms).await
+    }
+
+    pub async fn set_desired_version(&self, node_id: String, version: i64, now_ms: i64) -> Result<(), StoreError> {
+        Sql::set_desired_version(&self.writer, node_id, version, now_ms).await
+    }
+
+    pub async fn enforcers(&self) -> Result<Vec<enf::EnforcerRow>, StoreError> {
+        Sql::enforcers(&self.reader).await
+    }
+
+    /// All chunks in one `BEGIN IMMEDIATE` transaction: the batch is stored whole or not
+    /// at all. Full chunks share one statement text (prepared once per connection); the
+    /// last, shorter one is not cached.
+    pub async fn insert_verdict_events(&self, node_id: &str, c: &EventColumns, now_ms: i64) -> Result<u64, StoreError> {
+        const OP: &str = "insert_verdict_events";
+        let mut tx = self.begin_write(OP).await?;
+        for rows in chunks(c.len(), EVENT_ROWS_PER_INSERT) {
+            let full = rows.len() == EVENT_ROWS_PER_INSERT;
+            let mut b = QueryBuilder::<Sqlite>::new(format!("INSERT INTO verdict_events ({EVENT_COLUMNS}) "));
+            b.push_values(rows, |mut row, i| {
+                row.push_bind(node_id)
+                    .push_bind(now_ms)
+                    .push_bind(c.at_unix_ms[i])
+                    .push_bind(c.local_identity[i])
+                    .push_bind(c.peer_identity[i])
+                    .push_bind(c.direction[i])
+                    .push_bind(c.verdict[i])
+                    .push_bind(c.src_addr[i].as_str())
+                    .push_bind(c.dst_addr[i].as_str())
+                    .push_bind(c.dst_port[i])
+                    .push_bind(c.protocol[i])
+                    .push_bind(c.policy_version[i])
+                    .push_bind(c.rule_proposal_id[i])
+                    .push_bind(c.rule_direction[i])
+                    .push_bind(c.rule_index[i]);
+            });
+            b.build().persistent(full).execute(&mut *tx).await.map_err(StoreError::db(OP))?;
+        }
+        tx.commit().await.map_err(StoreError::db(OP))?;
+        Ok(c.len() as u64)
+    }
+
+    pub async fn verdict_events(&self, q: &enf::VerdictQuery) -> Result<Vec<enf::VerdictEventRecord>, StoreError> {
+        Sql::verdict_events(&self.reader, q).await
+    }
+
+    pub async fn verdict_counts(&self, since_unix_ms: i64) -> Result<Vec<enf::VerdictCount>, StoreError> {
+        Sql::verdict_counts(&self.reader, since_unix_ms).await
+    }
+
+    pub async fn prune_verdict_events(&self, older_than_unix_ms: i64) -> Result<u64, StoreError> {
+        Sql::prune_verdict_events(&self.writer, older_than_unix_ms).await
+    }
+
+    /// One transaction, chunked like [`SqliteStore::insert_verdict_events`].
+    pub async fn add_rule_hits(&self, node_id: &str, c: &HitColumns) -> Result<(), StoreError> {
+        const OP: &str = "add_rule_hits";
+        let mut tx = self.begin_write(OP).await?;
+        for rows in chunks(c.len(), HIT_ROWS_PER_UPSERT) {
+            let full = rows.len() == HIT_ROWS_PER_UPSERT;
+            let mut b = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO rule_hits (proposal_id, direction, rule_index, node_id, hits, last_hit_unix_ms) ",
+            );
+            b.push_values(rows, |mut row, i| {
+                row.push_bind(c.proposal_id[i])
+                    .push_bind(c.direction[i])
+                    .push_bind(c.rule_index[i])
+                    .push_bind(node_id)
+                    .push_bind(c.hits[i])
+                    .push_bind(c.last_hit_unix_ms[i]);
+            });
+            b.push(enf::ACCUMULATE_HITS);
+            b.build().persistent(full).execute(&mut *tx).await.map_err(StoreError::db(OP))?;
+        }
+        tx.commit().await.map_err(StoreError::db(OP))
+    }
+
+    pub async fn rule_hits(&self, proposal_id: i64) -> Result<Vec<enf::RuleHitRow>, StoreError> {
+        Sql::rule_hits(&self.reader, proposal_id).await
     }
 
     // === replay feeds ===

@@ -1,8 +1,8 @@
-//! The two-backend store fixture shared by `tests/store.rs` and `tests/store_policy.rs`:
-//! each case is written once as an async fn over a [`Fixture`], and [`store_cases!`]
-//! generates one `#[tokio::test]` per backend. The PostgreSQL tests need
-//! `BULKHEAD_TEST_POSTGRES_URL` (set by `cargo xtask test`) and fail, not skip, without
-//! it. The other test binaries do not use this module.
+//! The two-backend store fixture shared by `tests/store.rs`, `tests/store_policy.rs` and
+//! `tests/store_enforcement.rs`: each case is written once as an async fn over a
+//! [`Fixture`], and [`store_cases!`] generates one `#[tokio::test]` per backend. The
+//! PostgreSQL tests need `BULKHEAD_TEST_POSTGRES_URL` (set by `cargo xtask test`) and
+//! fail, not skip, without it. The other test binaries do not use this module.
 
 // Not `expect`: each test binary compiles its own copy and uses a different part, so an
 // expectation would go unfulfilled in whichever binary does use an item.

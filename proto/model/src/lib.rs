@@ -10,6 +10,7 @@ pub mod endpoint;
 pub mod flow;
 pub mod identity;
 pub mod labels;
+pub mod node_policy;
 pub mod policy;
 pub mod proposal;
 #[cfg(feature = "proto")]
@@ -20,6 +21,11 @@ pub use endpoint::{CgroupFact, EndpointFact, InterfaceAddress};
 pub use flow::{Direction, DnsAnswer, Flow, FlowBatch, LossCounters, Protocol, Verdict};
 pub use identity::{Identity, ReservedIdentity};
 pub use labels::{LabelError, Labels};
+pub use node_policy::{
+    EndpointCgroup, EnforcerHello, EnforcerLoss, EnforcerMessage, IpcacheEntry, NodePolicy, NodePolicyError, NodeRule,
+    PolicyAck, PolicyAckStatus, PolicyEndpoint, RuleCounter, RuleKey, RuleRef, RuleVerdict, VerdictEvent,
+    VerdictReport,
+};
 pub use policy::{LabelSelector, Peer, Policy, PortRange, RolloutMode, Rule, SelectorOperator, SelectorRequirement};
 pub use proposal::{
     Convergence, Evidence, HygieneFlag, Level, Lint, LintCode, Proposal, ProposalStatus, ProposedRule,

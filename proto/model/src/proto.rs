@@ -7,8 +7,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bulkhead_proto::v1;
 
+use ipnet::IpNet;
+
 use crate::{
-    CgroupFact, Direction, DnsAnswer, EndpointFact, Flow, FlowBatch, InterfaceAddress, LossCounters, Protocol, Verdict,
+    CgroupFact, Direction, DnsAnswer, EndpointCgroup, EndpointFact, EnforcerHello, EnforcerLoss, EnforcerMessage, Flow,
+    FlowBatch, Identity, InterfaceAddress, IpcacheEntry, LossCounters, NodePolicy, NodeRule, PolicyAck,
+    PolicyAckStatus, PolicyEndpoint, Protocol, RolloutMode, RuleCounter, RuleKey, RuleRef, Verdict, VerdictEvent,
+    VerdictReport,
 };
 
 /// Longest node or boot id accepted.
@@ -394,6 +399,502 @@ impl From<&FlowBatch> for v1::FlowBatch {
     }
 }
 
+// === impl NodePolicy (policy.proto) ===
+
+/// Longest policy name, netns name, agent version or error text accepted from the wire.
+pub const MAX_POLICY_TEXT_LEN: usize = 4096;
+
+/// Why a wire `NodePolicy` (or a `PolicyUpdate`) was refused. `field` is the path of
+/// the offending field, with list indexes (`rules[3].protocol`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidNodePolicy {
+    #[error("{field}: {source}")]
+    Addr { field: String, source: InvalidFlow },
+    #[error("{field}: prefix_len {value} exceeds {max}")]
+    PrefixLen { field: String, value: u32, max: u8 },
+    #[error("{field}: {value} is not a valid {what}")]
+    Enum { field: String, what: &'static str, value: i32 },
+    #[error("{field}: {value} is out of range (at most {max})")]
+    OutOfRange { field: String, value: u64, max: u64 },
+    #[error("{field}: identity 0 is not an identity")]
+    ZeroIdentity { field: String },
+    #[error("{field} is {len} bytes long, at most {max} allowed")]
+    TooLong { field: String, len: usize, max: usize },
+    #[error("{field} has {len} entries, at most {max} allowed")]
+    TooMany { field: String, len: usize, max: usize },
+    #[error("{field} is missing")]
+    Missing { field: String },
+    /// Decoded, but not a policy an enforcer can apply.
+    #[error(transparent)]
+    Invalid(#[from] crate::NodePolicyError),
+}
+
+fn np_identity(field: impl FnOnce() -> String, value: u32) -> Result<Identity, InvalidNodePolicy> {
+    if value == 0 { Err(InvalidNodePolicy::ZeroIdentity { field: field() }) } else { Ok(Identity(value)) }
+}
+
+fn np_direction(field: impl FnOnce() -> String, value: i32) -> Result<Direction, InvalidNodePolicy> {
+    match v1::Direction::try_from(value) {
+        Ok(v1::Direction::Egress) => Ok(Direction::Egress),
+        Ok(v1::Direction::Ingress) => Ok(Direction::Ingress),
+        _ => Err(InvalidNodePolicy::Enum { field: field(), what: "direction", value }),
+    }
+}
+
+fn direction_to_wire(d: Direction) -> i32 {
+    (match d {
+        Direction::Egress => v1::Direction::Egress,
+        Direction::Ingress => v1::Direction::Ingress,
+    }) as i32
+}
+
+fn protocol_to_wire(p: Option<Protocol>) -> i32 {
+    (match p {
+        None => v1::Protocol::Unspecified,
+        Some(Protocol::Tcp) => v1::Protocol::Tcp,
+        Some(Protocol::Udp) => v1::Protocol::Udp,
+    }) as i32
+}
+
+fn np_text(field: impl FnOnce() -> String, s: &str, max: usize) -> Result<(), InvalidNodePolicy> {
+    if s.len() > max { Err(InvalidNodePolicy::TooLong { field: field(), len: s.len(), max }) } else { Ok(()) }
+}
+
+fn np_count(field: &str, len: usize, max: usize) -> Result<(), InvalidNodePolicy> {
+    if len > max { Err(InvalidNodePolicy::TooMany { field: field.to_owned(), len, max }) } else { Ok(()) }
+}
+
+/// Decodes a prefix (address bytes + length).
+fn np_prefix(field: impl Fn() -> String, addr: &[u8], prefix_len: u32) -> Result<IpNet, InvalidNodePolicy> {
+    let a = addr_from_bytes("addr", addr).map_err(|source| InvalidNodePolicy::Addr { field: field(), source })?;
+    let max: u8 = if a.is_ipv4() { 32 } else { 128 };
+    u8::try_from(prefix_len).ok().and_then(|len| IpNet::new(a, len).ok()).ok_or(InvalidNodePolicy::PrefixLen {
+        field: field(),
+        value: prefix_len,
+        max,
+    })
+}
+
+impl TryFrom<v1::NodePolicy> for NodePolicy {
+    type Error = InvalidNodePolicy;
+
+    /// Decodes and then [`NodePolicy::validate`]s: what comes out can be applied.
+    fn try_from(w: v1::NodePolicy) -> Result<Self, Self::Error> {
+        use crate::node_policy::{MAX_ENDPOINTS, MAX_IPCACHE_ENTRIES, MAX_RULE_REFS, MAX_RULES};
+        let v1::NodePolicy { version, ipcache, endpoints, rules, rule_refs } = w;
+        // Sizes first: nothing below allocates per entry for a hostile message.
+        np_count("ipcache", ipcache.len(), MAX_IPCACHE_ENTRIES)?;
+        np_count("endpoints", endpoints.len(), MAX_ENDPOINTS)?;
+        np_count("rules", rules.len(), MAX_RULES)?;
+        np_count("rule_refs", rule_refs.len(), MAX_RULE_REFS)?;
+        let ipcache = ipcache
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let v1::IpcacheEntry { addr, prefix_len, identity } = e;
+                Ok(IpcacheEntry {
+                    prefix: np_prefix(|| format!("ipcache[{i}]"), &addr, prefix_len)?,
+                    identity: np_identity(|| format!("ipcache[{i}].identity"), identity)?,
+                })
+            })
+            .collect::<Result<Vec<_>, InvalidNodePolicy>>()?;
+        let endpoints = endpoints
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let v1::PolicyEndpoint {
+                    identity,
+                    netns_ino,
+                    netns_name,
+                    cgroups,
+                    mode,
+                    ingress_covered,
+                    egress_covered,
+                } = e;
+                let mode = match v1::RolloutMode::try_from(mode) {
+                    Ok(v1::RolloutMode::Learn) => RolloutMode::Learn,
+                    Ok(v1::RolloutMode::Monitor) => RolloutMode::Monitor,
+                    Ok(v1::RolloutMode::Enforce) => RolloutMode::Enforce,
+                    _ => {
+                        return Err(InvalidNodePolicy::Enum {
+                            field: format!("endpoints[{i}].mode"),
+                            what: "rollout mode",
+                            value: mode,
+                        });
+                    }
+                };
+                np_text(|| format!("endpoints[{i}].netns_name"), &netns_name, crate::node_policy::MAX_NAME_LEN)?;
+                np_count("endpoints[].cgroups", cgroups.len(), crate::node_policy::MAX_CGROUPS_PER_ENDPOINT)?;
+                let cgroups = cgroups
+                    .into_iter()
+                    .enumerate()
+                    .map(|(c, g)| {
+                        let v1::EndpointCgroup { cgroup_id, path } = g;
+                        np_text(
+                            || format!("endpoints[{i}].cgroups[{c}].path"),
+                            &path,
+                            crate::node_policy::MAX_CGROUP_PATH_LEN,
+                        )?;
+                        Ok(EndpointCgroup { cgroup_id, path })
+                    })
+                    .collect::<Result<Vec<_>, InvalidNodePolicy>>()?;
+                Ok(PolicyEndpoint {
+                    identity: np_identity(|| format!("endpoints[{i}].identity"), identity)?,
+                    netns_ino: (netns_ino != 0).then_some(netns_ino),
+                    netns_name: (!netns_name.is_empty()).then_some(netns_name),
+                    cgroups,
+                    mode,
+                    ingress_covered,
+                    egress_covered,
+                })
+            })
+            .collect::<Result<Vec<_>, InvalidNodePolicy>>()?;
+        let rules = rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let v1::NodeRule { rule_id, local_identity, direction, peer_identity, port, protocol } = r;
+                let protocol = match v1::Protocol::try_from(protocol) {
+                    Ok(v1::Protocol::Unspecified) => None,
+                    Ok(v1::Protocol::Tcp) => Some(Protocol::Tcp),
+                    Ok(v1::Protocol::Udp) => Some(Protocol::Udp),
+                    Err(_) => {
+                        return Err(InvalidNodePolicy::Enum {
+                            field: format!("rules[{i}].protocol"),
+                            what: "protocol",
+                            value: protocol,
+                        });
+                    }
+                };
+                let port = u16::try_from(port).map_err(|_| InvalidNodePolicy::OutOfRange {
+                    field: format!("rules[{i}].port"),
+                    value: port.into(),
+                    max: u16::MAX.into(),
+                })?;
+                Ok(NodeRule {
+                    key: RuleKey {
+                        local: np_identity(|| format!("rules[{i}].local_identity"), local_identity)?,
+                        direction: np_direction(|| format!("rules[{i}].direction"), direction)?,
+                        peer: (peer_identity != 0).then_some(Identity(peer_identity)),
+                        port: (port != 0).then_some(port),
+                        protocol,
+                    },
+                    rule_id,
+                })
+            })
+            .collect::<Result<Vec<_>, InvalidNodePolicy>>()?;
+        let rule_refs = rule_refs
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let v1::RuleRef { rule_id, proposal_id, policy_name, direction, rule_index } = r;
+                np_text(|| format!("rule_refs[{i}].policy_name"), &policy_name, crate::node_policy::MAX_NAME_LEN)?;
+                Ok(RuleRef {
+                    rule_id,
+                    proposal_id,
+                    policy_name,
+                    direction: np_direction(|| format!("rule_refs[{i}].direction"), direction)?,
+                    rule_index,
+                })
+            })
+            .collect::<Result<Vec<_>, InvalidNodePolicy>>()?;
+        let policy = NodePolicy { version, ipcache, endpoints, rules, rule_refs };
+        policy.validate()?;
+        Ok(policy)
+    }
+}
+
+impl From<&NodePolicy> for v1::NodePolicy {
+    fn from(p: &NodePolicy) -> Self {
+        v1::NodePolicy {
+            version: p.version,
+            ipcache: p
+                .ipcache
+                .iter()
+                .map(|e| v1::IpcacheEntry {
+                    addr: addr_to_bytes(e.prefix.addr()),
+                    prefix_len: e.prefix.prefix_len().into(),
+                    identity: e.identity.0,
+                })
+                .collect(),
+            endpoints: p
+                .endpoints
+                .iter()
+                .map(|e| v1::PolicyEndpoint {
+                    identity: e.identity.0,
+                    netns_ino: e.netns_ino.unwrap_or(0),
+                    netns_name: e.netns_name.clone().unwrap_or_default(),
+                    cgroups: e
+                        .cgroups
+                        .iter()
+                        .map(|c| v1::EndpointCgroup { cgroup_id: c.cgroup_id, path: c.path.clone() })
+                        .collect(),
+                    mode: match e.mode {
+                        RolloutMode::Learn => v1::RolloutMode::Learn,
+                        RolloutMode::Monitor => v1::RolloutMode::Monitor,
+                        RolloutMode::Enforce => v1::RolloutMode::Enforce,
+                    } as i32,
+                    ingress_covered: e.ingress_covered,
+                    egress_covered: e.egress_covered,
+                })
+                .collect(),
+            rules: p
+                .rules
+                .iter()
+                .map(|r| v1::NodeRule {
+                    rule_id: r.rule_id,
+                    local_identity: r.key.local.0,
+                    direction: direction_to_wire(r.key.direction),
+                    peer_identity: r.key.peer.map_or(0, |i| i.0),
+                    port: r.key.port.map_or(0, u32::from),
+                    protocol: protocol_to_wire(r.key.protocol),
+                })
+                .collect(),
+            rule_refs: p
+                .rule_refs
+                .iter()
+                .map(|r| v1::RuleRef {
+                    rule_id: r.rule_id,
+                    proposal_id: r.proposal_id,
+                    policy_name: r.policy_name.clone(),
+                    direction: direction_to_wire(r.direction),
+                    rule_index: r.rule_index,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A snapshot out of a `PolicyUpdate` (the only kind so far).
+impl TryFrom<v1::PolicyUpdate> for NodePolicy {
+    type Error = InvalidNodePolicy;
+
+    fn try_from(w: v1::PolicyUpdate) -> Result<Self, Self::Error> {
+        let v1::PolicyUpdate { update } = w;
+        match update {
+            Some(v1::policy_update::Update::Snapshot(s)) => NodePolicy::try_from(s),
+            None => Err(InvalidNodePolicy::Missing { field: "update".into() }),
+        }
+    }
+}
+
+impl From<&NodePolicy> for v1::PolicyUpdate {
+    fn from(p: &NodePolicy) -> Self {
+        v1::PolicyUpdate { update: Some(v1::policy_update::Update::Snapshot(p.into())) }
+    }
+}
+
+// === impl EnforcerMessage ===
+
+/// Most events one verdict report may carry.
+pub const MAX_VERDICT_EVENTS: usize = 65_536;
+/// Most rule counters one verdict report may carry.
+pub const MAX_RULE_COUNTERS: usize = crate::node_policy::MAX_RULE_REFS;
+
+impl TryFrom<v1::EnforcerMessage> for EnforcerMessage {
+    type Error = InvalidNodePolicy;
+
+    fn try_from(w: v1::EnforcerMessage) -> Result<Self, Self::Error> {
+        use v1::enforcer_message::Msg;
+        let v1::EnforcerMessage { msg } = w;
+        match msg {
+            None => Err(InvalidNodePolicy::Missing { field: "msg".into() }),
+            Some(Msg::Hello(h)) => {
+                let v1::EnforcerHello { node_id, boot_id, agent_version, applied_version } = h;
+                if node_id.is_empty() {
+                    return Err(InvalidNodePolicy::Missing { field: "hello.node_id".into() });
+                }
+                if boot_id.is_empty() {
+                    return Err(InvalidNodePolicy::Missing { field: "hello.boot_id".into() });
+                }
+                np_text(|| "hello.node_id".into(), &node_id, MAX_ID_LEN)?;
+                np_text(|| "hello.boot_id".into(), &boot_id, MAX_ID_LEN)?;
+                np_text(|| "hello.agent_version".into(), &agent_version, MAX_ID_LEN)?;
+                Ok(EnforcerMessage::Hello(EnforcerHello { node_id, boot_id, agent_version, applied_version }))
+            }
+            Some(Msg::Ack(a)) => {
+                let v1::PolicyAck { version, status, error } = a;
+                let status = match v1::PolicyAckStatus::try_from(status) {
+                    Ok(v1::PolicyAckStatus::Applied) => PolicyAckStatus::Applied,
+                    Ok(v1::PolicyAckStatus::Rejected) => PolicyAckStatus::Rejected,
+                    _ => {
+                        return Err(InvalidNodePolicy::Enum {
+                            field: "ack.status".into(),
+                            what: "ack status",
+                            value: status,
+                        });
+                    }
+                };
+                np_text(|| "ack.error".into(), &error, MAX_POLICY_TEXT_LEN)?;
+                Ok(EnforcerMessage::Ack(PolicyAck { version, status, error: (!error.is_empty()).then_some(error) }))
+            }
+            Some(Msg::Report(r)) => Ok(EnforcerMessage::Report(VerdictReport::try_from(r)?)),
+        }
+    }
+}
+
+impl From<&EnforcerMessage> for v1::EnforcerMessage {
+    fn from(m: &EnforcerMessage) -> Self {
+        use v1::enforcer_message::Msg;
+        let msg = match m {
+            EnforcerMessage::Hello(h) => Msg::Hello(v1::EnforcerHello {
+                node_id: h.node_id.clone(),
+                boot_id: h.boot_id.clone(),
+                agent_version: h.agent_version.clone(),
+                applied_version: h.applied_version,
+            }),
+            EnforcerMessage::Ack(a) => Msg::Ack(v1::PolicyAck {
+                version: a.version,
+                status: match a.status {
+                    PolicyAckStatus::Applied => v1::PolicyAckStatus::Applied,
+                    PolicyAckStatus::Rejected => v1::PolicyAckStatus::Rejected,
+                } as i32,
+                error: a.error.clone().unwrap_or_default(),
+            }),
+            EnforcerMessage::Report(r) => Msg::Report(r.into()),
+        };
+        v1::EnforcerMessage { msg: Some(msg) }
+    }
+}
+
+impl TryFrom<v1::VerdictReport> for VerdictReport {
+    type Error = InvalidNodePolicy;
+
+    fn try_from(w: v1::VerdictReport) -> Result<Self, Self::Error> {
+        let v1::VerdictReport { policy_version, events, rule_counters, loss } = w;
+        np_count("report.events", events.len(), MAX_VERDICT_EVENTS)?;
+        np_count("report.rule_counters", rule_counters.len(), MAX_RULE_COUNTERS)?;
+        let events = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let v1::VerdictEvent {
+                    time_unix_ms,
+                    cgroup_id,
+                    netns_ino,
+                    local_identity,
+                    peer_identity,
+                    local_addr,
+                    local_port,
+                    peer_addr,
+                    peer_port,
+                    protocol,
+                    direction,
+                    verdict,
+                    rule_id,
+                    suppressed,
+                } = e;
+                let field = |name: &str| format!("report.events[{i}].{name}");
+                let addr = |name: &'static str, b: &[u8]| {
+                    addr_from_bytes(name, b).map_err(|source| InvalidNodePolicy::Addr { field: field(name), source })
+                };
+                let port = |name: &'static str, v: u32| {
+                    u16::try_from(v).map_err(|_| InvalidNodePolicy::OutOfRange {
+                        field: field(name),
+                        value: v.into(),
+                        max: u16::MAX.into(),
+                    })
+                };
+                let protocol = match v1::Protocol::try_from(protocol) {
+                    Ok(v1::Protocol::Tcp) => Protocol::Tcp,
+                    Ok(v1::Protocol::Udp) => Protocol::Udp,
+                    _ => {
+                        return Err(InvalidNodePolicy::Enum {
+                            field: field("protocol"),
+                            what: "protocol",
+                            value: protocol,
+                        });
+                    }
+                };
+                let verdict = match v1::Verdict::try_from(verdict) {
+                    Ok(v1::Verdict::Forwarded) => Verdict::Forwarded,
+                    Ok(v1::Verdict::Audit) => Verdict::Audit,
+                    Ok(v1::Verdict::Denied) => Verdict::Denied,
+                    _ => {
+                        return Err(InvalidNodePolicy::Enum {
+                            field: field("verdict"),
+                            what: "verdict",
+                            value: verdict,
+                        });
+                    }
+                };
+                Ok(VerdictEvent {
+                    time_unix_ms,
+                    cgroup_id,
+                    netns_ino,
+                    local_identity: np_identity(|| field("local_identity"), local_identity)?,
+                    peer_identity: np_identity(|| field("peer_identity"), peer_identity)?,
+                    local_addr: addr("local_addr", &local_addr)?,
+                    local_port: port("local_port", local_port)?,
+                    peer_addr: addr("peer_addr", &peer_addr)?,
+                    peer_port: port("peer_port", peer_port)?,
+                    protocol,
+                    direction: np_direction(|| field("direction"), direction)?,
+                    verdict,
+                    rule_id: (rule_id != 0).then_some(rule_id),
+                    suppressed,
+                })
+            })
+            .collect::<Result<Vec<_>, InvalidNodePolicy>>()?;
+        let rule_counters = rule_counters
+            .into_iter()
+            .map(|c| {
+                let v1::RuleCounter { rule_id, hits, last_hit_unix_ms } = c;
+                RuleCounter { rule_id, hits, last_hit_unix_ms }
+            })
+            .collect();
+        let loss = loss
+            .map(|l| {
+                let v1::EnforcerLoss { ringbuf_dropped, queue_dropped, conntrack_full } = l;
+                EnforcerLoss { ringbuf_dropped, queue_dropped, conntrack_full }
+            })
+            .unwrap_or_default();
+        Ok(VerdictReport { policy_version, events, rule_counters, loss })
+    }
+}
+
+impl From<&VerdictReport> for v1::VerdictReport {
+    fn from(r: &VerdictReport) -> Self {
+        v1::VerdictReport {
+            policy_version: r.policy_version,
+            events: r
+                .events
+                .iter()
+                .map(|e| v1::VerdictEvent {
+                    time_unix_ms: e.time_unix_ms,
+                    cgroup_id: e.cgroup_id,
+                    netns_ino: e.netns_ino,
+                    local_identity: e.local_identity.0,
+                    peer_identity: e.peer_identity.0,
+                    local_addr: addr_to_bytes(e.local_addr),
+                    local_port: e.local_port.into(),
+                    peer_addr: addr_to_bytes(e.peer_addr),
+                    peer_port: e.peer_port.into(),
+                    protocol: protocol_to_wire(Some(e.protocol)),
+                    direction: direction_to_wire(e.direction),
+                    verdict: match e.verdict {
+                        Verdict::Forwarded => v1::Verdict::Forwarded,
+                        Verdict::Audit => v1::Verdict::Audit,
+                        Verdict::Denied => v1::Verdict::Denied,
+                    } as i32,
+                    rule_id: e.rule_id.unwrap_or(0),
+                    suppressed: e.suppressed,
+                })
+                .collect(),
+            rule_counters: r
+                .rule_counters
+                .iter()
+                .map(|c| v1::RuleCounter { rule_id: c.rule_id, hits: c.hits, last_hit_unix_ms: c.last_hit_unix_ms })
+                .collect(),
+            loss: Some(v1::EnforcerLoss {
+                ringbuf_dropped: r.loss.ringbuf_dropped,
+                queue_dropped: r.loss.queue_dropped,
+                conntrack_full: r.loss.conntrack_full,
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,5 +952,214 @@ mod tests {
         assert_eq!(FlowBatch::try_from(b), Err(InvalidBatch::ZeroSeq));
         let b = v1::FlowBatch { boot_id: "b".repeat(300), ..wire_batch(vec![]) };
         assert!(matches!(FlowBatch::try_from(b), Err(InvalidBatch::TooLong { field: "boot_id", .. })));
+    }
+}
+
+#[cfg(test)]
+mod node_policy_tests {
+    use std::net::Ipv4Addr;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn arb_policy() -> impl Strategy<Value = NodePolicy> {
+        let ipcache = proptest::collection::btree_map(
+            (any::<u32>(), 0u8..=32)
+                .prop_map(|(a, len)| IpNet::new(Ipv4Addr::from(a).into(), len).expect("len").trunc()),
+            1u32..2000,
+            0..8,
+        );
+        let endpoints = proptest::collection::vec(
+            (
+                any::<bool>(),
+                0usize..3,
+                prop_oneof![Just(RolloutMode::Monitor), Just(RolloutMode::Enforce)],
+                any::<(bool, bool)>(),
+            ),
+            1..4,
+        );
+        (1u64..u64::MAX, ipcache, endpoints)
+            .prop_flat_map(|(version, ipcache, eps)| {
+                let endpoints: Vec<PolicyEndpoint> = eps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(netns, cgroups, mode, (ing, eg)))| PolicyEndpoint {
+                        identity: Identity(256 + i as u32),
+                        netns_ino: (netns || cgroups == 0).then_some(1000 + i as u64),
+                        netns_name: netns.then(|| format!("ns{i}")),
+                        cgroups: (0..cgroups)
+                            .map(|j| EndpointCgroup { cgroup_id: (10 * i + j) as u64, path: format!("/w{i}/{j}") })
+                            .collect(),
+                        mode,
+                        ingress_covered: ing,
+                        egress_covered: eg,
+                    })
+                    .collect();
+                let mut peers: Vec<Option<Identity>> = ipcache.values().map(|id| Some(Identity(*id))).collect();
+                peers.extend([None, Some(Identity::WORLD), Some(Identity(256))]);
+                let n = endpoints.len() as u32;
+                let key = (
+                    0..n,
+                    any::<bool>(),
+                    proptest::sample::select(peers),
+                    prop_oneof![
+                        (1u16.., prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)])
+                            .prop_map(|(p, pr)| (Some(p), Some(pr))),
+                        prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)].prop_map(|pr| (None, Some(pr))),
+                        Just((None, None)),
+                    ],
+                )
+                    .prop_map(|(local, ingress, peer, (port, protocol))| {
+                        let direction = if ingress { Direction::Ingress } else { Direction::Egress };
+                        RuleKey { local: Identity(256 + local), direction, peer, port, protocol }
+                    });
+                let ipcache: Vec<IpcacheEntry> =
+                    ipcache.into_iter().map(|(prefix, id)| IpcacheEntry { prefix, identity: Identity(id) }).collect();
+                (Just(version), Just(ipcache), Just(endpoints), proptest::collection::btree_map(key, 1u32..4, 0..16))
+            })
+            .prop_map(|(version, ipcache, endpoints, rules)| NodePolicy {
+                version,
+                ipcache,
+                endpoints,
+                rules: rules.into_iter().map(|(key, rule_id)| NodeRule { key, rule_id }).collect(),
+                rule_refs: (1..4)
+                    .map(|id| RuleRef {
+                        rule_id: id,
+                        proposal_id: i64::from(id) * 10,
+                        policy_name: format!("p{id}"),
+                        direction: Direction::Ingress,
+                        rule_index: id - 1,
+                    })
+                    .collect(),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn node_policy_round_trips(p in arb_policy()) {
+            prop_assert_eq!(p.validate(), Ok(()));
+            let wire = v1::PolicyUpdate::from(&p);
+            prop_assert_eq!(NodePolicy::try_from(wire), Ok(p));
+        }
+    }
+
+    fn event() -> VerdictEvent {
+        VerdictEvent {
+            time_unix_ms: 5,
+            cgroup_id: 7,
+            netns_ino: 9,
+            local_identity: Identity(256),
+            peer_identity: Identity::WORLD,
+            local_addr: "10.0.0.1".parse().expect("ip"),
+            local_port: 80,
+            peer_addr: "2001:db8::1".parse().expect("ip"),
+            peer_port: 40000,
+            protocol: Protocol::Tcp,
+            direction: Direction::Ingress,
+            verdict: Verdict::Audit,
+            rule_id: None,
+            suppressed: 3,
+        }
+    }
+
+    #[test]
+    fn enforcer_messages_round_trip() {
+        let msgs = [
+            EnforcerMessage::Hello(EnforcerHello {
+                node_id: "n".into(),
+                boot_id: "b".into(),
+                agent_version: "0.1.0".into(),
+                applied_version: 4,
+            }),
+            EnforcerMessage::Ack(PolicyAck {
+                version: 4,
+                status: PolicyAckStatus::Rejected,
+                error: Some("bad".into()),
+            }),
+            EnforcerMessage::Report(VerdictReport {
+                policy_version: 4,
+                events: vec![event(), VerdictEvent { rule_id: Some(2), verdict: Verdict::Forwarded, ..event() }],
+                rule_counters: vec![RuleCounter { rule_id: 2, hits: 10, last_hit_unix_ms: 99 }],
+                loss: EnforcerLoss { ringbuf_dropped: 1, queue_dropped: 2, conntrack_full: 3 },
+            }),
+        ];
+        for m in msgs {
+            assert_eq!(EnforcerMessage::try_from(v1::EnforcerMessage::from(&m)), Ok(m));
+        }
+    }
+
+    #[test]
+    fn invalid_fields_are_named() {
+        let valid = v1::NodePolicy {
+            version: 1,
+            ipcache: vec![v1::IpcacheEntry { addr: vec![10, 0, 0, 0], prefix_len: 8, identity: 300 }],
+            ..Default::default()
+        };
+        assert_eq!(NodePolicy::try_from(valid.clone()).map(|p| p.ipcache.len()), Ok(1));
+        let cases: Vec<(v1::NodePolicy, &str)> = vec![
+            (
+                v1::NodePolicy {
+                    ipcache: vec![v1::IpcacheEntry { addr: vec![10, 0, 0], prefix_len: 8, identity: 300 }],
+                    ..valid.clone()
+                },
+                "ipcache[0]: addr has 3 bytes",
+            ),
+            (
+                v1::NodePolicy {
+                    ipcache: vec![v1::IpcacheEntry { addr: vec![10, 0, 0, 0], prefix_len: 33, identity: 300 }],
+                    ..valid.clone()
+                },
+                "ipcache[0]: prefix_len 33 exceeds 32",
+            ),
+            (
+                v1::NodePolicy {
+                    ipcache: vec![v1::IpcacheEntry { addr: vec![10, 0, 0, 0], prefix_len: 8, identity: 0 }],
+                    ..valid.clone()
+                },
+                "ipcache[0].identity: identity 0",
+            ),
+            (
+                v1::NodePolicy {
+                    rules: vec![v1::NodeRule {
+                        rule_id: 1,
+                        local_identity: 256,
+                        direction: 2,
+                        protocol: 99,
+                        ..Default::default()
+                    }],
+                    ..valid.clone()
+                },
+                "rules[0].protocol: 99 is not a valid protocol",
+            ),
+            (
+                v1::NodePolicy {
+                    rules: vec![v1::NodeRule { rule_id: 1, local_identity: 256, direction: 0, ..Default::default() }],
+                    ..valid.clone()
+                },
+                "rules[0].direction: 0 is not a valid direction",
+            ),
+            (
+                v1::NodePolicy {
+                    endpoints: vec![v1::PolicyEndpoint { identity: 256, netns_ino: 5, mode: 7, ..Default::default() }],
+                    ..valid.clone()
+                },
+                "endpoints[0].mode: 7 is not a valid rollout mode",
+            ),
+            (
+                v1::NodePolicy {
+                    rules: vec![v1::NodeRule { rule_id: 1, local_identity: 256, direction: 2, ..Default::default() }],
+                    ..valid.clone()
+                },
+                "rules[0]: local identity 256 has no endpoint",
+            ),
+            (v1::NodePolicy { version: 0, ..valid.clone() }, "version must be at least 1"),
+        ];
+        for (wire, want) in cases {
+            let err = NodePolicy::try_from(wire).expect_err("must be rejected").to_string();
+            assert!(err.starts_with(want), "{err:?} should start with {want:?}");
+        }
+        let empty = v1::PolicyUpdate { update: None };
+        assert_eq!(NodePolicy::try_from(empty), Err(InvalidNodePolicy::Missing { field: "update".into() }));
     }
 }

@@ -1,0 +1,95 @@
+//! What enforcers say, kept: Hello and Ack move the node's applied version in the
+//! store, verdict reports become verdict events and rule hit counters named by the
+//! approved rule (not the node-local rule id, which changes with every version).
+//!
+//! Recording failures are logged and do not end the stream: the enforcer keeps
+//! enforcing whatever the store's state, and its next Hello/Ack/report brings the
+//! store up to date again.
+
+use bulkhead_model::Direction;
+use bulkhead_model::node_policy::{EnforcerHello, PolicyAck, PolicyAckStatus, VerdictReport};
+
+use super::Distributor;
+use crate::grpc::ingest::unix_ms;
+use crate::store::{AckOutcome, RuleHits, RuleRef, Store, VerdictEventRow};
+
+/// Writes enforcer messages to the store.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    pub store: Store,
+    pub distributor: Distributor,
+}
+
+impl Recorder {
+    pub async fn hello(&self, h: &EnforcerHello) {
+        let applied = (h.applied_version > 0).then_some(h.applied_version);
+        if let Err(err) = self.store.enforcer_hello(&h.node_id, &h.boot_id, &h.agent_version, applied, unix_ms()).await
+        {
+            tracing::warn!(node = %h.node_id, error = %err, "Recording an enforcer hello failed.");
+        }
+    }
+
+    pub async fn ack(&self, node: &str, ack: &PolicyAck) {
+        let outcome = match ack.status {
+            PolicyAckStatus::Applied => AckOutcome::Applied,
+            PolicyAckStatus::Rejected => {
+                AckOutcome::Rejected { error: ack.error.clone().unwrap_or_else(|| "no reason given".into()) }
+            }
+        };
+        if let Err(err) = self.store.enforcer_ack(node, ack.version, outcome, unix_ms()).await {
+            tracing::warn!(node = %node, version = ack.version, error = %err, "Recording an enforcer ack failed.");
+        }
+    }
+
+    /// Events keep the initiator/responder orientation of flows: egress means the
+    /// local workload initiated.
+    pub async fn report(&self, node: &str, r: &VerdictReport) {
+        let rule_ref = |rule_id: u32| {
+            self.distributor.rule_ref(node, r.policy_version, rule_id).map(|x| RuleRef {
+                proposal_id: x.proposal_id,
+                direction: x.direction,
+                rule_index: x.rule_index,
+            })
+        };
+        let events: Vec<VerdictEventRow> = r
+            .events
+            .iter()
+            .map(|e| {
+                let (src, dst, port) = match e.direction {
+                    Direction::Egress => (e.local_addr, e.peer_addr, e.peer_port),
+                    Direction::Ingress => (e.peer_addr, e.local_addr, e.local_port),
+                };
+                VerdictEventRow {
+                    at_unix_ms: e.time_unix_ms,
+                    local: e.local_identity,
+                    peer: e.peer_identity,
+                    direction: e.direction,
+                    verdict: e.verdict,
+                    src_addr: src,
+                    dst_addr: dst,
+                    dst_port: port,
+                    protocol: e.protocol,
+                    policy_version: r.policy_version,
+                    rule: e.rule_id.and_then(rule_ref),
+                }
+            })
+            .collect();
+        if !events.is_empty()
+            && let Err(err) = self.store.insert_verdict_events(node, &events, unix_ms()).await
+        {
+            tracing::warn!(node = %node, events = events.len(), error = %err, "Recording verdict events failed.");
+        }
+        let hits: Vec<RuleHits> = r
+            .rule_counters
+            .iter()
+            .filter_map(|c| {
+                Some(RuleHits { rule: rule_ref(c.rule_id)?, hits: c.hits, last_hit_unix_ms: c.last_hit_unix_ms })
+            })
+            .collect();
+        if !hits.is_empty()
+            && let Err(err) = self.store.add_rule_hits(node, &hits).await
+        {
+            tracing::warn!(node = %node, error = %err, "Recording rule hits failed.");
+        }
+    }
+}
