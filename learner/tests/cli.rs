@@ -128,6 +128,38 @@ async fn policy_commands_end_to_end() {
     assert!(!out.status.success(), "tiefighter has no approved policy: the namespace change is refused as a whole");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no approved policy"), "{out:?}");
 
+    // What enforcers report shows up per node and per workload, and in the gate.
+    store.enforcer_hello("node-1", "boot-1", "test", Some(41), now).await.expect("hello");
+    store.set_desired_version("node-1", 42, now).await.expect("desired");
+    let ev = bulkhead_learner::store::VerdictEventRow {
+        at_unix_ms: now,
+        local: deathstar,
+        peer: xwing,
+        direction: Direction::Ingress,
+        verdict: Verdict::Audit,
+        src_addr: "10.202.0.12".parse().expect("ip"),
+        dst_addr: "10.202.0.10".parse().expect("ip"),
+        dst_port: 80,
+        protocol: Protocol::Tcp,
+        policy_version: 41,
+        rule: None,
+    };
+    store.insert_verdict_events("node-1", &[ev], now).await.expect("events");
+    let text = stdout(&bulkhead(&server, &["enforcers"]).await);
+    assert!(text.contains("node-1") && text.contains("42") && text.contains("41") && text.contains("no"), "{text}");
+    let text =
+        stdout(&bulkhead(&server, &["verdicts", "--identity", &deathstar.0.to_string(), "--verdict", "audit"]).await);
+    assert!(
+        text.contains("audit") && text.contains("10.202.0.12 -> 10.202.0.10:80/tcp") && text.contains("default deny"),
+        "{text}"
+    );
+    let out = bulkhead(&server, &["--json", "rollout", "list"]).await;
+    let states: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let ds = states.as_array().and_then(|a| a.iter().find(|r| r["target"] == deathstar.0)).expect("deathstar");
+    assert_eq!(ds["audit_events"], 1, "{states}");
+    let out = bulkhead(&server, &["verdicts", "--verdict", "maybe"]).await;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("400"), "{out:?}");
+
     let out = bulkhead(&server, &["audit", "--action", "proposal."]).await;
     let text = stdout(&out);
     assert!(text.contains("proposal.approve") && text.contains("alice"), "{text}");

@@ -5,8 +5,8 @@
 //! deployed policy for the workload; enforce needs the workload to have been in
 //! monitor first (unless forced) — would-deny traffic must have had a chance to show
 //! up as audit events. The gate also reports the learning window's convergence and
-//! how long the workload has been in its mode; audit-event counts join it once
-//! enforcers report verdicts.
+//! how long the workload has been in its mode, and the audit / deny events enforcers
+//! reported for it in the last 24 hours.
 
 use std::collections::BTreeMap;
 
@@ -43,7 +43,15 @@ pub struct RolloutState {
     /// Id of the newest proposal, and whether its learning window converged.
     pub latest_proposal: Option<i64>,
     pub converged: Option<bool>,
+    /// Would-deny (monitor) and denied (enforce) events enforcers reported in the last
+    /// [`GATE_WINDOW_MS`]: what promotion to enforce would break, and what enforcing
+    /// is blocking.
+    pub audit_events: u64,
+    pub denied_events: u64,
 }
+
+/// How far back the gate counts verdict events.
+pub const GATE_WINDOW_MS: i64 = 24 * 3600 * 1000;
 
 /// What a change did, per workload.
 #[derive(Debug, Clone, Serialize)]
@@ -69,6 +77,9 @@ impl PolicyService {
         }
         let labels: BTreeMap<Identity, bulkhead_model::Labels> =
             self.store.identities().await?.into_iter().map(|r| (r.id, r.labels)).collect();
+        let since = crate::grpc::ingest::unix_ms() - GATE_WINDOW_MS;
+        let counts: BTreeMap<Identity, (u64, u64)> =
+            self.store.verdict_counts(since).await?.into_iter().map(|c| (c.identity, (c.audit, c.denied))).collect();
         let mut targets: std::collections::BTreeSet<Identity> = modes.keys().copied().collect();
         targets.extend(latest.keys().copied());
         Ok(targets
@@ -86,6 +97,8 @@ impl PolicyService {
                     has_policy: active.contains(&t),
                     latest_proposal: l.map(|l| l.0),
                     converged: l.map(|l| l.1),
+                    audit_events: counts.get(&t).map_or(0, |c| c.0),
+                    denied_events: counts.get(&t).map_or(0, |c| c.1),
                 }
             })
             .collect())

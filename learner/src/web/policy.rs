@@ -35,6 +35,8 @@ pub fn routes() -> Router<AppState> {
         .route("/audit", get(audit))
         .route("/cluster-policies", get(cluster_policies))
         .route("/rollout", get(rollout_states).post(set_rollout))
+        .route("/enforcers", get(enforcers))
+        .route("/verdicts", get(verdicts))
 }
 
 impl From<PolicyError> for ApiError {
@@ -198,4 +200,45 @@ async fn set_rollout(
     Json(req): Json<RolloutRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.policy.set_rollout(&req, &actor.0, unix_ms()).await?))
+}
+
+/// Per node: the policy version the learner wants there and the one it applied.
+async fn enforcers(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(s.store.enforcers().await?))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct VerdictParams {
+    pub identity: Option<u32>,
+    /// `audit`, `denied` or `forwarded`.
+    pub verdict: Option<String>,
+    pub node: Option<String>,
+    pub since_ms: Option<i64>,
+    pub limit: Option<u32>,
+    pub before_id: Option<i64>,
+}
+
+/// Recent audit and deny events, newest first.
+async fn verdicts(State(s): State<AppState>, Query(p): Query<VerdictParams>) -> Result<impl IntoResponse, ApiError> {
+    let verdict = match p.verdict.as_deref() {
+        None => None,
+        Some("audit") => Some(bulkhead_model::Verdict::Audit),
+        Some("denied") => Some(bulkhead_model::Verdict::Denied),
+        Some("forwarded") => Some(bulkhead_model::Verdict::Forwarded),
+        Some(v) => return Err(ApiError::BadRequest(format!("verdict must be audit, denied or forwarded, not {v:?}"))),
+    };
+    let limit = p.limit.unwrap_or(100);
+    if limit == 0 || limit > crate::store::MAX_VERDICT_PAGE {
+        return Err(ApiError::BadRequest(format!("limit must be 1..={}", crate::store::MAX_VERDICT_PAGE)));
+    }
+    let q = crate::store::VerdictQuery {
+        since_unix_ms: p.since_ms,
+        until_unix_ms: None,
+        identity: p.identity.map(Identity),
+        verdict,
+        node_id: p.node,
+        limit,
+        before_id: p.before_id,
+    };
+    Ok(Json(s.store.verdict_events(&q).await?))
 }

@@ -95,6 +95,19 @@ enum Command {
     /// Rollout modes per workload (learn → monitor → enforce) with their gates.
     #[command(subcommand)]
     Rollout(policy::RolloutCommand),
+    /// Enforcers per node: the policy version wanted there and the one applied.
+    Enforcers,
+    /// Recent audit (would-deny) and deny events reported by enforcers.
+    Verdicts {
+        /// Only this workload (identity number).
+        #[arg(long)]
+        identity: Option<u32>,
+        /// audit, denied or forwarded.
+        #[arg(long)]
+        verdict: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
     /// The audit log: every proposal decision and rollout change, newest first.
     Audit {
         /// Only actions starting with this, e.g. `proposal.`.
@@ -236,6 +249,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Audit { action, limit } => policy::audit(&api, args.json, action, limit).await?,
         Command::Rollout(cmd) => policy::rollout(&api, args.json, cmd).await?,
+        Command::Enforcers => policy::enforcers(&api, args.json).await?,
+        Command::Verdicts { identity, verdict, limit } => {
+            policy::verdicts(&api, args.json, identity, verdict, limit).await?
+        }
     }
     Ok(())
 }

@@ -485,11 +485,16 @@ pub async fn rollout(api: &Api, json: bool, cmd: RolloutCommand) -> anyhow::Resu
                             Some(false) => "no".into(),
                             None => "-".into(),
                         },
+                        r["audit_events"].to_string(),
+                        r["denied_events"].to_string(),
                         s("changed_by"),
                     ]
                 })
                 .collect();
-            print_table(&["WORKLOAD", "MODE", "SINCE", "APPROVED POLICY", "CONVERGED", "CHANGED BY"], &rows);
+            print_table(
+                &["WORKLOAD", "MODE", "SINCE", "APPROVED POLICY", "CONVERGED", "AUDIT 24H", "DENIED 24H", "CHANGED BY"],
+                &rows,
+            );
         }
         RolloutCommand::Set { target, namespace, mode, reason, force, actor: who } => {
             let body =
@@ -508,5 +513,73 @@ pub async fn rollout(api: &Api, json: bool, cmd: RolloutCommand) -> anyhow::Resu
             }
         }
     }
+    Ok(())
+}
+
+/// Per node: desired vs applied policy version.
+pub async fn enforcers(api: &Api, json: bool) -> anyhow::Result<()> {
+    let raw = api.get("enforcers", &[]).await?;
+    if json {
+        return print_json(&raw);
+    }
+    let empty = Vec::new();
+    let rows: Vec<Vec<String>> = raw
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|e| {
+            let v = |k: &str| e[k].as_u64().map_or_else(|| "-".to_owned(), |v| v.to_string());
+            vec![
+                e["node_id"].as_str().map(printable).unwrap_or_default(),
+                v("desired_version"),
+                v("applied_version"),
+                if e["desired_version"] == e["applied_version"] { "yes" } else { "no" }.into(),
+                e["last_error"].as_str().map(printable).unwrap_or_default(),
+                e["last_seen_unix_ms"].as_i64().map(ago).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(&["NODE", "DESIRED", "APPLIED", "IN SYNC", "LAST ERROR", "SEEN"], &rows);
+    Ok(())
+}
+
+/// Recent audit (would-deny) and deny events.
+pub async fn verdicts(
+    api: &Api,
+    json: bool,
+    identity: Option<u32>,
+    verdict: Option<String>,
+    limit: u32,
+) -> anyhow::Result<()> {
+    let mut q = vec![("limit", limit.to_string())];
+    if let Some(i) = identity {
+        q.push(("identity", i.to_string()));
+    }
+    if let Some(v) = verdict {
+        q.push(("verdict", v));
+    }
+    let raw = api.get("verdicts", &q).await?;
+    if json {
+        return print_json(&raw);
+    }
+    let empty = Vec::new();
+    let rows: Vec<Vec<String>> = raw
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().map(printable).unwrap_or_else(|| e[k].to_string());
+            vec![
+                s("node_id"),
+                s("verdict"),
+                format!("{} ({})", e["local"], s("direction")),
+                e["peer"].to_string(),
+                format!("{} -> {}:{}/{}", s("src_addr"), s("dst_addr"), e["dst_port"], s("protocol")),
+                if e["rule"].is_null() { "default deny".into() } else { e["rule"].to_string() },
+                e["at_unix_ms"].as_i64().map(ago).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(&["NODE", "VERDICT", "WORKLOAD", "PEER", "CONNECTION", "RULE", "WHEN"], &rows);
     Ok(())
 }
