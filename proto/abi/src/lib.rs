@@ -1,7 +1,7 @@
 //! Types shared by kernel and user space. Everything is `repr(C)` with explicit
 //! padding so both sides agree byte for byte.
 //!
-//! The collector's datapath is described here as a contract: the map names the
+//! The collector's and the enforcer's datapaths are described here as a contract: the map names the
 //! programs declare, the records they write into ring buffers, the keys and values
 //! of their aggregation maps and the kernel offsets user space resolves from BTF
 //! and hands to the programs at load time (Rust eBPF has no CO-RE, so the
@@ -14,6 +14,7 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 
 pub mod collector;
+pub mod enforcer;
 
 /// Generates `aya::Pod` impls for user space. Kept in one place so the list of
 /// plain-old-data types is easy to audit: every type listed here must be
@@ -38,4 +39,16 @@ impl_pod!(
     collector::SockOwner,
     collector::KernelOffsets,
     collector::CollectorConfig,
+    enforcer::IpcacheKey,
+    enforcer::IpcacheValue,
+    enforcer::PolicyKey,
+    enforcer::PolicyValue,
+    enforcer::EndpointKey,
+    enforcer::EndpointValue,
+    enforcer::CtKey,
+    enforcer::CtValue,
+    enforcer::VerdictEvent,
+    enforcer::EnforcerConfig,
+    enforcer::RateState,
+    enforcer::RuleStats,
 );

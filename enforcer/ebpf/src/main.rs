@@ -1,0 +1,426 @@
+//! The enforcer's kernel datapath: identity-based verdicts for the sockets of
+//! managed workloads, attached as cgroup_skb ingress/egress on a cgroup v2
+//! directory (every descendant cgroup inherits them).
+//!
+//! Per packet, in a constant number of map lookups whatever the number of
+//! rules (the contract and the lookup order are documented in
+//! `bulkhead_abi::enforcer`):
+//!
+//! 1. endpoint by the socket's cgroup id (`bpf_skb_cgroup_id`: the cgroup the
+//!    socket was created in, also on ingress in softirq, unlike the current
+//!    task's) — unmanaged or `learn`: pass;
+//! 2. IPv4/IPv6 + TCP/UDP parsing; anything else passes (ICMP, neighbour
+//!    discovery, IPv6 behind extension headers — documented in user space);
+//! 3. conntrack (local-oriented 5-tuple): a known connection passes if its
+//!    verdict was made under the active generation;
+//! 4. otherwise a new connection: ipcache → peer identity, then up to six policy
+//!    probes (exact port → any port of the protocol → any port and protocol; then
+//!    the same for any peer). Allowed connections enter conntrack, so replies
+//!    pass (NetworkPolicy semantics); would-deny connections of monitor-mode
+//!    endpoints pass, enter conntrack as audit (one event per connection) and are
+//!    reported; in enforce mode they are dropped and reported.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
+    helpers::generated::{bpf_ktime_get_boot_ns, bpf_skb_cgroup_id},
+    macros::{cgroup_skb, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::SkBuffContext,
+};
+use bulkhead_abi::enforcer::{
+    ACTION_ALLOW, AF_INET, AF_INET6, COUNTER_ALLOWED, COUNTER_AUDIT, COUNTER_COUNT, COUNTER_CT_HIT,
+    COUNTER_CT_INSERT_FAILED, COUNTER_DENIED, COUNTER_EVENTS_LIMITED, COUNTER_EVENTS_LOST, COUNTER_FAIL,
+    COUNTER_OTHER_PROTO, COUNTER_UNMANAGED, CtKey, CtValue, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_ENDPOINTS,
+    DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_RULE_STATS, DEFAULT_VERDICT_EVENTS_BYTES, DIR_EGRESS,
+    DIR_INGRESS, EP_EGRESS_COVERED, EP_INGRESS_COVERED, EndpointKey, EndpointValue, EnforcerConfig, FAIL_CLOSED,
+    FAIL_OPEN, IDENTITY_ANY, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP, IpcacheValue, MODE_ENFORCE, MODE_MONITOR,
+    PolicyKey, PolicyValue, REASON_DEFAULT_DENY, REASON_NOT_COVERED, REASON_RULE, RateState, RuleStats,
+    VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED, VerdictEvent, v4_mapped,
+};
+
+/// cgroup_skb verdict: let the packet through.
+const PASS: i32 = 1;
+/// cgroup_skb verdict: drop the packet (the sender sees EPERM on egress).
+const DROP: i32 = 0;
+
+/// What happens to a packet of a monitor-mode endpoint when state that must
+/// exist is missing (the config entry is unreadable, the packet cannot be
+/// parsed) and the configured choice cannot be read either: fail-open. Monitor
+/// mode promises never to drop (DESIGN.md §5).
+const FAIL_ACTION_MONITOR: i32 = PASS;
+/// The same for enforce-mode endpoints: fail-closed. An enforced workload must
+/// not become reachable because the enforcer's state broke (DESIGN.md §5).
+const FAIL_ACTION_ENFORCE: i32 = DROP;
+
+#[map]
+static IPCACHE_V1: LpmTrie<[u8; 16], IpcacheValue> = LpmTrie::with_max_entries(DEFAULT_IPCACHE_ENTRIES, 0);
+#[map]
+static POLICY_V1: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(DEFAULT_POLICY_ENTRIES, 0);
+#[map]
+static ENDPOINTS_V1: HashMap<EndpointKey, EndpointValue> = HashMap::with_max_entries(DEFAULT_ENDPOINTS, 0);
+#[map]
+static CONNTRACK_V1: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+#[map]
+static VERDICTS_V1: RingBuf = RingBuf::with_byte_size(DEFAULT_VERDICT_EVENTS_BYTES, 0);
+#[map]
+static ENF_COUNTERS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+#[map]
+static ENF_CONFIG_V1: Array<EnforcerConfig> = Array::with_max_entries(1, 0);
+#[map]
+static EVENT_RATE_V1: PerCpuArray<RateState> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static RULE_STATS_V1: LruPerCpuHashMap<u32, RuleStats> = LruPerCpuHashMap::with_max_entries(DEFAULT_RULE_STATS, 0);
+
+#[cgroup_skb(ingress)]
+pub fn enforce_ingress(ctx: SkBuffContext) -> i32 {
+    verdict(try_enforce(&ctx, DIR_INGRESS))
+}
+
+#[cgroup_skb(egress)]
+pub fn enforce_egress(ctx: SkBuffContext) -> i32 {
+    verdict(try_enforce(&ctx, DIR_EGRESS))
+}
+
+/// `Err` carries the fail action already chosen for the endpoint's mode. The
+/// result is re-derived from constants: the verifier insists on a return value
+/// it can prove to be 0 or 1, and a value passed through `Result` loses that.
+#[inline(always)]
+fn verdict(result: Result<i32, i32>) -> i32 {
+    let v = match result {
+        Ok(v) => v,
+        Err(v) => {
+            count(COUNTER_FAIL);
+            if v == DROP {
+                count(COUNTER_DENIED);
+            }
+            v
+        }
+    };
+    if v == DROP { DROP } else { PASS }
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(c) = ENF_COUNTERS_V1.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// The fail action of an endpoint in `mode`, from the config if readable.
+#[inline(always)]
+fn fail_action(mode: u8, cfg: Option<&EnforcerConfig>) -> i32 {
+    let (choice, fallback) = if mode == MODE_ENFORCE {
+        (cfg.map(|c| c.fail_enforce), FAIL_ACTION_ENFORCE)
+    } else {
+        (cfg.map(|c| c.fail_monitor), FAIL_ACTION_MONITOR)
+    };
+    match choice {
+        Some(FAIL_CLOSED) => DROP,
+        Some(FAIL_OPEN) => PASS,
+        _ => fallback,
+    }
+}
+
+/// The parts of a packet a verdict depends on, oriented local/remote.
+struct Packet {
+    family: u16,
+    protocol: u8,
+    local_addr: [u8; 16],
+    remote_addr: [u8; 16],
+    local_port: u16,
+    remote_port: u16,
+}
+
+/// Parses IPv4/IPv6 + TCP/UDP. `Ok(None)`: another protocol (passes).
+#[inline(always)]
+fn parse(ctx: &SkBuffContext, dir: u8) -> Result<Option<Packet>, i64> {
+    // cgroup_skb packets start at the IP header.
+    let first: u8 = ctx.load(0)?;
+    let (family, protocol, src, dst, l4) = match first >> 4 {
+        4 => {
+            let protocol: u8 = ctx.load(9)?;
+            if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+                return Ok(None);
+            }
+            let frag: [u8; 2] = ctx.load(6)?;
+            // Non-first fragments carry no ports. cgroup_skb sees datagrams before
+            // fragmentation (egress) and after reassembly (ingress), so this is
+            // defensive only.
+            if u16::from_be_bytes(frag) & 0x1fff != 0 {
+                return Ok(None);
+            }
+            let ihl = usize::from(first & 0x0f) * 4;
+            if ihl < 20 {
+                return Err(-1);
+            }
+            let s: [u8; 4] = ctx.load(12)?;
+            let d: [u8; 4] = ctx.load(16)?;
+            (AF_INET, protocol, v4_mapped(s), v4_mapped(d), ihl)
+        }
+        6 => {
+            let protocol: u8 = ctx.load(6)?;
+            if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+                return Ok(None);
+            }
+            let s: [u8; 16] = ctx.load(8)?;
+            let d: [u8; 16] = ctx.load(24)?;
+            (AF_INET6, protocol, s, d, 40)
+        }
+        _ => return Ok(None),
+    };
+    let ports: [u8; 4] = ctx.load(l4)?;
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
+    Ok(Some(if dir == DIR_EGRESS {
+        Packet { family, protocol, local_addr: src, remote_addr: dst, local_port: sport, remote_port: dport }
+    } else {
+        Packet { family, protocol, local_addr: dst, remote_addr: src, local_port: dport, remote_port: sport }
+    }))
+}
+
+/// What decided a new connection.
+struct Decision {
+    verdict: u8,
+    reason: u8,
+    rule_id: u32,
+    peer_identity: u32,
+}
+
+fn try_enforce(ctx: &SkBuffContext, dir: u8) -> Result<i32, i32> {
+    // SAFETY: helper taking the program's own skb.
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    // SAFETY: the value is copied at once.
+    let ep: EndpointValue = match unsafe { ENDPOINTS_V1.get(EndpointKey { cgroup_id }) } {
+        Some(ep) => *ep,
+        None => {
+            count(COUNTER_UNMANAGED);
+            return Ok(PASS);
+        }
+    };
+    if ep.mode != MODE_MONITOR && ep.mode != MODE_ENFORCE {
+        count(COUNTER_UNMANAGED);
+        return Ok(PASS);
+    }
+    let Some(cfg) = ENF_CONFIG_V1.get(0).copied() else {
+        return Err(fail_action(ep.mode, None));
+    };
+    let pkt = match parse(ctx, dir) {
+        Ok(Some(pkt)) => pkt,
+        Ok(None) => {
+            count(COUNTER_OTHER_PROTO);
+            return Ok(PASS);
+        }
+        Err(_) => return Err(fail_action(ep.mode, Some(&cfg))),
+    };
+
+    let key = CtKey {
+        cgroup_id,
+        local_addr: pkt.local_addr,
+        remote_addr: pkt.remote_addr,
+        local_port: pkt.local_port,
+        remote_port: pkt.remote_port,
+        protocol: pkt.protocol,
+        _pad: [0; 3],
+    };
+    let now = now_ns();
+    let generation = cfg.active_generation;
+    let mut origin = dir;
+    let mut created_ns = now;
+    if let Some(ct) = CONNTRACK_V1.get_ptr_mut(key) {
+        // SAFETY: `ct` points into a map value that lives while the program runs;
+        // concurrent updates of `last_ns` by other CPUs are benign.
+        let (ct_gen, ct_verdict, ct_origin, ct_created) =
+            unsafe { ((*ct).generation, (*ct).verdict, (*ct).origin, (*ct).created_ns) };
+        if ct_gen == generation
+            && (ct_verdict == VERDICT_ALLOWED || (ct_verdict == VERDICT_AUDIT && ep.mode == MODE_MONITOR))
+        {
+            // SAFETY: as above.
+            unsafe { (*ct).last_ns = now };
+            count(COUNTER_CT_HIT);
+            return Ok(PASS);
+        }
+        // Made under another generation, or audited and now enforced: judge the
+        // connection again, in the direction it was opened.
+        origin = ct_origin;
+        created_ns = ct_created;
+    }
+
+    let d = decide(&ep, &pkt, origin, generation);
+    if d.verdict == VERDICT_ALLOWED {
+        count(COUNTER_ALLOWED);
+        if d.rule_id != 0 {
+            rule_hit(d.rule_id, now);
+        }
+        track(&key, created_ns, now, generation, &d, origin);
+        return Ok(PASS);
+    }
+    if ep.mode == MODE_MONITOR {
+        count(COUNTER_AUDIT);
+        let audit = Decision { verdict: VERDICT_AUDIT, ..d };
+        track(&key, created_ns, now, generation, &audit, origin);
+        report(&cfg, &ep, &pkt, cgroup_id, dir, &audit, now);
+        return Ok(PASS);
+    }
+    // Enforce: forget an entry that no longer holds (audited, or older policy).
+    let _ = CONNTRACK_V1.remove(key);
+    count(COUNTER_DENIED);
+    let denied = Decision { verdict: VERDICT_DENIED, ..d };
+    report(&cfg, &ep, &pkt, cgroup_id, dir, &denied, now);
+    Ok(DROP)
+}
+
+/// The verdict for a new connection opened in direction `origin`.
+#[inline(always)]
+fn decide(ep: &EndpointValue, pkt: &Packet, origin: u8, generation: u32) -> Decision {
+    let covered = if origin == DIR_INGRESS { EP_INGRESS_COVERED } else { EP_EGRESS_COVERED };
+    if ep.flags & covered == 0 {
+        return Decision { verdict: VERDICT_ALLOWED, reason: REASON_NOT_COVERED, rule_id: 0, peer_identity: 0 };
+    }
+    let lpm = Key::new(128, pkt.remote_addr);
+    let peer = match IPCACHE_V1.get(lpm) {
+        Some(v) => v.identity,
+        None => IDENTITY_WORLD,
+    };
+    // The server's port: the remote one for connections we opened.
+    let port = if origin == DIR_EGRESS { pkt.remote_port } else { pkt.local_port };
+    match lookup_policy(generation, ep.identity, peer, port, pkt.protocol, origin) {
+        Some(rule) if rule.action == ACTION_ALLOW => {
+            Decision { verdict: VERDICT_ALLOWED, reason: REASON_RULE, rule_id: rule.rule_id, peer_identity: peer }
+        }
+        Some(rule) => {
+            Decision { verdict: VERDICT_DENIED, reason: REASON_RULE, rule_id: rule.rule_id, peer_identity: peer }
+        }
+        None => Decision { verdict: VERDICT_DENIED, reason: REASON_DEFAULT_DENY, rule_id: 0, peer_identity: peer },
+    }
+}
+
+/// The six wildcard probes of `bulkhead_abi::enforcer::POLICY_PROBES`, in order.
+/// Separate early returns: the verifier rejects OR-ed map-value pointers.
+#[inline(always)]
+fn lookup_policy(generation: u32, local: u32, peer: u32, port: u16, protocol: u8, dir: u8) -> Option<PolicyValue> {
+    let mut key = PolicyKey { generation, local_identity: local, peer_identity: peer, port, protocol, direction: dir };
+    // SAFETY (every lookup below): the value is copied at once.
+    if let Some(v) = unsafe { POLICY_V1.get(key) } {
+        return Some(*v);
+    }
+    key.port = 0;
+    if let Some(v) = unsafe { POLICY_V1.get(key) } {
+        return Some(*v);
+    }
+    key.protocol = 0;
+    if let Some(v) = unsafe { POLICY_V1.get(key) } {
+        return Some(*v);
+    }
+    key.peer_identity = IDENTITY_ANY;
+    key.port = port;
+    key.protocol = protocol;
+    if let Some(v) = unsafe { POLICY_V1.get(key) } {
+        return Some(*v);
+    }
+    key.port = 0;
+    if let Some(v) = unsafe { POLICY_V1.get(key) } {
+        return Some(*v);
+    }
+    key.protocol = 0;
+    if let Some(v) = unsafe { POLICY_V1.get(key) } {
+        return Some(*v);
+    }
+    None
+}
+
+/// Records a connection so its other packets (and replies) skip the policy.
+#[inline(always)]
+fn track(key: &CtKey, created_ns: u64, now: u64, generation: u32, d: &Decision, origin: u8) {
+    let value =
+        CtValue { created_ns, last_ns: now, generation, rule_id: d.rule_id, verdict: d.verdict, origin, _pad: [0; 6] };
+    if CONNTRACK_V1.insert(key, value, 0).is_err() {
+        count(COUNTER_CT_INSERT_FAILED);
+    }
+}
+
+#[inline(always)]
+fn rule_hit(rule_id: u32, now: u64) {
+    if let Some(s) = RULE_STATS_V1.get_ptr_mut(rule_id) {
+        // SAFETY: per-CPU value, only this CPU writes it.
+        unsafe {
+            (*s).hits += 1;
+            (*s).last_hit_ns = now;
+        }
+        return;
+    }
+    let _ = RULE_STATS_V1.insert(rule_id, RuleStats { hits: 1, last_hit_ns: now }, 0);
+}
+
+/// Per-CPU GCRA token bucket: `event_rate` per second, `event_burst` back to back.
+#[inline(always)]
+fn take_event_token(cfg: &EnforcerConfig, now: u64) -> bool {
+    if cfg.event_rate == 0 {
+        return false;
+    }
+    let Some(state) = EVENT_RATE_V1.get_ptr_mut(0) else { return false };
+    let interval = 1_000_000_000u64 / u64::from(cfg.event_rate);
+    let burst = if cfg.event_burst == 0 { 1 } else { u64::from(cfg.event_burst) };
+    // SAFETY: per-CPU value, only this CPU touches it while the program runs.
+    let tat = unsafe { (*state).tat_ns };
+    let next = if tat > now { tat } else { now } + interval;
+    if next - now > burst * interval {
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { (*state).tat_ns = next };
+    true
+}
+
+/// Writes one verdict event (rate-limited, without waking user space).
+#[inline(always)]
+fn report(cfg: &EnforcerConfig, ep: &EndpointValue, pkt: &Packet, cgroup_id: u64, dir: u8, d: &Decision, now: u64) {
+    if !take_event_token(cfg, now) {
+        count(COUNTER_EVENTS_LIMITED);
+        return;
+    }
+    let Some(mut entry) = VERDICTS_V1.reserve::<VerdictEvent>(0) else {
+        count(COUNTER_EVENTS_LOST);
+        return;
+    };
+    entry.write(VerdictEvent {
+        ts_ns: now,
+        cgroup_id,
+        local_addr: pkt.local_addr,
+        remote_addr: pkt.remote_addr,
+        local_identity: ep.identity,
+        peer_identity: d.peer_identity,
+        rule_id: d.rule_id,
+        generation: cfg.active_generation,
+        local_port: pkt.local_port,
+        remote_port: pkt.remote_port,
+        family: pkt.family,
+        protocol: pkt.protocol,
+        direction: dir,
+        verdict: d.verdict,
+        reason: d.reason,
+        mode: ep.mode,
+        _pad: [0; 5],
+    });
+    entry.submit(BPF_RB_NO_WAKEUP.into());
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: eBPF programs cannot unwind; the verifier rejects any reachable path here.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+/// GPL-compatible licence string: the ring-buffer helpers are GPL-only.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

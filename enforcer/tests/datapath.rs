@@ -1,0 +1,647 @@
+//! Root tests of the enforcer's kernel datapath: the real eBPF object, attached to
+//! a cgroup of this test's own, judging real TCP and UDP packets between
+//! workloads that live in network namespaces (`TestNet`) and in child cgroups
+//! of that cgroup.
+//!
+//! The workloads are processes: this test binary re-run as an "agent"
+//! (`helper_agent`) started inside its namespace and cgroup from its first
+//! instruction, so every socket it creates belongs to the workload's cgroup. The
+//! test drives it over stdin/stdout: listen, connect, send.
+//!
+//! Every namespace, cgroup and bpffs pin directory has a unique name and is
+//! removed on drop, also when a test panics. Without root every test fails.
+//!
+//! Run: `cargo test -p bulkhead-enforcer --test datapath` as root.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bulkhead_abi::enforcer as abi;
+use bulkhead_enforcer::datapath::{
+    DEFAULT_BPFFS_ROOT, Datapath, DatapathOptions, Direction, Endpoint, KernelRule, Mode, VerdictRecord,
+    remove_instance,
+};
+use bulkhead_testkit::assert_eventually;
+use bulkhead_testkit::cgroup::TestCgroup;
+use bulkhead_testkit::netns::{ChildGuard, TestNet};
+use bulkhead_testkit::{require_root, unique_suffix};
+
+const WAIT: Duration = Duration::from_secs(10);
+/// A connection that must succeed gets this long.
+const OK_TIMEOUT_MS: u64 = 3000;
+/// A connection that must fail is given up after this long (a dropped SYN is
+/// retransmitted only after 1 s, so one attempt is one SYN).
+const FAIL_TIMEOUT_MS: u64 = 400;
+
+const ID_A: u32 = 1001;
+const ID_B: u32 = 1002;
+const ID_C: u32 = 1003;
+const HTTP: u16 = 80;
+const UDP_PORT: u16 = 5353;
+const RULE_A_EGRESS_HTTP: u32 = 10;
+const RULE_B_INGRESS_HTTP: u32 = 11;
+const RULE_A_EGRESS_UDP: u32 = 12;
+const RULE_B_INGRESS_UDP: u32 = 13;
+const RULE_B_INGRESS_HTTP_FROM_C: u32 = 21;
+
+// === the agent process ===
+
+const AGENT_ENV: &str = "BH_ENFORCER_AGENT";
+const AGENT_PREFIX: &str = "BHA ";
+
+/// Not a test: the body of a workload process (see the module doc). Commands on
+/// stdin, one per line; every answer is one line starting with `BHA `:
+/// `listen tcp|udp ADDR`, `connect tcp|udp ADDR TIMEOUT_MS` → `ok` / `err …`.
+#[test]
+#[ignore = "workload process of the other tests, started by them with --ignored"]
+fn helper_agent() {
+    assert!(std::env::var_os(AGENT_ENV).is_some(), "run by the datapath tests only");
+    let stdin = std::io::stdin();
+    // Connections kept open by `open`, used by `send`.
+    let mut held: Vec<TcpStream> = Vec::new();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let answer = match words.as_slice() {
+            ["open", addr] => match addr.parse::<SocketAddr>() {
+                Ok(addr) => match TcpStream::connect_timeout(&addr, Duration::from_millis(OK_TIMEOUT_MS)) {
+                    Ok(s) => {
+                        held.push(s);
+                        "ok".to_owned()
+                    }
+                    Err(e) => format!("err {e}"),
+                },
+                Err(e) => format!("err {e}"),
+            },
+            ["send", idx, ms] => match (idx.parse::<usize>().ok().and_then(|i| held.get_mut(i)), ms.parse::<u64>()) {
+                (Some(s), Ok(ms)) => match echo(s, Duration::from_millis(ms)) {
+                    Ok(()) => "ok".to_owned(),
+                    Err(e) => format!("err {e}"),
+                },
+                _ => "err bad arguments".to_owned(),
+            },
+            ["listen", "tcp", addr] => agent_listen_tcp(addr),
+            ["listen", "udp", addr] => agent_listen_udp(addr),
+            ["connect", "tcp", addr, ms] => agent_connect_tcp(addr, ms),
+            ["connect", "udp", addr, ms] => agent_connect_udp(addr, ms),
+            _ => format!("err unknown command {line:?}"),
+        };
+        println!("{AGENT_PREFIX}{answer}");
+    }
+}
+
+fn agent_listen_tcp(addr: &str) -> String {
+    let listener = match addr
+        .parse::<SocketAddr>()
+        .map_err(|e| e.to_string())
+        .and_then(|a| TcpListener::bind(a).map_err(|e| e.to_string()))
+    {
+        Ok(l) => l,
+        Err(e) => return format!("err {e}"),
+    };
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    "ok".to_owned()
+}
+
+fn agent_listen_udp(addr: &str) -> String {
+    let sock = match addr
+        .parse::<SocketAddr>()
+        .map_err(|e| e.to_string())
+        .and_then(|a| UdpSocket::bind(a).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => return format!("err {e}"),
+    };
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(&buf[..n], from);
+        }
+    });
+    "ok".to_owned()
+}
+
+fn agent_connect_tcp(addr: &str, ms: &str) -> String {
+    let (Ok(addr), Ok(ms)) = (addr.parse::<SocketAddr>(), ms.parse::<u64>()) else {
+        return "err bad arguments".to_owned();
+    };
+    let timeout = Duration::from_millis(ms);
+    let result = TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| echo(&mut s, timeout));
+    match result {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => format!("err {e}"),
+    }
+}
+
+/// Sends `ping` and waits for it to come back.
+fn echo(s: &mut TcpStream, timeout: Duration) -> std::io::Result<()> {
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(b"ping")?;
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf)?;
+    if &buf != b"ping" {
+        return Err(std::io::Error::other("wrong echo"));
+    }
+    Ok(())
+}
+
+fn agent_connect_udp(addr: &str, ms: &str) -> String {
+    let (Ok(addr), Ok(ms)) = (addr.parse::<SocketAddr>(), ms.parse::<u64>()) else {
+        return "err bad arguments".to_owned();
+    };
+    let result = (|| -> std::io::Result<()> {
+        let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+        let s = UdpSocket::bind(bind)?;
+        s.set_read_timeout(Some(Duration::from_millis(ms)))?;
+        s.send_to(b"ping", addr)?;
+        let mut buf = [0u8; 16];
+        let (n, _) = s.recv_from(&mut buf)?;
+        if &buf[..n] != b"ping" {
+            return Err(std::io::Error::other("wrong echo"));
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => format!("err {e}"),
+    }
+}
+
+/// The test's handle on one agent process.
+struct Agent {
+    name: &'static str,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    _child: ChildGuard,
+}
+
+impl Agent {
+    fn ask(&mut self, command: &str) -> Result<(), String> {
+        writeln!(self.stdin, "{command}").unwrap_or_else(|e| panic!("agent {}: write {command:?}: {e}", self.name));
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.stdout.read_line(&mut line).unwrap_or_else(|e| panic!("agent {}: read: {e}", self.name));
+            assert!(n > 0, "agent {} exited while answering {command:?}", self.name);
+            // libtest prints its own progress around ours, on the same line too
+            // (`test helper_agent ... BHA ok`).
+            if let Some((_, answer)) = line.trim_end().split_once(AGENT_PREFIX) {
+                return if answer == "ok" { Ok(()) } else { Err(answer.to_owned()) };
+            }
+        }
+    }
+
+    fn listen(&mut self, proto: &str, addr: SocketAddr) {
+        self.ask(&format!("listen {proto} {addr}"))
+            .unwrap_or_else(|e| panic!("agent {}: listen {addr}: {e}", self.name));
+    }
+
+    fn tcp(&mut self, to: SocketAddr, timeout_ms: u64) -> Result<(), String> {
+        self.ask(&format!("connect tcp {to} {timeout_ms}"))
+    }
+
+    fn udp(&mut self, to: SocketAddr, timeout_ms: u64) -> Result<(), String> {
+        self.ask(&format!("connect udp {to} {timeout_ms}"))
+    }
+
+    fn tcp_ok(&mut self, to: SocketAddr) {
+        if let Err(e) = self.tcp(to, OK_TIMEOUT_MS) {
+            panic!("{} → {to}/tcp must succeed: {e}", self.name);
+        }
+    }
+
+    fn tcp_fails(&mut self, to: SocketAddr) {
+        assert!(self.tcp(to, FAIL_TIMEOUT_MS).is_err(), "{} → {to}/tcp must fail", self.name);
+    }
+}
+
+// === fixtures ===
+
+/// A cgroup below another one, removed on drop (its processes must be gone).
+struct SubCgroup {
+    path: PathBuf,
+}
+
+impl SubCgroup {
+    fn new(parent: &Path, name: &str) -> Self {
+        let path = parent.join(name);
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        SubCgroup { path }
+    }
+
+    fn id(&self) -> u64 {
+        std::fs::metadata(&self.path).expect("stat cgroup").ino()
+    }
+
+    /// `program` started inside this cgroup (see `TestCgroup::command`).
+    fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(r#"echo $$ > "$0" && exec "$@""#).arg(self.path.join("cgroup.procs")).arg(program);
+        cmd
+    }
+}
+
+impl Drop for SubCgroup {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Err(e) = std::fs::remove_dir(&self.path) {
+            if e.kind() == std::io::ErrorKind::NotFound || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Removes an instance's pins on drop, so its programs detach and maps go.
+struct Pins {
+    instance: String,
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Err(e) = remove_instance(Path::new(DEFAULT_BPFFS_ROOT), &self.instance) {
+            eprintln!("removing pins of {}: {e}", self.instance);
+        }
+    }
+}
+
+/// Three workloads A, B, C (hosts 0, 1, 2 of a TestNet), each an agent process
+/// in its own cgroup below the cgroup the enforcer attaches to. B serves TCP 80
+/// and UDP 5353 on IPv4 and IPv6; A serves TCP 80 too (for B → A).
+struct World {
+    // Fields drop in order: processes, then cgroups, then pins, then the net.
+    agents: Vec<Agent>,
+    cgroups: Vec<SubCgroup>,
+    dp: Option<Datapath>,
+    opts: DatapathOptions,
+    _pins: Pins,
+    _parent: TestCgroup,
+    net: TestNet,
+}
+
+impl World {
+    fn new() -> World {
+        require_root();
+        let net = TestNet::new(3);
+        let parent = TestCgroup::new();
+        let instance = format!("test-{}", unique_suffix());
+        let pins = Pins { instance: instance.clone() };
+        let opts = DatapathOptions {
+            // Small maps: many tests run at once.
+            ipcache_entries: 1024,
+            policy_entries: 1024,
+            conntrack_entries: 4096,
+            events_bytes: 1 << 16,
+            ..DatapathOptions::new(instance, parent.path())
+        };
+        let dp = Datapath::load(&opts).unwrap_or_else(|e| panic!("loading the datapath: {}", chain(&e)));
+        assert!(!dp.adopted(), "a fresh instance adopts nothing");
+        let mut world =
+            World { agents: Vec::new(), cgroups: Vec::new(), dp: Some(dp), opts, _pins: pins, _parent: parent, net };
+        let exe = std::env::current_exe().expect("test binary");
+        for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+            let cg = SubCgroup::new(world._parent.path(), name);
+            let mut cmd = cg.command(&exe);
+            cmd.args(["--exact", "helper_agent", "--ignored", "--nocapture", "--test-threads=1"])
+                .env(AGENT_ENV, "1")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped());
+            let mut child = world.net.hosts()[i].netns.spawn(&mut cmd);
+            let stdin = child.stdin.take().expect("stdin");
+            let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+            world.cgroups.push(cg);
+            world.agents.push(Agent { name: ["A", "B", "C"][i], stdin, stdout, _child: child });
+        }
+        for (agent, host) in [(1, 1), (0, 0)] {
+            let h = &world.net.hosts()[host];
+            for ip in [IpAddr::from(h.ipv4), IpAddr::from(h.ipv6)] {
+                world.agents[agent].listen("tcp", SocketAddr::new(ip, HTTP));
+                world.agents[agent].listen("udp", SocketAddr::new(ip, UDP_PORT));
+            }
+        }
+        // The ipcache: every host's addresses → its identity.
+        for (i, id) in [ID_A, ID_B, ID_C].into_iter().enumerate() {
+            let (v4, v6) = (world.net.hosts()[i].ipv4, world.net.hosts()[i].ipv6);
+            world.dp().set_ipcache(format!("{v4}/32").parse().expect("net"), id).expect("ipcache v4");
+            world.dp().set_ipcache(format!("{v6}/128").parse().expect("net"), id).expect("ipcache v6");
+        }
+        world
+    }
+
+    fn dp(&mut self) -> &mut Datapath {
+        self.dp.as_mut().expect("datapath loaded")
+    }
+
+    fn agent(&mut self, i: usize) -> &mut Agent {
+        &mut self.agents[i]
+    }
+
+    fn cgroup_id(&self, i: usize) -> u64 {
+        self.cgroups[i].id()
+    }
+
+    fn v4(&self, i: usize, port: u16) -> SocketAddr {
+        SocketAddr::new(self.net.hosts()[i].ipv4.into(), port)
+    }
+
+    fn v6(&self, i: usize, port: u16) -> SocketAddr {
+        SocketAddr::new(self.net.hosts()[i].ipv6.into(), port)
+    }
+
+    /// A and B managed with both directions covered; C unmanaged.
+    fn manage(&mut self, mode_a: Mode, mode_b: Mode) {
+        let (a, b) = (self.cgroup_id(0), self.cgroup_id(1));
+        let ep = |identity, mode| Endpoint { identity, mode, ingress_covered: true, egress_covered: true };
+        self.dp().set_endpoint(a, ep(ID_A, mode_a)).expect("endpoint A");
+        self.dp().set_endpoint(b, ep(ID_B, mode_b)).expect("endpoint B");
+    }
+
+    fn set_mode(&mut self, i: usize, mode: Mode) {
+        let id = self.cgroup_id(i);
+        self.dp().set_mode(id, mode).expect("set mode");
+    }
+
+    /// Waits until the kernel reported `n` events matching `pred` (draining as
+    /// it goes) and returns every event seen.
+    fn wait_events(&mut self, seen: &mut Vec<VerdictRecord>, n: usize, pred: impl Fn(&VerdictRecord) -> bool) {
+        assert_eventually!(
+            WAIT,
+            || {
+                self.dp().drain_events(seen);
+                seen.iter().filter(|e| pred(e)).count() >= n
+            },
+            "{n} matching verdict events; have {seen:#?}"
+        );
+    }
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}
+
+/// "A → B:80/TCP and A → B:5353/UDP allowed", written as both A's egress and
+/// B's ingress rule.
+fn a_to_b_rules() -> Vec<KernelRule> {
+    let rule = |local, peer, port, protocol, direction, rule_id| KernelRule {
+        local_identity: local,
+        peer_identity: peer,
+        port,
+        protocol,
+        direction,
+        rule_id,
+        allow: true,
+    };
+    vec![
+        rule(ID_A, ID_B, HTTP, abi::IPPROTO_TCP, Direction::Egress, RULE_A_EGRESS_HTTP),
+        rule(ID_B, ID_A, HTTP, abi::IPPROTO_TCP, Direction::Ingress, RULE_B_INGRESS_HTTP),
+        rule(ID_A, ID_B, UDP_PORT, abi::IPPROTO_UDP, Direction::Egress, RULE_A_EGRESS_UDP),
+        rule(ID_B, ID_A, UDP_PORT, abi::IPPROTO_UDP, Direction::Ingress, RULE_B_INGRESS_UDP),
+    ]
+}
+
+// === tests ===
+
+#[test]
+fn enforce_allows_the_rule_and_drops_everything_else_v4_and_v6() {
+    let mut w = World::new();
+    w.dp().replace_policy(&a_to_b_rules()).expect("policy");
+    w.manage(Mode::Enforce, Mode::Enforce);
+    let (a, b, c) = (0, 1, 2);
+
+    for (b80, b53, a80) in
+        [(w.v4(b, HTTP), w.v4(b, UDP_PORT), w.v4(a, HTTP)), (w.v6(b, HTTP), w.v6(b, UDP_PORT), w.v6(a, HTTP))]
+    {
+        // Allowed, and B's replies (B's egress is covered) pass by conntrack.
+        w.agent(a).tcp_ok(b80);
+        w.agent(a).udp(b53, OK_TIMEOUT_MS).unwrap_or_else(|e| panic!("A → {b53}/udp must succeed: {e}"));
+        // Not allowed: C → B (B's ingress), B → A (B's egress is covered).
+        w.agent(c).tcp_fails(b80);
+        assert!(w.agent(c).udp(b53, FAIL_TIMEOUT_MS).is_err(), "C → {b53}/udp must fail");
+        w.agent(b).tcp_fails(a80);
+    }
+
+    let b_cg = w.cgroup_id(b);
+    let c_v4 = w.net.hosts()[c].ipv4;
+    let mut seen = Vec::new();
+    w.wait_events(&mut seen, 1, |e| {
+        e.cgroup_id == b_cg
+            && e.remote.ip() == IpAddr::from(c_v4)
+            && e.local.port() == HTTP
+            && e.protocol == abi::IPPROTO_TCP
+    });
+    let ev = seen
+        .iter()
+        .find(|e| e.cgroup_id == b_cg && e.remote.ip() == IpAddr::from(c_v4) && e.protocol == abi::IPPROTO_TCP)
+        .expect("C → B event");
+    assert_eq!(
+        (ev.verdict, ev.reason, ev.rule_id, ev.direction, ev.mode),
+        (abi::VERDICT_DENIED, abi::REASON_DEFAULT_DENY, 0, Direction::Ingress, Mode::Enforce)
+    );
+    assert_eq!((ev.local_identity, ev.peer_identity), (ID_B, ID_C));
+    // B → A was stopped on B's egress, with B's identity and A's as the peer.
+    w.wait_events(&mut seen, 2, |e| e.cgroup_id == b_cg && e.direction == Direction::Egress && e.peer_identity == ID_A);
+
+    let counters = w.dp().counters();
+    assert!(counters.denied >= 6, "{counters:?}");
+    assert!(counters.allowed >= 4 && counters.ct_hits > 0, "{counters:?}");
+    assert_eq!(counters.events_lost, 0, "{counters:?}");
+    let rules = w.dp().rule_use();
+    for rule in [RULE_A_EGRESS_HTTP, RULE_B_INGRESS_HTTP, RULE_A_EGRESS_UDP, RULE_B_INGRESS_UDP] {
+        let used = rules.get(&rule).copied().unwrap_or_default();
+        assert!(used.hits >= 2 && used.last_hit_ns > 0, "rule {rule}: {used:?} ({rules:?})");
+    }
+}
+
+#[test]
+fn monitor_passes_and_audits_once_per_connection_then_modes_switch() {
+    let mut w = World::new();
+    w.dp().replace_policy(&a_to_b_rules()).expect("policy");
+    w.manage(Mode::Enforce, Mode::Monitor);
+    let (a, b, c) = (0, 1, 2);
+    let b80 = w.v4(b, HTTP);
+    let b_cg = w.cgroup_id(b);
+    let is_c_audit =
+        |e: &VerdictRecord| e.cgroup_id == b_cg && e.verdict == abi::VERDICT_AUDIT && e.peer_identity == ID_C;
+
+    const ATTEMPTS: usize = 3;
+    for _ in 0..ATTEMPTS {
+        w.agent(c).tcp_ok(b80);
+    }
+    w.agent(a).tcp_ok(b80);
+    let mut seen = Vec::new();
+    w.wait_events(&mut seen, ATTEMPTS, is_c_audit);
+    // Exactly one per connection: the kernel counted as many audits as it
+    // reported, every one for a distinct client port, and nothing was lost.
+    let counters = w.dp().counters();
+    assert_eq!(counters.audit, ATTEMPTS as u64, "{counters:?}");
+    assert_eq!((counters.events_lost, counters.events_rate_limited), (0, 0), "{counters:?}");
+    let audits: Vec<&VerdictRecord> = seen.iter().filter(|e| is_c_audit(e)).collect();
+    assert_eq!(audits.len(), ATTEMPTS, "{audits:#?}");
+    let mut ports: Vec<u16> = audits.iter().map(|e| e.remote.port()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), ATTEMPTS, "{audits:#?}");
+    assert!(audits.iter().all(|e| e.reason == abi::REASON_DEFAULT_DENY && e.mode == Mode::Monitor));
+
+    // Enforce: C is dropped, A still gets through.
+    w.set_mode(b, Mode::Enforce);
+    w.agent(c).tcp_fails(b80);
+    w.agent(a).tcp_ok(b80);
+    w.wait_events(&mut seen, 1, |e| e.cgroup_id == b_cg && e.verdict == abi::VERDICT_DENIED && e.peer_identity == ID_C);
+
+    // Back to monitor: traffic is restored (and audited again).
+    w.set_mode(b, Mode::Monitor);
+    w.agent(c).tcp_ok(b80);
+    w.wait_events(&mut seen, ATTEMPTS + 1, is_c_audit);
+
+    // Learn: no verdicts at all.
+    w.set_mode(b, Mode::Learn);
+    let before = w.dp().counters();
+    w.agent(c).tcp_ok(b80);
+    let after = w.dp().counters();
+    assert_eq!((after.audit, after.denied), (before.audit, before.denied), "learn mode judged something");
+}
+
+#[test]
+fn a_generation_flip_changes_the_policy_at_once() {
+    let mut w = World::new();
+    let g1 = w.dp().replace_policy(&a_to_b_rules()).expect("policy");
+    w.manage(Mode::Learn, Mode::Enforce);
+    let (a, b, c) = (0, 1, 2);
+    let b80 = w.v6(b, HTTP);
+    w.agent(a).tcp_ok(b80);
+    w.agent(c).tcp_fails(b80);
+
+    // The next generation allows only C. Written, not active: nothing changes.
+    let g2 = g1 + 1;
+    let only_c = [KernelRule {
+        local_identity: ID_B,
+        peer_identity: ID_C,
+        port: HTTP,
+        protocol: abi::IPPROTO_TCP,
+        direction: Direction::Ingress,
+        rule_id: RULE_B_INGRESS_HTTP_FROM_C,
+        allow: true,
+    }];
+    w.dp().write_generation(g2, &only_c).expect("write generation");
+    assert!(w.dp().write_generation(g1, &only_c).is_err(), "the active generation is never written in place");
+    w.agent(a).tcp_ok(b80);
+    w.agent(c).tcp_fails(b80);
+
+    // An established connection of A, allowed by g1 only.
+    w.agent(a).ask(&format!("open {b80}")).expect("A opens a connection");
+    w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("A's open connection works under g1");
+
+    // One map update flips everything, established connections included (their
+    // conntrack entries name g1, so their next packet is judged again).
+    w.dp().activate(g2).expect("activate");
+    w.agent(c).tcp_ok(b80);
+    w.agent(a).tcp_fails(b80);
+    assert!(w.agent(a).ask(&format!("send 0 {FAIL_TIMEOUT_MS}")).is_err(), "g2 revoked A's open connection");
+    assert_eq!(w.dp().delete_generation(g1).expect("delete"), a_to_b_rules().len());
+    w.agent(c).tcp_ok(b80);
+    assert!(w.dp().rule_use().get(&RULE_B_INGRESS_HTTP_FROM_C).is_some_and(|u| u.hits >= 2));
+
+    // A connection allowed by both the old and the new generation never notices
+    // the flip (g3: the same rule under another id).
+    w.agent(c).ask(&format!("open {b80}")).expect("C opens a connection");
+    let g3 = g2 + 1;
+    let renumbered = [KernelRule { rule_id: RULE_B_INGRESS_HTTP_FROM_C + 1, ..only_c[0] }];
+    w.dp().write_generation(g3, &renumbered).expect("write g3");
+    w.dp().activate(g3).expect("activate g3");
+    w.agent(c).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("C's connection survives a flip that still allows it");
+    w.agent(c).tcp_ok(b80);
+    assert!(w.dp().rule_use().get(&(RULE_B_INGRESS_HTTP_FROM_C + 1)).is_some_and(|u| u.hits >= 2));
+}
+
+#[test]
+fn a_new_process_adopts_the_pins_and_enforcement_never_stops() {
+    let mut w = World::new();
+    w.dp().replace_policy(&a_to_b_rules()).expect("policy");
+    w.manage(Mode::Enforce, Mode::Enforce);
+    let (a, b, c) = (0, 1, 2);
+    let b80 = w.v4(b, HTTP);
+    w.agent(c).tcp_fails(b80);
+
+    // The agent goes away: the pins keep enforcing.
+    drop(w.dp.take());
+    w.agent(c).tcp_fails(b80);
+    w.agent(a).tcp_ok(b80);
+
+    // A new one adopts maps and links: same policy, same generation.
+    let dp = Datapath::load(&w.opts).unwrap_or_else(|e| panic!("reloading: {}", chain(&e)));
+    assert!(dp.adopted());
+    w.dp = Some(dp);
+    let b_cg = w.cgroup_id(b);
+    assert_eq!(w.dp().endpoint(b_cg).expect("read").map(|e| e.mode), Some(Mode::Enforce));
+    w.agent(c).tcp_fails(b80);
+    w.agent(a).tcp_ok(b80);
+    // Exactly one pair of links stays attached: the old pins were replaced.
+    let links: Vec<String> = std::fs::read_dir(w.dp().pin_dir())
+        .expect("pin dir")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("link_"))
+        .collect();
+    assert_eq!(links.len(), 2, "{links:?}");
+    // Writes through the new handles reach the programs.
+    w.set_mode(b, Mode::Monitor);
+    w.agent(c).tcp_ok(b80);
+}
+
+#[test]
+fn verdict_events_are_rate_limited_per_cpu_and_counted() {
+    let mut w = World::new();
+    w.dp().replace_policy(&a_to_b_rules()).expect("policy");
+    w.manage(Mode::Enforce, Mode::Enforce);
+    // One event per second, no burst beyond one.
+    let mut cfg = w.dp().config().expect("config");
+    cfg.event_rate = 1;
+    cfg.event_burst = 1;
+    w.dp().set_config(cfg).expect("set config");
+    let (b, c) = (1, 2);
+    let b53 = w.v4(b, UDP_PORT);
+    // Three datagrams well within one second: one event, two suppressed. (Even
+    // if they ran on different CPUs, each CPU's bucket holds one token, so the
+    // totals below still add up.)
+    const SENT: u64 = 3;
+    for _ in 0..SENT {
+        assert!(w.agent(c).udp(b53, 100).is_err(), "C → {b53}/udp must fail");
+    }
+    let b_cg = w.cgroup_id(b);
+    let is_c = |e: &VerdictRecord| e.cgroup_id == b_cg && e.peer_identity == ID_C;
+    let mut seen = Vec::new();
+    w.wait_events(&mut seen, 1, is_c);
+    assert_eventually!(WAIT, || w.dp().counters().denied >= SENT, "{:?}", w.dp().counters());
+    let counters = w.dp().counters();
+    let reported = {
+        w.dp().drain_events(&mut seen);
+        seen.iter().filter(|e| is_c(e)).count() as u64
+    };
+    assert!(counters.events_rate_limited >= 1, "{counters:?}");
+    assert_eq!(reported + counters.events_rate_limited, counters.denied, "{counters:?} {seen:#?}");
+    assert_eq!(counters.events_lost, 0);
+}

@@ -1,0 +1,388 @@
+//! The enforcer's kernel ↔ user-space contract (DESIGN.md §5).
+//!
+//! Per packet of a managed workload the cgroup_skb programs look up, in a fixed
+//! order and a constant number of steps (cost never grows with the rule count):
+//!
+//! 1. [`ENDPOINTS`] by the socket's cgroup id → identity, rollout mode, covered
+//!    directions. No entry or mode `learn`: allowed, nothing else happens.
+//! 2. [`CONNTRACK`] by the local-oriented 5-tuple: a packet of a known connection
+//!    (either direction) passes without a policy lookup, as long as the entry was
+//!    made under the active policy generation (a flip re-evaluates the connection
+//!    on its next packet, so a revoked rule also stops established connections).
+//! 3. [`IPCACHE`] (LPM trie, IPv4 as v4-mapped IPv6) → the peer's identity; a miss
+//!    is [`IDENTITY_WORLD`].
+//! 4. [`POLICY`] probed with [`POLICY_PROBES`] wildcards under the active
+//!    generation from [`CONFIG`].
+//!
+//! The policy is double-buffered by [`PolicyKey::generation`]: user space writes
+//! every entry of generation N+1, then flips [`EnforcerConfig::active_generation`]
+//! in one map update, then deletes generation N. No packet sees half a policy.
+//!
+//! Verdicts other than plain "allowed by a rule" are reported as [`VerdictEvent`]s
+//! through the [`VERDICT_EVENTS`] ring buffer (submitted without wakeup,
+//! rate-limited per CPU by a token bucket) and every decision is counted in
+//! [`COUNTERS`].
+
+// === Map names (≤ 15 characters: the kernel truncates at 16 with the NUL) ===
+
+/// LPM trie [`IpcacheKey`] → [`IpcacheValue`].
+pub const IPCACHE: &str = "IPCACHE_V1";
+/// Hash [`PolicyKey`] → [`PolicyValue`].
+pub const POLICY: &str = "POLICY_V1";
+/// Hash [`EndpointKey`] → [`EndpointValue`]: the managed workloads of this node.
+pub const ENDPOINTS: &str = "ENDPOINTS_V1";
+/// LRU hash [`CtKey`] → [`CtValue`].
+pub const CONNTRACK: &str = "CONNTRACK_V1";
+/// Ring buffer of [`VerdictEvent`].
+pub const VERDICT_EVENTS: &str = "VERDICTS_V1";
+/// Per-CPU array of u64 counters, indexed by the `COUNTER_*` constants.
+pub const COUNTERS: &str = "ENF_COUNTERS_V1";
+/// Array[1] of [`EnforcerConfig`].
+pub const CONFIG: &str = "ENF_CONFIG_V1";
+/// Per-CPU array[1] of [`RateState`]: the verdict-event token bucket.
+pub const EVENT_RATE: &str = "EVENT_RATE_V1";
+/// LRU per-CPU hash: rule id (u32) → [`RuleStats`]; user space sums the CPUs.
+pub const RULE_STATS: &str = "RULE_STATS_V1";
+
+/// Every map name, for pinning and cleanup code that must know them all.
+pub const MAP_NAMES: [&str; 9] =
+    [IPCACHE, POLICY, ENDPOINTS, CONNTRACK, VERDICT_EVENTS, COUNTERS, CONFIG, EVENT_RATE, RULE_STATS];
+const _: () = {
+    let mut i = 0;
+    while i < MAP_NAMES.len() {
+        assert!(MAP_NAMES[i].len() <= 15);
+        i += 1;
+    }
+};
+
+// === Program names (the Rust function names in enforcer/ebpf) ===
+
+pub const PROG_INGRESS: &str = "enforce_ingress";
+pub const PROG_EGRESS: &str = "enforce_egress";
+
+// === Default capacities (user space may override with `map_max_entries`) ===
+
+pub const DEFAULT_IPCACHE_ENTRIES: u32 = 1 << 20;
+/// Two generations of up to 512k rules each.
+pub const DEFAULT_POLICY_ENTRIES: u32 = 1 << 20;
+pub const DEFAULT_ENDPOINTS: u32 = 4096;
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 18;
+pub const DEFAULT_VERDICT_EVENTS_BYTES: u32 = 1 << 20;
+pub const DEFAULT_RULE_STATS: u32 = 1 << 16;
+/// Verdict events each CPU may emit per second once its burst is spent.
+pub const DEFAULT_EVENT_RATE: u32 = 1000;
+/// Verdict events each CPU may emit back to back.
+pub const DEFAULT_EVENT_BURST: u32 = 200;
+
+// === Reserved identities (bulkhead-model's numbering) ===
+
+/// Wildcard in [`PolicyKey::peer_identity`]; never a real identity.
+pub const IDENTITY_ANY: u32 = 0;
+pub const IDENTITY_HOST: u32 = 1;
+/// Any address outside every ipcache prefix.
+pub const IDENTITY_WORLD: u32 = 2;
+
+// === Rollout modes (EndpointValue::mode; never reuse a value) ===
+
+/// No verdicts: every packet passes, nothing is reported. Also what 0 means.
+pub const MODE_LEARN: u8 = 1;
+/// Verdicts computed; would-deny connections pass and are reported as audit.
+pub const MODE_MONITOR: u8 = 2;
+/// Verdicts computed; denied connections are dropped and reported.
+pub const MODE_ENFORCE: u8 = 3;
+
+// === Endpoint flags ===
+
+/// A policy selects this workload for ingress: unmatched ingress is denied.
+pub const EP_INGRESS_COVERED: u8 = 1 << 0;
+/// A policy selects this workload for egress: unmatched egress is denied.
+pub const EP_EGRESS_COVERED: u8 = 1 << 1;
+
+// === Directions (PolicyKey::direction, VerdictEvent::direction) ===
+
+pub const DIR_INGRESS: u8 = 1;
+pub const DIR_EGRESS: u8 = 2;
+
+// === Policy actions (PolicyValue::action) ===
+
+pub const ACTION_ALLOW: u8 = 1;
+/// An explicit deny rule (wins when it is the first probe that matches).
+pub const ACTION_DENY: u8 = 2;
+
+// === Verdicts ===
+
+pub const VERDICT_ALLOWED: u8 = 1;
+/// Would have been denied; passed because the endpoint is in monitor mode.
+pub const VERDICT_AUDIT: u8 = 2;
+pub const VERDICT_DENIED: u8 = 3;
+
+// === Verdict reasons ===
+
+/// `rule_id` names the rule that decided.
+pub const REASON_RULE: u8 = 1;
+/// No rule matched in a covered direction.
+pub const REASON_DEFAULT_DENY: u8 = 2;
+/// The direction is not covered by any policy: allowed without a lookup.
+pub const REASON_NOT_COVERED: u8 = 3;
+/// A lookup that must succeed failed; the mode's fail action decided.
+pub const REASON_FAIL: u8 = 4;
+
+// === Fail actions (EnforcerConfig::fail_*) ===
+
+/// Pass the packet when state is missing.
+pub const FAIL_OPEN: u8 = 1;
+/// Drop the packet when state is missing.
+pub const FAIL_CLOSED: u8 = 2;
+
+// === Counters (indices into COUNTERS) ===
+
+/// New connections allowed by a rule or because the direction is not covered.
+pub const COUNTER_ALLOWED: u32 = 0;
+/// New connections that would have been denied, passed in monitor mode.
+pub const COUNTER_AUDIT: u32 = 1;
+/// Packets dropped in enforce mode (including fail-closed drops).
+pub const COUNTER_DENIED: u32 = 2;
+/// Packets passed by a conntrack entry.
+pub const COUNTER_CT_HIT: u32 = 3;
+/// Packets of unmanaged or learn-mode sockets (passed, nothing looked up).
+pub const COUNTER_UNMANAGED: u32 = 4;
+/// Packets of managed sockets that are neither TCP nor UDP (passed).
+pub const COUNTER_OTHER_PROTO: u32 = 5;
+/// Verdict events lost because the ring buffer was full.
+pub const COUNTER_EVENTS_LOST: u32 = 6;
+/// Verdict events suppressed by the rate limit.
+pub const COUNTER_EVENTS_LIMITED: u32 = 7;
+/// The fail action decided (a lookup that must succeed failed, or the packet
+/// could not be parsed).
+pub const COUNTER_FAIL: u32 = 8;
+/// A conntrack insert failed (the connection is re-evaluated on its next packet).
+pub const COUNTER_CT_INSERT_FAILED: u32 = 9;
+pub const COUNTER_COUNT: u32 = 10;
+
+// === Kernel constants ===
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Key of the ipcache LPM trie: the kernel wants the prefix length first.
+/// IPv4 prefixes are stored as v4-mapped IPv6 (`::ffff:a.b.c.d`, prefix length
+/// plus 96) so one trie serves both families. Same layout as
+/// `aya::maps::lpm_trie::Key<[u8; 16]>`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpcacheKey {
+    /// Significant leading bits of `addr` (0..=128).
+    pub prefixlen: u32,
+    /// Network order: IPv6, or IPv4 mapped into `::ffff:0:0/96`.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<IpcacheKey>() == 20);
+
+/// The 16-byte address the programs look up for an IPv4 address (network order).
+pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(size_of::<IpcacheValue>() == 8);
+
+/// One allow (or deny) rule between two identities, in one generation.
+/// Wildcards are 0; the probe order is [`POLICY_PROBES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PolicyKey {
+    /// The generation this entry belongs to (double buffering).
+    pub generation: u32,
+    /// The selected (local) workload's identity.
+    pub local_identity: u32,
+    /// The peer's identity, or [`IDENTITY_ANY`].
+    pub peer_identity: u32,
+    /// Destination port of the connection (the server's), host order; 0 = any.
+    pub port: u16,
+    /// `IPPROTO_TCP` / `IPPROTO_UDP`; 0 = any.
+    pub protocol: u8,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`]: the direction of the connection's
+    /// first packet as seen by the local workload.
+    pub direction: u8,
+}
+const _: () = assert!(size_of::<PolicyKey>() == 16);
+
+/// Wildcard probes, in order, as (specific peer, specific port, specific
+/// protocol): the first entry found decides. Six lookups at most per new
+/// connection, whatever the number of rules.
+pub const POLICY_PROBES: [(bool, bool, bool); 6] = [
+    (true, true, true),
+    (true, false, true),
+    (true, false, false),
+    (false, true, true),
+    (false, false, true),
+    (false, false, false),
+];
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PolicyValue {
+    /// The rule's id, reported in verdicts and rule statistics (never 0).
+    pub rule_id: u32,
+    /// [`ACTION_ALLOW`] or [`ACTION_DENY`].
+    pub action: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<PolicyValue>() == 8);
+
+/// A managed workload: the cgroup v2 id of its sockets (the cgroup directory's
+/// inode, what `bpf_skb_cgroup_id` returns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct EndpointKey {
+    pub cgroup_id: u64,
+}
+const _: () = assert!(size_of::<EndpointKey>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct EndpointValue {
+    pub identity: u32,
+    /// One of the `MODE_*` constants (0 behaves as learn).
+    pub mode: u8,
+    /// `EP_*_COVERED` bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<EndpointValue>() == 8);
+
+/// A connection as seen by one local workload: oriented local/remote, so a
+/// packet and its reply find the same entry. The cgroup id keeps two managed
+/// workloads on one node from sharing an entry (each side is judged by its own
+/// policy). IPv4 addresses are v4-mapped like the ipcache.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub cgroup_id: u64,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    /// Host order.
+    pub local_port: u16,
+    /// Host order.
+    pub remote_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<CtKey>() == 48);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtValue {
+    /// `CLOCK_BOOTTIME` ns of the first packet.
+    pub created_ns: u64,
+    /// `CLOCK_BOOTTIME` ns of the latest packet.
+    pub last_ns: u64,
+    /// Policy generation the verdict was made under; any other generation
+    /// re-evaluates the connection.
+    pub generation: u32,
+    /// The deciding rule (0 when none).
+    pub rule_id: u32,
+    /// [`VERDICT_ALLOWED`] or [`VERDICT_AUDIT`] (denied connections get no entry).
+    pub verdict: u8,
+    /// Direction of the connection's first packet ([`DIR_INGRESS`] / [`DIR_EGRESS`]).
+    pub origin: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<CtValue>() == 32);
+
+/// One audit or deny decision (or a fail action) as written into [`VERDICT_EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerdictEvent {
+    /// `CLOCK_BOOTTIME` nanoseconds.
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    /// v4-mapped for IPv4.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_identity: u32,
+    pub peer_identity: u32,
+    /// The deciding rule, 0 for default deny / not covered / fail.
+    pub rule_id: u32,
+    pub generation: u32,
+    /// Host order.
+    pub local_port: u16,
+    /// Host order.
+    pub remote_port: u16,
+    pub family: u16,
+    pub protocol: u8,
+    /// Direction of this packet.
+    pub direction: u8,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// `REASON_*`.
+    pub reason: u8,
+    /// The endpoint's mode when it was decided.
+    pub mode: u8,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(size_of::<VerdictEvent>() == 80);
+
+/// Run-time settings, one entry in [`CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EnforcerConfig {
+    /// The policy generation packets are judged by.
+    pub active_generation: u32,
+    /// Verdict events per second per CPU after the burst; 0 turns events off.
+    pub event_rate: u32,
+    /// Verdict events per CPU back to back.
+    pub event_burst: u32,
+    /// [`FAIL_OPEN`] / [`FAIL_CLOSED`] for monitor-mode endpoints.
+    pub fail_monitor: u8,
+    /// [`FAIL_OPEN`] / [`FAIL_CLOSED`] for enforce-mode endpoints.
+    pub fail_enforce: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<EnforcerConfig>() == 16);
+
+impl EnforcerConfig {
+    /// DESIGN.md §5 defaults: fail-open in monitor, fail-closed in enforce.
+    pub const DEFAULT: Self = Self {
+        active_generation: 0,
+        event_rate: DEFAULT_EVENT_RATE,
+        event_burst: DEFAULT_EVENT_BURST,
+        fail_monitor: FAIL_OPEN,
+        fail_enforce: FAIL_CLOSED,
+        _pad: [0; 2],
+    };
+}
+
+impl Default for EnforcerConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Per-CPU token bucket as a GCRA: the next event is allowed once
+/// `now >= tat_ns - burst * interval`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RateState {
+    /// Theoretical arrival time of the next event, `CLOCK_BOOTTIME` ns.
+    pub tat_ns: u64,
+}
+const _: () = assert!(size_of::<RateState>() == 8);
+
+/// Per-rule use, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RuleStats {
+    /// Connections the rule decided.
+    pub hits: u64,
+    /// `CLOCK_BOOTTIME` ns of the latest hit.
+    pub last_hit_ns: u64,
+}
+const _: () = assert!(size_of::<RuleStats>() == 16);
