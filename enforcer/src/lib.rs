@@ -5,3 +5,6 @@
 
 #[expect(unsafe_code, reason = "sysconf/setrlimit and decoding ring-buffer records need unsafe")]
 pub mod datapath;
+pub mod render;
+
+pub use render::{Capacity, IpcachePrefix, MapOp, MapState, RenderError, diff, render, render_with};

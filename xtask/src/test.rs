@@ -321,7 +321,21 @@ fn ebpf_crates(root: &Path) -> Result<Vec<String>> {
 /// of pid, counter, 2 random digits); mirrors `bulkhead_testkit::netns::suffix_pid`.
 fn fixture_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix("bh-")?;
-    let suffix = rest.rsplit('-').next()?;
+    suffix_pid(rest.rsplit('-').next()?)
+}
+
+/// Where the enforcer's datapath tests pin their instances
+/// (`bulkhead_enforcer::datapath::DEFAULT_BPFFS_ROOT`).
+const BPFFS_ROOT: &str = "/sys/fs/bpf/bulkhead";
+
+/// The pid in the name of a datapath test's pin directory: `test-<suffix>`, the suffix
+/// a testkit `unique_suffix()` (enforcer/tests/datapath.rs).
+fn bpffs_instance_pid(name: &str) -> Option<u32> {
+    suffix_pid(name.strip_prefix("test-")?)
+}
+
+/// The pid in a testkit `unique_suffix()`; mirrors `bulkhead_testkit::netns::suffix_pid`.
+fn suffix_pid(suffix: &str) -> Option<u32> {
     if suffix.len() < 8 || !suffix.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()) {
         return None;
     }
@@ -332,9 +346,10 @@ fn process_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Removes testkit namespaces and cgroups left behind by test processes that are gone
-/// (killed, aborted): they would otherwise pile up across runs. Fixtures of processes
-/// still running (another engineer's tests) are left alone.
+/// Removes testkit namespaces, cgroups and bpffs pins left behind by test processes that
+/// are gone (killed, aborted): they would otherwise pile up across runs (pinned links
+/// keep programs attached, pinned maps keep their memory). Fixtures of processes still
+/// running (another engineer's tests) are left alone.
 fn cleanup_stale_fixtures() -> Result<()> {
     let mut removed = 0;
     let list = capture(Command::new("ip").args(["netns", "list"]))?;
@@ -363,10 +378,30 @@ fn cleanup_stale_fixtures() -> Result<()> {
             }
         }
     }
+    removed += cleanup_stale_pins(Path::new(BPFFS_ROOT));
     if removed > 0 {
-        step!("test", "removed {removed} stale test namespaces/cgroups of earlier runs");
+        step!("test", "removed {removed} stale test namespaces/cgroups/bpffs pins of earlier runs");
     }
     Ok(())
+}
+
+/// Unpins (recursively) every `test-<suffix>` instance under `root` whose process is
+/// gone; returns how many were removed. A missing root is nothing to clean.
+fn cleanup_stale_pins(root: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(root) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = bpffs_instance_pid(&name) else { continue };
+        if process_alive(pid) {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) => step!("test", "could not remove stale bpffs pins {}: {e}", entry.path().display()),
+        }
+    }
+    removed
 }
 
 #[cfg(test)]
@@ -415,6 +450,53 @@ mod tests {
         assert_eq!(fixture_pid("bh-00ab1c2d3"), Some(u32::from_str_radix("00ab1", 36).expect("base36")));
         assert_eq!(fixture_pid("other-00ab1c2d3"), None);
         assert_eq!(fixture_pid("bh-x-short"), None);
+    }
+
+    #[test]
+    fn bpffs_instance_pids() {
+        assert_eq!(bpffs_instance_pid("test-2hwcg0ab"), Some(4_194_304));
+        assert_eq!(bpffs_instance_pid("test-000rs1xy"), Some(27 * 36 + 28));
+        // Production instances and other names are never touched.
+        assert_eq!(bpffs_instance_pid("default"), None);
+        assert_eq!(bpffs_instance_pid("node-000rs1xy"), None);
+        assert_eq!(bpffs_instance_pid("test-short"), None);
+        assert_eq!(bpffs_instance_pid("test-000RS1XY"), None);
+        assert_eq!(bpffs_instance_pid("test-"), None);
+    }
+
+    #[test]
+    fn stale_pins_of_dead_processes_are_removed() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-xtask-pins-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).expect("mkdir");
+        struct Cleanup<'a>(&'a Path);
+        impl Drop for Cleanup<'_> {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(self.0);
+            }
+        }
+        let root = Cleanup(&dir);
+        // pid 4_194_304 is above the kernel's PID_MAX_LIMIT: never alive.
+        let dead = root.0.join("test-2hwcg0ab");
+        std::fs::create_dir_all(dead.join("sub")).expect("mkdir");
+        std::fs::write(dead.join("POLICY_V1"), b"").expect("pin");
+        let alive = root.0.join(format!("test-{}", base36_suffix(std::process::id())));
+        std::fs::create_dir(&alive).expect("mkdir");
+        let other = root.0.join("default");
+        std::fs::create_dir(&other).expect("mkdir");
+        assert_eq!(cleanup_stale_pins(root.0), 1);
+        assert!(!dead.exists() && alive.exists() && other.exists());
+        assert_eq!(cleanup_stale_pins(&root.0.join("missing")), 0);
+    }
+
+    /// A `unique_suffix()`-shaped name part for `pid`.
+    fn base36_suffix(mut pid: u32) -> String {
+        let mut digits = [b'0'; 5];
+        for d in digits.iter_mut().rev() {
+            *d = b"0123456789abcdefghijklmnopqrstuvwxyz"[(pid % 36) as usize];
+            pid /= 36;
+        }
+        format!("{}0ab", String::from_utf8_lossy(&digits))
     }
 
     #[test]
