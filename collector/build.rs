@@ -1,65 +1,8 @@
-//! Builds the collector's eBPF object (`collector/ebpf`) with aya-build and puts it
-//! in `OUT_DIR`, where `datapath` embeds it with `include_bytes_aligned!`.
-//!
-//! The eBPF crate is built with the *stable* toolchain plus `-Z build-std=core`,
-//! which needs `RUSTC_BOOTSTRAP=1`. It is set here, for the nested eBPF build only,
-//! so the outer build stays plain stable (EBPF.md, "Build wiring").
+//! Builds the collector's eBPF object (`collector/ebpf`); the steps are shared with the
+//! other agent in `proto/abi/agent_build.rs`.
 
-use std::{
-    env,
-    ffi::OsString,
-    path::{Path, PathBuf},
-};
-
-/// Where `cargo xtask setup` installs bpf-linker (EBPF.md toolchain recipe).
-fn default_linker_dir() -> Option<PathBuf> {
-    env::var_os("HOME").map(|home| Path::new(&home).join(".cache/bulkhead/bpf-linker/bin"))
-}
-
-fn find_on_path(path: &OsString, name: &str) -> Option<PathBuf> {
-    env::split_paths(path).map(|dir| dir.join(name)).find(|candidate| candidate.is_file())
-}
+include!("../proto/abi/agent_build.rs");
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=PATH");
-    println!("cargo:rerun-if-env-changed=HOME");
-    // The ABI crate is a dependency of the eBPF crate, not only of ours: changes
-    // there must rebuild the object too.
-    println!("cargo:rerun-if-changed=../proto/abi");
-
-    let path = env::var_os("PATH").unwrap_or_default();
-    let linker = match find_on_path(&path, "bpf-linker") {
-        Some(linker) => linker,
-        None => {
-            let Some(dir) = default_linker_dir().filter(|dir| dir.join("bpf-linker").is_file()) else {
-                panic!(
-                    "bpf-linker not found on PATH nor in $HOME/.cache/bulkhead/bpf-linker/bin: \
-                     run `cargo xtask setup` (EBPF.md, toolchain recipe) to install it"
-                );
-            };
-            let mut dirs = vec![dir.clone()];
-            dirs.extend(env::split_paths(&path));
-            let joined = env::join_paths(dirs).expect("PATH entries contain no separator");
-            // SAFETY: build scripts are single-threaded at this point; the nested
-            // cargo started by aya-build inherits this environment.
-            unsafe { env::set_var("PATH", joined) };
-            dir.join("bpf-linker")
-        }
-    };
-    println!("cargo:rerun-if-changed={}", linker.display());
-
-    // SAFETY: as above, no other thread reads the environment concurrently.
-    unsafe { env::set_var("RUSTC_BOOTSTRAP", "1") };
-
-    // Build with the toolchain that builds us (rustup sets RUSTUP_TOOLCHAIN), so the
-    // eBPF object and bpf-linker agree on the LLVM version they were checked with.
-    let toolchain = env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "stable".to_owned());
-    let package = aya_build::Package {
-        name: "bulkhead-collector-ebpf",
-        root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/ebpf"),
-        ..Default::default()
-    };
-    if let Err(err) = aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&toolchain)) {
-        panic!("building the collector's eBPF programs failed: {err:#}");
-    }
+    build_ebpf_object("bulkhead-collector-ebpf", "collector");
 }

@@ -343,26 +343,20 @@ pub async fn simulate(
         raw["would_deny_total"],
         if raw["truncated"] == true { " (range truncated: oldest flows not read)" } else { "" }
     );
-    let empty = Vec::new();
-    let rows: Vec<Vec<String>> = raw["would_deny"]
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .map(|d| {
-            let s = |k: &str| d[k].as_str().map(printable).unwrap_or_else(|| d[k].to_string());
-            vec![
-                format!("{} {}", s("src_name"), s("src_addr")),
-                format!("{} {}:{}", s("dst_name"), s("dst_addr"), d["dst_port"]),
-                s("protocol"),
-                d["connections"].to_string(),
-                d["last_seen_unix_ms"].as_i64().map(ago).unwrap_or_default(),
-                d["reasons"]
-                    .as_array()
-                    .map(|r| r.iter().filter_map(|x| x.as_str()).map(printable).collect::<Vec<_>>().join("; "))
-                    .unwrap_or_default(),
-            ]
-        })
-        .collect();
+    let rows = table_rows(&raw["would_deny"], |d| {
+        let s = |k: &str| d[k].as_str().map(printable).unwrap_or_else(|| d[k].to_string());
+        vec![
+            format!("{} {}", s("src_name"), s("src_addr")),
+            format!("{} {}:{}", s("dst_name"), s("dst_addr"), d["dst_port"]),
+            s("protocol"),
+            d["connections"].to_string(),
+            d["last_seen_unix_ms"].as_i64().map(ago).unwrap_or_default(),
+            d["reasons"]
+                .as_array()
+                .map(|r| r.iter().filter_map(|x| x.as_str()).map(printable).collect::<Vec<_>>().join("; "))
+                .unwrap_or_default(),
+        ]
+    });
     if !rows.is_empty() {
         print_table(&["SOURCE", "DESTINATION", "PROTO", "CONNS", "LAST SEEN", "WHY"], &rows);
     }
@@ -417,23 +411,17 @@ pub async fn audit(api: &Api, json: bool, action: Option<String>, limit: u32) ->
     if json {
         return print_json(&raw);
     }
-    let empty = Vec::new();
-    let rows: Vec<Vec<String>> = raw
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .map(|e| {
-            let s = |k: &str| e[k].as_str().map(printable).unwrap_or_default();
-            vec![
-                e["id"].to_string(),
-                e["at_unix_ms"].as_i64().map(ago).unwrap_or_default(),
-                s("actor"),
-                s("action"),
-                s("subject"),
-                printable(&e["detail"].to_string()),
-            ]
-        })
-        .collect();
+    let rows = table_rows(&raw, |e| {
+        let s = |k: &str| e[k].as_str().map(printable).unwrap_or_default();
+        vec![
+            e["id"].to_string(),
+            e["at_unix_ms"].as_i64().map(ago).unwrap_or_default(),
+            s("actor"),
+            s("action"),
+            s("subject"),
+            printable(&e["detail"].to_string()),
+        ]
+    });
     print_table(&["ID", "WHEN", "ACTOR", "ACTION", "SUBJECT", "DETAIL"], &rows);
     Ok(())
 }
@@ -468,29 +456,23 @@ pub async fn rollout(api: &Api, json: bool, cmd: RolloutCommand) -> anyhow::Resu
             if json {
                 return print_json(&raw);
             }
-            let empty = Vec::new();
-            let rows: Vec<Vec<String>> = raw
-                .as_array()
-                .unwrap_or(&empty)
-                .iter()
-                .map(|r| {
-                    let s = |k: &str| r[k].as_str().map(printable).unwrap_or_default();
-                    vec![
-                        format!("{} ({})", s("workload"), r["target"]),
-                        s("mode"),
-                        r["mode_since_unix_ms"].as_i64().map(ago).unwrap_or_else(|| "-".into()),
-                        if r["has_policy"] == true { "yes" } else { "no" }.into(),
-                        match r["converged"].as_bool() {
-                            Some(true) => "yes".into(),
-                            Some(false) => "no".into(),
-                            None => "-".into(),
-                        },
-                        r["audit_events"].to_string(),
-                        r["denied_events"].to_string(),
-                        s("changed_by"),
-                    ]
-                })
-                .collect();
+            let rows = table_rows(&raw, |r| {
+                let s = |k: &str| r[k].as_str().map(printable).unwrap_or_default();
+                vec![
+                    format!("{} ({})", s("workload"), r["target"]),
+                    s("mode"),
+                    r["mode_since_unix_ms"].as_i64().map(ago).unwrap_or_else(|| "-".into()),
+                    if r["has_policy"] == true { "yes" } else { "no" }.into(),
+                    match r["converged"].as_bool() {
+                        Some(true) => "yes".into(),
+                        Some(false) => "no".into(),
+                        None => "-".into(),
+                    },
+                    r["audit_events"].to_string(),
+                    r["denied_events"].to_string(),
+                    s("changed_by"),
+                ]
+            });
             print_table(
                 &["WORKLOAD", "MODE", "SINCE", "APPROVED POLICY", "CONVERGED", "AUDIT 24H", "DENIED 24H", "CHANGED BY"],
                 &rows,
@@ -522,23 +504,17 @@ pub async fn enforcers(api: &Api, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(&raw);
     }
-    let empty = Vec::new();
-    let rows: Vec<Vec<String>> = raw
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .map(|e| {
-            let v = |k: &str| e[k].as_u64().map_or_else(|| "-".to_owned(), |v| v.to_string());
-            vec![
-                e["node_id"].as_str().map(printable).unwrap_or_default(),
-                v("desired_version"),
-                v("applied_version"),
-                if e["desired_version"] == e["applied_version"] { "yes" } else { "no" }.into(),
-                e["last_error"].as_str().map(printable).unwrap_or_default(),
-                e["last_seen_unix_ms"].as_i64().map(ago).unwrap_or_default(),
-            ]
-        })
-        .collect();
+    let rows = table_rows(&raw, |e| {
+        let v = |k: &str| e[k].as_u64().map_or_else(|| "-".to_owned(), |v| v.to_string());
+        vec![
+            e["node_id"].as_str().map(printable).unwrap_or_default(),
+            v("desired_version"),
+            v("applied_version"),
+            if e["desired_version"] == e["applied_version"] { "yes" } else { "no" }.into(),
+            e["last_error"].as_str().map(printable).unwrap_or_default(),
+            e["last_seen_unix_ms"].as_i64().map(ago).unwrap_or_default(),
+        ]
+    });
     print_table(&["NODE", "DESIRED", "APPLIED", "IN SYNC", "LAST ERROR", "SEEN"], &rows);
     Ok(())
 }
@@ -562,24 +538,23 @@ pub async fn verdicts(
     if json {
         return print_json(&raw);
     }
-    let empty = Vec::new();
-    let rows: Vec<Vec<String>> = raw
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .map(|e| {
-            let s = |k: &str| e[k].as_str().map(printable).unwrap_or_else(|| e[k].to_string());
-            vec![
-                s("node_id"),
-                s("verdict"),
-                format!("{} ({})", e["local"], s("direction")),
-                e["peer"].to_string(),
-                format!("{} -> {}:{}/{}", s("src_addr"), s("dst_addr"), e["dst_port"], s("protocol")),
-                if e["rule"].is_null() { "default deny".into() } else { e["rule"].to_string() },
-                e["at_unix_ms"].as_i64().map(ago).unwrap_or_default(),
-            ]
-        })
-        .collect();
+    let rows = table_rows(&raw, |e| {
+        let s = |k: &str| e[k].as_str().map(printable).unwrap_or_else(|| e[k].to_string());
+        vec![
+            s("node_id"),
+            s("verdict"),
+            format!("{} ({})", e["local"], s("direction")),
+            e["peer"].to_string(),
+            format!("{} -> {}:{}/{}", s("src_addr"), s("dst_addr"), e["dst_port"], s("protocol")),
+            if e["rule"].is_null() { "default deny".into() } else { e["rule"].to_string() },
+            e["at_unix_ms"].as_i64().map(ago).unwrap_or_default(),
+        ]
+    });
     print_table(&["NODE", "VERDICT", "WORKLOAD", "PEER", "CONNECTION", "RULE", "WHEN"], &rows);
     Ok(())
+}
+
+/// One table row per element of a JSON array (nothing for anything else).
+fn table_rows(raw: &serde_json::Value, row: impl Fn(&serde_json::Value) -> Vec<String>) -> Vec<Vec<String>> {
+    raw.as_array().map(|a| a.iter().map(row).collect()).unwrap_or_default()
 }
