@@ -676,7 +676,7 @@ impl Datapath {
 }
 
 /// Unpins everything of an instance: detaches its programs and frees its maps
-/// once no process holds them. Missing pins are fine.
+/// once no process holds them, and the pin root once it is empty. Missing pins are fine.
 pub fn remove_instance(bpffs_root: &Path, instance: &str) -> io::Result<()> {
     let dir = bpffs_root.join(instance);
     let entries = match std::fs::read_dir(&dir) {
@@ -693,10 +693,14 @@ pub fn remove_instance(bpffs_root: &Path, instance: &str) -> io::Result<()> {
         }
     }
     match std::fs::remove_dir(&dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
+    // The pin root goes with its last instance (it only fails while others remain):
+    // a removed enforcer leaves nothing behind in bpffs.
+    let _ = std::fs::remove_dir(bpffs_root);
+    Ok(())
 }
 
 /// Pins `link` as `dir/name`, replacing an existing pin in one rename: the old
