@@ -1,27 +1,99 @@
-//! `bulkhead-enforcer`: enforces approved policy in the kernel.
-//!
-//! What exists today is the in-kernel datapath and its loader, as a library
-//! (`bulkhead_enforcer::datapath`): cgroup_skb verdict programs with pinned maps
-//! (ipcache, double-buffered policy, endpoints with learn/monitor/enforce modes,
-//! conntrack, rate-limited audit/deny events, counters), exercised by the root
-//! tests in `enforcer/tests/datapath.rs`. What does not exist yet is the
-//! PolicyStream client that receives policy from the learner, so the binary
-//! refuses to start rather than attach programs with nothing to enforce.
+//! `bulkhead-enforcer` entry point: configuration and logging, then the agent.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::time::Duration;
 
-/// Bulkhead enforcer (datapath ready, policy distribution not yet).
+use bulkhead_enforcer::datapath::DEFAULT_BPFFS_ROOT;
+use clap::{Parser, ValueEnum};
+
+mod agent;
+
+/// Enforces the learner's approved policy in the kernel (eBPF), per workload in
+/// monitor or enforce mode, and reports audit/deny verdicts back.
 #[derive(Debug, Parser)]
 #[command(version, about)]
-struct Args {}
+pub struct Args {
+    /// Learner gRPC endpoint.
+    #[arg(long, env = "BULKHEAD_LEARNER", default_value = "http://127.0.0.1:7400")]
+    pub learner: String,
+    /// Name of this node as the learner knows it (default: the hostname; must match
+    /// the collector's).
+    #[arg(long, env = "BULKHEAD_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Name of this enforcer's pinned maps and links under --bpffs-root. A restarted
+    /// or upgraded enforcer with the same instance adopts them without a gap.
+    #[arg(long, env = "BULKHEAD_ENFORCER_INSTANCE", default_value = "enforcer")]
+    pub instance: String,
+    /// Where instances pin their maps and links.
+    #[arg(long, env = "BULKHEAD_BPFFS_ROOT", default_value = DEFAULT_BPFFS_ROOT)]
+    pub bpffs_root: PathBuf,
+    /// cgroup v2 directory the verdict programs attach to; every workload cgroup
+    /// below it can be managed.
+    #[arg(long, env = "BULKHEAD_CGROUP", default_value = "/sys/fs/cgroup")]
+    pub cgroup: PathBuf,
+    /// Directory for the applied-version record (per instance).
+    #[arg(long, env = "BULKHEAD_ENFORCER_STATE_DIR", default_value = "/var/lib/bulkhead/enforcer")]
+    pub state_dir: PathBuf,
+    /// What monitor-mode workloads get when the enforcer's own state is broken:
+    /// open (pass, the default: monitor promises never to drop) or closed.
+    #[arg(long, env = "BULKHEAD_FAIL_MONITOR", value_enum, default_value_t = FailMode::Open)]
+    pub fail_monitor: FailMode,
+    /// The same for enforce-mode workloads: closed (the default: an enforced workload
+    /// must not become reachable because the enforcer broke) or open.
+    #[arg(long, env = "BULKHEAD_FAIL_ENFORCE", value_enum, default_value_t = FailMode::Closed)]
+    pub fail_enforce: FailMode,
+    /// Verdict events per second per CPU the kernel reports after the burst; the
+    /// rest are counted as rate-limited.
+    #[arg(long, env = "BULKHEAD_EVENT_RATE", default_value_t = bulkhead_abi::enforcer::DEFAULT_EVENT_RATE)]
+    pub event_rate: u32,
+    /// Verdict events per CPU reported back to back.
+    #[arg(long, env = "BULKHEAD_EVENT_BURST", default_value_t = bulkhead_abi::enforcer::DEFAULT_EVENT_BURST)]
+    pub event_burst: u32,
+    /// How often the kernel's verdict ring buffer is drained (no per-event wakeups).
+    #[arg(long, env = "BULKHEAD_POLL_INTERVAL", default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+    /// How often verdicts and rule counters are reported to the learner.
+    #[arg(long, env = "BULKHEAD_REPORT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub report_interval: Duration,
+    /// Longest wait between reconnection attempts.
+    #[arg(long, env = "BULKHEAD_MAX_BACKOFF", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub max_backoff: Duration,
+    /// Policy map entries (two generations live in it while one is replaced).
+    #[arg(long, env = "BULKHEAD_POLICY_ENTRIES", default_value_t = bulkhead_abi::enforcer::DEFAULT_POLICY_ENTRIES)]
+    pub policy_entries: u32,
+    /// Log format: plain or json.
+    #[arg(long, env = "BULKHEAD_LOG_FORMAT", default_value = "plain")]
+    pub log_format: String,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _args = Args::parse();
-    anyhow::bail!(
-        "bulkhead-enforcer cannot run yet: its kernel datapath (cgroup_skb verdicts, pinned maps, \
-         monitor/enforce modes, audit events) is built and tested, but the PolicyStream client that \
-         would receive policy from the learner is not, so there is nothing to enforce. Programs left \
-         pinned under /sys/fs/bpf/bulkhead/ by tests or a future version keep enforcing without it."
-    )
+/// Fail-open or fail-closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FailMode {
+    Open,
+    Closed,
+}
+
+fn init_logging(format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        "json" => builder.json().init(),
+        "plain" => builder.init(),
+        other => anyhow::bail!("unknown log format {other:?}: use plain or json"),
+    }
+    Ok(())
+}
+
+// One thread for the stream and timers; the map owner has its own (its map
+// walks and writes are blocking syscalls).
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(&args.log_format)?;
+    agent::run(args).await
 }

@@ -13,29 +13,20 @@
 //!
 //! Run: `cargo test -p bulkhead-enforcer --test datapath` as root.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::unix::fs::MetadataExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use bulkhead_abi::enforcer as abi;
-use bulkhead_enforcer::datapath::{
-    DEFAULT_BPFFS_ROOT, Datapath, DatapathOptions, Direction, Endpoint, KernelRule, Mode, VerdictRecord,
-    remove_instance,
-};
+use bulkhead_enforcer::datapath::{Datapath, DatapathOptions, Direction, Endpoint, KernelRule, Mode, VerdictRecord};
 use bulkhead_testkit::assert_eventually;
 use bulkhead_testkit::cgroup::TestCgroup;
-use bulkhead_testkit::netns::{ChildGuard, TestNet};
+use bulkhead_testkit::netns::TestNet;
 use bulkhead_testkit::{require_root, unique_suffix};
+use common::{Agent, FAIL_TIMEOUT_MS, OK_TIMEOUT_MS, Pins, SubCgroup, chain, spawn_workload};
 
 const WAIT: Duration = Duration::from_secs(10);
-/// A connection that must succeed gets this long.
-const OK_TIMEOUT_MS: u64 = 3000;
-/// A connection that must fail is given up after this long (a dropped SYN is
-/// retransmitted only after 1 s, so one attempt is one SYN).
-const FAIL_TIMEOUT_MS: u64 = 400;
 
 const ID_A: u32 = 1001;
 const ID_B: u32 = 1002;
@@ -48,239 +39,13 @@ const RULE_A_EGRESS_UDP: u32 = 12;
 const RULE_B_INGRESS_UDP: u32 = 13;
 const RULE_B_INGRESS_HTTP_FROM_C: u32 = 21;
 
-// === the agent process ===
-
-const AGENT_ENV: &str = "BH_ENFORCER_AGENT";
-const AGENT_PREFIX: &str = "BHA ";
-
-/// Not a test: the body of a workload process (see the module doc). Commands on
-/// stdin, one per line; every answer is one line starting with `BHA `:
-/// `listen tcp|udp ADDR`, `connect tcp|udp ADDR TIMEOUT_MS` → `ok` / `err …`.
 #[test]
 #[ignore = "workload process of the other tests, started by them with --ignored"]
 fn helper_agent() {
-    assert!(std::env::var_os(AGENT_ENV).is_some(), "run by the datapath tests only");
-    let stdin = std::io::stdin();
-    // Connections kept open by `open`, used by `send`.
-    let mut held: Vec<TcpStream> = Vec::new();
-    for line in stdin.lock().lines() {
-        let Ok(line) = line else { break };
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let answer = match words.as_slice() {
-            ["open", addr] => match addr.parse::<SocketAddr>() {
-                Ok(addr) => match TcpStream::connect_timeout(&addr, Duration::from_millis(OK_TIMEOUT_MS)) {
-                    Ok(s) => {
-                        held.push(s);
-                        "ok".to_owned()
-                    }
-                    Err(e) => format!("err {e}"),
-                },
-                Err(e) => format!("err {e}"),
-            },
-            ["send", idx, ms] => match (idx.parse::<usize>().ok().and_then(|i| held.get_mut(i)), ms.parse::<u64>()) {
-                (Some(s), Ok(ms)) => match echo(s, Duration::from_millis(ms)) {
-                    Ok(()) => "ok".to_owned(),
-                    Err(e) => format!("err {e}"),
-                },
-                _ => "err bad arguments".to_owned(),
-            },
-            ["listen", "tcp", addr] => agent_listen_tcp(addr),
-            ["listen", "udp", addr] => agent_listen_udp(addr),
-            ["connect", "tcp", addr, ms] => agent_connect_tcp(addr, ms),
-            ["connect", "udp", addr, ms] => agent_connect_udp(addr, ms),
-            _ => format!("err unknown command {line:?}"),
-        };
-        println!("{AGENT_PREFIX}{answer}");
-    }
-}
-
-fn agent_listen_tcp(addr: &str) -> String {
-    let listener = match addr
-        .parse::<SocketAddr>()
-        .map_err(|e| e.to_string())
-        .and_then(|a| TcpListener::bind(a).map_err(|e| e.to_string()))
-    {
-        Ok(l) => l,
-        Err(e) => return format!("err {e}"),
-    };
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 64];
-                while let Ok(n) = conn.read(&mut buf) {
-                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    "ok".to_owned()
-}
-
-fn agent_listen_udp(addr: &str) -> String {
-    let sock = match addr
-        .parse::<SocketAddr>()
-        .map_err(|e| e.to_string())
-        .and_then(|a| UdpSocket::bind(a).map_err(|e| e.to_string()))
-    {
-        Ok(s) => s,
-        Err(e) => return format!("err {e}"),
-    };
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        while let Ok((n, from)) = sock.recv_from(&mut buf) {
-            let _ = sock.send_to(&buf[..n], from);
-        }
-    });
-    "ok".to_owned()
-}
-
-fn agent_connect_tcp(addr: &str, ms: &str) -> String {
-    let (Ok(addr), Ok(ms)) = (addr.parse::<SocketAddr>(), ms.parse::<u64>()) else {
-        return "err bad arguments".to_owned();
-    };
-    let timeout = Duration::from_millis(ms);
-    let result = TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| echo(&mut s, timeout));
-    match result {
-        Ok(()) => "ok".to_owned(),
-        Err(e) => format!("err {e}"),
-    }
-}
-
-/// Sends `ping` and waits for it to come back.
-fn echo(s: &mut TcpStream, timeout: Duration) -> std::io::Result<()> {
-    s.set_read_timeout(Some(timeout))?;
-    s.write_all(b"ping")?;
-    let mut buf = [0u8; 4];
-    s.read_exact(&mut buf)?;
-    if &buf != b"ping" {
-        return Err(std::io::Error::other("wrong echo"));
-    }
-    Ok(())
-}
-
-fn agent_connect_udp(addr: &str, ms: &str) -> String {
-    let (Ok(addr), Ok(ms)) = (addr.parse::<SocketAddr>(), ms.parse::<u64>()) else {
-        return "err bad arguments".to_owned();
-    };
-    let result = (|| -> std::io::Result<()> {
-        let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
-        let s = UdpSocket::bind(bind)?;
-        s.set_read_timeout(Some(Duration::from_millis(ms)))?;
-        s.send_to(b"ping", addr)?;
-        let mut buf = [0u8; 16];
-        let (n, _) = s.recv_from(&mut buf)?;
-        if &buf[..n] != b"ping" {
-            return Err(std::io::Error::other("wrong echo"));
-        }
-        Ok(())
-    })();
-    match result {
-        Ok(()) => "ok".to_owned(),
-        Err(e) => format!("err {e}"),
-    }
-}
-
-/// The test's handle on one agent process.
-struct Agent {
-    name: &'static str,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    _child: ChildGuard,
-}
-
-impl Agent {
-    fn ask(&mut self, command: &str) -> Result<(), String> {
-        writeln!(self.stdin, "{command}").unwrap_or_else(|e| panic!("agent {}: write {command:?}: {e}", self.name));
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = self.stdout.read_line(&mut line).unwrap_or_else(|e| panic!("agent {}: read: {e}", self.name));
-            assert!(n > 0, "agent {} exited while answering {command:?}", self.name);
-            // libtest prints its own progress around ours, on the same line too
-            // (`test helper_agent ... BHA ok`).
-            if let Some((_, answer)) = line.trim_end().split_once(AGENT_PREFIX) {
-                return if answer == "ok" { Ok(()) } else { Err(answer.to_owned()) };
-            }
-        }
-    }
-
-    fn listen(&mut self, proto: &str, addr: SocketAddr) {
-        self.ask(&format!("listen {proto} {addr}"))
-            .unwrap_or_else(|e| panic!("agent {}: listen {addr}: {e}", self.name));
-    }
-
-    fn tcp(&mut self, to: SocketAddr, timeout_ms: u64) -> Result<(), String> {
-        self.ask(&format!("connect tcp {to} {timeout_ms}"))
-    }
-
-    fn udp(&mut self, to: SocketAddr, timeout_ms: u64) -> Result<(), String> {
-        self.ask(&format!("connect udp {to} {timeout_ms}"))
-    }
-
-    fn tcp_ok(&mut self, to: SocketAddr) {
-        if let Err(e) = self.tcp(to, OK_TIMEOUT_MS) {
-            panic!("{} → {to}/tcp must succeed: {e}", self.name);
-        }
-    }
-
-    fn tcp_fails(&mut self, to: SocketAddr) {
-        assert!(self.tcp(to, FAIL_TIMEOUT_MS).is_err(), "{} → {to}/tcp must fail", self.name);
-    }
+    common::workload_main();
 }
 
 // === fixtures ===
-
-/// A cgroup below another one, removed on drop (its processes must be gone).
-struct SubCgroup {
-    path: PathBuf,
-}
-
-impl SubCgroup {
-    fn new(parent: &Path, name: &str) -> Self {
-        let path = parent.join(name);
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        SubCgroup { path }
-    }
-
-    fn id(&self) -> u64 {
-        std::fs::metadata(&self.path).expect("stat cgroup").ino()
-    }
-
-    /// `program` started inside this cgroup (see `TestCgroup::command`).
-    fn command(&self, program: &Path) -> Command {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(r#"echo $$ > "$0" && exec "$@""#).arg(self.path.join("cgroup.procs")).arg(program);
-        cmd
-    }
-}
-
-impl Drop for SubCgroup {
-    fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while let Err(e) = std::fs::remove_dir(&self.path) {
-            if e.kind() == std::io::ErrorKind::NotFound || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-/// Removes an instance's pins on drop, so its programs detach and maps go.
-struct Pins {
-    instance: String,
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        if let Err(e) = remove_instance(Path::new(DEFAULT_BPFFS_ROOT), &self.instance) {
-            eprintln!("removing pins of {}: {e}", self.instance);
-        }
-    }
-}
 
 /// Three workloads A, B, C (hosts 0, 1, 2 of a TestNet), each an agent process
 /// in its own cgroup below the cgroup the enforcer attaches to. B serves TCP 80
@@ -315,19 +80,11 @@ impl World {
         assert!(!dp.adopted(), "a fresh instance adopts nothing");
         let mut world =
             World { agents: Vec::new(), cgroups: Vec::new(), dp: Some(dp), opts, _pins: pins, _parent: parent, net };
-        let exe = std::env::current_exe().expect("test binary");
         for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
             let cg = SubCgroup::new(world._parent.path(), name);
-            let mut cmd = cg.command(&exe);
-            cmd.args(["--exact", "helper_agent", "--ignored", "--nocapture", "--test-threads=1"])
-                .env(AGENT_ENV, "1")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped());
-            let mut child = world.net.hosts()[i].netns.spawn(&mut cmd);
-            let stdin = child.stdin.take().expect("stdin");
-            let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+            let agent = spawn_workload(["A", "B", "C"][i], &world.net.hosts()[i].netns, &cg);
             world.cgroups.push(cg);
-            world.agents.push(Agent { name: ["A", "B", "C"][i], stdin, stdout, _child: child });
+            world.agents.push(agent);
         }
         for (agent, host) in [(1, 1), (0, 0)] {
             let h = &world.net.hosts()[host];
@@ -390,17 +147,6 @@ impl World {
             "{n} matching verdict events; have {seen:#?}"
         );
     }
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
 }
 
 /// "A → B:80/TCP and A → B:5353/UDP allowed", written as both A's egress and

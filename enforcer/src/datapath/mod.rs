@@ -49,6 +49,9 @@ use bulkhead_abi::enforcer::{
 };
 use ipnet::IpNet;
 
+mod apply;
+pub use apply::{ApplyError, KernelState};
+
 /// The eBPF object built by `enforcer/build.rs`.
 fn object() -> &'static [u8] {
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bulkhead-enforcer-ebpf"))

@@ -1,0 +1,263 @@
+//! The enforcer agent: loads (or adopts) the datapath, gives it to the one thread
+//! that owns the maps, and keeps a `PolicyStream` to the learner — Hello with the
+//! version the kernel enforces, every snapshot applied and acked (or rejected with
+//! the reason), verdict reports every `--report-interval`.
+//!
+//! The learner being away changes nothing in the kernel: the last applied policy
+//! stays, verdict events queue up (bounded, overflow counted), and on reconnect the
+//! Hello's applied version lets the learner resend only what is newer.
+
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bulkhead_abi::enforcer::{FAIL_CLOSED, FAIL_OPEN};
+use bulkhead_enforcer::applied::AppliedFile;
+use bulkhead_enforcer::datapath::{Datapath, DatapathOptions};
+use bulkhead_enforcer::owner::{MapOwner, Outcome, Rejection};
+use bulkhead_enforcer::render::Capacity;
+use bulkhead_model::{EnforcerHello, EnforcerMessage, NodePolicy, PolicyAck, PolicyAckStatus, VerdictReport};
+use bulkhead_proto::v1::{self, policy_stream_client::PolicyStreamClient};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{Args, FailMode};
+
+/// Largest snapshot accepted from the learner (100k rules are about 3 MiB).
+const MAX_SNAPSHOT_BYTES: usize = 256 << 20;
+/// Most events per report message (keeps each well under the learner's 4 MiB limit).
+const MAX_EVENTS_PER_REPORT: usize = 10_000;
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let node_id = match &args.node_id {
+        Some(n) => n.clone(),
+        None => {
+            nix::unistd::gethostname().context("reading the hostname for --node-id")?.to_string_lossy().into_owned()
+        }
+    };
+    let boot_id = uuid::Uuid::new_v4().to_string();
+    tracing::info!(node = %node_id, boot = %boot_id, learner = %args.learner, instance = %args.instance, "Starting enforcer.");
+
+    let mut opts = DatapathOptions::new(args.instance.clone(), args.cgroup.clone());
+    opts.bpffs_root = args.bpffs_root.clone();
+    opts.policy_entries = args.policy_entries;
+    let mut datapath = Datapath::load(&opts).context("loading the enforcer datapath")?;
+    let mut cfg = datapath.config()?;
+    cfg.fail_monitor = fail_abi(args.fail_monitor);
+    cfg.fail_enforce = fail_abi(args.fail_enforce);
+    cfg.event_rate = args.event_rate;
+    cfg.event_burst = args.event_burst;
+    datapath.set_config(cfg)?;
+    let capacity = Capacity { policy_per_generation: (args.policy_entries / 2) as usize, ..Capacity::DEFAULT };
+    let owner = MapOwner::open(datapath, AppliedFile::new(&args.state_dir.join(&args.instance)), capacity)
+        .context("reading back the kernel's policy")?;
+    let owner = OwnerHandle::spawn(owner, args.poll_interval);
+
+    let session = Session { node_id, boot_id, agent_version: env!("CARGO_PKG_VERSION").to_owned() };
+    tokio::select! {
+        () = stream_forever(&args, &session, &owner) => Ok(()),
+        () = shutdown_signal() => {
+            // Pins keep the programs attached and the policy enforced; the next
+            // process adopts them.
+            tracing::info!("Shutting down; the kernel keeps enforcing the applied policy.");
+            Ok(())
+        }
+    }
+}
+
+fn fail_abi(mode: FailMode) -> u8 {
+    match mode {
+        FailMode::Open => FAIL_OPEN,
+        FailMode::Closed => FAIL_CLOSED,
+    }
+}
+
+struct Session {
+    node_id: String,
+    boot_id: String,
+    agent_version: String,
+}
+
+// === the map owner's thread ===
+
+enum Command {
+    Apply(Box<NodePolicy>, oneshot::Sender<Result<Outcome, Rejection>>),
+    Reports(oneshot::Sender<Vec<VerdictReport>>),
+    Requeue(Vec<VerdictReport>),
+    AppliedVersion(oneshot::Sender<u64>),
+}
+
+/// The async side's handle on the owner thread.
+struct OwnerHandle {
+    tx: std_mpsc::Sender<Command>,
+}
+
+impl OwnerHandle {
+    fn spawn(mut owner: MapOwner, poll: Duration) -> Self {
+        let (tx, rx) = std_mpsc::channel::<Command>();
+        std::thread::Builder::new()
+            .name("map-owner".into())
+            .spawn(move || {
+                let mut next_drain = std::time::Instant::now() + poll;
+                loop {
+                    let wait = next_drain.saturating_duration_since(std::time::Instant::now());
+                    match rx.recv_timeout(wait) {
+                        Ok(Command::Apply(policy, reply)) => {
+                            let _ = reply.send(owner.apply(&policy));
+                        }
+                        Ok(Command::Reports(reply)) => {
+                            let _ = reply.send(owner.take_reports());
+                        }
+                        Ok(Command::Requeue(reports)) => owner.requeue(reports),
+                        Ok(Command::AppliedVersion(reply)) => {
+                            let _ = reply.send(owner.applied_version());
+                        }
+                        Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                    if std::time::Instant::now() >= next_drain {
+                        owner.drain();
+                        next_drain = std::time::Instant::now() + poll;
+                    }
+                }
+            })
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::error!(error = %e, "Could not start the map owner thread."));
+        Self { tx }
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> anyhow::Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| anyhow::anyhow!("the map owner thread is gone"))?;
+        rx.await.map_err(|_| anyhow::anyhow!("the map owner thread is gone"))
+    }
+}
+
+// === the stream ===
+
+async fn stream_forever(args: &Args, session: &Session, owner: &OwnerHandle) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match stream_once(args, session, owner, &mut backoff).await {
+            Ok(()) => tracing::info!("Learner closed the policy stream."),
+            Err(err) => tracing::warn!(
+                error = format!("{err:#}"),
+                retry_in_ms = backoff.as_millis() as u64,
+                "Policy stream ended; the applied policy stays in force."
+            ),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(args.max_backoff);
+    }
+}
+
+async fn stream_once(
+    args: &Args,
+    session: &Session,
+    owner: &OwnerHandle,
+    backoff: &mut Duration,
+) -> anyhow::Result<()> {
+    let mut client = PolicyStreamClient::connect(args.learner.clone())
+        .await
+        .with_context(|| format!("connecting to {}", args.learner))?
+        .max_decoding_message_size(MAX_SNAPSHOT_BYTES);
+    let applied_version = owner.ask(Command::AppliedVersion).await?;
+    let (tx, rx) = mpsc::channel::<v1::EnforcerMessage>(64);
+    let hello = EnforcerMessage::Hello(EnforcerHello {
+        node_id: session.node_id.clone(),
+        boot_id: session.boot_id.clone(),
+        agent_version: session.agent_version.clone(),
+        applied_version,
+    });
+    tx.send((&hello).into()).await.context("policy stream closed")?;
+    let mut inbound = client.subscribe(ReceiverStream::new(rx)).await?.into_inner();
+    *backoff = Duration::from_millis(100);
+    tracing::info!(url = %args.learner, applied_version, "Connected to the learner's policy stream.");
+
+    let mut reports = tokio::time::interval(args.report_interval);
+    reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            update = inbound.message() => {
+                let Some(update) = update? else { return Ok(()) };
+                let ack = apply_update(owner, update).await?;
+                tx.send((&EnforcerMessage::Ack(ack)).into()).await.context("policy stream closed")?;
+            }
+            _ = reports.tick() => {
+                let pending = owner.ask(Command::Reports).await?;
+                send_reports(&tx, owner, pending).await?;
+            }
+        }
+    }
+}
+
+/// Decodes, applies and answers one update. A snapshot that does not decode is
+/// rejected like one that does not apply: the applied policy stays.
+async fn apply_update(owner: &OwnerHandle, update: v1::PolicyUpdate) -> anyhow::Result<PolicyAck> {
+    let version = match &update.update {
+        Some(v1::policy_update::Update::Snapshot(s)) => s.version,
+        None => 0,
+    };
+    let result = match NodePolicy::try_from(update) {
+        Ok(policy) => owner.ask(|reply| Command::Apply(Box::new(policy), reply)).await?,
+        Err(invalid) => Err(Rejection::Decode(invalid.to_string())),
+    };
+    Ok(match result {
+        Ok(Outcome::Applied { .. } | Outcome::AlreadyApplied) => {
+            PolicyAck { version, status: PolicyAckStatus::Applied, error: None }
+        }
+        Err(rejection) => {
+            tracing::warn!(version, error = %rejection, "Rejected a policy snapshot; the applied policy stays.");
+            PolicyAck { version, status: PolicyAckStatus::Rejected, error: Some(rejection.to_string()) }
+        }
+    })
+}
+
+/// Sends reports in messages of bounded size; what cannot be sent goes back to
+/// the owner for the next stream.
+async fn send_reports(
+    tx: &mpsc::Sender<v1::EnforcerMessage>,
+    owner: &OwnerHandle,
+    reports: Vec<VerdictReport>,
+) -> anyhow::Result<()> {
+    let mut queue: std::collections::VecDeque<VerdictReport> = reports.into_iter().flat_map(split_report).collect();
+    while let Some(r) = queue.pop_front() {
+        let msg: v1::EnforcerMessage = (&EnforcerMessage::Report(r.clone())).into();
+        if tx.send(msg).await.is_err() {
+            queue.push_front(r);
+            let _ = owner.tx.send(Command::Requeue(queue.into_iter().collect()));
+            anyhow::bail!("policy stream closed while reporting");
+        }
+    }
+    Ok(())
+}
+
+fn split_report(mut r: VerdictReport) -> Vec<VerdictReport> {
+    if r.events.len() <= MAX_EVENTS_PER_REPORT {
+        return vec![r];
+    }
+    let mut out = Vec::new();
+    let events = std::mem::take(&mut r.events);
+    for chunk in events.chunks(MAX_EVENTS_PER_REPORT) {
+        out.push(VerdictReport { events: chunk.to_vec(), rule_counters: Vec::new(), ..r.clone() });
+    }
+    if let Some(first) = out.first_mut() {
+        first.rule_counters = r.rule_counters;
+    }
+    out
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}

@@ -1,0 +1,615 @@
+//! Root tests of the `bulkhead-enforcer` agent: the real binary, connected to the
+//! learner's real side of `PolicyStream` (`Distributor` + `PolicyStreamService` +
+//! `Recorder` into a SQLite store), enforcing with real programs on real packets
+//! between workloads that are processes in their own network namespaces and
+//! cgroups (see `common`).
+//!
+//! Covered here (issue 4): snapshots applied and acked, enforcement and monitor
+//! verdicts reported into the store with rule hit counters; connections allowed
+//! by both versions never fail while versions flip; `kill -9` in enforce mode
+//! keeps enforcing and a new process adopts the pins and keeps acking; invalid
+//! snapshots (unknown identities, conflicting prefixes, absurd sizes, duplicate
+//! rules, an older version) are rejected with the reason while the applied policy
+//! stays in force.
+//!
+//! Every namespace, cgroup, pin directory and process is per run and removed on
+//! drop, also when a test panics.
+//!
+//! Run: `cargo test -p bulkhead-enforcer --test agent` as root.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bulkhead_learner::distribute::{Distributor, PolicyStreamService, Recorder};
+use bulkhead_learner::store::{Store, VerdictQuery};
+use bulkhead_model::{
+    Direction, EndpointCgroup, Identity, IpcacheEntry, NodePolicy, NodeRule, PolicyAckStatus, PolicyEndpoint, Protocol,
+    RolloutMode, RuleKey, RuleRef, Verdict,
+};
+use bulkhead_proto::v1::{self, policy_stream_server::PolicyStream, policy_stream_server::PolicyStreamServer};
+use bulkhead_testkit::cgroup::TestCgroup;
+use bulkhead_testkit::netns::{ChildGuard, TestNet};
+use bulkhead_testkit::{assert_eventually, require_root, unique_suffix};
+use common::{Agent, FAIL_TIMEOUT_MS, OK_TIMEOUT_MS, Pins, SubCgroup, spawn_workload};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{Stream, StreamExt as _};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+const ID_A: Identity = Identity(1001);
+const ID_B: Identity = Identity(1002);
+const ID_C: Identity = Identity(1003);
+const HTTP: u16 = 80;
+const UDP_PORT: u16 = 5353;
+const PROPOSAL_B: i64 = 7;
+
+#[test]
+#[ignore = "workload process of the other tests, started by them with --ignored"]
+fn helper_agent() {
+    common::workload_main();
+}
+
+// === the learner side ===
+
+/// The learner's PolicyStream service over a real store, on 127.0.0.1.
+struct Learner {
+    rt: tokio::runtime::Runtime,
+    distributor: Distributor,
+    store: Store,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Learner {
+    fn start() -> Learner {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("learner.db").display());
+        let distributor = Distributor::new();
+        let (store, url) = rt.block_on(async {
+            let store = Store::open(&url).await.expect("store");
+            let recorder = Recorder { store: store.clone(), distributor: distributor.clone() };
+            let service = PolicyStreamServer::new(PolicyStreamService {
+                distributor: distributor.clone(),
+                recorder: Some(recorder),
+            });
+            (store, serve(service).await)
+        });
+        Learner { rt, distributor, store, url, _dir: dir }
+    }
+
+    /// Publishes `policy` for `node`; returns the version the learner gave it.
+    /// Versions are Unix milliseconds, as the learner's.
+    fn publish(&self, node: &str, mut policy: NodePolicy) -> u64 {
+        policy.version =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+        self.distributor.publish(BTreeMap::from([(node.to_owned(), policy)]));
+        self.distributor.current(node).expect("published").version
+    }
+
+    fn applied(&self, node: &str) -> Option<u64> {
+        self.distributor.status().get(node).and_then(|s| s.applied_version)
+    }
+
+    fn wait_applied(&self, node: &str, version: u64) {
+        assert_eventually!(
+            WAIT,
+            || self.applied(node) == Some(version),
+            "node {node} to apply version {version}; status {:?}",
+            self.distributor.status().get(node)
+        );
+    }
+
+    fn last_ack(&self, node: &str) -> Option<bulkhead_model::PolicyAck> {
+        self.distributor.status().get(node).and_then(|s| s.last_ack.clone())
+    }
+
+    fn events(&self, node: &str, verdict: Verdict) -> Vec<bulkhead_learner::store::VerdictEventRecord> {
+        let q = VerdictQuery {
+            node_id: Some(node.to_owned()),
+            verdict: Some(verdict),
+            limit: 1000,
+            ..VerdictQuery::default()
+        };
+        self.rt.block_on(self.store.verdict_events(&q)).expect("verdict events")
+    }
+}
+
+async fn serve<S>(service: PolicyStreamServer<S>) -> String
+where
+    S: PolicyStream,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+            .expect("server runs");
+    });
+    format!("http://{addr}")
+}
+
+// === the enforcer process ===
+
+/// A running `bulkhead-enforcer`; killed with SIGKILL on drop (its pins stay:
+/// `Pins` removes them).
+struct Enforcer {
+    child: Option<ChildGuard>,
+    log: PathBuf,
+}
+
+impl Enforcer {
+    fn start(w: &World, learner_url: &str) -> Enforcer {
+        let log = w.state.path().join(format!("enforcer-{}.log", unique_suffix()));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_bulkhead-enforcer"))
+            .args(["--learner", learner_url, "--node-id", &w.node, "--instance", &w.pins.instance])
+            .arg("--cgroup")
+            .arg(w.parent.path())
+            .arg("--state-dir")
+            .arg(w.state.path())
+            .args(["--policy-entries", "8192", "--report-interval", "100ms", "--max-backoff", "500ms"])
+            .env("BULKHEAD_LOG", "info,bulkhead_enforcer=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start bulkhead-enforcer");
+        Enforcer { child: Some(ChildGuard::new(child)), log }
+    }
+
+    /// `kill -9`.
+    fn kill(&mut self) {
+        if let Some(guard) = self.child.take() {
+            let mut child: Child = guard.into_inner();
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reap");
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Enforcer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// === the workloads ===
+
+/// Workloads A, B, C (hosts 0, 1, 2) in cgroups below the cgroup the enforcer
+/// attaches to. B serves TCP 80 and UDP 5353 on IPv4 and IPv6; A serves TCP 80.
+struct World {
+    // Drop order: processes, cgroups, pins, parent cgroup, net.
+    agents: Vec<Agent>,
+    cgroups: Vec<SubCgroup>,
+    pins: Pins,
+    parent: TestCgroup,
+    net: TestNet,
+    state: tempfile::TempDir,
+    node: String,
+}
+
+impl World {
+    fn new() -> World {
+        require_root();
+        let suffix = unique_suffix();
+        let net = TestNet::new(3);
+        let parent = TestCgroup::new();
+        let mut w = World {
+            agents: Vec::new(),
+            cgroups: Vec::new(),
+            pins: Pins { instance: format!("test-{suffix}") },
+            parent,
+            net,
+            state: tempfile::tempdir().expect("tempdir"),
+            node: format!("node-{suffix}"),
+        };
+        for (i, name) in ["A", "B", "C"].into_iter().enumerate() {
+            let cg = SubCgroup::new(w.parent.path(), &name.to_lowercase());
+            let agent = spawn_workload(name, &w.net.hosts()[i].netns, &cg);
+            w.cgroups.push(cg);
+            w.agents.push(agent);
+        }
+        for (agent, host) in [(1, 1), (0, 0)] {
+            for addr in [w.v4(host, HTTP), w.v6(host, HTTP)] {
+                w.agents[agent].listen("tcp", addr);
+                w.agents[agent].listen("udp", SocketAddr::new(addr.ip(), UDP_PORT));
+            }
+        }
+        w
+    }
+
+    fn v4(&self, i: usize, port: u16) -> SocketAddr {
+        SocketAddr::new(self.net.hosts()[i].ipv4.into(), port)
+    }
+
+    fn v6(&self, i: usize, port: u16) -> SocketAddr {
+        SocketAddr::new(self.net.hosts()[i].ipv6.into(), port)
+    }
+
+    fn agent(&mut self, i: usize) -> &mut Agent {
+        &mut self.agents[i]
+    }
+
+    /// "A → B:80/TCP and A → B:5353/UDP", as A's egress and B's ingress rules,
+    /// both directions of A and B covered, plus `extra` rules; C unmanaged.
+    fn policy(&self, mode: RolloutMode, extra: &[(RuleKey, u32)]) -> NodePolicy {
+        let ids = [ID_A, ID_B, ID_C];
+        let mut ipcache = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let h = &self.net.hosts()[i];
+            ipcache.push(IpcacheEntry { prefix: format!("{}/32", h.ipv4).parse().expect("net"), identity: *id });
+            ipcache.push(IpcacheEntry { prefix: format!("{}/128", h.ipv6).parse().expect("net"), identity: *id });
+        }
+        let endpoint = |i: usize, identity| PolicyEndpoint {
+            identity,
+            netns_ino: Some(self.net.hosts()[i].netns.ino()),
+            netns_name: Some(self.net.hosts()[i].netns.name().to_owned()),
+            cgroups: vec![EndpointCgroup { cgroup_id: self.cgroups[i].id(), path: format!("/test/{i}") }],
+            mode,
+            ingress_covered: true,
+            egress_covered: true,
+        };
+        let key = |local, direction, peer, port, protocol| RuleKey {
+            local,
+            direction,
+            peer: Some(peer),
+            port: Some(port),
+            protocol: Some(protocol),
+        };
+        let mut rules = vec![
+            (key(ID_A, Direction::Egress, ID_B, HTTP, Protocol::Tcp), 1),
+            (key(ID_B, Direction::Ingress, ID_A, HTTP, Protocol::Tcp), 2),
+            (key(ID_A, Direction::Egress, ID_B, UDP_PORT, Protocol::Udp), 3),
+            (key(ID_B, Direction::Ingress, ID_A, UDP_PORT, Protocol::Udp), 4),
+        ];
+        rules.extend_from_slice(extra);
+        let rule_refs = rules
+            .iter()
+            .map(|(k, id)| RuleRef {
+                rule_id: *id,
+                proposal_id: if k.local == ID_B { PROPOSAL_B } else { PROPOSAL_B + 1 },
+                policy_name: format!("bulkhead-{}", k.local),
+                direction: k.direction,
+                rule_index: *id,
+            })
+            .collect();
+        NodePolicy {
+            version: 1,
+            ipcache,
+            endpoints: vec![endpoint(0, ID_A), endpoint(1, ID_B)],
+            rules: rules.into_iter().map(|(key, rule_id)| NodeRule { key, rule_id }).collect(),
+            rule_refs,
+        }
+    }
+
+    /// A and B enforce exactly "A → B" (v4 and v6, TCP and UDP).
+    fn assert_enforced(&mut self) {
+        let (a, b, c) = (0, 1, 2);
+        for (b80, b53, a80) in [
+            (self.v4(b, HTTP), self.v4(b, UDP_PORT), self.v4(a, HTTP)),
+            (self.v6(b, HTTP), self.v6(b, UDP_PORT), self.v6(a, HTTP)),
+        ] {
+            self.agent(a).tcp_ok(b80);
+            self.agent(a).udp(b53, OK_TIMEOUT_MS).unwrap_or_else(|e| panic!("A → {b53}/udp must succeed: {e}"));
+            self.agent(c).tcp_fails(b80);
+            assert!(self.agent(c).udp(b53, FAIL_TIMEOUT_MS).is_err(), "C → {b53}/udp must fail");
+            self.agent(b).tcp_fails(a80);
+        }
+    }
+}
+
+fn c_to_b_http(w: &World) -> (RuleKey, u32) {
+    let _ = w;
+    (
+        RuleKey {
+            local: ID_B,
+            direction: Direction::Ingress,
+            peer: Some(ID_C),
+            port: Some(HTTP),
+            protocol: Some(Protocol::Tcp),
+        },
+        10,
+    )
+}
+
+// === tests ===
+
+#[test]
+fn snapshots_are_applied_acked_enforced_and_reported() {
+    let mut w = World::new();
+    let learner = Learner::start();
+    let v1 = learner.publish(&w.node, w.policy(RolloutMode::Enforce, &[]));
+    let enforcer = Enforcer::start(&w, &learner.url);
+    learner.wait_applied(&w.node, v1);
+    w.assert_enforced();
+
+    // Denies reach the store, named by workload, with the default-deny reason.
+    let b_v4 = w.net.hosts()[1].ipv4;
+    let c_v4 = w.net.hosts()[2].ipv4;
+    assert_eventually!(
+        WAIT,
+        || learner.events(&w.node, Verdict::Denied).iter().any(|e| {
+            e.event.local == ID_B
+                && e.event.peer == ID_C
+                && e.event.dst_addr == std::net::IpAddr::from(b_v4)
+                && e.event.src_addr == std::net::IpAddr::from(c_v4)
+                && e.event.dst_port == HTTP
+                && e.event.rule.is_none()
+                && e.event.policy_version == v1
+        }),
+        "C → B denied event in the store; enforcer log:\n{}",
+        enforcer.log()
+    );
+    // Rule hit counters reach the store under the approved rule they stand for.
+    assert_eventually!(
+        WAIT,
+        || learner
+            .rt
+            .block_on(learner.store.rule_hits(PROPOSAL_B))
+            .expect("rule hits")
+            .iter()
+            .any(|h| h.node_id == w.node && h.hits >= 2 && h.last_hit_unix_ms > 0),
+        "hits of B's ingress rules; enforcer log:\n{}",
+        enforcer.log()
+    );
+
+    // Monitor: C → B passes and is reported as audit, once per connection.
+    let v2 = learner.publish(&w.node, w.policy(RolloutMode::Monitor, &[]));
+    learner.wait_applied(&w.node, v2);
+    let b80 = w.v4(1, HTTP);
+    for _ in 0..3 {
+        w.agent(2).tcp_ok(b80);
+    }
+    let node = w.node.clone();
+    let audits = |learner: &Learner| {
+        learner
+            .events(&node, Verdict::Audit)
+            .into_iter()
+            .filter(|e| e.event.local == ID_B && e.event.peer == ID_C && e.event.policy_version == v2)
+            .count()
+    };
+    assert_eventually!(WAIT, || audits(&learner) >= 3, "3 audit events; log:\n{}", enforcer.log());
+    // Allowing C → B in a new version: the audit stops, traffic keeps flowing.
+    let extra = [c_to_b_http(&w)];
+    let v3 = learner.publish(&w.node, w.policy(RolloutMode::Enforce, &extra));
+    learner.wait_applied(&w.node, v3);
+    w.agent(2).tcp_ok(b80);
+    assert_eq!(audits(&learner), 3, "exactly one audit event per connection attempt");
+
+    // The store knows which version the node runs.
+    let rows = learner.rt.block_on(learner.store.enforcers()).expect("enforcers");
+    let row = rows.iter().find(|r| r.node_id == w.node).expect("enforcer row");
+    assert_eq!(row.applied_version, Some(v3));
+}
+
+#[test]
+fn connections_allowed_by_both_versions_never_fail_while_versions_flip() {
+    let mut w = World::new();
+    let learner = Learner::start();
+    let v = learner.publish(&w.node, w.policy(RolloutMode::Enforce, &[]));
+    let enforcer = Enforcer::start(&w, &learner.url);
+    learner.wait_applied(&w.node, v);
+
+    const FLIPS: usize = 20;
+    let b80 = w.v4(1, HTTP);
+    let with_c = w.policy(RolloutMode::Enforce, &[c_to_b_http(&w)]);
+    let without_c = w.policy(RolloutMode::Enforce, &[]);
+    let node = w.node.clone();
+    let mut a = w.agents.remove(0);
+    let stop = AtomicBool::new(false);
+    let rounds = AtomicU64::new(0);
+    let (a, outcome) = std::thread::scope(|s| {
+        // A connects back to back, in rounds of 50 ms, until every flip is acked.
+        let (stop, rounds) = (&stop, &rounds);
+        let client = s.spawn(move || {
+            let mut total = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                match a.ask_value(&format!("loop tcp {b80} 50")) {
+                    Ok(n) => total += n.parse::<u64>().expect("count"),
+                    Err(e) => return (a, Err(format!("after {total} good connections: {e}"))),
+                }
+                rounds.fetch_add(1, Ordering::SeqCst);
+            }
+            (a, Ok(total))
+        });
+        // Every flip lands while the client is connecting: the next flip waits
+        // for a whole round that started after this one was acked.
+        for i in 0..FLIPS {
+            let seen = rounds.load(Ordering::SeqCst);
+            assert_eventually!(WAIT, || rounds.load(Ordering::SeqCst) >= seen + 2 || client.is_finished());
+            let p = if i % 2 == 0 { with_c.clone() } else { without_c.clone() };
+            let v = learner.publish(&node, p);
+            learner.wait_applied(&node, v);
+        }
+        stop.store(true, Ordering::SeqCst);
+        client.join().expect("client thread")
+    });
+    w.agents.insert(0, a);
+    let total = outcome
+        .unwrap_or_else(|e| panic!("A → B:80 must never fail while versions flip: {e}\nlog:\n{}", enforcer.log()));
+    assert!(rounds.load(Ordering::SeqCst) >= 2 * FLIPS as u64, "every flip had connections around it");
+    assert!(total >= 100, "the client made only {total} connections");
+    // The last version (FLIPS even → without C) is what the kernel enforces.
+    w.agent(2).tcp_fails(b80);
+    w.agent(0).tcp_ok(b80);
+}
+
+#[test]
+fn kill_9_keeps_enforcing_and_a_new_process_adopts_the_pins() {
+    let mut w = World::new();
+    let learner = Learner::start();
+    let v1 = learner.publish(&w.node, w.policy(RolloutMode::Enforce, &[]));
+    let mut first = Enforcer::start(&w, &learner.url);
+    learner.wait_applied(&w.node, v1);
+    w.assert_enforced();
+
+    first.kill();
+    assert_eventually!(
+        WAIT,
+        || learner.distributor.status().get(&w.node).is_some_and(|s| !s.connected),
+        "the learner notices the enforcer is gone"
+    );
+    // Nobody in user space: the pinned programs and maps keep enforcing.
+    w.assert_enforced();
+
+    // A new process says it already runs v1 (from the pins), so nothing is re-applied.
+    let boot_before = learner.distributor.status().get(&w.node).and_then(|s| s.boot_id.clone());
+    let second = Enforcer::start(&w, &learner.url);
+    assert_eventually!(
+        WAIT,
+        || learner.distributor.status().get(&w.node).is_some_and(|s| s.connected && s.boot_id != boot_before),
+        "the new enforcer connects; log:\n{}",
+        second.log()
+    );
+    assert_eq!(learner.applied(&w.node), Some(v1), "Hello names the version the pins enforce");
+    assert!(second.log().contains("adopted=true"), "the new process adopts the pins:\n{}", second.log());
+    w.assert_enforced();
+
+    // Acks continue: a new version is applied by the new process.
+    let v2 = learner.publish(&w.node, w.policy(RolloutMode::Enforce, &[c_to_b_http(&w)]));
+    learner.wait_applied(&w.node, v2);
+    let b80 = w.v4(1, HTTP);
+    w.agent(2).tcp_ok(b80);
+}
+
+#[test]
+fn bad_snapshots_are_rejected_and_the_applied_policy_stays() {
+    let mut w = World::new();
+    let learner = Learner::start();
+    let good = w.policy(RolloutMode::Enforce, &[]);
+    let v1 = learner.publish(&w.node, good.clone());
+    let mut enforcer = Enforcer::start(&w, &learner.url);
+    learner.wait_applied(&w.node, v1);
+
+    let mut unknown_identity = good.clone();
+    unknown_identity.rules[1].key.peer = Some(Identity(9999));
+    let mut conflicting_prefix = good.clone();
+    let mut dup = conflicting_prefix.ipcache[0];
+    dup.identity = ID_C;
+    conflicting_prefix.ipcache.push(dup);
+    let mut duplicate_rule = good.clone();
+    let mut again = duplicate_rule.rules[0];
+    again.rule_id = 11;
+    duplicate_rule.rules.push(again);
+    duplicate_rule.rule_refs.push(RuleRef { rule_id: 11, ..duplicate_rule.rule_refs[0].clone() });
+    let mut absurd = good.clone();
+    absurd.ipcache = (0..(bulkhead_model::node_policy::MAX_IPCACHE_ENTRIES as u32 + 1))
+        .map(|i| IpcacheEntry {
+            prefix: std::net::Ipv4Addr::from(0x0a00_0000 + i)
+                .to_string()
+                .parse::<std::net::IpAddr>()
+                .expect("ip")
+                .into(),
+            identity: ID_C,
+        })
+        .collect();
+
+    for (what, policy, expected) in [
+        ("unknown identity", unknown_identity, "identity 9999 is not in the ipcache"),
+        ("conflicting prefix", conflicting_prefix, "is listed twice"),
+        ("duplicate rule", duplicate_rule, "same key as rules[0]"),
+        ("absurd size", absurd, "ipcache has 262145 entries, at most 262144 allowed"),
+    ] {
+        let v = learner.publish(&w.node, policy);
+        assert_eventually!(
+            WAIT,
+            || learner.last_ack(&w.node).is_some_and(|a| a.version == v),
+            "an ack for the {what} snapshot v{v}; log:\n{}",
+            enforcer.log()
+        );
+        let ack = learner.last_ack(&w.node).expect("ack");
+        assert_eq!(ack.status, PolicyAckStatus::Rejected, "{what}: {ack:?}");
+        let error = ack.error.unwrap_or_default();
+        assert!(error.contains(expected), "{what}: the error must say why: {error:?}");
+        assert_eq!(learner.applied(&w.node), Some(v1), "{what}: still on v{v1}");
+        w.assert_enforced();
+    }
+
+    // A version older than the applied one (a learner whose clock went back and
+    // that does not re-stamp): refused, policy kept. Served by a scripted learner.
+    enforcer.kill();
+    let scripted = Scripted::new(vec![v1::PolicyUpdate::from(&NodePolicy { version: v1 - 1, ..good.clone() })]);
+    let url = learner.rt.block_on(serve(PolicyStreamServer::new(scripted.clone())));
+    let enforcer = Enforcer::start(&w, &url);
+    let ack = learner.rt.block_on(async {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let msg = scripted.next_message().await;
+                if let Some(v1::enforcer_message::Msg::Ack(a)) = msg.msg {
+                    return a;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no ack from the enforcer; log:\n{}", enforcer.log()))
+    });
+    assert_eq!(ack.version, v1 - 1);
+    assert_eq!(ack.status, v1::PolicyAckStatus::Rejected as i32);
+    assert!(ack.error.contains("older than the applied version"), "{ack:?}");
+    w.assert_enforced();
+}
+
+// === a scripted learner, for what the real one never sends ===
+
+/// Sends a fixed list of updates on every stream and hands the enforcer's
+/// messages to the test.
+#[derive(Clone)]
+struct Scripted {
+    updates: Vec<v1::PolicyUpdate>,
+    tx: tokio::sync::mpsc::UnboundedSender<v1::EnforcerMessage>,
+    rx: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<v1::EnforcerMessage>>>>,
+}
+
+impl Scripted {
+    fn new(updates: Vec<v1::PolicyUpdate>) -> Scripted {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        Scripted { updates, tx, rx: Arc::new(Mutex::new(Some(rx))) }
+    }
+
+    async fn next_message(&self) -> v1::EnforcerMessage {
+        let mut rx = self.rx.lock().expect("lock").take().expect("one reader");
+        let msg = rx.recv().await.expect("scripted server alive");
+        *self.rx.lock().expect("lock") = Some(rx);
+        msg
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<v1::PolicyUpdate, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PolicyStream for Scripted {
+    type SubscribeStream = UpdateStream;
+
+    async fn subscribe(
+        &self,
+        request: tonic::Request<tonic::Streaming<v1::EnforcerMessage>>,
+    ) -> Result<tonic::Response<UpdateStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = inbound.message().await {
+                if tx.send(m).is_err() {
+                    break;
+                }
+            }
+        });
+        let updates = tokio_stream::iter(self.updates.clone().into_iter().map(Ok)).chain(tokio_stream::pending());
+        Ok(tonic::Response::new(Box::pin(updates)))
+    }
+}
