@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bulkhead_learner::distribute::{Distributor, PolicyStreamService, Recorder};
+use bulkhead_learner::grpc::ingest::Enrollment;
 use bulkhead_learner::store::{Store, VerdictQuery};
 use bulkhead_model::{
     Direction, EndpointCgroup, Identity, IpcacheEntry, NodePolicy, NodeRule, PolicyAckStatus, PolicyEndpoint, Protocol,
@@ -76,7 +77,8 @@ impl Learner {
         let distributor = Distributor::new();
         let (store, url) = rt.block_on(async {
             let store = Store::open(&url).await.expect("store");
-            let recorder = Recorder { store: store.clone(), distributor: distributor.clone() };
+            let recorder =
+                Recorder { store: store.clone(), distributor: distributor.clone(), enrollment: Enrollment::Open };
             let service = PolicyStreamServer::new(PolicyStreamService {
                 distributor: distributor.clone(),
                 recorder: Some(recorder),

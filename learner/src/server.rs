@@ -170,7 +170,7 @@ pub async fn start_with_kube(cfg: ServerConfig, kube_source: Option<KubeConfigSo
     let distributor = Distributor::new();
     let policy_stream = PolicyStreamService {
         distributor: distributor.clone(),
-        recorder: Some(Recorder { store: store.clone(), distributor: distributor.clone() }),
+        recorder: Some(Recorder { store: store.clone(), distributor: distributor.clone(), enrollment: cfg.enrollment }),
     };
     health_reporter.set_serving::<PolicyStreamServer<PolicyStreamService>>().await;
     let grpc = tonic::transport::Server::builder()

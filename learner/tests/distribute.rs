@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bulkhead_learner::distribute::{Distributor, PolicyStreamService};
+use bulkhead_learner::distribute::{Distributor, PolicyStreamService, Recorder};
+use bulkhead_learner::grpc::ingest::Enrollment;
 use bulkhead_learner::identity::inventory::Inventory;
 use bulkhead_learner::store::Store;
 use bulkhead_model::{
@@ -323,7 +324,7 @@ async fn hello_acks_and_reports_are_recorded_in_the_store() {
     distributor.recompile(&store, &Inventory::default(), None, 5_000).await.expect("recompiles");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let recorder = bulkhead_learner::distribute::Recorder { store: store.clone(), distributor: distributor.clone() };
+    let recorder = Recorder { store: store.clone(), distributor: distributor.clone(), enrollment: Enrollment::Open };
     let service =
         PolicyStreamServer::new(PolicyStreamService { distributor: distributor.clone(), recorder: Some(recorder) });
     tokio::spawn(async move {
@@ -388,4 +389,42 @@ async fn hello_acks_and_reports_are_recorded_in_the_store() {
         async || store.rule_hits(record.summary.id).await.is_ok_and(|h| h.iter().any(|r| r.hits == 7)),
         "rule hits are stored against the approved rule"
     );
+}
+
+/// Closed enrollment holds for the policy stream as for flows: an unregistered node
+/// learns nothing (policy names workloads and addresses); once registered it does.
+#[tokio::test]
+async fn closed_enrollment_refuses_unregistered_enforcers() {
+    let store = Store::open("sqlite::memory:").await.expect("store");
+    let distributor = Distributor::new();
+    distributor.publish(BTreeMap::from([("node-a".to_owned(), policy(5, 80))]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let recorder = Recorder { store: store.clone(), distributor: distributor.clone(), enrollment: Enrollment::Closed };
+    let service = PolicyStreamServer::new(PolicyStreamService { distributor, recorder: Some(recorder) });
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+            .expect("server runs");
+    });
+
+    let subscribe = |url: String| async move {
+        let mut client = PolicyStreamClient::connect(url).await.expect("connects");
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(hello("node-a", 0)).await.expect("send hello");
+        let result = client.subscribe(ReceiverStream::new(rx)).await;
+        (result, tx)
+    };
+    let (refused, _tx) = subscribe(url.clone()).await;
+    let status = refused.expect_err("an unregistered node is refused");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(status.message().contains("bulkhead-learner node add node-a"), "{status:?}");
+
+    store.register_agent("node-a", 1_000).await.expect("register");
+    let (admitted, _tx) = subscribe(url).await;
+    let mut updates = admitted.expect("a registered node is admitted").into_inner();
+    let snap = NodePolicy::try_from(updates.message().await.expect("ok").expect("snapshot")).expect("valid");
+    assert_eq!(snap.version, 5);
 }

@@ -4,13 +4,15 @@
 //!
 //! Recording failures are logged and do not end the stream: the enforcer keeps
 //! enforcing whatever the store's state, and its next Hello/Ack/report brings the
-//! store up to date again.
+//! store up to date again. Admission is the exception: a node that is not enrolled
+//! (closed enrollment) is refused at its Hello, as on the flow stream — policy
+//! names workloads and addresses, which only enrolled nodes may learn.
 
 use bulkhead_model::Direction;
 use bulkhead_model::node_policy::{EnforcerHello, PolicyAck, PolicyAckStatus, VerdictReport};
 
 use super::Distributor;
-use crate::grpc::ingest::unix_ms;
+use crate::grpc::ingest::{Enrollment, unix_ms};
 use crate::store::{AckOutcome, RuleHits, RuleRef, Store, VerdictEventRow};
 
 /// Writes enforcer messages to the store.
@@ -18,9 +20,30 @@ use crate::store::{AckOutcome, RuleHits, RuleRef, Store, VerdictEventRow};
 pub struct Recorder {
     pub store: Store,
     pub distributor: Distributor,
+    /// Whether unknown nodes are registered by their Hello or refused.
+    pub enrollment: Enrollment,
 }
 
 impl Recorder {
+    /// Admits the node under the enrollment policy (the same registry as the flow
+    /// stream's): `Err` is the status to end the stream with.
+    pub async fn admit(&self, h: &EnforcerHello) -> Result<(), tonic::Status> {
+        let unavailable = |e: crate::store::StoreError| tonic::Status::unavailable(format!("store: {e}"));
+        if self.store.agent_known(&h.node_id).await.map_err(unavailable)? {
+            return Ok(());
+        }
+        match self.enrollment {
+            Enrollment::Open => self.store.register_agent(&h.node_id, unix_ms()).await.map_err(unavailable),
+            Enrollment::Closed => {
+                tracing::warn!(node = %h.node_id, "Refused a policy stream from an unregistered node.");
+                Err(tonic::Status::permission_denied(format!(
+                    "node {:?} is not registered: run `bulkhead-learner node add {}` on the learner",
+                    h.node_id, h.node_id
+                )))
+            }
+        }
+    }
+
     pub async fn hello(&self, h: &EnforcerHello) {
         let applied = (h.applied_version > 0).then_some(h.applied_version);
         if let Err(err) = self.store.enforcer_hello(&h.node_id, &h.boot_id, &h.agent_version, applied, unix_ms()).await

@@ -348,6 +348,12 @@ impl PolicyStream for PolicyStreamService {
             },
             None => return Err(Status::invalid_argument("stream closed before Hello")),
         };
+        if hello.node_id.is_empty() || hello.node_id.len() > 253 {
+            return Err(Status::invalid_argument("Hello needs a node_id of 1 to 253 bytes"));
+        }
+        if let Some(rec) = &self.recorder {
+            rec.admit(&hello).await?;
+        }
         let node = hello.node_id.clone();
         tracing::info!(node = %node, boot_id = %hello.boot_id, applied = hello.applied_version, "Enforcer connected.");
         let rx = self.distributor.connect(&hello);
