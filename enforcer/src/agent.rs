@@ -16,7 +16,7 @@ use bulkhead_enforcer::applied::AppliedFile;
 use bulkhead_enforcer::datapath::{Datapath, DatapathOptions};
 use bulkhead_enforcer::owner::{MapOwner, Outcome, Rejection};
 use bulkhead_enforcer::render::Capacity;
-use bulkhead_model::{EnforcerHello, EnforcerMessage, NodePolicy, PolicyAck, PolicyAckStatus, VerdictReport};
+use bulkhead_model::{EnforcerHello, EnforcerMessage, PolicyAck, PolicyAckStatus, PolicyUpdate, VerdictReport};
 use bulkhead_proto::v1::{self, policy_stream_client::PolicyStreamClient};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,6 +25,8 @@ use crate::{Args, FailMode};
 
 /// Largest snapshot accepted from the learner (100k rules are about 3 MiB).
 const MAX_SNAPSHOT_BYTES: usize = 256 << 20;
+/// How long a resynchronizing enforcer waits for the learner to close its side.
+const RESYNC_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Most events per report message (keeps each well under the learner's 4 MiB limit).
 const MAX_EVENTS_PER_REPORT: usize = 10_000;
 
@@ -81,7 +83,7 @@ struct Session {
 // === the map owner's thread ===
 
 enum Command {
-    Apply(Box<NodePolicy>, oneshot::Sender<Result<Outcome, Rejection>>),
+    Apply(Box<PolicyUpdate>, oneshot::Sender<Result<Outcome, Rejection>>),
     Reports(oneshot::Sender<Vec<VerdictReport>>),
     Requeue(Vec<VerdictReport>),
     AppliedVersion(oneshot::Sender<u64>),
@@ -102,8 +104,8 @@ impl OwnerHandle {
                 loop {
                     let wait = next_drain.saturating_duration_since(std::time::Instant::now());
                     match rx.recv_timeout(wait) {
-                        Ok(Command::Apply(policy, reply)) => {
-                            let _ = reply.send(owner.apply(&policy));
+                        Ok(Command::Apply(update, reply)) => {
+                            let _ = reply.send(owner.apply_update(&update));
                         }
                         Ok(Command::Reports(reply)) => {
                             let _ = reply.send(owner.take_reports());
@@ -180,8 +182,21 @@ async fn stream_once(
         tokio::select! {
             update = inbound.message() => {
                 let Some(update) = update? else { return Ok(()) };
-                let ack = apply_update(owner, update).await?;
-                tx.send((&EnforcerMessage::Ack(ack)).into()).await.context("policy stream closed")?;
+                match apply_update(owner, update).await? {
+                    Answer::Ack(ack) => {
+                        tx.send((&EnforcerMessage::Ack(ack)).into()).await.context("policy stream closed")?;
+                    }
+                    Answer::Resync(why) => {
+                        // Close our side so what is queued (earlier acks) still goes
+                        // out, wait for the learner to close its side, reconnect.
+                        drop(tx);
+                        let drained = tokio::time::timeout(RESYNC_CLOSE_WAIT, async {
+                            while let Ok(Some(_)) = inbound.message().await {}
+                        });
+                        let _ = drained.await;
+                        anyhow::bail!("{why}; reconnecting for a snapshot");
+                    }
+                }
             }
             _ = reports.tick() => {
                 let pending = owner.ask(Command::Reports).await?;
@@ -191,26 +206,40 @@ async fn stream_once(
     }
 }
 
-/// Decodes, applies and answers one update. A snapshot that does not decode is
-/// rejected like one that does not apply: the applied policy stays.
-async fn apply_update(owner: &OwnerHandle, update: v1::PolicyUpdate) -> anyhow::Result<PolicyAck> {
+/// Decodes, applies and answers one update. An update that does not decode is
+/// rejected like one that does not apply: the applied policy stays. A delta this
+/// enforcer holds no base for ends the stream: the next one starts with a snapshot.
+async fn apply_update(owner: &OwnerHandle, update: v1::PolicyUpdate) -> anyhow::Result<Answer> {
     let version = match &update.update {
         Some(v1::policy_update::Update::Snapshot(s)) => s.version,
+        Some(v1::policy_update::Update::Delta(d)) => d.version,
         None => 0,
     };
-    let result = match NodePolicy::try_from(update) {
-        Ok(policy) => owner.ask(|reply| Command::Apply(Box::new(policy), reply)).await?,
+    let result = match PolicyUpdate::try_from(update) {
+        Ok(update) => {
+            let kind = if matches!(update, PolicyUpdate::Delta(_)) { "delta" } else { "snapshot" };
+            tracing::debug!(version, kind = %kind, "Received a policy update.");
+            owner.ask(|reply| Command::Apply(Box::new(update), reply)).await?
+        }
         Err(invalid) => Err(Rejection::Decode(invalid.to_string())),
     };
     Ok(match result {
         Ok(Outcome::Applied { .. } | Outcome::AlreadyApplied) => {
-            PolicyAck { version, status: PolicyAckStatus::Applied, error: None }
+            Answer::Ack(PolicyAck { version, status: PolicyAckStatus::Applied, error: None })
         }
+        Err(resync @ Rejection::Resync { .. }) => Answer::Resync(resync.to_string()),
         Err(rejection) => {
-            tracing::warn!(version, error = %rejection, "Rejected a policy snapshot; the applied policy stays.");
-            PolicyAck { version, status: PolicyAckStatus::Rejected, error: Some(rejection.to_string()) }
+            tracing::warn!(version, error = %rejection, "Rejected a policy update; the applied policy stays.");
+            Answer::Ack(PolicyAck { version, status: PolicyAckStatus::Rejected, error: Some(rejection.to_string()) })
         }
     })
+}
+
+/// What to do after an update.
+enum Answer {
+    Ack(PolicyAck),
+    /// Reconnect: the update was a delta this enforcer holds no base for.
+    Resync(String),
 }
 
 /// Sends reports in messages of bounded size; what cannot be sent goes back to

@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
 use bulkhead_model::{
-    Direction as ModelDirection, EnforcerLoss, Identity, NodePolicy, NodePolicyError, Protocol, RuleCounter, Verdict,
-    VerdictEvent, VerdictReport,
+    Direction as ModelDirection, EnforcerLoss, Identity, NodePolicy, NodePolicyError, PolicyUpdate, Protocol,
+    RuleCounter, Verdict, VerdictEvent, VerdictReport,
 };
 
 use crate::applied::{Applied, AppliedFile};
@@ -43,6 +43,12 @@ pub enum Rejection {
     Render(#[from] RenderError),
     #[error("writing the kernel maps failed (the applied policy stays): {0}")]
     Kernel(String),
+    /// Not the policy's fault: this enforcer does not hold the delta's base (it
+    /// restarted, or rejected the base). Resynchronize with a snapshot.
+    #[error("cannot apply a delta from version {base}: holding {held:?}")]
+    Resync { base: u64, held: Option<u64> },
+    #[error("delta: {0}")]
+    Delta(#[from] bulkhead_model::DeltaError),
 }
 
 /// What [`MapOwner::apply`] did.
@@ -68,6 +74,9 @@ pub struct MapOwner {
     /// What the kernel holds (kept equal to it by every apply).
     state: MapState,
     applied: Option<Applied>,
+    /// The applied policy itself, the base of the next delta; `None` after a
+    /// restart until the learner's first snapshot (the kernel holds only entries).
+    policy: Option<NodePolicy>,
     file: AppliedFile,
     capacity: Capacity,
     /// Recent generation → version, to name the version of drained events.
@@ -117,6 +126,7 @@ impl MapOwner {
             datapath,
             state,
             applied,
+            policy: None,
             file,
             capacity,
             versions,
@@ -155,6 +165,22 @@ impl MapOwner {
         &mut self.datapath
     }
 
+    /// Applies a snapshot or a delta against the applied policy.
+    pub fn apply_update(&mut self, update: &PolicyUpdate) -> Result<Outcome, Rejection> {
+        match update {
+            PolicyUpdate::Snapshot(policy) => self.apply(policy),
+            PolicyUpdate::Delta(delta) => {
+                let held = self.policy.as_ref().map(|p| p.version);
+                let base = match &self.policy {
+                    Some(p) if p.version == delta.base_version => p,
+                    _ => return Err(Rejection::Resync { base: delta.base_version, held }),
+                };
+                let policy = delta.apply(base)?;
+                self.apply(&policy)
+            }
+        }
+    }
+
     /// Applies a snapshot atomically (see the module doc) or says why not.
     pub fn apply(&mut self, policy: &NodePolicy) -> Result<Outcome, Rejection> {
         if let Some(a) = self.applied {
@@ -162,6 +188,10 @@ impl MapOwner {
                 return Err(Rejection::Older { version: policy.version, applied: a.version });
             }
             if policy.version == a.version {
+                // A resync after a restart: the kernel has it, now we know it too.
+                if self.policy.is_none() {
+                    self.policy = Some(policy.clone());
+                }
                 return Ok(Outcome::AlreadyApplied);
             }
         }
@@ -184,6 +214,7 @@ impl MapOwner {
         }
         self.state = target;
         self.applied = Some(applied);
+        self.policy = Some(policy.clone());
         self.versions.insert(generation, policy.version);
         while self.versions.len() > GENERATION_HISTORY {
             self.versions.pop_first();
@@ -220,6 +251,7 @@ impl MapOwner {
             tracing::warn!(generation = now.state.generation, "A failed apply still activated its generation.");
             self.state = now.state;
             self.applied = None;
+            self.policy = None;
             return;
         }
         let mut ops = diff(&now.state, &self.state);

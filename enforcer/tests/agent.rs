@@ -32,9 +32,10 @@ use bulkhead_learner::distribute::{Distributor, PolicyStreamService, Recorder};
 use bulkhead_learner::grpc::ingest::Enrollment;
 use bulkhead_learner::store::{Store, VerdictQuery};
 use bulkhead_model::{
-    Direction, EndpointCgroup, Identity, IpcacheEntry, NodePolicy, NodeRule, PolicyAckStatus, PolicyEndpoint, Protocol,
-    RolloutMode, RuleKey, RuleRef, Verdict,
+    Direction, EndpointCgroup, Identity, IpcacheEntry, NodePolicy, NodePolicyDelta, NodeRule, PolicyAckStatus,
+    PolicyEndpoint, PolicyUpdate, Protocol, RolloutMode, RuleKey, RuleRef, Verdict,
 };
+use bulkhead_proto::v1::enforcer_message::Msg;
 use bulkhead_proto::v1::{self, policy_stream_server::PolicyStream, policy_stream_server::PolicyStreamServer};
 use bulkhead_testkit::cgroup::TestCgroup;
 use bulkhead_testkit::netns::{ChildGuard, TestNet};
@@ -447,6 +448,8 @@ fn connections_allowed_by_both_versions_never_fail_while_versions_flip() {
         .unwrap_or_else(|e| panic!("A → B:80 must never fail while versions flip: {e}\nlog:\n{}", enforcer.log()));
     assert!(rounds.load(Ordering::SeqCst) >= 2 * FLIPS as u64, "every flip had connections around it");
     assert!(total >= 100, "the client made only {total} connections");
+    // After the first snapshot, versions travelled as deltas.
+    assert!(enforcer.log().contains("kind=delta"), "deltas were used:\n{}", enforcer.log());
     // The last version (FLIPS even → without C) is what the kernel enforces.
     w.agent(2).tcp_fails(b80);
     w.agent(0).tcp_ok(b80);
@@ -546,24 +549,35 @@ fn bad_snapshots_are_rejected_and_the_applied_policy_stays() {
     // A version older than the applied one (a learner whose clock went back and
     // that does not re-stamp): refused, policy kept. Served by a scripted learner.
     enforcer.kill();
-    let scripted = Scripted::new(vec![v1::PolicyUpdate::from(&NodePolicy { version: v1 - 1, ..good.clone() })]);
+    // Then a delta from a version this enforcer never held: not the policy's
+    // fault, so no rejection — it reconnects to get a snapshot.
+    let stray = NodePolicyDelta { base_version: v1 + 1_000, version: v1 + 2_000, ..NodePolicyDelta::default() };
+    let scripted = Scripted::new(vec![
+        v1::PolicyUpdate::from(&NodePolicy { version: v1 - 1, ..good.clone() }),
+        v1::PolicyUpdate::from(&PolicyUpdate::Delta(stray)),
+    ]);
     let url = learner.rt.block_on(serve(PolicyStreamServer::new(scripted.clone())));
     let enforcer = Enforcer::start(&w, &url);
-    let ack = learner.rt.block_on(async {
+    let mut messages = Vec::new();
+    learner.rt.block_on(async {
         tokio::time::timeout(WAIT, async {
-            loop {
-                let msg = scripted.next_message().await;
-                if let Some(v1::enforcer_message::Msg::Ack(a)) = msg.msg {
-                    return a;
-                }
+            // Hello, the ack of the old snapshot, then the Hello of the reconnect.
+            while messages.iter().filter(|m: &&v1::EnforcerMessage| matches!(m.msg, Some(Msg::Hello(_)))).count() < 2 {
+                messages.push(scripted.next_message().await);
             }
         })
         .await
-        .unwrap_or_else(|_| panic!("no ack from the enforcer; log:\n{}", enforcer.log()))
+        .unwrap_or_else(|_| panic!("no reconnect after the stray delta: {messages:?}\nlog:\n{}", enforcer.log()))
     });
-    assert_eq!(ack.version, v1 - 1);
-    assert_eq!(ack.status, v1::PolicyAckStatus::Rejected as i32);
-    assert!(ack.error.contains("older than the applied version"), "{ack:?}");
+    let acks: Vec<&v1::PolicyAck> =
+        messages.iter().filter_map(|m| if let Some(Msg::Ack(a)) = &m.msg { Some(a) } else { None }).collect();
+    assert_eq!(acks.len(), 1, "only the old snapshot is answered: {messages:?}");
+    assert_eq!(acks[0].version, v1 - 1);
+    assert_eq!(acks[0].status, v1::PolicyAckStatus::Rejected as i32);
+    assert!(acks[0].error.contains("older than the applied version"), "{:?}", acks[0]);
+    // The reconnect says it still runs v1.
+    let hello = messages.iter().rev().find_map(|m| if let Some(Msg::Hello(h)) = &m.msg { Some(h) } else { None });
+    assert_eq!(hello.map(|h| h.applied_version), Some(v1));
     w.assert_enforced();
 }
 

@@ -11,7 +11,7 @@ use bulkhead_learner::identity::inventory::Inventory;
 use bulkhead_learner::store::Store;
 use bulkhead_model::{
     Direction, EndpointCgroup, EnforcerHello, EnforcerMessage, Identity, IpcacheEntry, NodePolicy, NodeRule, PolicyAck,
-    PolicyAckStatus, PolicyEndpoint, Protocol, RolloutMode, RuleKey, RuleRef,
+    PolicyAckStatus, PolicyEndpoint, PolicyUpdate, Protocol, RolloutMode, RuleKey, RuleRef,
 };
 use bulkhead_proto::v1::{self, policy_stream_client::PolicyStreamClient, policy_stream_server::PolicyStreamServer};
 use bulkhead_testkit::assert_eventually_async;
@@ -108,7 +108,16 @@ async fn enforcer_gets_snapshot_acks_and_follows_changes() {
     // Same content again: nothing is sent; new content: a higher version.
     assert!(distributor.publish(BTreeMap::from([("node-a".to_owned(), policy(101, 80))])).is_empty());
     assert_eq!(distributor.publish(BTreeMap::from([("node-a".to_owned(), policy(101, 443))])), ["node-a"]);
-    let second = NodePolicy::try_from(updates.message().await.expect("stream ok").expect("a snapshot")).expect("valid");
+    // The enforcer acked v100, so v101 travels as the change against it.
+    let second =
+        PolicyUpdate::try_from(updates.message().await.expect("stream ok").expect("an update")).expect("valid");
+    let PolicyUpdate::Delta(delta) = second else { panic!("expected a delta, got {second:?}") };
+    assert_eq!(
+        (delta.base_version, delta.version, delta.rules_upsert.len(), delta.rules_remove.len()),
+        (100, 101, 1, 1)
+    );
+    assert!(delta.ipcache_upsert.is_empty() && delta.endpoints.is_none());
+    let second = delta.apply(&first).expect("applies to v100");
     assert_eq!(second.version, 101);
     assert_eq!(second.rules[0].key.port, Some(443));
     // Reports name rule ids of the version the node ran; both versions still resolve.
@@ -133,6 +142,10 @@ async fn enforcer_gets_snapshot_acks_and_follows_changes() {
         "a rejection is recorded"
     );
     assert_eq!(distributor.status()["node-a"].applied_version, Some(100), "a rejected version is not applied");
+    // After a rejection the stream does not guess what the enforcer holds: a snapshot.
+    assert_eq!(distributor.publish(BTreeMap::from([("node-a".to_owned(), policy(102, 8080))])), ["node-a"]);
+    let third = PolicyUpdate::try_from(updates.message().await.expect("stream ok").expect("an update")).expect("valid");
+    assert!(matches!(&third, PolicyUpdate::Snapshot(p) if p.version == 102), "{third:?}");
 
     drop(tx);
     assert_eventually_async!(TIMEOUT, async || !distributor.status()["node-a"].connected, "disconnect is noticed");

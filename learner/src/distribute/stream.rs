@@ -5,6 +5,12 @@
 //! not versions). Acks and report summaries are kept in memory ([`NodeStatus`]);
 //! storing them is the store's job (not wired here yet).
 //!
+//! Deltas: after the first snapshot of a stream, a change travels as a
+//! [`NodePolicyDelta`] from the last version sent when the enforcer acked that one
+//! as applied (and the delta is smaller than the snapshot); otherwise as a snapshot.
+//! An enforcer that cannot apply a delta reconnects, and every stream starts with a
+//! snapshot, so a delta never needs to be right about more than one stream.
+//!
 //! Versions: every change of a node's content gets a version above the node's previous
 //! one and at least the caller's (a Unix-ms clock, so versions keep growing across
 //! learner restarts). An enforcer whose Hello names a higher applied version (the
@@ -18,15 +24,17 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use bulkhead_model::{
-    EnforcerHello, EnforcerMessage, Identity, NodePolicy, PolicyAck, PolicyAckStatus, RolloutMode, RuleRef,
+    EnforcerHello, EnforcerMessage, Identity, NodePolicy, NodePolicyDelta, PolicyAck, PolicyAckStatus, PolicyUpdate,
+    RolloutMode, RuleRef,
 };
 use bulkhead_proto::v1::{self, policy_stream_server::PolicyStream};
 use bulkhead_synth::{IdentityInfo, IdentityKind};
+use futures::StreamExt as _;
 use ipnet::IpNet;
 use serde::Serialize;
 use tokio::sync::watch;
+use tokio_stream::Stream;
 use tokio_stream::wrappers::WatchStream;
-use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::compile::{CompileError, CompileInput, SourcePolicy, compile};
@@ -363,6 +371,11 @@ impl PolicyStream for PolicyStreamService {
 
         let dist = self.distributor.clone();
         let recorder = self.recorder.clone();
+        let sent = Arc::new(Mutex::new(Sent::default()));
+        let acked = sent.clone();
+        // The response ends when the enforcer's side does: an enforcer that closes
+        // its stream to resynchronize waits for that, so its last acks get out.
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
@@ -374,6 +387,7 @@ impl PolicyStream for PolicyStreamService {
                             if let Some(rec) = &recorder {
                                 rec.ack(&node, &ack).await;
                             }
+                            acked.lock().unwrap_or_else(PoisonError::into_inner).ack(&ack);
                             dist.update(&node, |s| {
                                 if ack.status == PolicyAckStatus::Applied {
                                     s.applied_version = Some(ack.version);
@@ -404,9 +418,47 @@ impl PolicyStream for PolicyStreamService {
             }
             dist.update(&node, |s| s.connected = false);
             tracing::info!(node = %node, "Enforcer disconnected.");
+            let _ = closed_tx.send(());
         });
 
-        let out = WatchStream::new(rx).map(|p| Ok(v1::PolicyUpdate::from(&*p)));
+        let out = WatchStream::new(rx)
+            .map(move |p| {
+                let update = sent.lock().unwrap_or_else(PoisonError::into_inner).next(p);
+                Ok(v1::PolicyUpdate::from(&update))
+            })
+            .take_until(closed_rx);
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// What one stream sent and what the enforcer acked of it: decides snapshot or delta.
+#[derive(Debug, Default)]
+struct Sent {
+    last: Option<Arc<NodePolicy>>,
+    /// The newest version the enforcer acked as applied on this stream.
+    applied: Option<u64>,
+}
+
+impl Sent {
+    fn ack(&mut self, ack: &PolicyAck) {
+        match ack.status {
+            PolicyAckStatus::Applied => self.applied = Some(ack.version),
+            // It still holds its previous version, not the refused one: the next
+            // update must not build on either guess.
+            PolicyAckStatus::Rejected => self.applied = None,
+        }
+    }
+
+    fn next(&mut self, policy: Arc<NodePolicy>) -> PolicyUpdate {
+        let update = match &self.last {
+            Some(last) if self.applied == Some(last.version) && last.version < policy.version => {
+                let delta = NodePolicyDelta::between(last, &policy);
+                let whole = policy.ipcache.len() + policy.endpoints.len() + policy.rules.len() + policy.rule_refs.len();
+                if delta.len() < whole { PolicyUpdate::Delta(delta) } else { PolicyUpdate::Snapshot((*policy).clone()) }
+            }
+            _ => PolicyUpdate::Snapshot((*policy).clone()),
+        };
+        self.last = Some(policy);
+        update
     }
 }

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod labels;
 pub mod node_policy;
 pub mod policy;
+pub mod policy_delta;
 pub mod proposal;
 #[cfg(feature = "proto")]
 pub mod proto;
@@ -27,6 +28,7 @@ pub use node_policy::{
     VerdictReport,
 };
 pub use policy::{LabelSelector, Peer, Policy, PortRange, RolloutMode, Rule, SelectorOperator, SelectorRequirement};
+pub use policy_delta::{DeltaError, NodePolicyDelta, PolicyUpdate};
 pub use proposal::{
     Convergence, Evidence, HygieneFlag, Level, Lint, LintCode, Proposal, ProposalStatus, ProposedRule,
     RemovalSuggestion, Severity, WidenedPair, Window,

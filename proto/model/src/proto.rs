@@ -11,9 +11,9 @@ use ipnet::IpNet;
 
 use crate::{
     CgroupFact, Direction, DnsAnswer, EndpointCgroup, EndpointFact, EnforcerHello, EnforcerLoss, EnforcerMessage, Flow,
-    FlowBatch, Identity, InterfaceAddress, IpcacheEntry, LossCounters, NodePolicy, NodeRule, PolicyAck,
-    PolicyAckStatus, PolicyEndpoint, Protocol, RolloutMode, RuleCounter, RuleKey, RuleRef, Verdict, VerdictEvent,
-    VerdictReport,
+    FlowBatch, Identity, InterfaceAddress, IpcacheEntry, LossCounters, NodePolicy, NodePolicyDelta, NodeRule,
+    PolicyAck, PolicyAckStatus, PolicyEndpoint, PolicyUpdate, Protocol, RolloutMode, RuleCounter, RuleKey, RuleRef,
+    Verdict, VerdictEvent, VerdictReport,
 };
 
 /// Longest node or boot id accepted.
@@ -487,120 +487,154 @@ impl TryFrom<v1::NodePolicy> for NodePolicy {
         np_count("endpoints", endpoints.len(), MAX_ENDPOINTS)?;
         np_count("rules", rules.len(), MAX_RULES)?;
         np_count("rule_refs", rule_refs.len(), MAX_RULE_REFS)?;
-        let ipcache = ipcache
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let v1::IpcacheEntry { addr, prefix_len, identity } = e;
-                Ok(IpcacheEntry {
-                    prefix: np_prefix(|| format!("ipcache[{i}]"), &addr, prefix_len)?,
-                    identity: np_identity(|| format!("ipcache[{i}].identity"), identity)?,
-                })
-            })
-            .collect::<Result<Vec<_>, InvalidNodePolicy>>()?;
-        let endpoints = endpoints
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let v1::PolicyEndpoint {
-                    identity,
-                    netns_ino,
-                    netns_name,
-                    cgroups,
-                    mode,
-                    ingress_covered,
-                    egress_covered,
-                } = e;
-                let mode = match v1::RolloutMode::try_from(mode) {
-                    Ok(v1::RolloutMode::Learn) => RolloutMode::Learn,
-                    Ok(v1::RolloutMode::Monitor) => RolloutMode::Monitor,
-                    Ok(v1::RolloutMode::Enforce) => RolloutMode::Enforce,
-                    _ => {
-                        return Err(InvalidNodePolicy::Enum {
-                            field: format!("endpoints[{i}].mode"),
-                            what: "rollout mode",
-                            value: mode,
-                        });
-                    }
-                };
-                np_text(|| format!("endpoints[{i}].netns_name"), &netns_name, crate::node_policy::MAX_NAME_LEN)?;
-                np_count("endpoints[].cgroups", cgroups.len(), crate::node_policy::MAX_CGROUPS_PER_ENDPOINT)?;
-                let cgroups = cgroups
-                    .into_iter()
-                    .enumerate()
-                    .map(|(c, g)| {
-                        let v1::EndpointCgroup { cgroup_id, path } = g;
-                        np_text(
-                            || format!("endpoints[{i}].cgroups[{c}].path"),
-                            &path,
-                            crate::node_policy::MAX_CGROUP_PATH_LEN,
-                        )?;
-                        Ok(EndpointCgroup { cgroup_id, path })
-                    })
-                    .collect::<Result<Vec<_>, InvalidNodePolicy>>()?;
-                Ok(PolicyEndpoint {
-                    identity: np_identity(|| format!("endpoints[{i}].identity"), identity)?,
-                    netns_ino: (netns_ino != 0).then_some(netns_ino),
-                    netns_name: (!netns_name.is_empty()).then_some(netns_name),
-                    cgroups,
-                    mode,
-                    ingress_covered,
-                    egress_covered,
-                })
-            })
-            .collect::<Result<Vec<_>, InvalidNodePolicy>>()?;
-        let rules = rules
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let v1::NodeRule { rule_id, local_identity, direction, peer_identity, port, protocol } = r;
-                let protocol = match v1::Protocol::try_from(protocol) {
-                    Ok(v1::Protocol::Unspecified) => None,
-                    Ok(v1::Protocol::Tcp) => Some(Protocol::Tcp),
-                    Ok(v1::Protocol::Udp) => Some(Protocol::Udp),
-                    Err(_) => {
-                        return Err(InvalidNodePolicy::Enum {
-                            field: format!("rules[{i}].protocol"),
-                            what: "protocol",
-                            value: protocol,
-                        });
-                    }
-                };
-                let port = u16::try_from(port).map_err(|_| InvalidNodePolicy::OutOfRange {
-                    field: format!("rules[{i}].port"),
-                    value: port.into(),
-                    max: u16::MAX.into(),
-                })?;
-                Ok(NodeRule {
-                    key: RuleKey {
-                        local: np_identity(|| format!("rules[{i}].local_identity"), local_identity)?,
-                        direction: np_direction(|| format!("rules[{i}].direction"), direction)?,
-                        peer: (peer_identity != 0).then_some(Identity(peer_identity)),
-                        port: (port != 0).then_some(port),
-                        protocol,
-                    },
-                    rule_id,
-                })
-            })
-            .collect::<Result<Vec<_>, InvalidNodePolicy>>()?;
-        let rule_refs = rule_refs
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let v1::RuleRef { rule_id, proposal_id, policy_name, direction, rule_index } = r;
-                np_text(|| format!("rule_refs[{i}].policy_name"), &policy_name, crate::node_policy::MAX_NAME_LEN)?;
-                Ok(RuleRef {
-                    rule_id,
-                    proposal_id,
-                    policy_name,
-                    direction: np_direction(|| format!("rule_refs[{i}].direction"), direction)?,
-                    rule_index,
-                })
-            })
-            .collect::<Result<Vec<_>, InvalidNodePolicy>>()?;
-        let policy = NodePolicy { version, ipcache, endpoints, rules, rule_refs };
+        let policy = NodePolicy {
+            version,
+            ipcache: decode_all("ipcache", ipcache, decode_ipcache_entry)?,
+            endpoints: decode_all("endpoints", endpoints, decode_endpoint)?,
+            rules: decode_all("rules", rules, decode_rule)?,
+            rule_refs: decode_all("rule_refs", rule_refs, decode_rule_ref)?,
+        };
         policy.validate()?;
         Ok(policy)
+    }
+}
+
+/// Decodes every element of a repeated field, naming the element in errors.
+fn decode_all<W, T>(
+    field: &str,
+    items: Vec<W>,
+    decode: impl Fn(&str, W) -> Result<T, InvalidNodePolicy>,
+) -> Result<Vec<T>, InvalidNodePolicy> {
+    items.into_iter().enumerate().map(|(i, w)| decode(&format!("{field}[{i}]"), w)).collect()
+}
+
+fn decode_ipcache_entry(field: &str, e: v1::IpcacheEntry) -> Result<IpcacheEntry, InvalidNodePolicy> {
+    let v1::IpcacheEntry { addr, prefix_len, identity } = e;
+    Ok(IpcacheEntry {
+        prefix: np_prefix(|| field.to_owned(), &addr, prefix_len)?,
+        identity: np_identity(|| format!("{field}.identity"), identity)?,
+    })
+}
+
+fn decode_endpoint(field: &str, e: v1::PolicyEndpoint) -> Result<PolicyEndpoint, InvalidNodePolicy> {
+    let v1::PolicyEndpoint { identity, netns_ino, netns_name, cgroups, mode, ingress_covered, egress_covered } = e;
+    let mode = match v1::RolloutMode::try_from(mode) {
+        Ok(v1::RolloutMode::Learn) => RolloutMode::Learn,
+        Ok(v1::RolloutMode::Monitor) => RolloutMode::Monitor,
+        Ok(v1::RolloutMode::Enforce) => RolloutMode::Enforce,
+        _ => return Err(InvalidNodePolicy::Enum { field: format!("{field}.mode"), what: "rollout mode", value: mode }),
+    };
+    np_text(|| format!("{field}.netns_name"), &netns_name, crate::node_policy::MAX_NAME_LEN)?;
+    np_count("endpoints[].cgroups", cgroups.len(), crate::node_policy::MAX_CGROUPS_PER_ENDPOINT)?;
+    let cgroups = cgroups
+        .into_iter()
+        .enumerate()
+        .map(|(c, g)| {
+            let v1::EndpointCgroup { cgroup_id, path } = g;
+            np_text(|| format!("{field}.cgroups[{c}].path"), &path, crate::node_policy::MAX_CGROUP_PATH_LEN)?;
+            Ok(EndpointCgroup { cgroup_id, path })
+        })
+        .collect::<Result<Vec<_>, InvalidNodePolicy>>()?;
+    Ok(PolicyEndpoint {
+        identity: np_identity(|| format!("{field}.identity"), identity)?,
+        netns_ino: (netns_ino != 0).then_some(netns_ino),
+        netns_name: (!netns_name.is_empty()).then_some(netns_name),
+        cgroups,
+        mode,
+        ingress_covered,
+        egress_covered,
+    })
+}
+
+fn decode_rule(field: &str, r: v1::NodeRule) -> Result<NodeRule, InvalidNodePolicy> {
+    let v1::NodeRule { rule_id, local_identity, direction, peer_identity, port, protocol } = r;
+    let protocol = match v1::Protocol::try_from(protocol) {
+        Ok(v1::Protocol::Unspecified) => None,
+        Ok(v1::Protocol::Tcp) => Some(Protocol::Tcp),
+        Ok(v1::Protocol::Udp) => Some(Protocol::Udp),
+        Err(_) => {
+            return Err(InvalidNodePolicy::Enum {
+                field: format!("{field}.protocol"),
+                what: "protocol",
+                value: protocol,
+            });
+        }
+    };
+    let port = u16::try_from(port).map_err(|_| InvalidNodePolicy::OutOfRange {
+        field: format!("{field}.port"),
+        value: port.into(),
+        max: u16::MAX.into(),
+    })?;
+    Ok(NodeRule {
+        key: RuleKey {
+            local: np_identity(|| format!("{field}.local_identity"), local_identity)?,
+            direction: np_direction(|| format!("{field}.direction"), direction)?,
+            peer: (peer_identity != 0).then_some(Identity(peer_identity)),
+            port: (port != 0).then_some(port),
+            protocol,
+        },
+        rule_id,
+    })
+}
+
+fn decode_rule_ref(field: &str, r: v1::RuleRef) -> Result<RuleRef, InvalidNodePolicy> {
+    let v1::RuleRef { rule_id, proposal_id, policy_name, direction, rule_index } = r;
+    np_text(|| format!("{field}.policy_name"), &policy_name, crate::node_policy::MAX_NAME_LEN)?;
+    Ok(RuleRef {
+        rule_id,
+        proposal_id,
+        policy_name,
+        direction: np_direction(|| format!("{field}.direction"), direction)?,
+        rule_index,
+    })
+}
+
+fn encode_ipcache_entry(e: &IpcacheEntry) -> v1::IpcacheEntry {
+    v1::IpcacheEntry {
+        addr: addr_to_bytes(e.prefix.addr()),
+        prefix_len: e.prefix.prefix_len().into(),
+        identity: e.identity.0,
+    }
+}
+
+fn encode_endpoint(e: &PolicyEndpoint) -> v1::PolicyEndpoint {
+    v1::PolicyEndpoint {
+        identity: e.identity.0,
+        netns_ino: e.netns_ino.unwrap_or(0),
+        netns_name: e.netns_name.clone().unwrap_or_default(),
+        cgroups: e
+            .cgroups
+            .iter()
+            .map(|c| v1::EndpointCgroup { cgroup_id: c.cgroup_id, path: c.path.clone() })
+            .collect(),
+        mode: match e.mode {
+            RolloutMode::Learn => v1::RolloutMode::Learn,
+            RolloutMode::Monitor => v1::RolloutMode::Monitor,
+            RolloutMode::Enforce => v1::RolloutMode::Enforce,
+        } as i32,
+        ingress_covered: e.ingress_covered,
+        egress_covered: e.egress_covered,
+    }
+}
+
+fn encode_rule(r: &NodeRule) -> v1::NodeRule {
+    v1::NodeRule {
+        rule_id: r.rule_id,
+        local_identity: r.key.local.0,
+        direction: direction_to_wire(r.key.direction),
+        peer_identity: r.key.peer.map_or(0, |i| i.0),
+        port: r.key.port.map_or(0, u32::from),
+        protocol: protocol_to_wire(r.key.protocol),
+    }
+}
+
+fn encode_rule_ref(r: &RuleRef) -> v1::RuleRef {
+    v1::RuleRef {
+        rule_id: r.rule_id,
+        proposal_id: r.proposal_id,
+        policy_name: r.policy_name.clone(),
+        direction: direction_to_wire(r.direction),
+        rule_index: r.rule_index,
     }
 }
 
@@ -608,72 +642,121 @@ impl From<&NodePolicy> for v1::NodePolicy {
     fn from(p: &NodePolicy) -> Self {
         v1::NodePolicy {
             version: p.version,
-            ipcache: p
-                .ipcache
-                .iter()
-                .map(|e| v1::IpcacheEntry {
-                    addr: addr_to_bytes(e.prefix.addr()),
-                    prefix_len: e.prefix.prefix_len().into(),
-                    identity: e.identity.0,
-                })
-                .collect(),
-            endpoints: p
-                .endpoints
-                .iter()
-                .map(|e| v1::PolicyEndpoint {
-                    identity: e.identity.0,
-                    netns_ino: e.netns_ino.unwrap_or(0),
-                    netns_name: e.netns_name.clone().unwrap_or_default(),
-                    cgroups: e
-                        .cgroups
-                        .iter()
-                        .map(|c| v1::EndpointCgroup { cgroup_id: c.cgroup_id, path: c.path.clone() })
-                        .collect(),
-                    mode: match e.mode {
-                        RolloutMode::Learn => v1::RolloutMode::Learn,
-                        RolloutMode::Monitor => v1::RolloutMode::Monitor,
-                        RolloutMode::Enforce => v1::RolloutMode::Enforce,
-                    } as i32,
-                    ingress_covered: e.ingress_covered,
-                    egress_covered: e.egress_covered,
-                })
-                .collect(),
-            rules: p
-                .rules
-                .iter()
-                .map(|r| v1::NodeRule {
-                    rule_id: r.rule_id,
-                    local_identity: r.key.local.0,
-                    direction: direction_to_wire(r.key.direction),
-                    peer_identity: r.key.peer.map_or(0, |i| i.0),
-                    port: r.key.port.map_or(0, u32::from),
-                    protocol: protocol_to_wire(r.key.protocol),
-                })
-                .collect(),
-            rule_refs: p
-                .rule_refs
-                .iter()
-                .map(|r| v1::RuleRef {
-                    rule_id: r.rule_id,
-                    proposal_id: r.proposal_id,
-                    policy_name: r.policy_name.clone(),
-                    direction: direction_to_wire(r.direction),
-                    rule_index: r.rule_index,
-                })
-                .collect(),
+            ipcache: p.ipcache.iter().map(encode_ipcache_entry).collect(),
+            endpoints: p.endpoints.iter().map(encode_endpoint).collect(),
+            rules: p.rules.iter().map(encode_rule).collect(),
+            rule_refs: p.rule_refs.iter().map(encode_rule_ref).collect(),
         }
     }
 }
 
-/// A snapshot out of a `PolicyUpdate` (the only kind so far).
-impl TryFrom<v1::PolicyUpdate> for NodePolicy {
+// === impl NodePolicyDelta ===
+
+impl TryFrom<v1::NodePolicyDelta> for NodePolicyDelta {
+    type Error = InvalidNodePolicy;
+
+    /// Decodes each entry like a snapshot's; whether the result is a valid policy is
+    /// known only once applied ([`NodePolicyDelta::apply`] validates).
+    fn try_from(w: v1::NodePolicyDelta) -> Result<Self, Self::Error> {
+        use crate::node_policy::{MAX_ENDPOINTS, MAX_IPCACHE_ENTRIES, MAX_RULE_REFS, MAX_RULES};
+        let v1::NodePolicyDelta {
+            base_version,
+            version,
+            ipcache_upsert,
+            ipcache_remove,
+            endpoints_changed,
+            endpoints,
+            rules_upsert,
+            rules_remove,
+            rule_refs_upsert,
+            rule_refs_remove,
+        } = w;
+        np_count("ipcache_upsert", ipcache_upsert.len(), MAX_IPCACHE_ENTRIES)?;
+        np_count("ipcache_remove", ipcache_remove.len(), MAX_IPCACHE_ENTRIES)?;
+        np_count("endpoints", endpoints.len(), MAX_ENDPOINTS)?;
+        np_count("rules_upsert", rules_upsert.len(), MAX_RULES)?;
+        np_count("rules_remove", rules_remove.len(), MAX_RULES)?;
+        np_count("rule_refs_upsert", rule_refs_upsert.len(), MAX_RULE_REFS)?;
+        np_count("rule_refs_remove", rule_refs_remove.len(), MAX_RULE_REFS)?;
+        Ok(NodePolicyDelta {
+            base_version,
+            version,
+            ipcache_upsert: decode_all("ipcache_upsert", ipcache_upsert, decode_ipcache_entry)?,
+            ipcache_remove: decode_all(
+                "ipcache_remove",
+                ipcache_remove,
+                |f, e| Ok(decode_ipcache_entry(f, e)?.prefix),
+            )?,
+            endpoints: if endpoints_changed {
+                Some(decode_all("endpoints", endpoints, decode_endpoint)?)
+            } else {
+                None
+            },
+            rules_upsert: decode_all("rules_upsert", rules_upsert, decode_rule)?,
+            rules_remove: decode_all("rules_remove", rules_remove, |f, r| Ok(decode_rule(f, r)?.key))?,
+            rule_refs_upsert: decode_all("rule_refs_upsert", rule_refs_upsert, decode_rule_ref)?,
+            rule_refs_remove,
+        })
+    }
+}
+
+impl From<&NodePolicyDelta> for v1::NodePolicyDelta {
+    fn from(d: &NodePolicyDelta) -> Self {
+        // Removals name their key; the identity / rule id slots are filler (1: 0
+        // would not decode as an identity).
+        v1::NodePolicyDelta {
+            base_version: d.base_version,
+            version: d.version,
+            ipcache_upsert: d.ipcache_upsert.iter().map(encode_ipcache_entry).collect(),
+            ipcache_remove: d
+                .ipcache_remove
+                .iter()
+                .map(|p| encode_ipcache_entry(&IpcacheEntry { prefix: *p, identity: Identity(1) }))
+                .collect(),
+            endpoints_changed: d.endpoints.is_some(),
+            endpoints: d.endpoints.iter().flatten().map(encode_endpoint).collect(),
+            rules_upsert: d.rules_upsert.iter().map(encode_rule).collect(),
+            rules_remove: d.rules_remove.iter().map(|k| encode_rule(&NodeRule { key: *k, rule_id: 0 })).collect(),
+            rule_refs_upsert: d.rule_refs_upsert.iter().map(encode_rule_ref).collect(),
+            rule_refs_remove: d.rule_refs_remove.clone(),
+        }
+    }
+}
+
+// === impl PolicyUpdate ===
+
+impl TryFrom<v1::PolicyUpdate> for PolicyUpdate {
     type Error = InvalidNodePolicy;
 
     fn try_from(w: v1::PolicyUpdate) -> Result<Self, Self::Error> {
         let v1::PolicyUpdate { update } = w;
         match update {
-            Some(v1::policy_update::Update::Snapshot(s)) => NodePolicy::try_from(s),
+            Some(v1::policy_update::Update::Snapshot(s)) => Ok(PolicyUpdate::Snapshot(NodePolicy::try_from(s)?)),
+            Some(v1::policy_update::Update::Delta(d)) => Ok(PolicyUpdate::Delta(NodePolicyDelta::try_from(d)?)),
             None => Err(InvalidNodePolicy::Missing { field: "update".into() }),
+        }
+    }
+}
+
+impl From<&PolicyUpdate> for v1::PolicyUpdate {
+    fn from(u: &PolicyUpdate) -> Self {
+        let update = match u {
+            PolicyUpdate::Snapshot(p) => v1::policy_update::Update::Snapshot(p.into()),
+            PolicyUpdate::Delta(d) => v1::policy_update::Update::Delta(d.into()),
+        };
+        v1::PolicyUpdate { update: Some(update) }
+    }
+}
+
+/// A snapshot out of a `PolicyUpdate`; a delta is refused (callers that can apply
+/// deltas decode a [`PolicyUpdate`]).
+impl TryFrom<v1::PolicyUpdate> for NodePolicy {
+    type Error = InvalidNodePolicy;
+
+    fn try_from(w: v1::PolicyUpdate) -> Result<Self, Self::Error> {
+        match PolicyUpdate::try_from(w)? {
+            PolicyUpdate::Snapshot(p) => Ok(p),
+            PolicyUpdate::Delta(_) => Err(InvalidNodePolicy::Missing { field: "update.snapshot".into() }),
         }
     }
 }
@@ -1161,5 +1244,48 @@ mod node_policy_tests {
         }
         let empty = v1::PolicyUpdate { update: None };
         assert_eq!(NodePolicy::try_from(empty), Err(InvalidNodePolicy::Missing { field: "update".into() }));
+    }
+
+    #[test]
+    fn deltas_round_trip_and_name_bad_fields() {
+        let delta = NodePolicyDelta {
+            base_version: 4,
+            version: 5,
+            ipcache_upsert: vec![IpcacheEntry { prefix: "10.1.0.0/16".parse().expect("net"), identity: Identity(300) }],
+            ipcache_remove: vec!["2001:db8::/64".parse().expect("net")],
+            endpoints: Some(Vec::new()),
+            rules_upsert: vec![NodeRule {
+                key: RuleKey {
+                    local: Identity(300),
+                    direction: Direction::Egress,
+                    peer: None,
+                    port: Some(53),
+                    protocol: Some(Protocol::Udp),
+                },
+                rule_id: 7,
+            }],
+            rules_remove: vec![RuleKey {
+                local: Identity(300),
+                direction: Direction::Ingress,
+                peer: Some(Identity(301)),
+                port: None,
+                protocol: None,
+            }],
+            rule_refs_upsert: Vec::new(),
+            rule_refs_remove: vec![6],
+        };
+        for update in [
+            PolicyUpdate::Delta(delta.clone()),
+            PolicyUpdate::Delta(NodePolicyDelta { endpoints: None, ..delta.clone() }),
+        ] {
+            assert_eq!(PolicyUpdate::try_from(v1::PolicyUpdate::from(&update)), Ok(update));
+        }
+        let mut wire = v1::NodePolicyDelta::from(&delta);
+        wire.rules_upsert[0].port = 70_000;
+        let err = NodePolicyDelta::try_from(wire).expect_err("port out of range").to_string();
+        assert!(err.starts_with("rules_upsert[0].port"), "{err}");
+        // A snapshot-only reader refuses a delta instead of misreading it.
+        let as_snapshot = NodePolicy::try_from(v1::PolicyUpdate::from(&PolicyUpdate::Delta(delta)));
+        assert!(as_snapshot.is_err());
     }
 }
