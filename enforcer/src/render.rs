@@ -4,8 +4,15 @@
 //! maps from one to the other without any packet seeing half a policy. The one task
 //! that owns the maps applies the ops; nothing here touches the kernel.
 //!
-//! Agreement with [`NodePolicyIndex::decide`](bulkhead_model::NodePolicyIndex::decide)
+//! Agreement with [`NodePolicyIndex::decide`](bulkhead_model::node_policy::NodePolicyIndex::decide)
 //! is what the tests below check with a pure model of the kernel lookup.
+//!
+//! Workloads come in two kinds that share every map: cgroups (keyed by cgroup id)
+//! and bare network namespaces (endpoints without cgroups, judged by the tc
+//! programs and keyed by `tc_endpoint_key(netns cookie)`). A namespace's key is a
+//! fact of the running kernel, so the caller resolves it
+//! (`datapath::resolve_netns`) and hands it to [`render_resolved`]; rendering
+//! stays pure.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -21,7 +28,7 @@ use ipnet::{IpNet, Ipv6Net};
 pub struct Capacity {
     /// `IPCACHE_V1` prefixes.
     pub ipcache: usize,
-    /// `ENDPOINTS_V1` entries (one per cgroup).
+    /// `ENDPOINTS_V1` entries (one per cgroup or network-namespace workload).
     pub endpoints: usize,
     /// `POLICY_V1` entries of one generation: the map holds two while a new one is
     /// written, so this is half the map's capacity.
@@ -150,8 +157,12 @@ pub enum RenderError {
     ConflictingPrefix { index: usize, prefix: IpNet, first: u32, second: u32 },
     #[error("endpoints[{index}]: mode {mode:?} is not enforced; leave the workload out")]
     UnsupportedMode { index: usize, mode: RolloutMode },
-    #[error("endpoints[{index}]: has no cgroup (network-namespace-only workloads need tc, not built yet)")]
+    #[error("endpoints[{index}]: has no cgroup and its network namespace was not resolved on this node")]
     NoCgroup { index: usize },
+    #[error("endpoints[{index}]: key {key:#x} resolved for netns {netns_ino} is not a tc endpoint key")]
+    NotATcKey { index: usize, netns_ino: u64, key: u64 },
+    #[error("endpoints[{index}]: netns {netns_ino} resolved to key {key:#x}, which another endpoint already has")]
+    ConflictingNetns { index: usize, netns_ino: u64, key: u64 },
     #[error("endpoints[{index}]: cgroup {cgroup_id} is already listed with another entry")]
     ConflictingCgroup { index: usize, cgroup_id: u64 },
     #[error("endpoints[{index}]: identity {identity} is already listed with other covered directions")]
@@ -174,8 +185,27 @@ pub fn render(policy: &NodePolicy, generation: u32) -> Result<MapState, RenderEr
 }
 
 /// The entries the kernel maps must hold to enforce `policy` with its rules under
-/// `generation`, or why they cannot.
+/// `generation`, or why they cannot. Workloads without cgroups are refused
+/// ([`RenderError::NoCgroup`]); see [`render_resolved`] for them.
 pub fn render_with(policy: &NodePolicy, generation: u32, capacity: &Capacity) -> Result<MapState, RenderError> {
+    render_resolved(policy, generation, capacity, &BTreeMap::new())
+}
+
+/// [`render_with`] that also renders workloads which are bare network
+/// namespaces: `netns_keys` maps an endpoint's `netns_ino` to the endpoint key
+/// its namespace resolved to on this node (`abi::tc_endpoint_key(cookie)`, see
+/// `datapath::ResolvedNetns::endpoint_key`).
+///
+/// Only endpoints without cgroups use it: one with cgroups is judged by the
+/// cgroup_skb programs, and a tc entry as well would judge (and report) each of
+/// its packets twice. An endpoint without cgroups whose namespace is missing
+/// from `netns_keys` is [`RenderError::NoCgroup`].
+pub fn render_resolved(
+    policy: &NodePolicy,
+    generation: u32,
+    capacity: &Capacity,
+    netns_keys: &BTreeMap<u64, u64>,
+) -> Result<MapState, RenderError> {
     let mut state = MapState { generation, ..MapState::default() };
 
     for (index, e) in policy.ipcache.iter().enumerate() {
@@ -207,15 +237,28 @@ pub fn render_with(policy: &NodePolicy, generation: u32, capacity: &Capacity) ->
             RolloutMode::Enforce => abi::MODE_ENFORCE,
             RolloutMode::Learn => return Err(RenderError::UnsupportedMode { index, mode: e.mode }),
         };
-        if e.cgroups.is_empty() {
-            return Err(RenderError::NoCgroup { index });
-        }
+        let netns_key = if e.cgroups.is_empty() {
+            let Some((netns_ino, key)) = e.netns_ino.and_then(|ino| netns_keys.get(&ino).map(|k| (ino, *k))) else {
+                return Err(RenderError::NoCgroup { index });
+            };
+            if !abi::is_tc_endpoint_key(key) {
+                return Err(RenderError::NotATcKey { index, netns_ino, key });
+            }
+            Some((netns_ino, key))
+        } else {
+            None
+        };
         let flags = if e.ingress_covered { abi::EP_INGRESS_COVERED } else { 0 }
             | if e.egress_covered { abi::EP_EGRESS_COVERED } else { 0 };
         if *coverage.entry(e.identity.0).or_insert(flags) != flags {
             return Err(RenderError::InconsistentCoverage { index, identity: e.identity.0 });
         }
         let value = EndpointValue { identity: e.identity.0, mode, flags, _pad: [0; 2] };
+        if let Some((netns_ino, key)) = netns_key
+            && state.endpoints.insert(EndpointKey { cgroup_id: key }, value).is_some()
+        {
+            return Err(RenderError::ConflictingNetns { index, netns_ino, key });
+        }
         for c in &e.cgroups {
             if let Some(first) = state.endpoints.insert(EndpointKey { cgroup_id: c.cgroup_id }, value)
                 && first != value
@@ -253,6 +296,19 @@ pub fn render_with(policy: &NodePolicy, generation: u32, capacity: &Capacity) ->
     }
     too_many(abi::POLICY, state.policy.len(), capacity.policy_per_generation)?;
     Ok(state)
+}
+
+/// The network namespaces whose keys [`render_resolved`] needs: (`netns_name`,
+/// `netns_ino`) of every endpoint without cgroups, in policy order. The caller
+/// resolves each (`datapath::resolve_netns(name, Some(ino))`), attaches the tc
+/// programs there and passes `ino → ResolvedNetns::endpoint_key()`.
+pub fn netns_workloads(policy: &NodePolicy) -> Vec<(Option<&str>, u64)> {
+    policy
+        .endpoints
+        .iter()
+        .filter(|e| e.cgroups.is_empty())
+        .filter_map(|e| e.netns_ino.map(|ino| (e.netns_name.as_deref(), ino)))
+        .collect()
 }
 
 /// The `POLICY_V1` key of a (possibly wildcarded) rule key; `None` is the wildcard 0.
@@ -595,6 +651,77 @@ mod tests {
         assert_eq!(Capacity::default().policy_per_generation * 2, abi::DEFAULT_POLICY_ENTRIES as usize);
     }
 
+    /// A fake netns cookie per inode, as `resolve_netns` would find on a node.
+    fn netns_key(ino: u64) -> u64 {
+        abi::tc_endpoint_key(ino * 7 + 1)
+    }
+
+    /// Every namespace of the policy resolved (also those of endpoints with
+    /// cgroups, which must not get a tc entry).
+    fn resolve_all(p: &NodePolicy) -> BTreeMap<u64, u64> {
+        p.endpoints.iter().filter_map(|e| e.netns_ino).map(|ino| (ino, netns_key(ino))).collect()
+    }
+
+    #[test]
+    fn netns_only_workloads_render_under_their_tc_key() {
+        let mut p = sample();
+        p.endpoints[0].netns_ino = Some(41);
+        p.endpoints.push(PolicyEndpoint {
+            identity: Identity(256),
+            netns_ino: Some(42),
+            netns_name: Some("web".into()),
+            cgroups: vec![],
+            mode: RolloutMode::Monitor,
+            ingress_covered: false,
+            egress_covered: true,
+        });
+        let cap = Capacity::DEFAULT;
+        let keys = resolve_all(&p);
+
+        // Unresolved: refused as before, with or without the resolver's input.
+        assert_eq!(render(&p, 3), Err(RenderError::NoCgroup { index: 1 }));
+        let only_other = BTreeMap::from([(41, netns_key(41))]);
+        assert_eq!(render_resolved(&p, 3, &cap, &only_other), Err(RenderError::NoCgroup { index: 1 }));
+
+        assert_eq!(netns_workloads(&p), vec![(Some("web"), 42)], "only endpoints without cgroups need tc");
+        let s = render_resolved(&p, 3, &cap, &keys).expect("renders");
+        let tc = EndpointKey { cgroup_id: netns_key(42) };
+        let want =
+            EndpointValue { identity: 256, mode: abi::MODE_MONITOR, flags: abi::EP_EGRESS_COVERED, _pad: [0; 2] };
+        assert_eq!(s.endpoints.get(&tc), Some(&want));
+        // The endpoint with cgroups keeps only its cgroup entries (no double judging).
+        assert_eq!(s.endpoints.len(), 3, "{:?}", s.endpoints);
+        assert!(!s.endpoints.contains_key(&EndpointKey { cgroup_id: netns_key(41) }));
+        // Same policy entries as a cgroup workload would get.
+        assert_eq!(s.policy, render(&sample(), 3).expect("renders").policy);
+        let b = "10.0.0.1".parse().expect("ip");
+        assert_eq!(kernel_decide(&s, netns_key(42), Direction::Egress, b, 80, Protocol::Tcp), RuleVerdict::DefaultDeny);
+        assert_eq!(kernel_decide(&s, netns_key(42), Direction::Ingress, b, 80, Protocol::Tcp), RuleVerdict::NotCovered);
+
+        // A key that could be a cgroup id, or one shared by two namespaces.
+        let plain = BTreeMap::from([(42, 77)]);
+        assert_eq!(
+            render_resolved(&p, 3, &cap, &plain),
+            Err(RenderError::NotATcKey { index: 1, netns_ino: 42, key: 77 })
+        );
+        let mut twice = p.clone();
+        let mut e = twice.endpoints[1].clone();
+        e.identity = Identity(258);
+        e.netns_ino = Some(43);
+        twice.endpoints.push(e);
+        let shared = BTreeMap::from([(42, netns_key(42)), (43, netns_key(42))]);
+        assert_eq!(
+            render_resolved(&twice, 3, &cap, &shared),
+            Err(RenderError::ConflictingNetns { index: 2, netns_ino: 43, key: netns_key(42) })
+        );
+        // Namespaces count against the endpoint capacity like cgroups.
+        let small = Capacity { endpoints: 2, ..cap };
+        assert_eq!(
+            render_resolved(&p, 3, &small, &keys),
+            Err(RenderError::TooMany { map: abi::ENDPOINTS, len: 3, capacity: 2 })
+        );
+    }
+
     #[test]
     fn diff_orders_generation_flip() {
         let a = render(&sample(), 1).expect("renders");
@@ -740,9 +867,12 @@ mod tests {
 
     fn arb_policy() -> impl Strategy<Value = NodePolicy> {
         let ipcache = prop::collection::btree_map(arb_prefix(), prop::sample::select(identity_pool()), 0..8);
-        // Per local identity: managed?, mode, ingress covered, egress covered, cgroups.
-        let endpoints =
-            prop::collection::vec((any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), 1usize..3), 4);
+        // Per local identity: managed?, mode, ingress covered, egress covered,
+        // cgroups (0: a bare network namespace), has a netns too.
+        let endpoints = prop::collection::vec(
+            (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), 0usize..3, any::<bool>()),
+            4,
+        );
         let rule = (
             prop::sample::select(LOCALS.to_vec()),
             any::<bool>(),
@@ -756,10 +886,11 @@ mod tests {
             p.ipcache =
                 ipcache.into_iter().map(|(prefix, id)| IpcacheEntry { prefix, identity: Identity(id) }).collect();
             let mut cgroup_id = 100;
-            for (local, (managed, enforce, ingress, egress, n)) in LOCALS.iter().zip(eps) {
+            for (local, (managed, enforce, ingress, egress, n, netns)) in LOCALS.iter().zip(eps) {
                 if !managed {
                     continue;
                 }
+                let netns_ino = (n == 0 || netns).then_some(NETNS_INO_BASE + u64::from(*local));
                 let cgroups = (0..n)
                     .map(|_| {
                         cgroup_id += 1;
@@ -768,8 +899,8 @@ mod tests {
                     .collect();
                 p.endpoints.push(PolicyEndpoint {
                     identity: Identity(*local),
-                    netns_ino: None,
-                    netns_name: None,
+                    netns_ino,
+                    netns_name: netns_ino.map(|ino| format!("ns{ino}")),
                     cgroups,
                     mode: if enforce { RolloutMode::Enforce } else { RolloutMode::Monitor },
                     ingress_covered: ingress,
@@ -814,8 +945,20 @@ mod tests {
         ]
     }
 
+    /// Inodes of the generated namespaces: `NETNS_INO_BASE + local identity`.
+    const NETNS_INO_BASE: u64 = 9000;
+
+    /// An endpoint key: a cgroup id (some unmanaged) or a namespace's tc key (one
+    /// of an identity that may be unmanaged or have cgroups instead).
+    fn arb_endpoint_key() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            100u64..110,
+            prop::sample::select(LOCALS.to_vec()).prop_map(|l| netns_key(NETNS_INO_BASE + u64::from(l)))
+        ]
+    }
+
     fn arb_connection() -> impl Strategy<Value = (u64, bool, IpAddr, u16, bool)> {
-        (100u64..110, any::<bool>(), arb_addr(), prop::sample::select(vec![53u16, 80, 443, 8080]), any::<bool>())
+        (arb_endpoint_key(), any::<bool>(), arb_addr(), prop::sample::select(vec![53u16, 80, 443, 8080]), any::<bool>())
     }
 
     proptest! {
@@ -826,13 +969,21 @@ mod tests {
             connections in prop::collection::vec(arb_connection(), 1..32),
         ) {
             policy.validate().expect("the generator builds valid policies");
-            let state = render(&policy, generation).expect("valid policies render");
+            let state = render_resolved(&policy, generation, &Capacity::DEFAULT, &resolve_all(&policy))
+                .expect("valid policies render");
             let index = policy.index();
+            // A workload's key: its cgroups, or its namespace when it has none.
             let by_cgroup: BTreeMap<u64, Identity> = policy
                 .endpoints
                 .iter()
-                .flat_map(|e| e.cgroups.iter().map(move |c| (c.cgroup_id, e.identity)))
+                .flat_map(|e| {
+                    let tc = e.netns_ino.filter(|_| e.cgroups.is_empty()).map(|ino| (netns_key(ino), e.identity));
+                    e.cgroups.iter().map(move |c| (c.cgroup_id, e.identity)).chain(tc)
+                })
                 .collect();
+            if policy.endpoints.iter().any(|e| e.cgroups.is_empty()) {
+                prop_assert!(render(&policy, generation).is_err(), "netns-only workloads need resolved keys");
+            }
             for (cgroup_id, ingress, addr, port, tcp) in connections {
                 let direction = if ingress { Direction::Ingress } else { Direction::Egress };
                 let protocol = if tcp { Protocol::Tcp } else { Protocol::Udp };
@@ -853,9 +1004,10 @@ mod tests {
             gen_a in any::<u32>(),
             next in any::<bool>(),
         ) {
-            let from = render(&a, gen_a).expect("renders");
+            let cap = Capacity::DEFAULT;
+            let from = render_resolved(&a, gen_a, &cap, &resolve_all(&a)).expect("renders");
             let gen_b = if next { gen_a.wrapping_add(1) } else { gen_a };
-            let to = render(&b, gen_b).expect("renders");
+            let to = render_resolved(&b, gen_b, &cap, &resolve_all(&b)).expect("renders");
             let ops = diff(&from, &to);
             let mut kernel = KernelMaps::new(&from);
             for op in &ops {

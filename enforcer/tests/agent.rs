@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use bulkhead_learner::distribute::{Distributor, PolicyStreamService, Recorder};
 use bulkhead_learner::grpc::ingest::Enrollment;
+use bulkhead_learner::server::{self, ServerConfig};
 use bulkhead_learner::store::{Store, VerdictQuery};
 use bulkhead_model::{
     Direction, EndpointCgroup, Identity, IpcacheEntry, NodePolicy, NodePolicyDelta, NodeRule, PolicyAckStatus,
@@ -627,5 +628,213 @@ impl PolicyStream for Scripted {
         });
         let updates = tokio_stream::iter(self.updates.clone().into_iter().map(Ok)).chain(tokio_stream::pending());
         Ok(tonic::Response::new(Box::pin(updates)))
+    }
+}
+
+// === end to end through the learner ===
+
+/// The whole control loop with the real learner server: what the node's collector
+/// reports (endpoints with their cgroups, A's flows to B) goes in over FlowIngest;
+/// synthesis proposes, an analyst approves over the API and rolls B out to monitor
+/// and then enforce; the enforcer binary receives the compiled policy, C's
+/// connections to B are audited, then dropped, A's keep working, and the API shows
+/// the applied version and the audit and deny events of B. Back to monitor
+/// restores C's traffic. (The collector producing those reports from real sockets
+/// is `collector/tests/pipeline.rs`; all three binaries together are issue 6's
+/// reference scenario.)
+#[test]
+fn learner_to_enforcer_end_to_end_through_review_and_rollout() {
+    let mut w = World::new();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inventory = dir.path().join("inventory.yaml");
+    let mut yaml = String::from("workloads:\n");
+    for (i, app) in ["a", "b", "c"].into_iter().enumerate() {
+        yaml.push_str(&format!(
+            "  - name: {app}\n    namespace: e2e\n    labels: {{app: {app}}}\n    match: {{netns: [{}]}}\n",
+            w.net.hosts()[i].netns.name()
+        ));
+    }
+    std::fs::write(&inventory, yaml).expect("inventory");
+    let cfg = ServerConfig {
+        db_url: format!("sqlite://{}", dir.path().join("learner.db").display()),
+        grpc_listen: "127.0.0.1:0".parse().expect("addr"),
+        http_listen: "127.0.0.1:0".parse().expect("addr"),
+        inventory: Some(inventory),
+        enrollment: Enrollment::Open,
+        max_batch_bytes: 4 << 20,
+        flow_retention: Duration::from_secs(3600),
+        policy: Default::default(),
+    };
+    let running = rt.block_on(server::start(cfg)).expect("learner starts");
+    let grpc = format!("http://{}", running.grpc_addr);
+    let api = Api { rt: &rt, base: format!("http://{}/api/v1", running.http_addr), http: reqwest::Client::new() };
+
+    // What the node's collector reports: the three workloads and A's traffic to B.
+    rt.block_on(report_as_collector(&grpc, &w));
+    let (status, proposals) = api.call("POST", "/proposals/synthesize", serde_json::json!({}));
+    assert_eq!(status, 200, "{proposals}");
+    let b = proposals
+        .as_array()
+        .and_then(|l| l.iter().find(|p| p["workload"] == "b"))
+        .unwrap_or_else(|| panic!("a proposal for b: {proposals}"))
+        .clone();
+    let (id, b_identity) = (b["id"].as_i64().expect("id"), b["target"].as_u64().expect("target"));
+    let (status, body) =
+        api.call("POST", &format!("/proposals/{id}/approve"), serde_json::json!({"comment": "A only"}));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = api.call("POST", "/rollout", serde_json::json!({"target": b_identity, "mode": "monitor"}));
+    assert_eq!(status, 200, "{body}");
+
+    let enforcer = Enforcer::start(&w, &grpc);
+    let monitored = api.wait_in_sync(&w.node, 0, &enforcer);
+    let (a, c) = (0, 2);
+    let b80 = w.v4(1, HTTP);
+    w.agent(c).tcp_ok(b80);
+    api.wait_event(&w.node, "audit", b_identity, &enforcer);
+
+    let (status, body) = api.call("POST", "/rollout", serde_json::json!({"target": b_identity, "mode": "enforce"}));
+    assert_eq!(status, 200, "{body}");
+    let enforced = api.wait_in_sync(&w.node, monitored, &enforcer);
+    w.agent(c).tcp_fails(b80);
+    w.agent(a).tcp_ok(b80);
+    let b53 = w.v4(1, UDP_PORT);
+    assert!(w.agent(c).udp(b53, FAIL_TIMEOUT_MS).is_err(), "C → B/udp dropped");
+    api.wait_event(&w.node, "denied", b_identity, &enforcer);
+
+    // Demoting restores C's traffic (audited again).
+    let (status, body) = api.call("POST", "/rollout", serde_json::json!({"target": b_identity, "mode": "monitor"}));
+    assert_eq!(status, 200, "{body}");
+    api.wait_in_sync(&w.node, enforced, &enforcer);
+    w.agent(c).tcp_ok(b80);
+    running.abort();
+}
+
+/// The learner's HTTP API, as the CLI and UI use it.
+struct Api<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api<'_> {
+    fn call(&self, method: &str, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.rt.block_on(async {
+            let url = format!("{}{path}", self.base);
+            let req = match method {
+                "GET" => self.http.get(url),
+                _ => self.http.post(url).json(&body),
+            };
+            let resp = req.header("X-Bulkhead-Actor", "alice").send().await.expect("API reachable");
+            let status = resp.status().as_u16();
+            (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+        })
+    }
+
+    /// Waits until the node applied a version newer than `after` that is the one the
+    /// learner wants there; returns it.
+    fn wait_in_sync(&self, node: &str, after: u64, enforcer: &Enforcer) -> u64 {
+        let mut last = serde_json::Value::Null;
+        let synced = bulkhead_testkit::eventually::eventually_some(WAIT, || {
+            let (_, rows) = self.call("GET", "/enforcers", serde_json::Value::Null);
+            last = rows.clone();
+            let row = rows.as_array()?.iter().find(|r| r["node_id"] == node)?.clone();
+            let desired = row["desired_version"].as_u64()?;
+            (desired > after && row["applied_version"].as_u64() == Some(desired)).then_some(desired)
+        });
+        synced.unwrap_or_else(|_| panic!("node {node} in sync; enforcers: {last}\nlog:\n{}", enforcer.log()))
+    }
+
+    fn wait_event(&self, node: &str, verdict: &str, identity: u64, enforcer: &Enforcer) {
+        let path = format!("/verdicts?node={node}&verdict={verdict}&identity={identity}");
+        assert_eventually!(
+            WAIT,
+            || {
+                let (_, events) = self.call("GET", &path, serde_json::Value::Null);
+                events.as_array().is_some_and(|e| e.iter().any(|e| e["dst_port"] == HTTP))
+            },
+            "a {verdict} event for B:80 in the API; log:\n{}",
+            enforcer.log()
+        );
+    }
+}
+
+/// One batch as the collector on `w.node` would send it: every workload's namespace,
+/// addresses and cgroup, and A's connections to B (TCP 80, UDP 5353) seen from both ends.
+async fn report_as_collector(url: &str, w: &World) {
+    use bulkhead_model::{CgroupFact, EndpointFact, Flow, FlowBatch, InterfaceAddress, LossCounters};
+    use bulkhead_proto::v1::{flow_ingest_client::FlowIngestClient, ingest_request, ingest_response};
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let endpoints = (0..3)
+        .map(|i| {
+            let h = &w.net.hosts()[i];
+            EndpointFact {
+                netns_ino: h.netns.ino(),
+                netns_name: Some(h.netns.name().to_owned()),
+                addresses: vec![
+                    InterfaceAddress { interface: h.ifname.into(), addr: h.ipv4.into(), prefix_len: 24 },
+                    InterfaceAddress { interface: h.ifname.into(), addr: h.ipv6.into(), prefix_len: 64 },
+                ],
+                cgroups: vec![CgroupFact {
+                    cgroup_id: w.cgroups[i].id(),
+                    path: format!("/bulkhead-test/{i}"),
+                    comms: vec!["agent".into()],
+                }],
+                host: false,
+            }
+        })
+        .collect();
+    let flow = |local: usize, direction, port, protocol| {
+        let (a, b) = (&w.net.hosts()[0], &w.net.hosts()[1]);
+        Flow {
+            src_addr: a.ipv4.into(),
+            src_port: 0,
+            dst_addr: b.ipv4.into(),
+            dst_port: port,
+            protocol,
+            direction,
+            netns_ino: w.net.hosts()[local].netns.ino(),
+            cgroup_id: w.cgroups[local].id(),
+            pid: 1,
+            comm: "agent".into(),
+            connections: 5,
+            bytes_sent: 100,
+            bytes_received: 100,
+            packets: 10,
+            verdict: Verdict::Forwarded,
+            first_seen_unix_ms: now - 60_000,
+            last_seen_unix_ms: now - 1_000,
+        }
+    };
+    let batch = FlowBatch {
+        node_id: w.node.clone(),
+        boot_id: "collector-boot".into(),
+        seq: 1,
+        created_unix_ms: now,
+        flows: vec![
+            flow(0, Direction::Egress, HTTP, Protocol::Tcp),
+            flow(1, Direction::Ingress, HTTP, Protocol::Tcp),
+            flow(0, Direction::Egress, UDP_PORT, Protocol::Udp),
+            flow(1, Direction::Ingress, UDP_PORT, Protocol::Udp),
+        ],
+        endpoints: Some(endpoints),
+        dns_answers: Vec::new(),
+        loss: LossCounters::default(),
+    };
+    let mut client = FlowIngestClient::connect(url.to_owned()).await.expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let hello = v1::Hello { node_id: w.node.clone(), boot_id: "collector-boot".into(), agent_version: "test".into() };
+    tx.send(v1::IngestRequest { msg: Some(ingest_request::Msg::Hello(hello)) }).await.expect("hello");
+    tx.send(v1::IngestRequest { msg: Some(ingest_request::Msg::Batch((&batch).into())) }).await.expect("batch");
+    let mut responses =
+        client.ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("ingest").into_inner();
+    loop {
+        match responses.message().await.expect("stream ok").expect("a response") {
+            v1::IngestResponse { msg: Some(ingest_response::Msg::Ack(a)) } => {
+                assert_eq!(a.status, v1::AckStatus::Stored as i32, "{a:?}");
+                break;
+            }
+            _ => continue,
+        }
     }
 }

@@ -1,16 +1,30 @@
-//! The enforcer's kernel datapath: identity-based verdicts for the sockets of
-//! managed workloads, attached as cgroup_skb ingress/egress on a cgroup v2
-//! directory (every descendant cgroup inherits them).
+//! The enforcer's kernel datapath: identity-based verdicts for the packets of
+//! managed workloads. Two kinds of workload share every map and every line of
+//! the decision code below:
+//!
+//! * **cgroups**: cgroup_skb ingress/egress on a cgroup v2 directory (every
+//!   descendant cgroup inherits them); the endpoint key is the cgroup id of the
+//!   packet's socket (`bpf_skb_cgroup_id`: the cgroup the socket was created in,
+//!   also on ingress in softirq, unlike the current task's);
+//! * **network namespaces**: sched_cls (tc) ingress/egress on the workload's
+//!   interfaces *inside* its namespace, so tc ingress is the workload's ingress
+//!   as with cgroup_skb; the endpoint key is the [`TC_ENDPOINT_KEY`] user space
+//!   baked into this copy of the programs (one copy per namespace, see
+//!   `bulkhead_abi::enforcer::TC_ENDPOINT_KEY_GLOBAL` for why).
+//!
+//! The two differ only in where the key comes from, where the IP header starts
+//! (cgroup_skb: at offset 0; tc: after the link-layer header, read relative to
+//! the kernel's network-header offset so Ethernet and L3 devices both work) and
+//! how a verdict is spelled ([`PacketSource`]).
 //!
 //! Per packet, in a constant number of map lookups whatever the number of
 //! rules (the contract and the lookup order are documented in
 //! `bulkhead_abi::enforcer`):
 //!
-//! 1. endpoint by the socket's cgroup id (`bpf_skb_cgroup_id`: the cgroup the
-//!    socket was created in, also on ingress in softirq, unlike the current
-//!    task's) — unmanaged or `learn`: pass;
-//! 2. IPv4/IPv6 + TCP/UDP parsing; anything else passes (ICMP, neighbour
-//!    discovery, IPv6 behind extension headers — documented in user space);
+//! 1. endpoint by key — unmanaged or `learn`: pass;
+//! 2. IPv4/IPv6 + TCP/UDP parsing; anything else passes (ICMP, ARP, neighbour
+//!    discovery, IPv6 behind extension headers, non-first IPv4 fragments seen by
+//!    tc before reassembly — documented in user space);
 //! 3. conntrack (local-oriented 5-tuple): a known connection passes if its
 //!    verdict was made under the active generation;
 //! 4. otherwise a new connection: ipcache → peer identity, then up to six policy
@@ -23,11 +37,11 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::BPF_RB_NO_WAKEUP,
-    helpers::generated::{bpf_ktime_get_boot_ns, bpf_skb_cgroup_id},
-    macros::{cgroup_skb, map},
+    bindings::{BPF_RB_NO_WAKEUP, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET},
+    helpers::generated::{bpf_ktime_get_boot_ns, bpf_skb_cgroup_id, bpf_skb_load_bytes_relative},
+    macros::{cgroup_skb, classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::SkBuffContext,
+    programs::{SkBuffContext, TcContext},
 };
 use bulkhead_abi::enforcer::{
     ACTION_ALLOW, AF_INET, AF_INET6, COUNTER_ALLOWED, COUNTER_AUDIT, COUNTER_COUNT, COUNTER_CT_HIT,
@@ -40,10 +54,32 @@ use bulkhead_abi::enforcer::{
     VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED, VerdictEvent, v4_mapped,
 };
 
-/// cgroup_skb verdict: let the packet through.
+/// Verdict of the shared decision code: let the packet through. Equal to the
+/// cgroup_skb return value; the tc programs translate it ([`tc_verdict`]).
 const PASS: i32 = 1;
-/// cgroup_skb verdict: drop the packet (the sender sees EPERM on egress).
+/// Verdict of the shared decision code: drop the packet (with cgroup_skb the
+/// sender sees EPERM on egress).
 const DROP: i32 = 0;
+
+/// tc "no objection": continue with the next program on the interface (TCX
+/// `TCX_NEXT`, cls_bpf's "no match"), and pass the packet when there is none.
+/// Not `TC_ACT_OK`, which would end the chain and keep other programs on the
+/// same interface (another agent's, a CNI's) from seeing allowed packets.
+const TC_PASS: i32 = TC_ACT_UNSPEC;
+/// tc: drop the packet.
+const TC_DROP: i32 = TC_ACT_SHOT;
+
+/// ETH_P_IP / ETH_P_IPV6 as `__sk_buff::protocol` holds them (network order in
+/// the low 16 bits).
+const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
+const ETH_P_IPV6_BE: u32 = 0x86ddu16.to_be() as u32;
+
+/// The endpoint key the tc programs judge packets as: `tc_endpoint_key(netns
+/// cookie)` of the namespace this copy is attached in, written by user space at
+/// load time (`TC_ENDPOINT_KEY_GLOBAL`). 0 (never a key) in a copy loaded
+/// without it: its packets are unmanaged and pass.
+#[unsafe(no_mangle)]
+static TC_ENDPOINT_KEY: u64 = 0;
 
 /// What happens to a packet of a monitor-mode endpoint when state that must
 /// exist is missing (the config entry is unreadable, the packet cannot be
@@ -75,12 +111,102 @@ static RULE_STATS_V1: LruPerCpuHashMap<u32, RuleStats> = LruPerCpuHashMap::with_
 
 #[cgroup_skb(ingress)]
 pub fn enforce_ingress(ctx: SkBuffContext) -> i32 {
-    verdict(try_enforce(&ctx, DIR_INGRESS))
+    verdict(try_enforce(&CgroupPacket(&ctx), DIR_INGRESS))
 }
 
 #[cgroup_skb(egress)]
 pub fn enforce_egress(ctx: SkBuffContext) -> i32 {
-    verdict(try_enforce(&ctx, DIR_EGRESS))
+    verdict(try_enforce(&CgroupPacket(&ctx), DIR_EGRESS))
+}
+
+#[classifier]
+pub fn enforce_tc_in(ctx: TcContext) -> i32 {
+    tc_verdict(verdict(try_enforce(&TcPacket(&ctx), DIR_INGRESS)))
+}
+
+#[classifier]
+pub fn enforce_tc_out(ctx: TcContext) -> i32 {
+    tc_verdict(verdict(try_enforce(&TcPacket(&ctx), DIR_EGRESS)))
+}
+
+#[inline(always)]
+fn tc_verdict(v: i32) -> i32 {
+    if v == DROP { TC_DROP } else { TC_PASS }
+}
+
+/// What differs between the program types: where the endpoint key comes from
+/// and how the IP header is read. Everything else is [`try_enforce`].
+trait PacketSource {
+    /// The key of the workload the packet belongs to in `ENDPOINTS_V1`.
+    fn endpoint_key(&self) -> u64;
+    /// Whether the packet is IPv4 or IPv6 at all (cheap; before any load).
+    fn is_ip(&self) -> bool;
+    /// Reads a `T` at `offset` bytes from the start of the IP header.
+    fn load<T>(&self, offset: usize) -> Result<T, i64>;
+}
+
+/// A cgroup_skb packet: starts at the IP header, belongs to a socket's cgroup.
+struct CgroupPacket<'a>(&'a SkBuffContext);
+
+impl PacketSource for CgroupPacket<'_> {
+    #[inline(always)]
+    fn endpoint_key(&self) -> u64 {
+        // SAFETY: helper taking the program's own skb.
+        unsafe { bpf_skb_cgroup_id(self.0.skb.skb) }
+    }
+
+    #[inline(always)]
+    fn is_ip(&self) -> bool {
+        // cgroup_skb only runs for IP packets; the version nibble decides.
+        true
+    }
+
+    #[inline(always)]
+    fn load<T>(&self, offset: usize) -> Result<T, i64> {
+        self.0.load(offset)
+    }
+}
+
+/// A tc packet: starts at the link-layer header (Ethernet on a veth, nothing on
+/// an L3 device), belongs to the namespace this copy of the program serves.
+struct TcPacket<'a>(&'a TcContext);
+
+impl PacketSource for TcPacket<'_> {
+    #[inline(always)]
+    fn endpoint_key(&self) -> u64 {
+        // SAFETY: a plain u64 in .rodata; the volatile read keeps the compiler
+        // from folding the 0 it was compiled with (user space rewrites it).
+        unsafe { core::ptr::read_volatile(&raw const TC_ENDPOINT_KEY) }
+    }
+
+    #[inline(always)]
+    fn is_ip(&self) -> bool {
+        let proto = self.0.skb.protocol();
+        proto == ETH_P_IP_BE || proto == ETH_P_IPV6_BE
+    }
+
+    #[inline(always)]
+    fn load<T>(&self, offset: usize) -> Result<T, i64> {
+        let mut v = core::mem::MaybeUninit::<T>::uninit();
+        // SAFETY: the helper writes exactly size_of::<T>() bytes into `v` or
+        // fails; `v` is only read after success. Relative to the network header
+        // the kernel recorded, so the link-layer header length never matters.
+        let ret = unsafe {
+            bpf_skb_load_bytes_relative(
+                self.0.skb.skb as *const _,
+                offset as u32,
+                v.as_mut_ptr() as *mut _,
+                size_of::<T>() as u32,
+                BPF_HDR_START_NET,
+            )
+        };
+        if ret == 0 {
+            // SAFETY: initialised by the successful helper call.
+            Ok(unsafe { v.assume_init() })
+        } else {
+            Err(ret)
+        }
+    }
 }
 
 /// `Err` carries the fail action already chosen for the endpoint's mode. The
@@ -142,8 +268,11 @@ struct Packet {
 
 /// Parses IPv4/IPv6 + TCP/UDP. `Ok(None)`: another protocol (passes).
 #[inline(always)]
-fn parse(ctx: &SkBuffContext, dir: u8) -> Result<Option<Packet>, i64> {
-    // cgroup_skb packets start at the IP header.
+fn parse<P: PacketSource>(ctx: &P, dir: u8) -> Result<Option<Packet>, i64> {
+    if !ctx.is_ip() {
+        return Ok(None);
+    }
+    // Offsets below are from the start of the IP header.
     let first: u8 = ctx.load(0)?;
     let (family, protocol, src, dst, l4) = match first >> 4 {
         4 => {
@@ -153,8 +282,9 @@ fn parse(ctx: &SkBuffContext, dir: u8) -> Result<Option<Packet>, i64> {
             }
             let frag: [u8; 2] = ctx.load(6)?;
             // Non-first fragments carry no ports. cgroup_skb sees datagrams before
-            // fragmentation (egress) and after reassembly (ingress), so this is
-            // defensive only.
+            // fragmentation (egress) and after reassembly (ingress), so there this
+            // is defensive only; tc sees the fragments themselves and judges a
+            // datagram by its first one (without which the rest never reassembles).
             if u16::from_be_bytes(frag) & 0x1fff != 0 {
                 return Ok(None);
             }
@@ -195,9 +325,12 @@ struct Decision {
     peer_identity: u32,
 }
 
-fn try_enforce(ctx: &SkBuffContext, dir: u8) -> Result<i32, i32> {
-    // SAFETY: helper taking the program's own skb.
-    let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+/// The verdict for one packet of the workload `ctx` belongs to, the same for
+/// every program type.
+#[inline(always)]
+fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
+    // A cgroup id or a tc endpoint key; named after the ABI field it fills.
+    let cgroup_id = ctx.endpoint_key();
     // SAFETY: the value is copied at once.
     let ep: EndpointValue = match unsafe { ENDPOINTS_V1.get(EndpointKey { cgroup_id }) } {
         Some(ep) => *ep,

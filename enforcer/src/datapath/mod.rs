@@ -26,8 +26,11 @@
 //!   [`EVENT_POLL_INTERVAL`]. Losses (ring full) and rate-limited events are
 //!   counted per CPU ([`DatapathCounters`]).
 //!
-//! Not covered yet (issue 4 continues): the tc clsact variant for workloads that
-//! are bare network namespaces; walking IPv6 extension headers (TCP/UDP behind
+//! Workloads that are bare network namespaces get the same programs as tc
+//! (sched_cls) on their interfaces, sharing every map: see the `tc` module
+//! ([`Datapath::attach_netns`], [`Datapath::sync_netns`]).
+//!
+//! Not covered yet (issue 4 continues): walking IPv6 extension headers (TCP/UDP behind
 //! one passes like any non-TCP/UDP packet); port ranges in rules; ipcache and
 //! endpoint changes are single-entry updates, not versioned with the policy.
 
@@ -51,6 +54,11 @@ use ipnet::IpNet;
 
 mod apply;
 pub use apply::{ApplyError, KernelState};
+mod tc;
+pub use tc::{
+    NETNS_RUN_DIR, NetnsInterface, ResolvedNetns, TcAttachKind, TcAttachment, TcError, TcSyncReport, netns_path,
+    resolve_netns,
+};
 
 /// The eBPF object built by `enforcer/build.rs`.
 fn object() -> &'static [u8] {

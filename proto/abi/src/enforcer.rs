@@ -3,8 +3,12 @@
 //! Per packet of a managed workload the cgroup_skb programs look up, in a fixed
 //! order and a constant number of steps (cost never grows with the rule count):
 //!
-//! 1. [`ENDPOINTS`] by the socket's cgroup id → identity, rollout mode, covered
-//!    directions. No entry or mode `learn`: allowed, nothing else happens.
+//! 1. [`ENDPOINTS`] by the endpoint key → identity, rollout mode, covered
+//!    directions. No entry or mode `learn`: allowed, nothing else happens. The
+//!    cgroup_skb programs key by the socket's cgroup id; the tc programs, which
+//!    judge workloads that are bare network namespaces, by
+//!    [`tc_endpoint_key`]`(netns cookie)` (see [`TC_KEY_FLAG`]).
+//!    Everything after this step is the same code for both.
 //! 2. [`CONNTRACK`] by the local-oriented 5-tuple: a packet of a known connection
 //!    (either direction) passes without a policy lookup, as long as the entry was
 //!    made under the active policy generation (a flip re-evaluates the connection
@@ -57,8 +61,45 @@ const _: () = {
 
 // === Program names (the Rust function names in enforcer/ebpf) ===
 
+/// cgroup_skb ingress: the workload is a cgroup v2 directory.
 pub const PROG_INGRESS: &str = "enforce_ingress";
+/// cgroup_skb egress.
 pub const PROG_EGRESS: &str = "enforce_egress";
+/// sched_cls on the ingress of a workload's interface, inside its network
+/// namespace (what arrives there is the workload's ingress).
+pub const PROG_TC_INGRESS: &str = "enforce_tc_in";
+/// sched_cls on the egress of a workload's interface, inside its namespace.
+pub const PROG_TC_EGRESS: &str = "enforce_tc_out";
+
+// === Endpoint keys of network-namespace workloads ===
+
+/// Set in every tc endpoint key, never in a cgroup id, so one `ENDPOINTS` map
+/// (and one conntrack, one event stream) serves both kinds of workload.
+/// Cgroup ids are kernfs node ids: the inode number in the low 32 bits and a
+/// generation that would need 2^31 wrap-arounds of 32-bit inode numbers to
+/// reach bit 63.
+pub const TC_KEY_FLAG: u64 = 1 << 63;
+
+/// The [`EndpointKey`] of a workload that is a network namespace: its netns
+/// cookie (`SO_NETNS_COOKIE`, unique for the boot and never reused, unlike
+/// nsfs inode numbers) with [`TC_KEY_FLAG`] set.
+pub const fn tc_endpoint_key(netns_cookie: u64) -> u64 {
+    netns_cookie | TC_KEY_FLAG
+}
+
+/// Whether an endpoint key (also `CtKey::cgroup_id`, `VerdictEvent::cgroup_id`)
+/// names a network-namespace workload rather than a cgroup.
+pub const fn is_tc_endpoint_key(key: u64) -> bool {
+    key & TC_KEY_FLAG != 0
+}
+
+/// The read-only global (a `u64` in `.rodata`) holding the endpoint key the tc
+/// programs judge packets as. User space loads one copy of the tc programs
+/// per network namespace with this set (`EbpfLoader::override_global`): a sched_cls
+/// program has no way to learn which namespace a packet is in on ingress
+/// (`bpf_get_netns_cookie(skb)` reports the *socket's* namespace, and an
+/// arriving packet has no socket yet, so it reports the initial namespace).
+pub const TC_ENDPOINT_KEY_GLOBAL: &str = "TC_ENDPOINT_KEY";
 
 // === Default capacities (user space may override with `map_max_entries`) ===
 
@@ -144,9 +185,9 @@ pub const COUNTER_AUDIT: u32 = 1;
 pub const COUNTER_DENIED: u32 = 2;
 /// Packets passed by a conntrack entry.
 pub const COUNTER_CT_HIT: u32 = 3;
-/// Packets of unmanaged or learn-mode sockets (passed, nothing looked up).
+/// Packets of unmanaged or learn-mode workloads (passed, nothing looked up).
 pub const COUNTER_UNMANAGED: u32 = 4;
-/// Packets of managed sockets that are neither TCP nor UDP (passed).
+/// Packets of managed workloads that are neither TCP nor UDP (passed).
 pub const COUNTER_OTHER_PROTO: u32 = 5;
 /// Verdict events lost because the ring buffer was full.
 pub const COUNTER_EVENTS_LOST: u32 = 6;
@@ -238,10 +279,13 @@ pub struct PolicyValue {
 const _: () = assert!(size_of::<PolicyValue>() == 8);
 
 /// A managed workload: the cgroup v2 id of its sockets (the cgroup directory's
-/// inode, what `bpf_skb_cgroup_id` returns).
+/// inode, what `bpf_skb_cgroup_id` returns), or for a workload that is a bare
+/// network namespace its [`tc_endpoint_key`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct EndpointKey {
+    /// A cgroup id, or a [`tc_endpoint_key`] (bit 63 set). The name predates
+    /// the tc programs and is kept so existing code and pins stay valid.
     pub cgroup_id: u64,
 }
 const _: () = assert!(size_of::<EndpointKey>() == 8);
@@ -259,12 +303,13 @@ pub struct EndpointValue {
 const _: () = assert!(size_of::<EndpointValue>() == 8);
 
 /// A connection as seen by one local workload: oriented local/remote, so a
-/// packet and its reply find the same entry. The cgroup id keeps two managed
+/// packet and its reply find the same entry. The endpoint key keeps two managed
 /// workloads on one node from sharing an entry (each side is judged by its own
 /// policy). IPv4 addresses are v4-mapped like the ipcache.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
+    /// The workload's [`EndpointKey`] (cgroup id or [`tc_endpoint_key`]).
     pub cgroup_id: u64,
     pub local_addr: [u8; 16],
     pub remote_addr: [u8; 16],
@@ -303,6 +348,7 @@ const _: () = assert!(size_of::<CtValue>() == 32);
 pub struct VerdictEvent {
     /// `CLOCK_BOOTTIME` nanoseconds.
     pub ts_ns: u64,
+    /// The workload's [`EndpointKey`] (cgroup id or [`tc_endpoint_key`]).
     pub cgroup_id: u64,
     /// v4-mapped for IPv4.
     pub local_addr: [u8; 16],
@@ -386,3 +432,4 @@ pub struct RuleStats {
     pub last_hit_ns: u64,
 }
 const _: () = assert!(size_of::<RuleStats>() == 16);
+const _: () = assert!(is_tc_endpoint_key(tc_endpoint_key(1)) && !is_tc_endpoint_key(u32::MAX as u64));
