@@ -25,6 +25,8 @@ use crate::{Args, FailMode};
 
 /// Largest snapshot accepted from the learner (100k rules are about 3 MiB).
 const MAX_SNAPSHOT_BYTES: usize = 256 << 20;
+/// How often managed network namespaces are checked for new interfaces.
+const NETNS_REFRESH: Duration = Duration::from_secs(5);
 /// How long a resynchronizing enforcer waits for the learner to close its side.
 const RESYNC_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Most events per report message (keeps each well under the learner's 4 MiB limit).
@@ -101,6 +103,7 @@ impl OwnerHandle {
             .name("map-owner".into())
             .spawn(move || {
                 let mut next_drain = std::time::Instant::now() + poll;
+                let mut next_refresh = std::time::Instant::now() + NETNS_REFRESH;
                 loop {
                     let wait = next_drain.saturating_duration_since(std::time::Instant::now());
                     match rx.recv_timeout(wait) {
@@ -120,6 +123,10 @@ impl OwnerHandle {
                     if std::time::Instant::now() >= next_drain {
                         owner.drain();
                         next_drain = std::time::Instant::now() + poll;
+                    }
+                    if std::time::Instant::now() >= next_refresh {
+                        owner.refresh_netns();
+                        next_refresh = std::time::Instant::now() + NETNS_REFRESH;
                     }
                 }
             })

@@ -11,4 +11,6 @@ pub mod datapath;
 pub mod owner;
 pub mod render;
 
-pub use render::{Capacity, IpcachePrefix, MapOp, MapState, RenderError, diff, render, render_with};
+pub use render::{
+    Capacity, IpcachePrefix, MapOp, MapState, RenderError, diff, netns_workloads, render, render_resolved, render_with,
+};

@@ -19,8 +19,10 @@ use bulkhead_model::{
 };
 
 use crate::applied::{Applied, AppliedFile};
-use crate::datapath::{Datapath, DatapathError, Direction, KernelState, RuleUse, VerdictRecord};
-use crate::render::{Capacity, MapState, RenderError, diff, render_with};
+use crate::datapath::{
+    Datapath, DatapathError, Direction, KernelState, ResolvedNetns, RuleUse, TcError, VerdictRecord, resolve_netns,
+};
+use crate::render::{Capacity, MapState, RenderError, diff, netns_workloads, render_resolved};
 use bulkhead_abi::enforcer as abi;
 
 /// Most verdict events kept while the learner is unreachable; later ones are
@@ -49,6 +51,8 @@ pub enum Rejection {
     Resync { base: u64, held: Option<u64> },
     #[error("delta: {0}")]
     Delta(#[from] bulkhead_model::DeltaError),
+    #[error("attaching to a network-namespace workload failed (the applied policy stays): {0}")]
+    Netns(String),
 }
 
 /// What [`MapOwner::apply`] did.
@@ -81,8 +85,12 @@ pub struct MapOwner {
     capacity: Capacity,
     /// Recent generation → version, to name the version of drained events.
     versions: BTreeMap<u32, u64>,
-    /// cgroup id → netns inode of the managed endpoints (events carry cgroups).
+    /// Endpoint key (cgroup id or tc key) → netns inode of the managed endpoints
+    /// (events carry the key).
     netns_of: HashMap<u64, u64>,
+    /// Network-namespace workloads this process attached tc programs to, by
+    /// cookie, with the interfaces it attached to.
+    attached: BTreeMap<u64, ResolvedNetns>,
     /// Events drained and not yet reported, per version.
     events: BTreeMap<u64, Vec<VerdictEvent>>,
     pending_events: usize,
@@ -131,6 +139,7 @@ impl MapOwner {
             capacity,
             versions,
             netns_of: HashMap::new(),
+            attached: BTreeMap::new(),
             events: BTreeMap::new(),
             pending_events: 0,
             max_pending_events: DEFAULT_MAX_PENDING_EVENTS,
@@ -197,7 +206,25 @@ impl MapOwner {
         }
         policy.validate()?;
         let generation = next_generation(self.state.generation);
-        let target = render_with(policy, generation, &self.capacity)?;
+        // Network-namespace workloads get their tc programs before their endpoint
+        // entries exist (until then the programs pass everything).
+        let (netns_keys, wanted, gone) = self.attach_netns_workloads(policy)?;
+        let pruned;
+        let renderable = if gone.is_empty() {
+            policy
+        } else {
+            pruned = NodePolicy {
+                endpoints: policy
+                    .endpoints
+                    .iter()
+                    .filter(|e| !(e.cgroups.is_empty() && e.netns_ino.is_some_and(|i| gone.contains(&i))))
+                    .cloned()
+                    .collect(),
+                ..policy.clone()
+            };
+            &pruned
+        };
+        let target = render_resolved(renderable, generation, &self.capacity, &netns_keys)?;
         let ops = diff(&self.state, &target);
 
         // Hits so far belong to the version being replaced.
@@ -223,7 +250,11 @@ impl MapOwner {
             .endpoints
             .iter()
             .flat_map(|e| e.cgroups.iter().map(move |c| (c.cgroup_id, e.netns_ino.unwrap_or(0))))
+            .chain(netns_keys.iter().map(|(ino, key)| (*key, *ino)))
             .collect();
+        // Namespaces that left the policy (or the node) lose their programs only now
+        // that no active policy names them.
+        self.detach_netns_except(&wanted);
         tracing::info!(
             version = policy.version,
             generation,
@@ -233,6 +264,81 @@ impl MapOwner {
             "Applied a policy."
         );
         Ok(Outcome::Applied { generation, ops: ops.len() })
+    }
+
+    /// Resolves every network-namespace workload of `policy` and attaches the tc
+    /// programs in the ones this process has not attached yet. Returns inode → key
+    /// of the attached ones, their cookies, and the inodes of namespaces that no
+    /// longer exist (their endpoints are left out: nothing runs there to enforce).
+    /// Any other failure rejects the snapshot.
+    #[expect(clippy::type_complexity, reason = "three results of one walk, each used once")]
+    fn attach_netns_workloads(
+        &mut self,
+        policy: &NodePolicy,
+    ) -> Result<(BTreeMap<u64, u64>, Vec<u64>, Vec<u64>), Rejection> {
+        let mut keys = BTreeMap::new();
+        let mut wanted = Vec::new();
+        let mut gone = Vec::new();
+        for (name, ino) in netns_workloads(policy) {
+            let ns = match resolve_netns(name, Some(ino)) {
+                Ok(ns) => ns,
+                Err(e) if netns_is_gone(&e) => {
+                    tracing::warn!(netns = ?name, ino, error = %e, "A network-namespace workload is gone from this node; left out.");
+                    gone.push(ino);
+                    continue;
+                }
+                Err(e) => return Err(Rejection::Netns(e.to_string())),
+            };
+            let fresh = self.attached.get(&ns.cookie).is_none_or(|seen| seen.interfaces != ns.interfaces);
+            if fresh {
+                self.datapath.attach_netns(&ns).map_err(|e| Rejection::Netns(e.to_string()))?;
+            }
+            keys.insert(ino, ns.endpoint_key());
+            wanted.push(ns.cookie);
+            self.attached.insert(ns.cookie, ns);
+        }
+        Ok((keys, wanted, gone))
+    }
+
+    /// Detaches the tc programs of every pinned namespace not in `keep`.
+    fn detach_netns_except(&mut self, keep: &[u64]) {
+        let pinned = match self.datapath.tc_attachments() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot list tc attachments.");
+                return;
+            }
+        };
+        let stale: std::collections::BTreeSet<u64> =
+            pinned.into_iter().map(|a| a.cookie).filter(|c| !keep.contains(c)).collect();
+        for cookie in stale {
+            let ns = self.attached.remove(&cookie);
+            if let Err(e) = self.datapath.detach_netns(cookie, ns.as_ref()) {
+                tracing::warn!(cookie, error = %e, "Could not detach the tc enforcer from a namespace.");
+            }
+        }
+    }
+
+    /// Attaches to interfaces added to managed namespaces since the last look (a
+    /// new veth in a workload's namespace would otherwise pass unjudged). The agent
+    /// calls it every few seconds.
+    pub fn refresh_netns(&mut self) {
+        let Some(policy) = self.policy.take() else { return };
+        for (name, ino) in netns_workloads(&policy) {
+            let Ok(ns) = resolve_netns(name, Some(ino)) else { continue };
+            if self.attached.get(&ns.cookie).is_some_and(|seen| seen.interfaces != ns.interfaces) {
+                match self.datapath.attach_netns(&ns) {
+                    Ok(_) => {
+                        tracing::info!(netns = %ns.path.display(), "Attached to a namespace's new interfaces.");
+                        self.attached.insert(ns.cookie, ns);
+                    }
+                    Err(e) => {
+                        tracing::warn!(netns = %ns.path.display(), error = %e, "Could not attach to new interfaces.")
+                    }
+                }
+            }
+        }
+        self.policy = Some(policy);
     }
 
     /// After a failed apply: put ipcache and endpoints back as the applied policy
@@ -280,7 +386,11 @@ impl MapOwner {
             }
             let version = self.versions.get(&rec.generation).copied().unwrap_or(fallback);
             let netns = self.netns_of.get(&rec.cgroup_id).copied().unwrap_or(0);
-            if let Some(event) = to_event(&rec, netns, &clock) {
+            if let Some(mut event) = to_event(&rec, netns, &clock) {
+                if abi::is_tc_endpoint_key(rec.cgroup_id) {
+                    // A namespace workload: no cgroup to name.
+                    event.cgroup_id = 0;
+                }
                 self.events.entry(version).or_default().push(event);
                 self.pending_events += 1;
             }
@@ -353,6 +463,16 @@ impl MapOwner {
         if !out.is_empty() {
             self.counters.entry(version).or_default().extend(out);
         }
+    }
+}
+
+/// The namespace a netns-only workload lived in no longer exists (or is another one
+/// now): nothing runs there to enforce.
+fn netns_is_gone(e: &TcError) -> bool {
+    match e {
+        TcError::NetnsOpen { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+        TcError::NetnsNotFound { .. } | TcError::NetnsMismatch { .. } | TcError::CookieMismatch { .. } => true,
+        _ => false,
     }
 }
 

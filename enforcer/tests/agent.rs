@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bulkhead_enforcer::datapath::DEFAULT_BPFFS_ROOT;
 use bulkhead_learner::distribute::{Distributor, PolicyStreamService, Recorder};
 use bulkhead_learner::grpc::ingest::Enrollment;
 use bulkhead_learner::server::{self, ServerConfig};
@@ -629,6 +630,43 @@ impl PolicyStream for Scripted {
         let updates = tokio_stream::iter(self.updates.clone().into_iter().map(Ok)).chain(tokio_stream::pending());
         Ok(tonic::Response::new(Box::pin(updates)))
     }
+}
+
+/// A workload that is only a network namespace (its processes in no managed cgroup)
+/// is enforced by the tc programs the agent attaches inside that namespace. Once it
+/// leaves the policy, its programs are detached.
+#[test]
+fn a_network_namespace_workload_is_enforced_through_tc() {
+    let mut w = World::new();
+    let learner = Learner::start();
+    let mut policy = w.policy(RolloutMode::Enforce, &[]);
+    policy.endpoints[1].cgroups.clear();
+    let v = learner.publish(&w.node, policy);
+    let enforcer = Enforcer::start(&w, &learner.url);
+    learner.wait_applied(&w.node, v);
+    w.assert_enforced();
+    assert_eventually!(
+        WAIT,
+        || learner.events(&w.node, Verdict::Denied).iter().any(|e| e.event.local == ID_B && e.event.peer == ID_C),
+        "C → B denied by the tc programs, reported; log:\n{}",
+        enforcer.log()
+    );
+    let pins = || -> Vec<String> {
+        std::fs::read_dir(std::path::Path::new(DEFAULT_BPFFS_ROOT).join(&w.pins.instance))
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned())).collect())
+            .unwrap_or_default()
+    };
+    assert!(pins().iter().any(|p| p.starts_with("tc")), "tc links pinned: {:?}", pins());
+
+    // B leaves the policy: its namespace's programs go, and C reaches B again.
+    let mut without_b = w.policy(RolloutMode::Enforce, &[]);
+    without_b.endpoints.truncate(1);
+    without_b.rules.retain(|r| r.key.local != ID_B);
+    let v2 = learner.publish(&w.node, without_b);
+    learner.wait_applied(&w.node, v2);
+    assert!(!pins().iter().any(|p| p.starts_with("tc")), "tc links detached: {:?}", pins());
+    let b80 = w.v4(1, HTTP);
+    w.agent(2).tcp_ok(b80);
 }
 
 // === end to end through the learner ===
