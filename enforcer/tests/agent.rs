@@ -401,6 +401,9 @@ fn snapshots_are_applied_acked_enforced_and_reported() {
     let rows = learner.rt.block_on(learner.store.enforcers()).expect("enforcers");
     let row = rows.iter().find(|r| r.node_id == w.node).expect("enforcer row");
     assert_eq!(row.applied_version, Some(v3));
+    // Its reports arrive with its loss counters: nothing lost here.
+    assert!(row.last_report_unix_ms.is_some(), "{row:?}");
+    assert_eq!(row.loss, bulkhead_model::EnforcerLoss::default(), "{row:?}");
 }
 
 #[test]

@@ -26,6 +26,7 @@ store_cases!(
     rule_hits_accumulate_across_batches_and_nodes,
     hostile_strings_are_data,
     large_event_batch_in_one_call,
+    loss_counters_keep_the_newest_report,
 );
 
 // === builders ===
@@ -141,6 +142,25 @@ async fn hello_ack_and_desired_lifecycle(f: &Fixture) {
     let reopened = f.reopen().await;
     assert_eq!(reopened.enforcers().await.expect("enforcers after reopen"), all);
     reopened.close().await;
+}
+
+/// Loss is cumulative on the node: each report's values replace the last, saturating
+/// at i64::MAX, and a report before any Hello still creates the row.
+async fn loss_counters_keep_the_newest_report(f: &Fixture) {
+    let s = &f.store;
+    let loss = |r, q, c| bulkhead_model::EnforcerLoss { ringbuf_dropped: r, queue_dropped: q, conntrack_full: c };
+    s.enforcer_loss("early", &loss(1, 2, 3), 5).await.expect("report before hello");
+    let e = enforcer(s, "early").await;
+    assert_eq!((e.loss, e.last_report_unix_ms, e.applied_version), (loss(1, 2, 3), Some(5), None));
+
+    s.enforcer_hello("n", "b", "v", Some(4), 10).await.expect("hello");
+    assert_eq!(enforcer(s, "n").await.loss, loss(0, 0, 0), "nothing lost before a report");
+    s.enforcer_loss("n", &loss(7, 0, 1), 20).await.expect("report");
+    s.enforcer_loss("n", &loss(9, u64::MAX, 1), 30).await.expect("report");
+    let e = enforcer(s, "n").await;
+    assert_eq!(e.loss, loss(9, i64::MAX as u64, 1));
+    assert_eq!((e.last_report_unix_ms, e.last_seen_unix_ms, e.applied_version), (Some(30), Some(30), Some(4)));
+    assert!(s.enforcer_loss(" ", &loss(0, 0, 0), 1).await.is_err(), "a blank node id is refused");
 }
 
 async fn rejected_ack_keeps_the_applied_version(f: &Fixture) {

@@ -102,6 +102,9 @@ impl Recorder {
         {
             tracing::warn!(node = %node, events = events.len(), error = %err, "Recording verdict events failed.");
         }
+        if let Err(err) = self.store.enforcer_loss(node, &r.loss, unix_ms()).await {
+            tracing::warn!(node = %node, error = %err, "Recording enforcer loss counters failed.");
+        }
         let hits: Vec<RuleHits> = r
             .rule_counters
             .iter()

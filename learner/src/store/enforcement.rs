@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use bulkhead_model::{Direction, Identity, Protocol, Verdict};
+use bulkhead_model::{Direction, EnforcerLoss, Identity, Protocol, Verdict};
 use serde::Serialize;
 
 use super::StoreError;
@@ -64,6 +64,10 @@ pub struct EnforcerRow {
     pub last_error: Option<String>,
     /// Last Hello or ack; `None` if the learner only set a desired version so far.
     pub last_seen_unix_ms: Option<i64>,
+    /// The node's loss counters as of its last verdict report (cumulative).
+    pub loss: EnforcerLoss,
+    /// Last verdict report; `None` before the first.
+    pub last_report_unix_ms: Option<i64>,
 }
 
 impl EnforcerRow {
@@ -104,6 +108,10 @@ pub(crate) struct RawEnforcer {
     pub rejected_version: Option<i64>,
     pub last_error: Option<String>,
     pub last_seen_unix_ms: Option<i64>,
+    pub ringbuf_dropped: i64,
+    pub queue_dropped: i64,
+    pub conntrack_full: i64,
+    pub last_report_unix_ms: Option<i64>,
 }
 
 impl TryFrom<RawEnforcer> for EnforcerRow {
@@ -121,6 +129,12 @@ impl TryFrom<RawEnforcer> for EnforcerRow {
             rejected_version: v("rejected_version", r.rejected_version)?,
             last_error: r.last_error,
             last_seen_unix_ms: r.last_seen_unix_ms,
+            loss: EnforcerLoss {
+                ringbuf_dropped: decode::counter("enforcers", "ringbuf_dropped", r.ringbuf_dropped)?,
+                queue_dropped: decode::counter("enforcers", "queue_dropped", r.queue_dropped)?,
+                conntrack_full: decode::counter("enforcers", "conntrack_full", r.conntrack_full)?,
+            },
+            last_report_unix_ms: r.last_report_unix_ms,
         })
     }
 }
@@ -514,8 +528,17 @@ pub(crate) const SET_DESIRED: &str = "INSERT INTO enforcers (node_id, desired_ve
      desired_unix_ms = excluded.desired_unix_ms";
 
 pub(crate) const SELECT_ENFORCERS: &str = "SELECT node_id, boot_id, agent_version, desired_version, \
-     desired_unix_ms, applied_version, applied_unix_ms, rejected_version, last_error, last_seen_unix_ms \
+     desired_unix_ms, applied_version, applied_unix_ms, rejected_version, last_error, last_seen_unix_ms, \
+     ringbuf_dropped, queue_dropped, conntrack_full, last_report_unix_ms \
      FROM enforcers ORDER BY node_id";
+
+/// A verdict report's loss counters: the newest values replace the old (they are
+/// cumulative on the node). Creates the row if a report comes before any Hello.
+pub(crate) const REPORT_LOSS: &str = "INSERT INTO enforcers (node_id, ringbuf_dropped, queue_dropped, \
+     conntrack_full, last_report_unix_ms, last_seen_unix_ms) VALUES ($1, $2, $3, $4, $5, $5) \
+     ON CONFLICT (node_id) DO UPDATE SET ringbuf_dropped = excluded.ringbuf_dropped, \
+     queue_dropped = excluded.queue_dropped, conntrack_full = excluded.conntrack_full, \
+     last_report_unix_ms = excluded.last_report_unix_ms, last_seen_unix_ms = excluded.last_seen_unix_ms";
 
 /// Stored columns of `verdict_events` except `id`, in insert order.
 pub(crate) const EVENT_COLUMNS: &str = "node_id, received_unix_ms, at_unix_ms, local_identity, peer_identity, \

@@ -492,6 +492,20 @@ impl Store {
         dispatch!(self, s => s.set_desired_version(node, stored, now_ms).await)
     }
 
+    /// Records the loss counters of a node's verdict report (cumulative on the node:
+    /// the newest values replace the old).
+    pub async fn enforcer_loss(
+        &self,
+        node_id: &str,
+        loss: &bulkhead_model::EnforcerLoss,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let node = enforcement::node(node_id)?;
+        let counters =
+            [prepare::sat(loss.ringbuf_dropped), prepare::sat(loss.queue_dropped), prepare::sat(loss.conntrack_full)];
+        dispatch!(self, s => s.enforcer_loss(node.clone(), counters, now_ms).await)
+    }
+
     /// Every enforcer node, by node id.
     pub async fn enforcers(&self) -> Result<Vec<EnforcerRow>, StoreError> {
         dispatch!(self, s => s.enforcers().await)

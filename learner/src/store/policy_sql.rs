@@ -469,6 +469,24 @@ where
         Ok(())
     }
 
+    pub async fn enforcer_loss(
+        writer: &Pool<DB>,
+        node_id: String,
+        loss: [i64; 3],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(enf::REPORT_LOSS)
+            .bind(node_id)
+            .bind(loss[0])
+            .bind(loss[1])
+            .bind(loss[2])
+            .bind(now_ms)
+            .execute(writer)
+            .await
+            .map_err(StoreError::db("enforcer_loss"))?;
+        Ok(())
+    }
+
     pub async fn set_desired_version(
         writer: &Pool<DB>,
         node_id: String,

@@ -158,6 +158,10 @@ impl SqliteStore {
         Sql::enforcer_ack(&self.writer, node_id, version, error, now_ms).await
     }
 
+    pub async fn enforcer_loss(&self, node_id: String, loss: [i64; 3], now_ms: i64) -> Result<(), StoreError> {
+        Sql::enforcer_loss(&self.writer, node_id, loss, now_ms).await
+    }
+
     pub async fn set_desired_version(&self, node_id: String, version: i64, now_ms: i64) -> Result<(), StoreError> {
         Sql::set_desired_version(&self.writer, node_id, version, now_ms).await
     }

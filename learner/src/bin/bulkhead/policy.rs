@@ -511,11 +511,19 @@ pub async fn enforcers(api: &Api, json: bool) -> anyhow::Result<()> {
             v("desired_version"),
             v("applied_version"),
             if e["desired_version"] == e["applied_version"] { "yes" } else { "no" }.into(),
+            // Events the node could not report (kernel ring full, agent queue full)
+            // and connections it could not track: non-zero means look closer.
+            format!(
+                "{}/{}/{}",
+                e["loss"]["ringbuf_dropped"].as_u64().unwrap_or(0),
+                e["loss"]["queue_dropped"].as_u64().unwrap_or(0),
+                e["loss"]["conntrack_full"].as_u64().unwrap_or(0)
+            ),
             e["last_error"].as_str().map(printable).unwrap_or_default(),
             e["last_seen_unix_ms"].as_i64().map(ago).unwrap_or_default(),
         ]
     });
-    print_table(&["NODE", "DESIRED", "APPLIED", "IN SYNC", "LAST ERROR", "SEEN"], &rows);
+    print_table(&["NODE", "DESIRED", "APPLIED", "IN SYNC", "LOST RING/QUEUE/CT", "LAST ERROR", "SEEN"], &rows);
     Ok(())
 }
 
