@@ -742,6 +742,24 @@ fn learner_to_enforcer_end_to_end_through_review_and_rollout() {
     let b53 = w.v4(1, UDP_PORT);
     assert!(w.agent(c).udp(b53, FAIL_TIMEOUT_MS).is_err(), "C → B/udp dropped");
     api.wait_event(&w.node, "denied", b_identity, &enforcer);
+    // Each approved rule shows its use: A's connections hit B's ingress rule on this node.
+    assert_eventually!(
+        WAIT,
+        || {
+            let (_, view) = api.call("GET", &format!("/proposals/{id}"), serde_json::Value::Null);
+            view["rule_hits"].as_array().is_some_and(|h| {
+                h.iter().any(|h| {
+                    h["node_id"] == w.node.as_str()
+                        && h["rule"]["proposal_id"] == id
+                        && h["rule"]["direction"] == "ingress"
+                        && h["hits"].as_u64().is_some_and(|n| n >= 1)
+                        && h["last_hit_unix_ms"].as_i64().is_some_and(|t| t > 0)
+                })
+            })
+        },
+        "hits of B's ingress rule on the proposal; log:\n{}",
+        enforcer.log()
+    );
 
     // Demoting restores C's traffic (audited again).
     let (status, body) = api.call("POST", "/rollout", serde_json::json!({"target": b_identity, "mode": "monitor"}));

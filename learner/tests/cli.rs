@@ -153,6 +153,17 @@ async fn policy_commands_end_to_end() {
         text.contains("audit") && text.contains("10.202.0.12 -> 10.202.0.10:80/tcp") && text.contains("default deny"),
         "{text}"
     );
+    // Rule use per approved rule: the one ingress rule was hit on node-1 and node-2.
+    let rule = bulkhead_learner::store::RuleRef { proposal_id: id, direction: Direction::Ingress, rule_index: 0 };
+    for (node, hits) in [("node-1", 5), ("node-2", 2)] {
+        let h = bulkhead_learner::store::RuleHits { rule, hits, last_hit_unix_ms: now - 60_000 };
+        store.add_rule_hits(node, &[h]).await.expect("hits");
+    }
+    let text = stdout(&bulkhead(&server, &["proposals", "show", &id.to_string()]).await);
+    let enforced = text.split("Enforced rules").nth(1).unwrap_or_else(|| panic!("enforced rules section: {text}"));
+    let line =
+        enforced.lines().find(|l| l.starts_with("ingress-0")).unwrap_or_else(|| panic!("enforced rule row: {text}"));
+    assert!(line.contains(" 7 ") && line.contains("node-1,node-2") && line.contains("ago"), "{line}");
     let out = bulkhead(&server, &["--json", "rollout", "list"]).await;
     let states: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let ds = states.as_array().and_then(|a| a.iter().find(|r| r["target"] == deathstar.0)).expect("deathstar");

@@ -6,7 +6,7 @@ use bulkhead_synth::{PolicyDiff, approved_policy, diff};
 use serde::{Deserialize, Serialize};
 
 use super::{PolicyError, PolicyService};
-use crate::store::{ActivePolicy, ClusterPolicyRow, Decision, ProposalRecord};
+use crate::store::{ActivePolicy, ClusterPolicyRow, Decision, ProposalRecord, RuleHitRow};
 
 /// An approval: which flagged rules the analyst confirmed and which they dropped.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -51,6 +51,10 @@ pub struct ProposalView {
     pub record: ProposalRecord,
     pub cluster_policies: Vec<ClusterPolicyRow>,
     pub active: Vec<ActivePolicy>,
+    /// Use of the rules of this version and of the active ones, per rule and node, as
+    /// enforcers reported it (rule index into the approved policy's rule list): what
+    /// finds the rules nobody uses. A rule that is absent was never hit.
+    pub rule_hits: Vec<RuleHitRow>,
 }
 
 impl PolicyService {
@@ -69,8 +73,16 @@ impl PolicyService {
             }
             None => Vec::new(),
         };
-        let active = self.store.active_policies().await?.into_iter().filter(|a| a.target == target).collect();
-        Ok(ProposalView { record, cluster_policies, active })
+        let active: Vec<ActivePolicy> =
+            self.store.active_policies().await?.into_iter().filter(|a| a.target == target).collect();
+        let mut ids: Vec<i64> = active.iter().map(|a| a.proposal_id).chain([id]).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut rule_hits = Vec::new();
+        for pid in ids {
+            rule_hits.extend(self.store.rule_hits(pid).await?);
+        }
+        Ok(ProposalView { record, cluster_policies, active, rule_hits })
     }
 
     /// Approves proposal `id`; every flagged rule must be confirmed or dropped.

@@ -96,6 +96,34 @@ struct Record {
     comment: Option<String>,
     #[serde(default)]
     cluster_policies: Vec<ClusterPolicy>,
+    #[serde(default)]
+    active: Vec<ActiveView>,
+    #[serde(default)]
+    rule_hits: Vec<RuleHit>,
+}
+
+/// An approved (or deployed) version of the workload's policy.
+#[derive(Debug, Deserialize)]
+struct ActiveView {
+    proposal_id: i64,
+    version: u32,
+    policy: bulkhead_model::Policy,
+}
+
+/// One rule's use on one node, as enforcers reported it.
+#[derive(Debug, Deserialize)]
+struct RuleHit {
+    rule: RuleHitRef,
+    node_id: String,
+    hits: u64,
+    last_hit_unix_ms: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct RuleHitRef {
+    proposal_id: i64,
+    direction: bulkhead_model::Direction,
+    rule_index: u32,
 }
 
 /// An imported Kubernetes NetworkPolicy that selects the proposal's workload.
@@ -297,6 +325,42 @@ fn print_record(r: &Record) {
                 count(&c.policy.egress)
             );
         }
+    }
+    for a in &r.active {
+        println!();
+        println!(
+            "Enforced rules of approved version {} (proposal {}), hits reported by enforcers:",
+            a.version, a.proposal_id
+        );
+        let mut rows = Vec::new();
+        for (direction, rules) in [
+            (bulkhead_model::Direction::Ingress, &a.policy.ingress),
+            (bulkhead_model::Direction::Egress, &a.policy.egress),
+        ] {
+            for (index, rule) in rules.iter().flatten().enumerate() {
+                let hits: Vec<&RuleHit> = r
+                    .rule_hits
+                    .iter()
+                    .filter(|h| {
+                        h.rule.proposal_id == a.proposal_id
+                            && h.rule.direction == direction
+                            && h.rule.rule_index as usize == index
+                    })
+                    .collect();
+                let total: u64 = hits.iter().map(|h| h.hits).fold(0, u64::saturating_add);
+                let last = hits.iter().map(|h| h.last_hit_unix_ms).max();
+                let ports: Vec<String> = rule.ports.iter().map(ToString::to_string).collect();
+                rows.push(vec![
+                    format!("{}-{index}", direction.as_str()),
+                    printable(&rule.peer.to_string()),
+                    ports.join(","),
+                    total.to_string(),
+                    last.map_or_else(|| "never".to_owned(), ago),
+                    hits.iter().map(|h| printable(&h.node_id)).collect::<Vec<_>>().join(","),
+                ]);
+            }
+        }
+        print_table(&["RULE", "PEER", "PORTS", "HITS", "LAST HIT", "NODES"], &rows);
     }
     for rm in &p.removals {
         let when = rm.last_used_unix_ms.map_or_else(|| "never used".to_owned(), |t| format!("last used {}", ago(t)));
