@@ -402,6 +402,22 @@ async fn hello_acks_and_reports_are_recorded_in_the_store() {
         async || store.rule_hits(record.summary.id).await.is_ok_and(|h| h.iter().any(|r| r.hits == 7)),
         "rule hits are stored against the approved rule"
     );
+    // The first node that applied the approved version deployed it, on the record.
+    assert_eventually_async!(
+        TIMEOUT,
+        async || store
+            .proposal(record.summary.id)
+            .await
+            .is_ok_and(|p| p.is_some_and(|p| p.summary.status == bulkhead_model::ProposalStatus::Deployed)),
+        "the approved version becomes deployed"
+    );
+    let q = bulkhead_learner::store::AuditQuery { limit: 100, ..Default::default() };
+    let audit = store.audit(&q).await.expect("audit");
+    assert!(audit.iter().any(|e| e.action == "proposal.deploy" && e.actor == "enforcer:node-a"), "{audit:?}");
+    // Re-acking (a reconnect) changes nothing and fails nothing.
+    tx.send((&ack).into()).await.expect("ack again");
+    let enforcers = store.enforcers().await.expect("enforcers");
+    assert_eq!(enforcers[0].applied_version, Some(snap.version));
 }
 
 /// Closed enrollment holds for the policy stream as for flows: an unregistered node

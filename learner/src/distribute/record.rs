@@ -8,12 +8,14 @@
 //! (closed enrollment) is refused at its Hello, as on the flow stream — policy
 //! names workloads and addresses, which only enrolled nodes may learn.
 
-use bulkhead_model::Direction;
+use std::collections::BTreeSet;
+
 use bulkhead_model::node_policy::{EnforcerHello, PolicyAck, PolicyAckStatus, VerdictReport};
+use bulkhead_model::{Direction, ProposalStatus};
 
 use super::Distributor;
 use crate::grpc::ingest::{Enrollment, unix_ms};
-use crate::store::{AckOutcome, RuleHits, RuleRef, Store, VerdictEventRow};
+use crate::store::{AckOutcome, RuleHits, RuleRef, Store, StoreError, VerdictEventRow};
 
 /// Writes enforcer messages to the store.
 #[derive(Debug, Clone)]
@@ -59,8 +61,45 @@ impl Recorder {
                 AckOutcome::Rejected { error: ack.error.clone().unwrap_or_else(|| "no reason given".into()) }
             }
         };
+        let applied = matches!(outcome, AckOutcome::Applied);
         if let Err(err) = self.store.enforcer_ack(node, ack.version, outcome, unix_ms()).await {
             tracing::warn!(node = %node, version = ack.version, error = %err, "Recording an enforcer ack failed.");
+        }
+        if applied {
+            self.mark_deployed(node, ack.version).await;
+        }
+    }
+
+    /// The approved versions whose rules a node now enforces become `deployed` (the
+    /// first node to apply one deploys it; audited as `proposal.deploy` by
+    /// `enforcer:<node>`). Versions without any rule (deny-all) have no rule reference
+    /// in the snapshot and stay `approved` while enforced.
+    async fn mark_deployed(&self, node: &str, version: u64) {
+        let Some(policy) = self.distributor.snapshot(node, version) else { return };
+        let ids: BTreeSet<i64> = policy.rule_refs.iter().map(|r| r.proposal_id).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let approved: Vec<i64> = match self.store.active_policies().await {
+            Ok(active) => active
+                .into_iter()
+                .filter(|a| a.status == ProposalStatus::Approved && ids.contains(&a.proposal_id))
+                .map(|a| a.proposal_id)
+                .collect(),
+            Err(err) => {
+                tracing::warn!(node = %node, error = %err, "Reading the active policies failed.");
+                return;
+            }
+        };
+        let actor = format!("enforcer:{node}");
+        for id in approved {
+            match self.store.mark_deployed(id, &actor, unix_ms()).await {
+                // Another node's ack got there first.
+                Ok(_) | Err(StoreError::InvalidTransition { .. }) => {}
+                Err(err) => {
+                    tracing::warn!(node = %node, proposal = id, error = %err, "Marking a proposal deployed failed.")
+                }
+            }
         }
     }
 

@@ -174,6 +174,11 @@ impl Distributor {
         policy.rule_refs.get(i).cloned()
     }
 
+    /// The node's snapshot `version`, while it is among the recent ones.
+    pub fn snapshot(&self, node: &str, version: u64) -> Option<Arc<NodePolicy>> {
+        self.lock().nodes.get(node)?.history.get(&version).cloned()
+    }
+
     /// Every node's enforcer state, by node.
     pub fn status(&self) -> BTreeMap<String, NodeStatus> {
         self.lock().nodes.iter().map(|(n, ch)| (n.clone(), ch.status.clone())).collect()
