@@ -224,6 +224,21 @@ impl MapOwner {
             };
             &pruned
         };
+        // The same content under a new version (a learner that restarted, or this
+        // process after a restart): nothing to write, only the version to record.
+        // Compared as the kernel would hold it, so it is exact whatever came before.
+        let same = render_resolved(renderable, self.state.generation, &self.capacity, &netns_keys)?;
+        if same == self.state {
+            self.cut_rule_counters();
+            let generation = self.state.generation;
+            self.record_applied(policy, generation, &netns_keys, &wanted);
+            tracing::info!(
+                version = policy.version,
+                generation,
+                "Applied a policy with unchanged content (no map writes)."
+            );
+            return Ok(Outcome::Applied { generation, ops: 0 });
+        }
         let target = render_resolved(renderable, generation, &self.capacity, &netns_keys)?;
         let ops = diff(&self.state, &target);
 
@@ -234,12 +249,32 @@ impl MapOwner {
             self.recover();
             return Err(Rejection::Kernel(reason));
         }
+        self.state = target;
+        self.record_applied(policy, generation, &netns_keys, &wanted);
+        tracing::info!(
+            version = policy.version,
+            generation,
+            ops = ops.len(),
+            endpoints = self.state.endpoints.len(),
+            rules = self.state.policy.len(),
+            "Applied a policy."
+        );
+        Ok(Outcome::Applied { generation, ops: ops.len() })
+    }
+
+    /// Everything that follows the kernel enforcing `policy` under `generation`.
+    fn record_applied(
+        &mut self,
+        policy: &NodePolicy,
+        generation: u32,
+        netns_keys: &BTreeMap<u64, u64>,
+        wanted: &[u64],
+    ) {
         let applied = Applied { version: policy.version, generation };
         if let Err(err) = self.file.write(applied) {
             // The kernel enforces the new version; only a restart would not know it.
             tracing::warn!(path = %self.file.path().display(), error = %err, "Could not record the applied version.");
         }
-        self.state = target;
         self.applied = Some(applied);
         self.policy = Some(policy.clone());
         self.versions.insert(generation, policy.version);
@@ -254,16 +289,7 @@ impl MapOwner {
             .collect();
         // Namespaces that left the policy (or the node) lose their programs only now
         // that no active policy names them.
-        self.detach_netns_except(&wanted);
-        tracing::info!(
-            version = policy.version,
-            generation,
-            ops = ops.len(),
-            endpoints = self.state.endpoints.len(),
-            rules = self.state.policy.len(),
-            "Applied a policy."
-        );
-        Ok(Outcome::Applied { generation, ops: ops.len() })
+        self.detach_netns_except(wanted);
     }
 
     /// Resolves every network-namespace workload of `policy` and attaches the tc

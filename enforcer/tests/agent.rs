@@ -74,6 +74,11 @@ struct Learner {
 
 impl Learner {
     fn start() -> Learner {
+        Learner::start_at("127.0.0.1:0")
+    }
+
+    /// On a given address (a restart comes back where the enforcer looks).
+    fn start_at(listen: &str) -> Learner {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}", dir.path().join("learner.db").display());
@@ -86,7 +91,7 @@ impl Learner {
                 distributor: distributor.clone(),
                 recorder: Some(recorder),
             });
-            (store, serve(service).await)
+            (store, serve_at(listen, service).await)
         });
         Learner { rt, distributor, store, url, _dir: dir }
     }
@@ -132,7 +137,14 @@ async fn serve<S>(service: PolicyStreamServer<S>) -> String
 where
     S: PolicyStream,
 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    serve_at("127.0.0.1:0", service).await
+}
+
+async fn serve_at<S>(listen: &str, service: PolicyStreamServer<S>) -> String
+where
+    S: PolicyStream,
+{
+    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -386,10 +398,26 @@ fn snapshots_are_applied_acked_enforced_and_reported() {
         learner
             .events(&node, Verdict::Audit)
             .into_iter()
-            .filter(|e| e.event.local == ID_B && e.event.peer == ID_C && e.event.policy_version == v2)
+            .filter(|e| {
+                e.event.local == ID_B
+                    && e.event.peer == ID_C
+                    && e.event.protocol == Protocol::Tcp
+                    && e.event.policy_version == v2
+            })
             .count()
     };
     assert_eventually!(WAIT, || audits(&learner) >= 3, "3 audit events; log:\n{}", enforcer.log());
+    // UDP likewise: a datagram and its reply are one flow, one audit event.
+    let b53 = w.v4(1, UDP_PORT);
+    w.agent(2).udp(b53, OK_TIMEOUT_MS).unwrap_or_else(|e| panic!("C → B/udp passes in monitor: {e}"));
+    let udp_audits = |learner: &Learner| {
+        learner
+            .events(&node, Verdict::Audit)
+            .into_iter()
+            .filter(|e| e.event.local == ID_B && e.event.protocol == Protocol::Udp && e.event.dst_port == UDP_PORT)
+            .count()
+    };
+    assert_eventually!(WAIT, || udp_audits(&learner) == 1, "one UDP audit event; log:\n{}", enforcer.log());
     // Allowing C → B in a new version: the audit stops, traffic keeps flowing.
     let extra = [c_to_b_http(&w)];
     let v3 = learner.publish(&w.node, w.policy(RolloutMode::Enforce, &extra));
@@ -633,6 +661,28 @@ impl PolicyStream for Scripted {
         let updates = tokio_stream::iter(self.updates.clone().into_iter().map(Ok)).chain(tokio_stream::pending());
         Ok(tonic::Response::new(Box::pin(updates)))
     }
+}
+
+/// The learner goes away and comes back (new process, new versions, same content):
+/// the kernel keeps enforcing meanwhile, the enforcer reconnects, and the learner's
+/// first snapshot is recorded as applied without rewriting the maps.
+#[test]
+fn a_restarted_learner_resyncs_without_rewriting_the_maps() {
+    let mut w = World::new();
+    let learner = Learner::start();
+    let v1 = learner.publish(&w.node, w.policy(RolloutMode::Enforce, &[]));
+    let enforcer = Enforcer::start(&w, &learner.url);
+    learner.wait_applied(&w.node, v1);
+    let listen = learner.url.trim_start_matches("http://").to_owned();
+    drop(learner);
+    w.assert_enforced();
+
+    let learner = Learner::start_at(&listen);
+    let v2 = learner.publish(&w.node, w.policy(RolloutMode::Enforce, &[]));
+    assert!(v2 > v1);
+    learner.wait_applied(&w.node, v2);
+    assert!(enforcer.log().contains("unchanged content"), "no map writes for the same content:\n{}", enforcer.log());
+    w.assert_enforced();
 }
 
 /// A workload that is only a network namespace (its processes in no managed cgroup)
