@@ -25,6 +25,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "mount, mountpoint, runuser, nsenter"),
     ("postgresql", "the store's PostgreSQL tests"),
     ("zlib1g-dev", "linking bpf-linker (-lz)"),
+    ("iptables", "enforcer benchmark baseline"),
+    ("nftables", "enforcer benchmark baseline"),
 ];
 
 /// rustup components: the eBPF build needs `rust-src` (`-Z build-std=core`).
