@@ -502,10 +502,12 @@ fn netns_is_gone(e: &TcError) -> bool {
     }
 }
 
-/// The generation after `g`; 0 is never used (a fresh config array reads 0).
+/// The generation after `g`; 0 is never used (a fresh config array reads 0), and
+/// parity always alternates (endpoint and ipcache values keep one slot per parity:
+/// the wrap goes u32::MAX → 2, not 1).
 pub fn next_generation(g: u32) -> u32 {
     match g.wrapping_add(1) {
-        0 => 1,
+        0 => 2,
         n => n,
     }
 }
@@ -583,7 +585,11 @@ mod tests {
     fn generations_skip_zero() {
         assert_eq!(next_generation(0), 1);
         assert_eq!(next_generation(41), 42);
-        assert_eq!(next_generation(u32::MAX), 1);
+        assert_eq!(next_generation(u32::MAX), 2);
+        for g in [0, 1, 2, 41, u32::MAX - 1, u32::MAX] {
+            assert_ne!(next_generation(g) & 1, g & 1, "parity alternates after {g}");
+            assert_ne!(next_generation(g), 0);
+        }
     }
 
     #[test]

@@ -4,6 +4,11 @@
 //! maps from one to the other without any packet seeing half a policy. The one task
 //! that owns the maps applies the ops; nothing here touches the kernel.
 //!
+//! Every map switches with the policy generation: rules are keyed by it, and
+//! endpoints and ipcache prefixes hold one slot per generation parity, so
+//! [`diff`] writes the next generation's view of them beside the current one
+//! before the flip and settles them after it (see [`diff`] and `abi::slot_of`).
+//!
 //! Agreement with [`NodePolicyIndex::decide`](bulkhead_model::node_policy::NodePolicyIndex::decide)
 //! is what the tests below check with a pure model of the kernel lookup.
 //!
@@ -15,20 +20,22 @@
 //! stays pure.
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 
-use bulkhead_abi::enforcer::{self as abi, EndpointKey, EndpointValue, IpcacheKey, PolicyKey, PolicyValue};
+use bulkhead_abi::enforcer::{
+    self as abi, EndpointKey, EndpointSlot, EndpointValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue,
+};
 use bulkhead_model::{Direction, Identity, NodePolicy, Protocol, RolloutMode};
 use ipnet::{IpNet, Ipv6Net};
 
 /// How many entries the kernel maps hold; [`render_with`] refuses more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacity {
-    /// `IPCACHE_V1` prefixes.
+    /// `IPCACHE_V2` prefixes.
     pub ipcache: usize,
-    /// `ENDPOINTS_V1` entries (one per cgroup or network-namespace workload).
+    /// `ENDPOINTS_V2` entries (one per cgroup or network-namespace workload).
     pub endpoints: usize,
     /// `POLICY_V1` entries of one generation: the map holds two while a new one is
     /// written, so this is half the map's capacity.
@@ -104,26 +111,62 @@ impl fmt::Display for IpcachePrefix {
 const V4_MAPPED: IpcachePrefix = IpcachePrefix { prefixlen: 96, addr: abi::v4_mapped([0; 4]) };
 
 /// Everything the kernel maps should hold for one policy (conntrack, counters and
-/// events are the kernel's own and not modelled).
+/// events are the kernel's own and not modelled), as packets judged under
+/// `generation` see it.
+///
+/// `ENDPOINTS_V2` and `IPCACHE_V2` hold two slots per key, one per generation
+/// parity (`abi::slot_of`); `ipcache` and `endpoints` are the slot of
+/// `generation`. A rendered state is *settled*: both slots of every key are
+/// equal. One read back from the kernel ([`crate::datapath::Datapath::read_state`])
+/// after an apply that stopped half-way may not be: `unsettled` names those keys,
+/// and [`diff`] rewrites or deletes them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MapState {
     /// The generation `policy` is written under, and the active one once applied.
     pub generation: u32,
-    /// `IPCACHE_V1`.
+    /// `IPCACHE_V2`, `generation`'s slot of every prefix.
     pub ipcache: BTreeMap<IpcachePrefix, u32>,
-    /// `ENDPOINTS_V1`.
-    pub endpoints: BTreeMap<EndpointKey, EndpointValue>,
+    /// `ENDPOINTS_V2`, `generation`'s slot of every key that is present in it.
+    pub endpoints: BTreeMap<EndpointKey, EndpointSlot>,
     /// `POLICY_V1` entries of `generation` (every key has `generation` in it).
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
+    /// Kernel entries whose two slots differ (or whose slot of `generation` is
+    /// absent); empty in a rendered state.
+    pub unsettled: Unsettled,
+}
+
+/// Keys of the double-buffered maps whose two slots are not both `generation`'s
+/// view (see [`MapState`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unsettled {
+    /// `ENDPOINTS_V2` keys: the other slot differs, or this generation's is absent
+    /// (then the key is not in [`MapState::endpoints`]).
+    pub endpoints: BTreeSet<EndpointKey>,
+    /// `IPCACHE_V2` prefixes whose other slot differs (each is in [`MapState::ipcache`]).
+    pub ipcache: BTreeSet<IpcachePrefix>,
+}
+
+impl Unsettled {
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty() && self.ipcache.is_empty()
+    }
 }
 
 /// One step of taking the maps from one [`MapState`] to another, in [`diff`] order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MapOp {
-    /// Insert or overwrite an ipcache prefix.
+    /// Insert or overwrite an ipcache prefix, the same identity in both slots
+    /// (settled: every generation sees it).
     UpsertIpcache { prefix: IpcachePrefix, identity: u32 },
-    /// Insert or overwrite an endpoint.
-    UpsertEndpoint { key: EndpointKey, value: EndpointValue },
+    /// Insert or overwrite an endpoint, the same in both slots (settled).
+    UpsertEndpoint { key: EndpointKey, value: EndpointSlot },
+    /// Before a flip: an ipcache prefix with each generation's answer in its slot
+    /// (`value.identity[slot_of(g)]`): for a prefix that generation does not
+    /// have, what its longest-prefix match answers for the prefix.
+    BridgeIpcache { prefix: IpcachePrefix, value: IpcacheValue },
+    /// Before a flip: an endpoint with each generation's view in its slot (an
+    /// absent slot for a generation that does not manage it).
+    BridgeEndpoint { key: EndpointKey, value: EndpointValue },
     /// Write every entry of a generation that is not active yet.
     WriteGeneration { generation: u32, entries: Vec<(PolicyKey, PolicyValue)> },
     /// Flip `ENF_CONFIG_V1.active_generation` (one map update).
@@ -253,7 +296,7 @@ pub fn render_resolved(
         if *coverage.entry(e.identity.0).or_insert(flags) != flags {
             return Err(RenderError::InconsistentCoverage { index, identity: e.identity.0 });
         }
-        let value = EndpointValue { identity: e.identity.0, mode, flags, _pad: [0; 2] };
+        let value = EndpointSlot { identity: e.identity.0, mode, flags, _pad: [0; 2] };
         if let Some((netns_ino, key)) = netns_key
             && state.endpoints.insert(EndpointKey { cgroup_id: key }, value).is_some()
         {
@@ -347,32 +390,55 @@ fn too_many(map: &'static str, len: usize, capacity: usize) -> Result<(), Render
 }
 
 /// The ops that take the maps from `from` to `to`, in the order they must be
-/// applied: ipcache and endpoint upserts, then (when the generation changes) the
-/// whole new generation, its activation and the deletion of the old one, then
-/// endpoint and ipcache deletes. New prefixes and workloads exist before a policy
-/// naming them is active; old ones go only after it no longer is.
+/// applied, such that no packet sees half a policy.
 ///
-/// Render the target under a generation other than the applied one (the map
-/// owner's `active + 1`): only then is the policy change atomic. With equal
-/// generations a changed policy is patched entry by entry ([`MapOp::UpsertPolicy`],
-/// [`MapOp::DeletePolicy`]), which keeps `diff` total but not atomic.
+/// Render the target under the generation after the applied one (the map
+/// owner's `active + 1`; any generation of the other parity, `abi::slot_of`).
+/// Then:
+///
+/// 1. **bridge**: every endpoint and prefix that differs between the two states
+///    (or is unsettled in `from`) is written with `from`'s view in `from`'s slot
+///    and `to`'s in the other ([`MapOp::BridgeEndpoint`], [`MapOp::BridgeIpcache`]).
+///    A slot for a state without the key is absent (endpoints) or holds that
+///    state's longest-prefix-match answer for the prefix (ipcache: a trie cannot
+///    fall through to a shorter prefix, so the entry must answer as if it were
+///    not there). Packets still read `from`'s slot: nothing changes for them;
+/// 2. the whole new generation of rules ([`MapOp::WriteGeneration`]);
+/// 3. the flip ([`MapOp::Activate`]): from here packets read `to`'s slots and rules;
+/// 4. the old generation's rules go ([`MapOp::DeleteGeneration`]);
+/// 5. bridged keys `to` has are settled (both slots `to`'s:
+///    [`MapOp::UpsertEndpoint`], [`MapOp::UpsertIpcache`]), the others deleted
+///    ([`MapOp::DeleteEndpoint`], [`MapOp::DeleteIpcache`]).
+///
+/// Keys equal and settled in both states are not written, so the cost follows
+/// the size of the change. Every op boundary leaves the kernel deciding exactly
+/// as `from` (before the flip) or as `to` (from the flip on).
+///
+/// With equal generations, or two of the same parity (which share a slot and
+/// cannot be bridged), the maps are patched in place instead: settled upserts,
+/// then the rules (a whole generation, or entry by entry with
+/// [`MapOp::UpsertPolicy`] / [`MapOp::DeletePolicy`] under one generation), then
+/// deletes. That keeps `diff` total, but it is not atomic.
+///
+/// `to` is taken as settled (its `unsettled` is ignored): after the ops the
+/// kernel holds exactly `to` with every key settled.
 pub fn diff(from: &MapState, to: &MapState) -> Vec<MapOp> {
+    if from.generation != to.generation && abi::slot_of(from.generation) != abi::slot_of(to.generation) {
+        return diff_flip(from, to);
+    }
     let mut ops = Vec::new();
     for (prefix, identity) in &to.ipcache {
-        if from.ipcache.get(prefix) != Some(identity) {
+        if from.ipcache.get(prefix) != Some(identity) || from.unsettled.ipcache.contains(prefix) {
             ops.push(MapOp::UpsertIpcache { prefix: *prefix, identity: *identity });
         }
     }
     for (key, value) in &to.endpoints {
-        if from.endpoints.get(key) != Some(value) {
+        if from.endpoints.get(key) != Some(value) || from.unsettled.endpoints.contains(key) {
             ops.push(MapOp::UpsertEndpoint { key: *key, value: *value });
         }
     }
     if from.generation != to.generation {
-        let entries = to.policy.iter().map(|(k, v)| (*k, *v)).collect();
-        ops.push(MapOp::WriteGeneration { generation: to.generation, entries });
-        ops.push(MapOp::Activate { generation: to.generation });
-        ops.push(MapOp::DeleteGeneration { generation: from.generation });
+        push_generation_flip(&mut ops, from, to);
     } else {
         for (key, value) in &to.policy {
             if from.policy.get(key) != Some(value) {
@@ -383,20 +449,111 @@ pub fn diff(from: &MapState, to: &MapState) -> Vec<MapOp> {
             ops.push(MapOp::DeletePolicy { key: *key });
         }
     }
-    for key in from.endpoints.keys().filter(|k| !to.endpoints.contains_key(k)) {
+    let old_endpoints: BTreeSet<&EndpointKey> = from.endpoints.keys().chain(&from.unsettled.endpoints).collect();
+    for key in old_endpoints.into_iter().filter(|k| !to.endpoints.contains_key(k)) {
         ops.push(MapOp::DeleteEndpoint { key: *key });
     }
-    for prefix in from.ipcache.keys().filter(|p| !to.ipcache.contains_key(p)) {
+    let old_prefixes: BTreeSet<&IpcachePrefix> = from.ipcache.keys().chain(&from.unsettled.ipcache).collect();
+    for prefix in old_prefixes.into_iter().filter(|p| !to.ipcache.contains_key(p)) {
         ops.push(MapOp::DeleteIpcache { prefix: *prefix });
     }
     ops
+}
+
+/// [`diff`] between generations of different parity: bridge, flip, settle.
+fn diff_flip(from: &MapState, to: &MapState) -> Vec<MapOp> {
+    let (old, new) = (abi::slot_of(from.generation), abi::slot_of(to.generation));
+    let mut ops = Vec::new();
+    // After the flip: settled upserts first, then deletes (either order is exact).
+    let mut settle = Vec::new();
+    let mut delete = Vec::new();
+
+    let keys: BTreeSet<&EndpointKey> =
+        from.endpoints.keys().chain(to.endpoints.keys()).chain(&from.unsettled.endpoints).collect();
+    for key in keys {
+        let before = from.endpoints.get(key).copied();
+        let after = to.endpoints.get(key).copied();
+        if before == after && !from.unsettled.endpoints.contains(key) {
+            continue;
+        }
+        let mut value = EndpointValue::default();
+        value.slot[old] = before.unwrap_or(EndpointSlot::ABSENT);
+        value.slot[new] = after.unwrap_or(EndpointSlot::ABSENT);
+        ops.push(MapOp::BridgeEndpoint { key: *key, value });
+        match after {
+            Some(value) => settle.push(MapOp::UpsertEndpoint { key: *key, value }),
+            None => delete.push(MapOp::DeleteEndpoint { key: *key }),
+        }
+    }
+
+    let (old_lpm, new_lpm) = (Lpm::new(&from.ipcache), Lpm::new(&to.ipcache));
+    let mut delete_prefixes = Vec::new();
+    let prefixes: BTreeSet<&IpcachePrefix> =
+        from.ipcache.keys().chain(to.ipcache.keys()).chain(&from.unsettled.ipcache).collect();
+    for prefix in prefixes {
+        let before = from.ipcache.get(prefix).copied();
+        let after = to.ipcache.get(prefix).copied();
+        if before == after && !from.unsettled.ipcache.contains(prefix) {
+            continue;
+        }
+        let mut value = IpcacheValue::default();
+        value.identity[old] = before.unwrap_or_else(|| old_lpm.covering(prefix));
+        value.identity[new] = after.unwrap_or_else(|| new_lpm.covering(prefix));
+        ops.push(MapOp::BridgeIpcache { prefix: *prefix, value });
+        match after {
+            Some(identity) => settle.push(MapOp::UpsertIpcache { prefix: *prefix, identity }),
+            None => delete_prefixes.push(MapOp::DeleteIpcache { prefix: *prefix }),
+        }
+    }
+
+    push_generation_flip(&mut ops, from, to);
+    ops.extend(settle);
+    ops.extend(delete);
+    ops.extend(delete_prefixes);
+    ops
+}
+
+/// Write `to`'s rules as a new generation, flip to it, delete `from`'s.
+fn push_generation_flip(ops: &mut Vec<MapOp>, from: &MapState, to: &MapState) {
+    let entries = to.policy.iter().map(|(k, v)| (*k, *v)).collect();
+    ops.push(MapOp::WriteGeneration { generation: to.generation, entries });
+    ops.push(MapOp::Activate { generation: to.generation });
+    ops.push(MapOp::DeleteGeneration { generation: from.generation });
+}
+
+/// Longest-prefix match over one state's ipcache, as the kernel's trie answers.
+struct Lpm<'a> {
+    ipcache: &'a BTreeMap<IpcachePrefix, u32>,
+    /// The prefix lengths present, so a query probes only those.
+    lengths: BTreeSet<u32>,
+}
+
+impl<'a> Lpm<'a> {
+    fn new(ipcache: &'a BTreeMap<IpcachePrefix, u32>) -> Self {
+        Self { ipcache, lengths: ipcache.keys().map(|p| p.prefixlen).collect() }
+    }
+
+    /// The identity of the longest prefix containing all of `prefix` (itself
+    /// included), or world: what addresses in `prefix` resolve to when the trie
+    /// has no longer prefix for them.
+    fn covering(&self, prefix: &IpcachePrefix) -> u32 {
+        let addr = u128::from_be_bytes(prefix.addr);
+        for &len in self.lengths.range(..=prefix.prefixlen).rev() {
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len.min(128)) };
+            let key = IpcachePrefix { prefixlen: len, addr: (addr & mask).to_be_bytes() };
+            if let Some(identity) = self.ipcache.get(&key) {
+                return *identity;
+            }
+        }
+        abi::IDENTITY_WORLD
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
 
-    use bulkhead_model::node_policy::LOCAL_IDENTITY_FIRST;
+    use bulkhead_model::node_policy::{LOCAL_IDENTITY_FIRST, NodePolicyIndex};
     use bulkhead_model::{EndpointCgroup, IpcacheEntry, NodeRule, PolicyEndpoint, RuleKey, RuleRef, RuleVerdict};
     use proptest::prelude::*;
 
@@ -411,19 +568,12 @@ mod tests {
         }
     }
 
-    /// LPM over the ipcache; a miss is world.
+    /// LPM over a settled state's ipcache; a miss is world.
     fn kernel_identity(state: &MapState, ip: IpAddr) -> u32 {
-        let addr = kernel_addr(ip);
-        state
-            .ipcache
-            .iter()
-            .filter(|(p, _)| p.contains(&addr))
-            .max_by_key(|(p, _)| p.prefixlen)
-            .map_or(abi::IDENTITY_WORLD, |(_, id)| *id)
+        KernelMaps::new(state).identity(ip)
     }
 
-    /// ENDPOINTS by cgroup, coverage flags, then POLICY_PROBES under the active
-    /// generation.
+    /// What the programs decide over a settled state's maps ([`KernelMaps::decide`]).
     fn kernel_decide(
         state: &MapState,
         cgroup_id: u64,
@@ -432,30 +582,7 @@ mod tests {
         port: u16,
         protocol: Protocol,
     ) -> RuleVerdict {
-        let Some(ep) = state.endpoints.get(&EndpointKey { cgroup_id }) else { return RuleVerdict::NotCovered };
-        let bit = match direction {
-            Direction::Ingress => abi::EP_INGRESS_COVERED,
-            Direction::Egress => abi::EP_EGRESS_COVERED,
-        };
-        if ep.mode == abi::MODE_LEARN || ep.mode == 0 || ep.flags & bit == 0 {
-            return RuleVerdict::NotCovered;
-        }
-        let peer_identity = kernel_identity(state, peer);
-        for (with_peer, with_port, with_proto) in abi::POLICY_PROBES {
-            let key = PolicyKey {
-                generation: state.generation,
-                local_identity: ep.identity,
-                peer_identity: if with_peer { peer_identity } else { abi::IDENTITY_ANY },
-                port: if with_port { port } else { 0 },
-                protocol: if with_proto { protocol.number() } else { 0 },
-                direction: direction_to_abi(direction),
-            };
-            if let Some(v) = state.policy.get(&key) {
-                assert_eq!(v.action, abi::ACTION_ALLOW);
-                return RuleVerdict::Allowed { rule_id: v.rule_id };
-            }
-        }
-        RuleVerdict::DefaultDeny
+        KernelMaps::new(state).decide(cgroup_id, direction, peer, port, protocol)
     }
 
     fn net(s: &str) -> IpNet {
@@ -519,7 +646,7 @@ mod tests {
         assert_eq!(v4.key(), IpcacheKey { prefixlen: 104, addr: abi::v4_mapped([10, 0, 0, 0]) });
         assert_eq!(s.ipcache.get(&v4), Some(&LOCAL_IDENTITY_FIRST));
         assert_eq!(s.ipcache.get(&IpcachePrefix::new(net("fd00::/64"))), Some(&258));
-        let ep = EndpointValue { identity: 257, mode: abi::MODE_ENFORCE, flags: abi::EP_INGRESS_COVERED, _pad: [0; 2] };
+        let ep = EndpointSlot { identity: 257, mode: abi::MODE_ENFORCE, flags: abi::EP_INGRESS_COVERED, _pad: [0; 2] };
         assert_eq!(s.endpoints.len(), 2);
         assert_eq!(s.endpoints.get(&EndpointKey { cgroup_id: 78 }), Some(&ep));
         let exact = PolicyKey {
@@ -686,8 +813,7 @@ mod tests {
         assert_eq!(netns_workloads(&p), vec![(Some("web"), 42)], "only endpoints without cgroups need tc");
         let s = render_resolved(&p, 3, &cap, &keys).expect("renders");
         let tc = EndpointKey { cgroup_id: netns_key(42) };
-        let want =
-            EndpointValue { identity: 256, mode: abi::MODE_MONITOR, flags: abi::EP_EGRESS_COVERED, _pad: [0; 2] };
+        let want = EndpointSlot { identity: 256, mode: abi::MODE_MONITOR, flags: abi::EP_EGRESS_COVERED, _pad: [0; 2] };
         assert_eq!(s.endpoints.get(&tc), Some(&want));
         // The endpoint with cgroups keeps only its cgroup entries (no double judging).
         assert_eq!(s.endpoints.len(), 3, "{:?}", s.endpoints);
@@ -736,8 +862,10 @@ mod tests {
         let kinds: Vec<&str> = ops
             .iter()
             .map(|op| match op {
-                MapOp::UpsertIpcache { .. } => "upsert-ipcache",
-                MapOp::UpsertEndpoint { .. } => "upsert-endpoint",
+                MapOp::BridgeIpcache { .. } => "bridge-ipcache",
+                MapOp::BridgeEndpoint { .. } => "bridge-endpoint",
+                MapOp::UpsertIpcache { .. } => "settle-ipcache",
+                MapOp::UpsertEndpoint { .. } => "settle-endpoint",
                 MapOp::WriteGeneration { generation: 2, .. } => "write-2",
                 MapOp::Activate { generation: 2 } => "activate-2",
                 MapOp::DeleteGeneration { generation: 1 } => "delete-1",
@@ -749,39 +877,70 @@ mod tests {
         assert_eq!(
             kinds,
             [
-                "upsert-ipcache",
-                "upsert-endpoint",
+                "bridge-endpoint",
+                "bridge-endpoint",
+                "bridge-ipcache",
+                "bridge-ipcache",
                 "write-2",
                 "activate-2",
                 "delete-1",
+                "settle-endpoint",
+                "settle-ipcache",
                 "delete-endpoint",
                 "delete-ipcache"
             ]
         );
+        // Cgroup 77 leaves (absent in generation 2's slot), 78 turns to monitor.
+        let (old, new) = (abi::slot_of(1), abi::slot_of(2));
+        let enforce = a.endpoints[&EndpointKey { cgroup_id: 78 }];
+        let monitor = EndpointSlot { mode: abi::MODE_MONITOR, ..enforce };
+        let mut gone = EndpointValue::default();
+        gone.slot[old] = enforce;
+        let mut switched = EndpointValue::both(enforce);
+        switched.slot[new] = monitor;
+        assert_eq!(ops[0], MapOp::BridgeEndpoint { key: EndpointKey { cgroup_id: 77 }, value: gone });
+        assert_eq!(ops[1], MapOp::BridgeEndpoint { key: EndpointKey { cgroup_id: 78 }, value: switched });
+        // 10.0.0.1/32 leaves: generation 2 answers 10.0.0.0/8's identity for it;
+        // 192.0.2.0/24 arrives: generation 1 answers world for it.
+        let mut leaving = IpcacheValue::both(256);
+        leaving.identity[new] = LOCAL_IDENTITY_FIRST;
+        let mut arriving = IpcacheValue::both(259);
+        arriving.identity[old] = abi::IDENTITY_WORLD;
+        // (Prefixes are ordered by length first.)
+        assert_eq!(ops[2], MapOp::BridgeIpcache { prefix: IpcachePrefix::new(net("192.0.2.0/24")), value: arriving });
+        assert_eq!(ops[3], MapOp::BridgeIpcache { prefix: IpcachePrefix::new(net("10.0.0.1/32")), value: leaving });
+
         assert!(diff(&b, &b).is_empty(), "no change, no ops");
         let same_gen = render(&sample(), 2).expect("renders");
         assert!(
             diff(&same_gen, &b).iter().any(|op| matches!(op, MapOp::DeletePolicy { .. })),
             "a changed policy under one generation is patched entry by entry"
         );
+        // Same parity: cannot be bridged, so patched in place (never bridges).
+        let same_parity = diff(&a, &render(&p, 3).expect("renders"));
+        assert!(same_parity.iter().all(|op| !matches!(op, MapOp::BridgeEndpoint { .. } | MapOp::BridgeIpcache { .. })));
+        assert!(same_parity.contains(&MapOp::Activate { generation: 3 }));
     }
 
-    /// The kernel maps as [`MapOp`]s change them: `POLICY_V1` holds every generation
-    /// written and not yet deleted; packets see only the active one.
-    #[derive(Debug)]
+    /// The kernel maps as [`MapOp`]s change them, slot by slot: `POLICY_V1` holds
+    /// every generation written and not yet deleted; packets see only the active
+    /// one, and the active generation's slot of every endpoint and prefix.
+    #[derive(Debug, Clone)]
     struct KernelMaps {
         active: u32,
-        ipcache: BTreeMap<IpcachePrefix, u32>,
+        ipcache: BTreeMap<IpcachePrefix, IpcacheValue>,
         endpoints: BTreeMap<EndpointKey, EndpointValue>,
         policy: BTreeMap<PolicyKey, PolicyValue>,
     }
 
     impl KernelMaps {
+        /// The maps holding a settled state.
         fn new(s: &MapState) -> Self {
+            assert!(s.unsettled.is_empty(), "only settled states are loaded directly");
             Self {
                 active: s.generation,
-                ipcache: s.ipcache.clone(),
-                endpoints: s.endpoints.clone(),
+                ipcache: s.ipcache.iter().map(|(p, id)| (*p, IpcacheValue::both(*id))).collect(),
+                endpoints: s.endpoints.iter().map(|(k, v)| (*k, EndpointValue::both(*v))).collect(),
                 policy: s.policy.clone(),
             }
         }
@@ -789,12 +948,18 @@ mod tests {
         fn apply(&mut self, op: &MapOp) {
             match op {
                 MapOp::UpsertIpcache { prefix, identity } => {
-                    self.ipcache.insert(*prefix, *identity);
+                    self.ipcache.insert(*prefix, IpcacheValue::both(*identity));
+                }
+                MapOp::BridgeIpcache { prefix, value } => {
+                    self.ipcache.insert(*prefix, *value);
                 }
                 MapOp::DeleteIpcache { prefix } => {
                     self.ipcache.remove(prefix);
                 }
                 MapOp::UpsertEndpoint { key, value } => {
+                    self.endpoints.insert(*key, EndpointValue::both(*value));
+                }
+                MapOp::BridgeEndpoint { key, value } => {
                     self.endpoints.insert(*key, *value);
                 }
                 MapOp::DeleteEndpoint { key } => {
@@ -826,13 +991,80 @@ mod tests {
             self.policy.iter().filter(|(k, _)| k.generation == self.active).map(|(k, v)| (*k, *v)).collect()
         }
 
+        /// What `Datapath::read_state` reads back.
         fn state(&self) -> MapState {
-            MapState {
-                generation: self.active,
-                ipcache: self.ipcache.clone(),
-                endpoints: self.endpoints.clone(),
-                policy: self.active_policy(),
+            let slot = abi::slot_of(self.active);
+            let mut state = MapState { generation: self.active, policy: self.active_policy(), ..MapState::default() };
+            for (prefix, v) in &self.ipcache {
+                state.ipcache.insert(*prefix, v.identity[slot]);
+                if v.identity[0] != v.identity[1] {
+                    state.unsettled.ipcache.insert(*prefix);
+                }
             }
+            for (key, v) in &self.endpoints {
+                if v.slot[slot].is_present() {
+                    state.endpoints.insert(*key, v.slot[slot]);
+                }
+                if !v.slot[slot].is_present() || v.slot[0] != v.slot[1] {
+                    state.unsettled.endpoints.insert(*key);
+                }
+            }
+            state
+        }
+
+        /// The trie's longest match (over every key, whatever its slots), then
+        /// the active generation's slot; a miss is world.
+        fn identity(&self, ip: IpAddr) -> u32 {
+            let addr = kernel_addr(ip);
+            self.ipcache
+                .iter()
+                .filter(|(p, _)| p.contains(&addr))
+                .max_by_key(|(p, _)| p.prefixlen)
+                .map_or(abi::IDENTITY_WORLD, |(_, v)| v.identity[abi::slot_of(self.active)])
+        }
+
+        /// The programs' decision: the active generation (read first), ENDPOINTS
+        /// by key and its slot, coverage flags, the ipcache slot, then
+        /// POLICY_PROBES under the active generation.
+        fn decide(
+            &self,
+            cgroup_id: u64,
+            direction: Direction,
+            peer: IpAddr,
+            port: u16,
+            protocol: Protocol,
+        ) -> RuleVerdict {
+            let generation = self.active;
+            let Some(value) = self.endpoints.get(&EndpointKey { cgroup_id }) else { return RuleVerdict::NotCovered };
+            let ep = value.slot[abi::slot_of(generation)];
+            let bit = match direction {
+                Direction::Ingress => abi::EP_INGRESS_COVERED,
+                Direction::Egress => abi::EP_EGRESS_COVERED,
+            };
+            if ep.mode != abi::MODE_MONITOR && ep.mode != abi::MODE_ENFORCE || ep.flags & bit == 0 {
+                return RuleVerdict::NotCovered;
+            }
+            let peer_identity = self.identity(peer);
+            for (with_peer, with_port, with_proto) in abi::POLICY_PROBES {
+                let key = PolicyKey {
+                    generation,
+                    local_identity: ep.identity,
+                    peer_identity: if with_peer { peer_identity } else { abi::IDENTITY_ANY },
+                    port: if with_port { port } else { 0 },
+                    protocol: if with_proto { protocol.number() } else { 0 },
+                    direction: direction_to_abi(direction),
+                };
+                if let Some(v) = self.policy.get(&key) {
+                    assert_eq!(v.action, abi::ACTION_ALLOW);
+                    return RuleVerdict::Allowed { rule_id: v.rule_id };
+                }
+            }
+            RuleVerdict::DefaultDeny
+        }
+
+        /// The mode packets of `cgroup_id` are judged in (0: unmanaged).
+        fn mode(&self, cgroup_id: u64) -> u8 {
+            self.endpoints.get(&EndpointKey { cgroup_id }).map_or(0, |v| v.slot[abi::slot_of(self.active)].mode)
         }
     }
 
@@ -999,41 +1231,249 @@ mod tests {
 
         #[test]
         fn applying_the_diff_yields_the_target(
-            a in arb_policy(),
-            b in arb_policy(),
+            (a, b) in arb_policy_pair(),
             gen_a in any::<u32>(),
-            next in any::<bool>(),
+            step in prop::sample::select(vec![0u32, 1, 2]),
         ) {
             let cap = Capacity::DEFAULT;
             let from = render_resolved(&a, gen_a, &cap, &resolve_all(&a)).expect("renders");
-            let gen_b = if next { gen_a.wrapping_add(1) } else { gen_a };
+            // The next generation, the same one, or one of the same parity (not atomic).
+            let gen_b = gen_a.wrapping_add(step);
             let to = render_resolved(&b, gen_b, &cap, &resolve_all(&b)).expect("renders");
             let ops = diff(&from, &to);
             let mut kernel = KernelMaps::new(&from);
             for op in &ops {
                 kernel.apply(op);
-                if gen_a != gen_b {
-                    // No packet ever sees half a policy.
+                if step == 1 {
+                    // No packet ever sees half a set of rules.
                     let seen = kernel.active_policy();
                     prop_assert!(seen == from.policy || seen == to.policy, "half a policy after {:?}", op);
                 }
             }
             prop_assert_eq!(kernel.state(), to.clone());
             prop_assert_eq!(kernel.policy.len(), to.policy.len(), "no generation left behind");
-            // Ordering: upserts before the flip, deletes after it.
-            if let Some(flip) = ops.iter().position(|op| matches!(op, MapOp::Activate { .. })) {
+            if step == 1 {
+                // Ordering: bridges before the flip, settling and deletes after it.
+                let flip = ops.iter().position(|op| matches!(op, MapOp::Activate { .. })).expect("a flip");
                 for (i, op) in ops.iter().enumerate() {
                     match op {
-                        MapOp::UpsertIpcache { .. } | MapOp::UpsertEndpoint { .. } | MapOp::WriteGeneration { .. } => {
+                        MapOp::BridgeIpcache { .. } | MapOp::BridgeEndpoint { .. } | MapOp::WriteGeneration { .. } => {
                             prop_assert!(i < flip)
                         }
-                        MapOp::DeleteGeneration { .. } | MapOp::DeleteEndpoint { .. } | MapOp::DeleteIpcache { .. } => {
-                            prop_assert!(i > flip)
-                        }
-                        _ => {}
+                        MapOp::DeleteGeneration { .. }
+                        | MapOp::UpsertIpcache { .. }
+                        | MapOp::UpsertEndpoint { .. }
+                        | MapOp::DeleteEndpoint { .. }
+                        | MapOp::DeleteIpcache { .. } => prop_assert!(i > flip),
+                        MapOp::Activate { .. } => {}
+                        MapOp::UpsertPolicy { .. } | MapOp::DeletePolicy { .. } => prop_assert!(false, "{:?}", op),
                     }
                 }
             }
         }
+
+        /// The promise, packet by packet: at every op boundary of a diff
+        /// to the next generation, every packet is decided exactly as the old
+        /// policy decides it (before the flip) or as the new one (from the flip
+        /// on), in the mode that policy gives its endpoint. Endpoints come, go,
+        /// move between identities, switch mode and coverage; prefixes come, go,
+        /// are re-mapped and nest.
+        #[test]
+        fn every_packet_sees_one_whole_policy(
+            (a, b) in arb_policy_pair(),
+            gen_a in any::<u32>(),
+            connections in prop::collection::vec(arb_connection(), 1..48),
+        ) {
+            let cap = Capacity::DEFAULT;
+            let from = render_resolved(&a, gen_a, &cap, &resolve_all(&a)).expect("renders");
+            let to = render_resolved(&b, gen_a.wrapping_add(1), &cap, &resolve_all(&b)).expect("renders");
+            let (old, new) = (Expected::new(&a), Expected::new(&b));
+            let mut kernel = KernelMaps::new(&from);
+            check_connections(&kernel, &old, &connections, "before")?;
+            let mut flipped = false;
+            for op in diff(&from, &to) {
+                kernel.apply(&op);
+                flipped |= matches!(op, MapOp::Activate { .. });
+                let want = if flipped { &new } else { &old };
+                check_connections(&kernel, want, &connections, &format!("after {op:?}"))?;
+            }
+            prop_assert!(flipped);
+            prop_assert_eq!(kernel.state(), to);
+        }
+
+        /// An apply that stopped at any op (the process was killed, a map write
+        /// failed) leaves unsettled entries; what the kernel holds is read back
+        /// and the next diff from it is again atomic and exact. Without the flip
+        /// the owner first restores the applied state (same generation).
+        #[test]
+        fn an_interrupted_apply_is_repaired(
+            (a, b) in arb_policy_pair(),
+            c in arb_policy(),
+            gen_a in any::<u32>(),
+            cut in any::<prop::sample::Index>(),
+            connections in prop::collection::vec(arb_connection(), 1..32),
+        ) {
+            let cap = Capacity::DEFAULT;
+            let from = render_resolved(&a, gen_a, &cap, &resolve_all(&a)).expect("renders");
+            let to = render_resolved(&b, gen_a.wrapping_add(1), &cap, &resolve_all(&b)).expect("renders");
+            let ops = diff(&from, &to);
+            let mut kernel = KernelMaps::new(&from);
+            for op in &ops[..cut.index(ops.len() + 1)] {
+                kernel.apply(op);
+            }
+            let mut now = kernel.state();
+            let mut policy = &b;
+            if now.generation == from.generation {
+                // The owner's recover: back to the applied state, entry by entry.
+                policy = &a;
+                for op in diff(&now, &from) {
+                    kernel.apply(&op);
+                }
+                now = kernel.state();
+                prop_assert_eq!(&now, &from);
+            }
+            // Rules of inactive generations (read_state's stale generations) are
+            // deleted by the owner.
+            let active = kernel.active;
+            kernel.policy.retain(|k, _| k.generation == active);
+            let next = render_resolved(&c, now.generation.wrapping_add(1), &cap, &resolve_all(&c)).expect("renders");
+            let (old, new) = (Expected::new(policy), Expected::new(&c));
+            check_connections(&kernel, &old, &connections, "read back")?;
+            let mut flipped = false;
+            for op in diff(&now, &next) {
+                kernel.apply(&op);
+                flipped |= matches!(op, MapOp::Activate { .. });
+                let want = if flipped { &new } else { &old };
+                check_connections(&kernel, want, &connections, &format!("after {op:?}"))?;
+            }
+            prop_assert_eq!(kernel.state(), next.clone());
+            prop_assert_eq!(kernel.policy.len(), next.policy.len(), "no generation left behind");
+        }
+    }
+
+    /// What a policy says packets of each endpoint key get.
+    struct Expected<'a> {
+        index: NodePolicyIndex<'a>,
+        /// A workload's key (its cgroups, or its namespace when it has none) →
+        /// identity and `MODE_*`.
+        by_key: BTreeMap<u64, (Identity, u8)>,
+    }
+
+    impl<'a> Expected<'a> {
+        fn new(policy: &'a NodePolicy) -> Self {
+            let mode = |m: RolloutMode| if m == RolloutMode::Enforce { abi::MODE_ENFORCE } else { abi::MODE_MONITOR };
+            let by_key = policy
+                .endpoints
+                .iter()
+                .flat_map(|e| {
+                    let v = (e.identity, mode(e.mode));
+                    let tc = e.netns_ino.filter(|_| e.cgroups.is_empty()).map(|ino| (netns_key(ino), v));
+                    e.cgroups.iter().map(move |c| (c.cgroup_id, v)).chain(tc)
+                })
+                .collect();
+            Self { index: policy.index(), by_key }
+        }
+    }
+
+    fn check_connections(
+        kernel: &KernelMaps,
+        want: &Expected<'_>,
+        connections: &[(u64, bool, IpAddr, u16, bool)],
+        when: &str,
+    ) -> Result<(), TestCaseError> {
+        for &(key, ingress, addr, port, tcp) in connections {
+            let direction = if ingress { Direction::Ingress } else { Direction::Egress };
+            let protocol = if tcp { Protocol::Tcp } else { Protocol::Udp };
+            let peer = want.index.identity_of(addr);
+            let (verdict, mode) = match want.by_key.get(&key) {
+                Some((local, mode)) => (want.index.decide(*local, direction, peer, port, protocol), *mode),
+                None => (RuleVerdict::NotCovered, 0),
+            };
+            prop_assert_eq!(kernel.mode(key), mode, "mode of {:#x} {}", key, when);
+            prop_assert_eq!(kernel.identity(addr), peer.0, "identity of {} {}", addr, when);
+            let got = kernel.decide(key, direction, addr, port, protocol);
+            prop_assert_eq!(got, verdict, "{:#x} {:?} {} {}/{:?} {}", key, direction, addr, port, protocol, when);
+        }
+        Ok(())
+    }
+
+    /// A policy and its successor: unrelated, or [`mix`]ed from it (small changes
+    /// of every kind, the common case).
+    fn arb_policy_pair() -> impl Strategy<Value = (NodePolicy, NodePolicy)> {
+        prop_oneof![
+            (arb_policy(), arb_policy()),
+            (arb_policy(), arb_policy(), prop::collection::vec(any::<u8>(), 32)).prop_map(|(a, b, picks)| {
+                let m = mix(&a, &b, &picks);
+                (a, m)
+            }),
+        ]
+    }
+
+    /// `a` changed a little, as `picks` say: endpoints kept, switched between
+    /// monitor and enforce, changed coverage or dropped, some of `b`'s added;
+    /// prefixes kept, re-mapped or dropped, some of `b`'s added (nested ones
+    /// among them); rules of both kept where still valid.
+    fn mix(a: &NodePolicy, b: &NodePolicy, picks: &[u8]) -> NodePolicy {
+        let mut pick = picks.iter().copied().cycle();
+        let mut next = move || pick.next().unwrap_or(0);
+        let mut p = NodePolicy { version: a.version + 1, ..a.clone() };
+        p.endpoints = a
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                let mut e = e.clone();
+                match next() % 5 {
+                    0 => {}
+                    1 => {
+                        e.mode =
+                            if e.mode == RolloutMode::Enforce { RolloutMode::Monitor } else { RolloutMode::Enforce }
+                    }
+                    2 => e.ingress_covered = !e.ingress_covered,
+                    3 => e.egress_covered = !e.egress_covered,
+                    _ => return None,
+                }
+                Some(e)
+            })
+            .collect();
+        for e in &b.endpoints {
+            let taken = p.endpoints.iter().any(|x| {
+                x.identity == e.identity
+                    || x.cgroups.iter().any(|c| e.cgroups.iter().any(|d| d.cgroup_id == c.cgroup_id))
+            });
+            if !taken && next() % 2 == 0 {
+                p.endpoints.push(e.clone());
+            }
+        }
+        let pool = identity_pool();
+        p.ipcache = a
+            .ipcache
+            .iter()
+            .filter_map(|e| match next() % 4 {
+                0 | 1 => Some(*e),
+                2 => Some(IpcacheEntry { identity: Identity(pool[usize::from(next()) % pool.len()]), ..*e }),
+                _ => None,
+            })
+            .collect();
+        for e in &b.ipcache {
+            if !p.ipcache.iter().any(|x| x.prefix == e.prefix) && next() % 2 == 0 {
+                p.ipcache.push(*e);
+            }
+        }
+        let managed: BTreeSet<Identity> = p.endpoints.iter().map(|e| e.identity).collect();
+        let mut known: BTreeSet<u32> = managed.iter().map(|i| i.0).collect();
+        known.extend([1, 2, 3, 6, 7]);
+        known.extend(p.ipcache.iter().map(|e| e.identity.0));
+        let mut seen = BTreeSet::new();
+        p.rules = a
+            .rules
+            .iter()
+            .chain(&b.rules)
+            .filter(|r| managed.contains(&r.key.local) && r.key.peer.is_none_or(|id| known.contains(&id.0)))
+            .filter(|r| seen.insert(r.key))
+            .copied()
+            .collect();
+        p.rules.sort();
+        p.validate().expect("mixing keeps policies valid");
+        p
     }
 }

@@ -20,6 +20,11 @@ use std::time::Duration;
 
 use bulkhead_abi::enforcer as abi;
 use bulkhead_enforcer::datapath::{Datapath, DatapathOptions, Direction, Endpoint, KernelRule, Mode, VerdictRecord};
+use bulkhead_enforcer::render::{MapState, diff, render};
+use bulkhead_model::{
+    Direction as ModelDirection, EndpointCgroup, Identity, IpcacheEntry, NodePolicy, NodeRule, PolicyEndpoint,
+    Protocol, RolloutMode, RuleKey, RuleRef,
+};
 use bulkhead_testkit::assert_eventually;
 use bulkhead_testkit::cgroup::TestCgroup;
 use bulkhead_testkit::netns::TestNet;
@@ -38,6 +43,8 @@ const RULE_B_INGRESS_HTTP: u32 = 11;
 const RULE_A_EGRESS_UDP: u32 = 12;
 const RULE_B_INGRESS_UDP: u32 = 13;
 const RULE_B_INGRESS_HTTP_FROM_C: u32 = 21;
+/// Rules that never match, there to make writing a generation take a while.
+const RULE_FILLER: u32 = 99;
 
 #[test]
 #[ignore = "workload process of the other tests, started by them with --ignored"]
@@ -63,6 +70,11 @@ struct World {
 
 impl World {
     fn new() -> World {
+        World::with_policy_entries(1024)
+    }
+
+    /// A world whose policy map holds `policy_entries` (both generations).
+    fn with_policy_entries(policy_entries: u32) -> World {
         require_root();
         let net = TestNet::new(3);
         let parent = TestCgroup::new();
@@ -71,7 +83,7 @@ impl World {
         let opts = DatapathOptions {
             // Small maps: many tests run at once.
             ipcache_entries: 1024,
-            policy_entries: 1024,
+            policy_entries,
             conntrack_entries: 4096,
             events_bytes: 1 << 16,
             ..DatapathOptions::new(instance, parent.path())
@@ -167,6 +179,99 @@ fn a_to_b_rules() -> Vec<KernelRule> {
         rule(ID_A, ID_B, UDP_PORT, abi::IPPROTO_UDP, Direction::Egress, RULE_A_EGRESS_UDP),
         rule(ID_B, ID_A, UDP_PORT, abi::IPPROTO_UDP, Direction::Ingress, RULE_B_INGRESS_UDP),
     ]
+}
+
+/// A node policy over a [`World`]: every host's addresses in the ipcache; A
+/// managed in monitor mode without coverage (its traffic is never judged) and
+/// owning `filler` rules that never match (writing a generation then takes a
+/// while: the window in which unversioned endpoints or prefixes would show a
+/// packet half a policy); B managed in `mode_b` (unless `None`) with its ingress
+/// covered and its egress not (connections open when B becomes managed have no
+/// conntrack entry, and their replies must not be judged as new egress); plus
+/// B's ingress `rules` as (peer, rule id), TCP port 80.
+fn node_policy(w: &World, mode_b: Option<RolloutMode>, rules: &[(u32, u32)], filler: u16) -> NodePolicy {
+    let mut p = NodePolicy { version: 1, ..NodePolicy::default() };
+    for (i, id) in [ID_A, ID_B, ID_C].into_iter().enumerate() {
+        let h = &w.net.hosts()[i];
+        for net in [format!("{}/32", h.ipv4), format!("{}/128", h.ipv6)] {
+            p.ipcache.push(IpcacheEntry { prefix: net.parse().expect("net"), identity: Identity(id) });
+        }
+    }
+    let endpoint = |i: usize, identity, mode, ingress_covered| PolicyEndpoint {
+        identity: Identity(identity),
+        netns_ino: None,
+        netns_name: None,
+        cgroups: vec![EndpointCgroup { cgroup_id: w.cgroup_id(i), path: format!("/{i}") }],
+        mode,
+        ingress_covered,
+        egress_covered: false,
+    };
+    p.endpoints.push(endpoint(0, ID_A, RolloutMode::Monitor, false));
+    if let Some(mode) = mode_b {
+        p.endpoints.push(endpoint(1, ID_B, mode, true));
+    }
+    let rule = |local, peer: Option<u32>, port, rule_id| NodeRule {
+        key: RuleKey {
+            local: Identity(local),
+            direction: ModelDirection::Ingress,
+            peer: peer.map(Identity),
+            port: Some(port),
+            protocol: Some(Protocol::Tcp),
+        },
+        rule_id,
+    };
+    p.rules = (1..=filler).map(|port| rule(ID_A, None, port, RULE_FILLER)).collect();
+    p.rules.extend(rules.iter().map(|&(peer, rule_id)| rule(ID_B, Some(peer), HTTP, rule_id)));
+    p.rules.sort();
+    let rule_ids: std::collections::BTreeSet<u32> = p.rules.iter().map(|r| r.rule_id).collect();
+    p.rule_refs = rule_ids
+        .into_iter()
+        .map(|rule_id| RuleRef {
+            rule_id,
+            proposal_id: 1,
+            policy_name: "p".into(),
+            direction: ModelDirection::Ingress,
+            rule_index: 0,
+        })
+        .collect();
+    p.validate().unwrap_or_else(|e| panic!("test policy: {e}"));
+    p
+}
+
+/// Applies `policy` the way the map owner does: rendered under the next
+/// generation, diffed against what the kernel holds, the ops applied in order.
+fn apply_policy(dp: &mut Datapath, current: &mut MapState, policy: &NodePolicy) {
+    let target = render(policy, current.generation.wrapping_add(1)).unwrap_or_else(|e| panic!("rendering: {e}"));
+    dp.apply(&diff(current, &target)).unwrap_or_else(|e| panic!("applying: {}", chain(&e)));
+    *current = target;
+}
+
+/// While `client` connects to `to` back to back for `ms`, flips the kernel
+/// between `policies` (in turn, each one a new generation) as fast as it can.
+/// Returns the client's answer and the number of flips.
+fn flip_while_connecting(
+    w: &mut World,
+    client: usize,
+    to: SocketAddr,
+    ms: u64,
+    policies: &[NodePolicy],
+) -> (Result<String, String>, usize) {
+    let dp = w.dp.as_mut().expect("datapath loaded");
+    let mut current = dp.read_state().expect("read state").state;
+    apply_policy(dp, &mut current, &policies[0]);
+    let agent = &mut w.agents[client];
+    let mut flips = 0;
+    let answer = std::thread::scope(|s| {
+        let looping = s.spawn(|| agent.ask_value(&format!("loop tcp {to} {ms}")));
+        while !looping.is_finished() {
+            flips += 1;
+            apply_policy(dp, &mut current, &policies[flips % policies.len()]);
+        }
+        looping.join().expect("client thread")
+    });
+    // What the kernel holds is exactly the last target, every entry settled.
+    assert_eq!(dp.read_state().expect("read state").state, current);
+    (answer, flips)
 }
 
 // === tests ===
@@ -390,4 +495,164 @@ fn verdict_events_are_rate_limited_per_cpu_and_counted() {
     assert!(counters.events_rate_limited >= 1, "{counters:?}");
     assert_eq!(reported + counters.events_rate_limited, counters.denied, "{counters:?} {seen:#?}");
     assert_eq!(counters.events_lost, 0);
+}
+
+#[test]
+fn a_new_enforced_endpoint_and_its_rules_flip_together() {
+    // 20k filler rules per generation: each flip writes and deletes 40k entries.
+    let mut w = World::with_policy_entries(1 << 17);
+    let (a, b) = (0, 1);
+    let b80 = w.v4(b, HTTP);
+    // B unmanaged (everything passes), then B enforced with A → B:80 allowed.
+    let without_b = node_policy(&w, None, &[], 20_000);
+    let with_b = node_policy(&w, Some(RolloutMode::Enforce), &[(ID_A, RULE_B_INGRESS_HTTP)], 20_000);
+    w.agent(a).tcp_ok(b80);
+    let before = w.dp().counters();
+
+    let (answer, flips) = flip_while_connecting(&mut w, a, b80, 3000, &[without_b, with_b]);
+    let connections = answer.unwrap_or_else(|e| panic!("A → B during {flips} flips: {e}"));
+    assert!(flips >= 4, "only {flips} flips during the connect loop");
+    let counters = w.dp().counters();
+    // Not one packet was dropped: B was never enforced without its rule (the
+    // old generation's rules) nor judged by the rule before it was managed.
+    assert_eq!(counters.denied, before.denied, "{counters:?} ({connections} connections, {flips} flips)");
+    assert!(w.dp().rule_use().get(&RULE_B_INGRESS_HTTP).is_some_and(|u| u.hits > 0), "B was enforced at times");
+    let mut seen = Vec::new();
+    w.dp().drain_events(&mut seen);
+    assert!(seen.iter().all(|e| e.verdict != abi::VERDICT_DENIED), "{seen:#?}");
+    // And B is enforced now (the loop ended on whichever policy; end on B's).
+    let mut current = w.dp().read_state().expect("read").state;
+    let with_b = node_policy(&w, Some(RolloutMode::Enforce), &[(ID_A, RULE_B_INGRESS_HTTP)], 0);
+    apply_policy(w.dp(), &mut current, &with_b);
+    w.agent(2).tcp_fails(b80);
+    w.agent(a).tcp_ok(b80);
+}
+
+#[test]
+fn monitor_to_enforce_with_a_new_rule_never_drops_the_newly_allowed_traffic() {
+    let mut w = World::with_policy_entries(1 << 17);
+    let (b, c) = (1, 2);
+    let b80 = w.v6(b, HTTP);
+    // B monitored with no rule for C (C's connections are audited), then B
+    // enforced with C → B:80 allowed.
+    let monitor = node_policy(&w, Some(RolloutMode::Monitor), &[(ID_A, RULE_B_INGRESS_HTTP)], 20_000);
+    let enforce = node_policy(
+        &w,
+        Some(RolloutMode::Enforce),
+        &[(ID_A, RULE_B_INGRESS_HTTP), (ID_C, RULE_B_INGRESS_HTTP_FROM_C)],
+        20_000,
+    );
+    let before = w.dp().counters();
+
+    let (answer, flips) = flip_while_connecting(&mut w, c, b80, 3000, &[monitor, enforce]);
+    let connections = answer.unwrap_or_else(|e| panic!("C → B during {flips} flips: {e}"));
+    assert!(flips >= 4, "only {flips} flips during the connect loop");
+    let counters = w.dp().counters();
+    assert_eq!(counters.denied, before.denied, "{counters:?} ({connections} connections, {flips} flips)");
+    assert!(counters.audit > before.audit, "C was audited under monitor: {counters:?}");
+    assert!(w.dp().rule_use().get(&RULE_B_INGRESS_HTTP_FROM_C).is_some_and(|u| u.hits > 0), "C's rule was used");
+    let mut seen = Vec::new();
+    w.dp().drain_events(&mut seen);
+    assert!(seen.iter().all(|e| e.verdict != abi::VERDICT_DENIED), "{seen:#?}");
+}
+
+/// Creates and pins an empty map the way an enforcer of the V1 layout did
+/// (`BPF_MAP_CREATE`, `BPF_OBJ_PIN`): this build has no object that declares one.
+fn pin_legacy_map(path: &std::path::Path, map_type: u32, key_size: u32, value_size: u32, map_flags: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    // The leading fields of `union bpf_attr` for each command; the kernel
+    // accepts a shorter attr when the rest would be zero.
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let attr = MapCreate { map_type, key_size, value_size, max_entries: 64, map_flags };
+    // SAFETY: `attr` is a valid, initialised prefix of `union bpf_attr` for the
+    // duration of the call.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, &raw const attr, size_of::<MapCreate>() as libc::c_uint)
+    };
+    assert!(fd >= 0, "creating {}: {}", path.display(), std::io::Error::last_os_error());
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    let pin = ObjPin { pathname: name.as_ptr() as u64, bpf_fd: fd as u32, file_flags: 0 };
+    // SAFETY: as above; `name` outlives the call.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, &raw const pin, size_of::<ObjPin>() as libc::c_uint) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: our own fd; the pin keeps the map.
+    unsafe { libc::close(fd as libc::c_int) };
+    assert_eq!(ret, 0, "pinning {}: {err}", path.display());
+}
+
+#[test]
+fn pins_of_the_single_slot_layout_are_migrated_and_stay_enforced() {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData, lpm_trie::LpmTrie};
+    let mut w = World::new();
+    w.dp().replace_policy(&a_to_b_rules()).expect("policy");
+    let (a, b, c) = (0, 1, 2);
+    let b80 = w.v4(b, HTTP);
+
+    // An instance as an enforcer before double-buffered endpoints and ipcache
+    // left it: ENDPOINTS_V1 / IPCACHE_V1 pins with single-slot values, the
+    // other maps (policy, config) as they are.
+    let pin_dir = w.dp().pin_dir().to_path_buf();
+    drop(w.dp.take());
+    for name in [abi::ENDPOINTS, abi::IPCACHE] {
+        std::fs::remove_file(pin_dir.join(name)).expect("unpin");
+    }
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    pin_legacy_map(&pin_dir.join("ENDPOINTS_V1"), BPF_MAP_TYPE_HASH, 8, 8, 0);
+    pin_legacy_map(&pin_dir.join("IPCACHE_V1"), BPF_MAP_TYPE_LPM_TRIE, 20, 8, BPF_F_NO_PREALLOC);
+    let open = |name: &str| {
+        Map::from_map_data(MapData::from_pin(pin_dir.join(name)).expect("open legacy pin")).expect("legacy map")
+    };
+    let mut endpoints: BpfHashMap<MapData, abi::EndpointKey, [u8; 8]> =
+        BpfHashMap::try_from(open("ENDPOINTS_V1")).expect("hash");
+    let flags = abi::EP_INGRESS_COVERED | abi::EP_EGRESS_COVERED;
+    for (i, id) in [(a, ID_A), (b, ID_B)] {
+        let [i0, i1, i2, i3] = id.to_ne_bytes();
+        let v1 = [i0, i1, i2, i3, abi::MODE_ENFORCE, flags, 0, 0];
+        endpoints.insert(abi::EndpointKey { cgroup_id: w.cgroup_id(i) }, v1, 0).expect("legacy endpoint");
+    }
+    let mut ipcache: LpmTrie<MapData, [u8; 16], [u8; 8]> = LpmTrie::try_from(open("IPCACHE_V1")).expect("trie");
+    for (i, id) in [ID_A, ID_B, ID_C].into_iter().enumerate() {
+        let [i0, i1, i2, i3] = id.to_ne_bytes();
+        let (v4, v6) = (w.net.hosts()[i].ipv4, w.net.hosts()[i].ipv6);
+        for net in [format!("{v4}/32"), format!("{v6}/128")] {
+            let key = bulkhead_enforcer::datapath::ipcache_key(net.parse().expect("net"));
+            ipcache.insert(&key, [i0, i1, i2, i3, 0, 0, 0, 0], 0).expect("legacy prefix");
+        }
+    }
+    drop((endpoints, ipcache));
+
+    // The new process copies them before its programs attach and drops the old pins.
+    let dp = Datapath::load(&w.opts).unwrap_or_else(|e| panic!("reloading: {}", chain(&e)));
+    assert!(dp.adopted());
+    w.dp = Some(dp);
+    for name in ["ENDPOINTS_V1", "IPCACHE_V1"] {
+        assert!(!pin_dir.join(name).exists(), "{name} is still pinned");
+    }
+    let want = Endpoint { identity: ID_B, mode: Mode::Enforce, ingress_covered: true, egress_covered: true };
+    let b_cg = w.cgroup_id(b);
+    assert_eq!(w.dp().endpoint(b_cg).expect("read"), Some(want));
+    let state = w.dp().read_state().expect("read state").state;
+    assert_eq!((state.endpoints.len(), state.ipcache.len()), (2, 6), "{state:?}");
+    assert!(state.unsettled.is_empty(), "migrated entries are settled: {state:?}");
+    w.agent(c).tcp_fails(b80);
+    w.agent(a).tcp_ok(b80);
+    let mut seen = Vec::new();
+    w.wait_events(&mut seen, 1, |e| e.cgroup_id == b_cg && e.peer_identity == ID_C);
 }

@@ -21,7 +21,11 @@
 //! rules (the contract and the lookup order are documented in
 //! `bulkhead_abi::enforcer`):
 //!
-//! 1. endpoint by key — unmanaged or `learn`: pass;
+//! 0. the configuration: the active generation, whose parity picks the slot of
+//!    every endpoint and ipcache value below (read first, so one packet never
+//!    mixes two generations' endpoints, prefixes and rules);
+//! 1. endpoint by key — unmanaged (no entry, or absent in this generation's
+//!    slot) or `learn`: pass;
 //! 2. IPv4/IPv6 + TCP/UDP parsing; anything else passes (ICMP, ARP, neighbour
 //!    discovery, IPv6 behind extension headers, non-first IPv4 fragments seen by
 //!    tc before reassembly — documented in user space);
@@ -48,9 +52,9 @@ use bulkhead_abi::enforcer::{
     COUNTER_CT_INSERT_FAILED, COUNTER_DENIED, COUNTER_EVENTS_LIMITED, COUNTER_EVENTS_LOST, COUNTER_FAIL,
     COUNTER_OTHER_PROTO, COUNTER_UNMANAGED, CtKey, CtValue, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_ENDPOINTS,
     DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_RULE_STATS, DEFAULT_VERDICT_EVENTS_BYTES, DIR_EGRESS,
-    DIR_INGRESS, EP_EGRESS_COVERED, EP_INGRESS_COVERED, EndpointKey, EndpointValue, EnforcerConfig, FAIL_CLOSED,
-    FAIL_OPEN, IDENTITY_ANY, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP, IpcacheValue, MODE_ENFORCE, MODE_MONITOR,
-    PolicyKey, PolicyValue, REASON_DEFAULT_DENY, REASON_NOT_COVERED, REASON_RULE, RateState, RuleStats,
+    DIR_INGRESS, EP_EGRESS_COVERED, EP_INGRESS_COVERED, EndpointKey, EndpointSlot, EndpointValue, EnforcerConfig,
+    FAIL_CLOSED, FAIL_OPEN, IDENTITY_ANY, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP, IpcacheValue, MODE_ENFORCE,
+    MODE_MONITOR, PolicyKey, PolicyValue, REASON_DEFAULT_DENY, REASON_NOT_COVERED, REASON_RULE, RateState, RuleStats,
     VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED, VerdictEvent, v4_mapped,
 };
 
@@ -91,11 +95,11 @@ const FAIL_ACTION_MONITOR: i32 = PASS;
 const FAIL_ACTION_ENFORCE: i32 = DROP;
 
 #[map]
-static IPCACHE_V1: LpmTrie<[u8; 16], IpcacheValue> = LpmTrie::with_max_entries(DEFAULT_IPCACHE_ENTRIES, 0);
+static IPCACHE_V2: LpmTrie<[u8; 16], IpcacheValue> = LpmTrie::with_max_entries(DEFAULT_IPCACHE_ENTRIES, 0);
 #[map]
 static POLICY_V1: HashMap<PolicyKey, PolicyValue> = HashMap::with_max_entries(DEFAULT_POLICY_ENTRIES, 0);
 #[map]
-static ENDPOINTS_V1: HashMap<EndpointKey, EndpointValue> = HashMap::with_max_entries(DEFAULT_ENDPOINTS, 0);
+static ENDPOINTS_V2: HashMap<EndpointKey, EndpointValue> = HashMap::with_max_entries(DEFAULT_ENDPOINTS, 0);
 #[map]
 static CONNTRACK_V1: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
 #[map]
@@ -137,7 +141,7 @@ fn tc_verdict(v: i32) -> i32 {
 /// What differs between the program types: where the endpoint key comes from
 /// and how the IP header is read. Everything else is [`try_enforce`].
 trait PacketSource {
-    /// The key of the workload the packet belongs to in `ENDPOINTS_V1`.
+    /// The key of the workload the packet belongs to in `ENDPOINTS_V2`.
     fn endpoint_key(&self) -> u64;
     /// Whether the packet is IPv4 or IPv6 at all (cheap; before any load).
     fn is_ip(&self) -> bool;
@@ -331,19 +335,28 @@ struct Decision {
 fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
     // A cgroup id or a tc endpoint key; named after the ABI field it fills.
     let cgroup_id = ctx.endpoint_key();
-    // SAFETY: the value is copied at once.
-    let ep: EndpointValue = match unsafe { ENDPOINTS_V1.get(EndpointKey { cgroup_id }) } {
-        Some(ep) => *ep,
+    // The generation first: it names the slot of every value read below. An
+    // unreadable config (the array always has its one entry, so never in
+    // practice) reads slot 0 to learn the mode whose fail action applies.
+    let cfg = ENF_CONFIG_V1.get(0).copied();
+    let odd = match &cfg {
+        Some(c) => c.active_generation & 1 != 0,
+        None => false,
+    };
+    // SAFETY: the slot is copied at once.
+    let ep: EndpointSlot = match unsafe { ENDPOINTS_V2.get(EndpointKey { cgroup_id }) } {
+        Some(v) => endpoint_slot(v, odd),
         None => {
             count(COUNTER_UNMANAGED);
             return Ok(PASS);
         }
     };
+    // Also an absent slot (mode 0): not managed in this generation.
     if ep.mode != MODE_MONITOR && ep.mode != MODE_ENFORCE {
         count(COUNTER_UNMANAGED);
         return Ok(PASS);
     }
-    let Some(cfg) = ENF_CONFIG_V1.get(0).copied() else {
+    let Some(cfg) = cfg else {
         return Err(fail_action(ep.mode, None));
     };
     let pkt = match parse(ctx, dir) {
@@ -411,16 +424,25 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
     Ok(DROP)
 }
 
+/// The slot of `generation`'s parity (`bulkhead_abi::enforcer::slot_of`), without
+/// an index the verifier would have to bound.
+#[inline(always)]
+fn endpoint_slot(v: &EndpointValue, odd: bool) -> EndpointSlot {
+    if odd { v.slot[1] } else { v.slot[0] }
+}
+
 /// The verdict for a new connection opened in direction `origin`.
 #[inline(always)]
-fn decide(ep: &EndpointValue, pkt: &Packet, origin: u8, generation: u32) -> Decision {
+fn decide(ep: &EndpointSlot, pkt: &Packet, origin: u8, generation: u32) -> Decision {
     let covered = if origin == DIR_INGRESS { EP_INGRESS_COVERED } else { EP_EGRESS_COVERED };
     if ep.flags & covered == 0 {
         return Decision { verdict: VERDICT_ALLOWED, reason: REASON_NOT_COVERED, rule_id: 0, peer_identity: 0 };
     }
     let lpm = Key::new(128, pkt.remote_addr);
-    let peer = match IPCACHE_V1.get(lpm) {
-        Some(v) => v.identity,
+    // The slot of the same generation as the endpoint's and the policy's.
+    let peer = match IPCACHE_V2.get(lpm) {
+        Some(v) if generation & 1 != 0 => v.identity[1],
+        Some(v) => v.identity[0],
         None => IDENTITY_WORLD,
     };
     // The server's port: the remote one for connections we opened.
@@ -515,7 +537,7 @@ fn take_event_token(cfg: &EnforcerConfig, now: u64) -> bool {
 
 /// Writes one verdict event (rate-limited, without waking user space).
 #[inline(always)]
-fn report(cfg: &EnforcerConfig, ep: &EndpointValue, pkt: &Packet, cgroup_id: u64, dir: u8, d: &Decision, now: u64) {
+fn report(cfg: &EnforcerConfig, ep: &EndpointSlot, pkt: &Packet, cgroup_id: u64, dir: u8, d: &Decision, now: u64) {
     if !take_event_token(cfg, now) {
         count(COUNTER_EVENTS_LIMITED);
         return;

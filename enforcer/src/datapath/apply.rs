@@ -7,7 +7,7 @@
 //! diff against them is exact whatever step the previous process died in.
 
 use aya::maps::MapError;
-use bulkhead_abi::enforcer::{self as abi, IpcacheValue, PolicyKey};
+use bulkhead_abi::enforcer::{self as abi, EndpointValue, IpcacheValue, PolicyKey};
 
 use super::{Datapath, DatapathError};
 use crate::render::{IpcachePrefix, MapOp, MapState};
@@ -25,17 +25,23 @@ pub struct KernelState {
 
 impl Datapath {
     /// Reads ipcache, endpoints and the active generation's policy entries back
-    /// from the kernel. Walks every map (about a second per million entries):
-    /// done at start-up and after a failed apply, never per packet or per update.
+    /// from the kernel, as the active generation sees them (its slot of each
+    /// double-buffered value; keys whose two slots differ are listed in
+    /// [`MapState::unsettled`](crate::render::MapState)). Walks every map (about a
+    /// second per million entries): done at start-up and after a failed apply,
+    /// never per packet or per update.
     pub fn read_state(&self) -> Result<KernelState, DatapathError> {
         let generation = self.active_generation()?;
+        let active = abi::slot_of(generation);
         let mut state = MapState { generation, ..MapState::default() };
         for entry in self.ipcache.iter() {
             match entry {
                 Ok((key, value)) => {
-                    state
-                        .ipcache
-                        .insert(IpcachePrefix { prefixlen: key.prefix_len(), addr: key.data() }, value.identity);
+                    let prefix = IpcachePrefix { prefixlen: key.prefix_len(), addr: key.data() };
+                    state.ipcache.insert(prefix, value.identity[active]);
+                    if value.identity[0] != value.identity[1] {
+                        state.unsettled.ipcache.insert(prefix);
+                    }
                 }
                 Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(DatapathError::map(abi::IPCACHE)(e)),
@@ -44,7 +50,13 @@ impl Datapath {
         for entry in self.endpoints.iter() {
             match entry {
                 Ok((key, value)) => {
-                    state.endpoints.insert(key, value);
+                    let slot = value.slot[active];
+                    if slot.is_present() {
+                        state.endpoints.insert(key, slot);
+                    }
+                    if !slot.is_present() || value.slot[0] != value.slot[1] {
+                        state.unsettled.endpoints.insert(key);
+                    }
                 }
                 Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(DatapathError::map(abi::ENDPOINTS)(e)),
@@ -81,10 +93,16 @@ impl Datapath {
         match op {
             MapOp::UpsertIpcache { prefix, identity } => self
                 .ipcache
-                .insert(&prefix_key(prefix), IpcacheValue { identity: *identity, _pad: [0; 4] }, 0)
+                .insert(&prefix_key(prefix), IpcacheValue::both(*identity), 0)
                 .map_err(DatapathError::map(abi::IPCACHE)),
+            MapOp::BridgeIpcache { prefix, value } => {
+                self.ipcache.insert(&prefix_key(prefix), *value, 0).map_err(DatapathError::map(abi::IPCACHE))
+            }
             MapOp::DeleteIpcache { prefix } => ignore_missing(self.ipcache.remove(&prefix_key(prefix)), abi::IPCACHE),
             MapOp::UpsertEndpoint { key, value } => {
+                self.endpoints.insert(*key, EndpointValue::both(*value), 0).map_err(DatapathError::map(abi::ENDPOINTS))
+            }
+            MapOp::BridgeEndpoint { key, value } => {
                 self.endpoints.insert(*key, *value, 0).map_err(DatapathError::map(abi::ENDPOINTS))
             }
             MapOp::DeleteEndpoint { key } => ignore_missing(self.endpoints.remove(key), abi::ENDPOINTS),

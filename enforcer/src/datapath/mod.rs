@@ -4,7 +4,7 @@
 //!
 //! * Two cgroup_skb programs (`enforce_ingress`, `enforce_egress`) attached with
 //!   bpf_link to one cgroup v2 directory; every cgroup below it inherits them. A
-//!   packet is judged only when its socket's cgroup id is in `ENDPOINTS_V1`, so
+//!   packet is judged only when its socket's cgroup id is in `ENDPOINTS_V2`, so
 //!   attaching at a parent (or the root) and listing workloads there is enough.
 //! * Every map is pinned under `<bpffs root>/<instance>/<MAP_NAME>` and both links
 //!   under `<bpffs root>/<instance>/link_{ingress,egress}`. Pins keep the programs
@@ -15,12 +15,21 @@
 //!   the freshly loaded programs next to the old ones (cgroup links stack; both
 //!   read the same maps, so they agree), then renames the new link pins over the
 //!   old ones, which detaches the old programs. There is no moment without a
-//!   program attached, and an upgrade replaces the code hitlessly.
+//!   program attached, and an upgrade replaces the code hitlessly. Pins of an
+//!   earlier layout of a map (`ENDPOINTS_V1`, `IPCACHE_V1`) are migrated: their
+//!   entries are copied into the new map before the new programs attach, and the
+//!   old pins are removed once those programs replaced the old ones.
 //! * **Atomic policy versions**: [`Datapath::write_generation`] fills generation
 //!   N+1 of `POLICY_V1` while packets are judged by N, [`Datapath::activate`]
 //!   flips `ENF_CONFIG_V1.active_generation` in one map update, and
-//!   [`Datapath::delete_generation`] removes N afterwards. Conntrack entries
-//!   remember their generation, so a flip re-judges established connections too.
+//!   [`Datapath::delete_generation`] removes N afterwards. `ENDPOINTS_V2` and
+//!   `IPCACHE_V2` hold one slot per generation parity, so endpoints and prefixes
+//!   flip with the rules: [`crate::render::diff`] writes N+1's view into the other
+//!   slot before the flip ([`crate::render::MapOp::BridgeEndpoint`],
+//!   [`crate::render::MapOp::BridgeIpcache`]) and [`Datapath::apply`] applies it.
+//!   The direct setters ([`Datapath::set_endpoint`], [`Datapath::set_ipcache`], …)
+//!   write both slots: an immediate change. Conntrack entries remember their
+//!   generation, so a flip re-judges established connections too.
 //! * **Events**: `VERDICTS_V1` is written with `BPF_RB_NO_WAKEUP` (a wakeup per
 //!   event costs 10×, EBPF.md); the owner calls [`Datapath::drain_events`] every
 //!   [`EVENT_POLL_INTERVAL`]. Losses (ring full) and rate-limited events are
@@ -31,8 +40,7 @@
 //! ([`Datapath::attach_netns`], [`Datapath::sync_netns`]).
 //!
 //! Not covered yet (issue 4 continues): walking IPv6 extension headers (TCP/UDP behind
-//! one passes like any non-TCP/UDP packet); port ranges in rules; ipcache and
-//! endpoint changes are single-entry updates, not versioned with the policy.
+//! one passes like any non-TCP/UDP packet); port ranges in rules.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -47,8 +55,8 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use bulkhead_abi::enforcer::{
-    self as abi, CtKey, CtValue, EndpointKey, EndpointValue, EnforcerConfig, IpcacheValue, PolicyKey, PolicyValue,
-    RateState, RuleStats, VerdictEvent,
+    self as abi, CtKey, CtValue, EndpointKey, EndpointSlot, EndpointValue, EnforcerConfig, IpcacheValue, PolicyKey,
+    PolicyValue, RateState, RuleStats, VerdictEvent,
 };
 use ipnet::IpNet;
 
@@ -69,6 +77,11 @@ fn object() -> &'static [u8] {
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/bulkhead";
 /// How often the owner should drain the verdict ring buffer.
 pub const EVENT_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// `ENDPOINTS` before its values were double-buffered: [`EndpointSlot`] values.
+const LEGACY_ENDPOINTS: &str = "ENDPOINTS_V1";
+/// `IPCACHE` before its values were double-buffered: an identity and 4 bytes of padding.
+const LEGACY_IPCACHE: &str = "IPCACHE_V1";
 
 const LINK_INGRESS: &str = "link_ingress";
 const LINK_EGRESS: &str = "link_egress";
@@ -349,6 +362,9 @@ impl Datapath {
         let pin_dir = opts.pin_dir();
         std::fs::create_dir_all(&pin_dir).map_err(|source| DatapathError::PinDir { path: pin_dir.clone(), source })?;
 
+        // Maps of an earlier layout are migrated into new ones, never into adopted ones.
+        let migrate_endpoints = !pin_dir.join(abi::ENDPOINTS).exists();
+        let migrate_ipcache = !pin_dir.join(abi::IPCACHE).exists();
         // Adopt pinned maps only if they fit this build's ABI.
         let mut adopted = false;
         for name in abi::MAP_NAMES {
@@ -386,6 +402,19 @@ impl Datapath {
             config.set(0, EnforcerConfig::DEFAULT, 0).map_err(DatapathError::map(abi::CONFIG))?;
         }
 
+        let mut ipcache =
+            LpmTrie::try_from(take_map(&mut ebpf, abi::IPCACHE)?).map_err(DatapathError::map(abi::IPCACHE))?;
+        let mut endpoints =
+            HashMap::try_from(take_map(&mut ebpf, abi::ENDPOINTS)?).map_err(DatapathError::map(abi::ENDPOINTS))?;
+        // Before the new programs attach: they must enforce the old entries from
+        // their first packet.
+        if migrate_endpoints {
+            migrate_legacy_endpoints(&pin_dir, &mut endpoints)?;
+        }
+        if migrate_ipcache {
+            migrate_legacy_ipcache(&pin_dir, &mut ipcache)?;
+        }
+
         let cgroup =
             File::open(&opts.cgroup).map_err(|source| DatapathError::Cgroup { path: opts.cgroup.clone(), source })?;
         for (name, attach, pin) in [
@@ -409,12 +438,16 @@ impl Datapath {
             )?;
             pin_link_replacing(link, &pin_dir, pin)?;
         }
+        // The old programs are detached: nothing of ours reads the old maps any more.
+        for name in [LEGACY_ENDPOINTS, LEGACY_IPCACHE] {
+            match std::fs::remove_file(pin_dir.join(name)) {
+                Ok(()) => tracing::info!(map = name, "Removed the pin of a map of an earlier layout."),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::PinDir { path: pin_dir.join(name), source }),
+            }
+        }
 
-        let ipcache =
-            LpmTrie::try_from(take_map(&mut ebpf, abi::IPCACHE)?).map_err(DatapathError::map(abi::IPCACHE))?;
         let policy = HashMap::try_from(take_map(&mut ebpf, abi::POLICY)?).map_err(DatapathError::map(abi::POLICY))?;
-        let endpoints =
-            HashMap::try_from(take_map(&mut ebpf, abi::ENDPOINTS)?).map_err(DatapathError::map(abi::ENDPOINTS))?;
         let conntrack =
             HashMap::try_from(take_map(&mut ebpf, abi::CONNTRACK)?).map_err(DatapathError::map(abi::CONNTRACK))?;
         let counters =
@@ -458,38 +491,47 @@ impl Datapath {
 
     // --- endpoints ---
 
-    /// Manages the workload whose sockets live in cgroup `cgroup_id` (or updates it).
+    /// Manages the workload whose sockets live in cgroup `cgroup_id` (or updates
+    /// it) in every generation: both slots, an immediate change.
     pub fn set_endpoint(&mut self, cgroup_id: u64, ep: Endpoint) -> Result<(), DatapathError> {
         if ep.identity == abi::IDENTITY_ANY {
             return Err(DatapathError::ZeroIdentity { what: "an endpoint" });
         }
         let flags = if ep.ingress_covered { abi::EP_INGRESS_COVERED } else { 0 }
             | if ep.egress_covered { abi::EP_EGRESS_COVERED } else { 0 };
-        let value = EndpointValue { identity: ep.identity, mode: ep.mode.to_abi(), flags, _pad: [0; 2] };
-        self.endpoints.insert(EndpointKey { cgroup_id }, value, 0).map_err(DatapathError::map(abi::ENDPOINTS))
+        let slot = EndpointSlot { identity: ep.identity, mode: ep.mode.to_abi(), flags, _pad: [0; 2] };
+        self.endpoints
+            .insert(EndpointKey { cgroup_id }, EndpointValue::both(slot), 0)
+            .map_err(DatapathError::map(abi::ENDPOINTS))
     }
 
-    /// Changes only the mode of a managed workload. One map update: the next
-    /// packet sees the new mode.
+    /// Changes only the mode of a managed workload (as the active generation
+    /// sees it; both slots). One map update: the next packet sees the new mode.
     pub fn set_mode(&mut self, cgroup_id: u64, mode: Mode) -> Result<(), DatapathError> {
         let key = EndpointKey { cgroup_id };
-        let mut value = self.endpoints.get(&key, 0).map_err(DatapathError::map(abi::ENDPOINTS))?;
-        value.mode = mode.to_abi();
-        self.endpoints.insert(key, value, 0).map_err(DatapathError::map(abi::ENDPOINTS))
+        let value = self.endpoints.get(&key, 0).map_err(DatapathError::map(abi::ENDPOINTS))?;
+        let mut slot = value.slot[abi::slot_of(self.active_generation()?)];
+        if !slot.is_present() {
+            return Err(DatapathError::map(abi::ENDPOINTS)(MapError::KeyNotFound));
+        }
+        slot.mode = mode.to_abi();
+        self.endpoints.insert(key, EndpointValue::both(slot), 0).map_err(DatapathError::map(abi::ENDPOINTS))
     }
 
-    /// The workload's entry, if managed.
+    /// The workload's entry as the active generation sees it, if managed.
     pub fn endpoint(&self, cgroup_id: u64) -> Result<Option<Endpoint>, DatapathError> {
-        match self.endpoints.get(&EndpointKey { cgroup_id }, 0) {
-            Ok(v) => Ok(Some(Endpoint {
-                identity: v.identity,
-                mode: Mode::from_abi(v.mode),
-                ingress_covered: v.flags & abi::EP_INGRESS_COVERED != 0,
-                egress_covered: v.flags & abi::EP_EGRESS_COVERED != 0,
-            })),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(DatapathError::map(abi::ENDPOINTS)(e)),
-        }
+        let value = match self.endpoints.get(&EndpointKey { cgroup_id }, 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(DatapathError::map(abi::ENDPOINTS)(e)),
+        };
+        let v = value.slot[abi::slot_of(self.active_generation()?)];
+        Ok(v.is_present().then(|| Endpoint {
+            identity: v.identity,
+            mode: Mode::from_abi(v.mode),
+            ingress_covered: v.flags & abi::EP_INGRESS_COVERED != 0,
+            egress_covered: v.flags & abi::EP_EGRESS_COVERED != 0,
+        }))
     }
 
     /// Stops managing a workload (its packets pass unjudged).
@@ -502,13 +544,14 @@ impl Datapath {
 
     // --- ipcache ---
 
-    /// Maps every address in `net` to `identity` (longest prefix wins).
+    /// Maps every address in `net` to `identity` (longest prefix wins) in every
+    /// generation: both slots, an immediate change.
     pub fn set_ipcache(&mut self, net: IpNet, identity: u32) -> Result<(), DatapathError> {
         if identity == abi::IDENTITY_ANY {
             return Err(DatapathError::ZeroIdentity { what: "an ipcache prefix" });
         }
         self.ipcache
-            .insert(&ipcache_key(net), IpcacheValue { identity, _pad: [0; 4] }, 0)
+            .insert(&ipcache_key(net), IpcacheValue::both(identity), 0)
             .map_err(DatapathError::map(abi::IPCACHE))
     }
 
@@ -711,6 +754,78 @@ pub fn remove_instance(bpffs_root: &Path, instance: &str) -> io::Result<()> {
     // The pin root goes with its last instance (it only fails while others remain):
     // a removed enforcer leaves nothing behind in bpffs.
     let _ = std::fs::remove_dir(bpffs_root);
+    Ok(())
+}
+
+/// Opens the pin `dir/name` of a map of an earlier layout if there is one with
+/// the sizes that layout had; `None` when there is none (or another map is
+/// pinned there, which is left alone).
+fn legacy_map(dir: &Path, name: &'static str, sizes: (u32, u32)) -> Result<Option<aya::maps::Map>, DatapathError> {
+    let path = dir.join(name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(&path).map_err(DatapathError::map(name))?;
+    let info = data.info().map_err(DatapathError::map(name))?;
+    if (info.key_size(), info.value_size()) != sizes {
+        tracing::warn!(path = %path.display(), "Not migrating a pinned map of unexpected sizes.");
+        return Ok(None);
+    }
+    aya::maps::Map::from_map_data(data).map(Some).map_err(DatapathError::map(name))
+}
+
+/// Copies `ENDPOINTS_V1` entries into `ENDPOINTS_V2`, settled (both slots).
+fn migrate_legacy_endpoints(
+    dir: &Path,
+    endpoints: &mut HashMap<MapData, EndpointKey, EndpointValue>,
+) -> Result<(), DatapathError> {
+    let Some(map) = legacy_map(dir, LEGACY_ENDPOINTS, (8, 8))? else { return Ok(()) };
+    let old: HashMap<MapData, EndpointKey, [u8; 8]> =
+        HashMap::try_from(map).map_err(DatapathError::map(LEGACY_ENDPOINTS))?;
+    let mut copied = 0;
+    for entry in old.iter() {
+        let (key, v) = match entry {
+            Ok(kv) => kv,
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(DatapathError::map(LEGACY_ENDPOINTS)(e)),
+        };
+        // The V1 value was an EndpointSlot: identity, mode, flags, padding.
+        let slot = EndpointSlot {
+            identity: u32::from_ne_bytes([v[0], v[1], v[2], v[3]]),
+            mode: v[4],
+            flags: v[5],
+            _pad: [0; 2],
+        };
+        endpoints.insert(key, EndpointValue::both(slot), 0).map_err(DatapathError::map(abi::ENDPOINTS))?;
+        copied += 1;
+    }
+    tracing::info!(from = LEGACY_ENDPOINTS, to = abi::ENDPOINTS, entries = copied, "Migrated a pinned map.");
+    Ok(())
+}
+
+/// Copies `IPCACHE_V1` entries into `IPCACHE_V2`, settled (both slots).
+fn migrate_legacy_ipcache(
+    dir: &Path,
+    ipcache: &mut LpmTrie<MapData, [u8; 16], IpcacheValue>,
+) -> Result<(), DatapathError> {
+    let Some(map) = legacy_map(dir, LEGACY_IPCACHE, (size_of::<abi::IpcacheKey>() as u32, 8))? else {
+        return Ok(());
+    };
+    let old: LpmTrie<MapData, [u8; 16], [u8; 8]> =
+        LpmTrie::try_from(map).map_err(DatapathError::map(LEGACY_IPCACHE))?;
+    let mut copied = 0;
+    for entry in old.iter() {
+        let (key, v) = match entry {
+            Ok(kv) => kv,
+            Err(MapError::KeyNotFound) => continue,
+            Err(e) => return Err(DatapathError::map(LEGACY_IPCACHE)(e)),
+        };
+        // The V1 value was an identity followed by padding.
+        let identity = u32::from_ne_bytes([v[0], v[1], v[2], v[3]]);
+        ipcache.insert(&key, IpcacheValue::both(identity), 0).map_err(DatapathError::map(abi::IPCACHE))?;
+        copied += 1;
+    }
+    tracing::info!(from = LEGACY_IPCACHE, to = abi::IPCACHE, entries = copied, "Migrated a pinned map.");
     Ok(())
 }
 

@@ -12,7 +12,7 @@
 //!   ipvlan, an L3 device).
 //! * They share every map with the cgroup_skb programs (the instance's pins), so
 //!   one [`MapState`](crate::MapState) drives both kinds of workload. A namespace
-//!   is keyed in `ENDPOINTS_V1` by [`abi::tc_endpoint_key`]`(netns cookie)`
+//!   is keyed in `ENDPOINTS_V2` by [`abi::tc_endpoint_key`]`(netns cookie)`
 //!   ([`ResolvedNetns::endpoint_key`]), which can never equal a cgroup id.
 //! * **One program copy per namespace**: the key is baked into the copy's
 //!   read-only data at load time (`TC_ENDPOINT_KEY`). The obvious alternative,
@@ -172,7 +172,7 @@ pub struct ResolvedNetns {
 }
 
 impl ResolvedNetns {
-    /// The namespace's key in `ENDPOINTS_V1` (what the tc programs judge as).
+    /// The namespace's key in `ENDPOINTS_V2` (what the tc programs judge as).
     pub fn endpoint_key(&self) -> u64 {
         abi::tc_endpoint_key(self.cookie)
     }

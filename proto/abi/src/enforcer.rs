@@ -3,8 +3,11 @@
 //! Per packet of a managed workload the cgroup_skb programs look up, in a fixed
 //! order and a constant number of steps (cost never grows with the rule count):
 //!
+//! 0. [`CONFIG`] → the active generation, whose parity ([`slot_of`]) picks the
+//!    slot of every endpoint and ipcache value read below.
 //! 1. [`ENDPOINTS`] by the endpoint key → identity, rollout mode, covered
-//!    directions. No entry or mode `learn`: allowed, nothing else happens. The
+//!    directions. No entry, an absent slot (mode 0) or mode `learn`: allowed,
+//!    nothing else happens. The
 //!    cgroup_skb programs key by the socket's cgroup id; the tc programs, which
 //!    judge workloads that are bare network namespaces, by
 //!    [`tc_endpoint_key`]`(netns cookie)` (see [`TC_KEY_FLAG`]).
@@ -13,14 +16,28 @@
 //!    (either direction) passes without a policy lookup, as long as the entry was
 //!    made under the active policy generation (a flip re-evaluates the connection
 //!    on its next packet, so a revoked rule also stops established connections).
-//! 3. [`IPCACHE`] (LPM trie, IPv4 as v4-mapped IPv6) → the peer's identity; a miss
-//!    is [`IDENTITY_WORLD`].
+//! 3. [`IPCACHE`] (LPM trie, IPv4 as v4-mapped IPv6) → the peer's identity in
+//!    the active slot; a miss is [`IDENTITY_WORLD`].
 //! 4. [`POLICY`] probed with [`POLICY_PROBES`] wildcards under the active
 //!    generation from [`CONFIG`].
 //!
-//! The policy is double-buffered by [`PolicyKey::generation`]: user space writes
-//! every entry of generation N+1, then flips [`EnforcerConfig::active_generation`]
-//! in one map update, then deletes generation N. No packet sees half a policy.
+//! A policy version is applied atomically: one map update of
+//! [`EnforcerConfig::active_generation`] switches every map at once.
+//!
+//! * [`POLICY`] is versioned by key ([`PolicyKey::generation`]): user space writes
+//!   every entry of generation N+1, flips, then deletes generation N.
+//! * [`ENDPOINTS`] and [`IPCACHE`] are double-buffered in their values: each holds
+//!   two slots, one per generation parity ([`slot_of`]). Before the flip user
+//!   space writes, for every key that changes, the old generation's view into
+//!   the old slot (unchanged) and the new generation's into the other ("bridge"
+//!   entries: an endpoint slot may be absent, a prefix slot holds what the other
+//!   generation's longest-prefix match answers for it, since an LPM trie cannot
+//!   fall through to a shorter prefix); after the flip it settles them (both
+//!   slots equal) or deletes the keys the new generation does not have. Keys that
+//!   do not change keep equal slots and are not written at all.
+//!
+//! No packet sees half a policy: a packet reads the configuration first and then
+//! only entries of the generation it found there.
 //!
 //! Verdicts other than plain "allowed by a rule" are reported as [`VerdictEvent`]s
 //! through the [`VERDICT_EVENTS`] ring buffer (submitted without wakeup,
@@ -30,11 +47,13 @@
 // === Map names (≤ 15 characters: the kernel truncates at 16 with the NUL) ===
 
 /// LPM trie [`IpcacheKey`] → [`IpcacheValue`].
-pub const IPCACHE: &str = "IPCACHE_V1";
+/// V2: two identities per prefix (double-buffered, see the module doc).
+pub const IPCACHE: &str = "IPCACHE_V2";
 /// Hash [`PolicyKey`] → [`PolicyValue`].
 pub const POLICY: &str = "POLICY_V1";
 /// Hash [`EndpointKey`] → [`EndpointValue`]: the managed workloads of this node.
-pub const ENDPOINTS: &str = "ENDPOINTS_V1";
+/// V2: two [`EndpointSlot`]s per key (double-buffered, see the module doc).
+pub const ENDPOINTS: &str = "ENDPOINTS_V2";
 /// LRU hash [`CtKey`] → [`CtValue`].
 pub const CONNTRACK: &str = "CONNTRACK_V1";
 /// Ring buffer of [`VerdictEvent`].
@@ -226,13 +245,30 @@ pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
 }
 
+/// Which of the two slots of an [`EndpointValue`] or [`IpcacheValue`] packets
+/// judged under `generation` read: its parity. Consecutive generations use
+/// different slots; user space must never flip between two generations of the
+/// same parity (it could not bridge them).
+pub const fn slot_of(generation: u32) -> usize {
+    (generation & 1) as usize
+}
+
+/// An ipcache prefix's identity per generation parity ([`slot_of`]). Both slots
+/// are equal except while a new generation is being applied.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct IpcacheValue {
-    pub identity: u32,
-    pub _pad: [u8; 4],
+    /// Indexed by [`slot_of`]`(active generation)`.
+    pub identity: [u32; 2],
 }
 const _: () = assert!(size_of::<IpcacheValue>() == 8);
+
+impl IpcacheValue {
+    /// The same identity for both generations (a settled entry).
+    pub const fn both(identity: u32) -> Self {
+        Self { identity: [identity, identity] }
+    }
+}
 
 /// One allow (or deny) rule between two identities, in one generation.
 /// Wildcards are 0; the probe order is [`POLICY_PROBES`].
@@ -290,17 +326,47 @@ pub struct EndpointKey {
 }
 const _: () = assert!(size_of::<EndpointKey>() == 8);
 
+/// A managed workload as one generation sees it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct EndpointValue {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct EndpointSlot {
     pub identity: u32,
-    /// One of the `MODE_*` constants (0 behaves as learn).
+    /// One of the `MODE_*` constants; 0 ([`EndpointSlot::ABSENT`]) means the
+    /// workload is not managed in this generation (exactly as without an entry),
+    /// and behaves as learn.
     pub mode: u8,
     /// `EP_*_COVERED` bits.
     pub flags: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<EndpointValue>() == 8);
+const _: () = assert!(size_of::<EndpointSlot>() == 8);
+
+impl EndpointSlot {
+    /// Not managed in this slot's generation.
+    pub const ABSENT: Self = Self { identity: 0, mode: 0, flags: 0, _pad: [0; 2] };
+
+    /// Whether the slot manages the workload at all (mode 0 does not).
+    pub const fn is_present(&self) -> bool {
+        self.mode != 0
+    }
+}
+
+/// The value of [`ENDPOINTS`]: the workload per generation parity ([`slot_of`]).
+/// Both slots are equal except while a new generation is being applied.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct EndpointValue {
+    /// Indexed by [`slot_of`]`(active generation)`.
+    pub slot: [EndpointSlot; 2],
+}
+const _: () = assert!(size_of::<EndpointValue>() == 16);
+
+impl EndpointValue {
+    /// The same workload for both generations (a settled entry).
+    pub const fn both(slot: EndpointSlot) -> Self {
+        Self { slot: [slot, slot] }
+    }
+}
 
 /// A connection as seen by one local workload: oriented local/remote, so a
 /// packet and its reply find the same entry. The endpoint key keeps two managed
@@ -433,3 +499,4 @@ pub struct RuleStats {
 }
 const _: () = assert!(size_of::<RuleStats>() == 16);
 const _: () = assert!(is_tc_endpoint_key(tc_endpoint_key(1)) && !is_tc_endpoint_key(u32::MAX as u64));
+const _: () = assert!(slot_of(0) != slot_of(1) && slot_of(u32::MAX) != slot_of(u32::MAX.wrapping_add(1)));
