@@ -7,6 +7,7 @@
 //! stays, verdict events queue up (bounded, overflow counted), and on reconnect the
 //! Hello's applied version lets the learner resend only what is newer.
 
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use anyhow::Context as _;
 use bulkhead_abi::enforcer::{FAIL_CLOSED, FAIL_OPEN};
 use bulkhead_enforcer::applied::AppliedFile;
 use bulkhead_enforcer::datapath::{Datapath, DatapathOptions};
+use bulkhead_enforcer::metrics::{self, Metrics};
 use bulkhead_enforcer::owner::{MapOwner, Outcome, Rejection};
 use bulkhead_enforcer::render::Capacity;
 use bulkhead_model::{EnforcerHello, EnforcerMessage, PolicyAck, PolicyAckStatus, PolicyUpdate, VerdictReport};
@@ -25,6 +27,8 @@ use crate::{Args, FailMode};
 
 /// Largest snapshot accepted from the learner (100k rules are about 3 MiB).
 const MAX_SNAPSHOT_BYTES: usize = 256 << 20;
+/// How often the kernel's counters are copied into the metrics.
+const METRICS_EVERY: Duration = Duration::from_secs(1);
 /// How often managed network namespaces are checked for new interfaces.
 const NETNS_REFRESH: Duration = Duration::from_secs(5);
 /// How long a resynchronizing enforcer waits for the learner to close its side.
@@ -55,11 +59,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let capacity = Capacity { policy_per_generation: (args.policy_entries / 2) as usize, ..Capacity::DEFAULT };
     let owner = MapOwner::open(datapath, AppliedFile::new(&args.state_dir.join(&args.instance)), capacity)
         .context("reading back the kernel's policy")?;
-    let owner = OwnerHandle::spawn(owner, args.poll_interval);
+    let metrics = Metrics::new();
+    let listener = metrics::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("binding the metrics listener {}", args.metrics_listen))?;
+    let served = metrics.clone();
+    tokio::spawn(async move {
+        if let Err(e) = metrics::serve(listener, served).await {
+            tracing::warn!(error = %e, "The metrics endpoint stopped.");
+        }
+    });
+    let owner = OwnerHandle::spawn(owner, args.poll_interval, metrics.clone());
 
     let session = Session { node_id, boot_id, agent_version: env!("CARGO_PKG_VERSION").to_owned() };
     tokio::select! {
-        () = stream_forever(&args, &session, &owner) => Ok(()),
+        () = stream_forever(&args, &session, &owner, &metrics) => Ok(()),
         () = shutdown_signal() => {
             // Pins keep the programs attached and the policy enforced; the next
             // process adopts them.
@@ -97,13 +111,14 @@ struct OwnerHandle {
 }
 
 impl OwnerHandle {
-    fn spawn(mut owner: MapOwner, poll: Duration) -> Self {
+    fn spawn(mut owner: MapOwner, poll: Duration, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = std_mpsc::channel::<Command>();
         std::thread::Builder::new()
             .name("map-owner".into())
             .spawn(move || {
                 let mut next_drain = std::time::Instant::now() + poll;
                 let mut next_refresh = std::time::Instant::now() + NETNS_REFRESH;
+                let mut next_export = std::time::Instant::now();
                 loop {
                     let wait = next_drain.saturating_duration_since(std::time::Instant::now());
                     match rx.recv_timeout(wait) {
@@ -123,6 +138,10 @@ impl OwnerHandle {
                     if std::time::Instant::now() >= next_drain {
                         owner.drain();
                         next_drain = std::time::Instant::now() + poll;
+                    }
+                    if std::time::Instant::now() >= next_export {
+                        owner.export(&metrics);
+                        next_export = std::time::Instant::now() + METRICS_EVERY;
                     }
                     if std::time::Instant::now() >= next_refresh {
                         owner.refresh_netns();
@@ -144,10 +163,12 @@ impl OwnerHandle {
 
 // === the stream ===
 
-async fn stream_forever(args: &Args, session: &Session, owner: &OwnerHandle) {
+async fn stream_forever(args: &Args, session: &Session, owner: &OwnerHandle, metrics: &Metrics) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match stream_once(args, session, owner, &mut backoff).await {
+        let result = stream_once(args, session, owner, metrics, &mut backoff).await;
+        metrics.learner_connected.set(0);
+        match result {
             Ok(()) => tracing::info!("Learner closed the policy stream."),
             Err(err) => tracing::warn!(
                 error = format!("{err:#}"),
@@ -164,6 +185,7 @@ async fn stream_once(
     args: &Args,
     session: &Session,
     owner: &OwnerHandle,
+    metrics: &Metrics,
     backoff: &mut Duration,
 ) -> anyhow::Result<()> {
     let mut client = PolicyStreamClient::connect(args.learner.clone())
@@ -181,6 +203,7 @@ async fn stream_once(
     tx.send((&hello).into()).await.context("policy stream closed")?;
     let mut inbound = client.subscribe(ReceiverStream::new(rx)).await?.into_inner();
     *backoff = Duration::from_millis(100);
+    metrics.learner_connected.set(1);
     tracing::info!(url = %args.learner, applied_version, "Connected to the learner's policy stream.");
 
     let mut reports = tokio::time::interval(args.report_interval);
@@ -191,6 +214,10 @@ async fn stream_once(
                 let Some(update) = update? else { return Ok(()) };
                 match apply_update(owner, update).await? {
                     Answer::Ack(ack) => {
+                        match ack.status {
+                            PolicyAckStatus::Applied => metrics.policies_applied.inc(),
+                            PolicyAckStatus::Rejected => metrics.policies_rejected.inc(),
+                        };
                         tx.send((&EnforcerMessage::Ack(ack)).into()).await.context("policy stream closed")?;
                     }
                     Answer::Resync(why) => {
@@ -207,7 +234,9 @@ async fn stream_once(
             }
             _ = reports.tick() => {
                 let pending = owner.ask(Command::Reports).await?;
+                let events: usize = pending.iter().map(|r| r.events.len()).sum();
                 send_reports(&tx, owner, pending).await?;
+                metrics.events_reported.inc_by(events as u64);
             }
         }
     }

@@ -8,6 +8,7 @@
 pub mod applied;
 #[expect(unsafe_code, reason = "sysconf/setrlimit and decoding ring-buffer records need unsafe")]
 pub mod datapath;
+pub mod metrics;
 pub mod owner;
 pub mod render;
 

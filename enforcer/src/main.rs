@@ -62,6 +62,9 @@ pub struct Args {
     /// Policy map entries (two generations live in it while one is replaced).
     #[arg(long, env = "BULKHEAD_POLICY_ENTRIES", default_value_t = bulkhead_abi::enforcer::DEFAULT_POLICY_ENTRIES)]
     pub policy_entries: u32,
+    /// Prometheus metrics listen address (port 0: any free port, logged).
+    #[arg(long, env = "BULKHEAD_METRICS_LISTEN", default_value = "127.0.0.1:7402")]
+    pub metrics_listen: std::net::SocketAddr,
     /// Log format: plain or json.
     #[arg(long, env = "BULKHEAD_LOG_FORMAT", default_value = "plain")]
     pub log_format: String,

@@ -22,6 +22,7 @@ use crate::applied::{Applied, AppliedFile};
 use crate::datapath::{
     Datapath, DatapathError, Direction, KernelState, ResolvedNetns, RuleUse, TcError, VerdictRecord, resolve_netns,
 };
+use crate::metrics::Metrics;
 use crate::render::{Capacity, MapState, RenderError, diff, netns_workloads, render_resolved};
 use bulkhead_abi::enforcer as abi;
 
@@ -100,6 +101,8 @@ pub struct MapOwner {
     /// Rule use at the last cut: deltas are reported, the learner adds them up.
     rule_base: BTreeMap<u32, RuleUse>,
     queue_dropped: u64,
+    /// `queue_dropped` as last exported to the metrics.
+    queue_dropped_exported: u64,
     scratch: Vec<VerdictRecord>,
 }
 
@@ -146,6 +149,7 @@ impl MapOwner {
             counters: BTreeMap::new(),
             rule_base,
             queue_dropped: 0,
+            queue_dropped_exported: 0,
             scratch: Vec::new(),
         })
     }
@@ -393,6 +397,18 @@ impl MapOwner {
         if let Err(err) = self.datapath.apply(&ops) {
             tracing::error!(error = %err, "Restoring the applied policy after a failed apply failed.");
         }
+    }
+
+    /// Brings the metrics up to date with the kernel's counters and the applied
+    /// state (the agent calls it once a second: it reads every per-CPU counter).
+    pub fn export(&mut self, m: &Metrics) {
+        m.observe(&self.datapath.counters());
+        m.applied_version.set(self.applied_version());
+        m.generation.set(i64::from(self.state.generation));
+        m.endpoints.set(self.state.endpoints.len() as i64);
+        m.policy_entries.set(self.state.policy.len() as i64);
+        m.queue_dropped.inc_by(self.queue_dropped - self.queue_dropped_exported);
+        self.queue_dropped_exported = self.queue_dropped;
     }
 
     /// Moves verdict events from the kernel ring buffer into the report queue

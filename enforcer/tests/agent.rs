@@ -176,6 +176,7 @@ impl Enforcer {
             .arg("--state-dir")
             .arg(w.state.path())
             .args(["--policy-entries", "8192", "--report-interval", "100ms", "--max-backoff", "500ms"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .env("BULKHEAD_LOG", "info,bulkhead_enforcer=debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -197,6 +198,24 @@ impl Enforcer {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `/metrics` of the running process (its address is in the log).
+    fn metrics(&self) -> String {
+        let log = self.log();
+        let addr = log
+            .lines()
+            .find(|l| l.contains("Serving metrics."))
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
+            .to_owned();
+        let mut stream = std::net::TcpStream::connect(&addr).expect("metrics endpoint");
+        use std::io::{Read as _, Write as _};
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+        let mut body = String::new();
+        stream.read_to_string(&mut body).expect("response");
+        body
     }
 }
 
@@ -429,6 +448,23 @@ fn snapshots_are_applied_acked_enforced_and_reported() {
     let rows = learner.rt.block_on(learner.store.enforcers()).expect("enforcers");
     let row = rows.iter().find(|r| r.node_id == w.node).expect("enforcer row");
     assert_eq!(row.applied_version, Some(v3));
+    // The operator's view: Prometheus metrics agree.
+    assert_eventually!(
+        WAIT,
+        || {
+            let m = enforcer.metrics();
+            m.contains(&format!("bulkhead_enforcer_applied_version {v3}"))
+                && m.contains("bulkhead_enforcer_learner_connected 1")
+                && m.contains("bulkhead_enforcer_events_lost_total 0")
+                && m.lines().any(|l| {
+                    l.strip_prefix("bulkhead_enforcer_verdicts_denied_total ")
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .is_some_and(|v| v > 0)
+                })
+        },
+        "metrics show the applied version and the denials:\n{}",
+        enforcer.metrics()
+    );
     // Its reports arrive with its loss counters: nothing lost here.
     assert!(row.last_report_unix_ms.is_some(), "{row:?}");
     assert_eq!(row.loss, bulkhead_model::EnforcerLoss::default(), "{row:?}");
