@@ -248,6 +248,7 @@ impl MapOwner {
 
         // Hits so far belong to the version being replaced.
         self.cut_rule_counters();
+        tracing::debug!(version = policy.version, generation, ops = ops.len(), "Writing the maps.");
         if let Err(err) = self.datapath.apply(&ops) {
             let reason = err.to_string();
             self.recover();

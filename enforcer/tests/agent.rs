@@ -167,6 +167,11 @@ struct Enforcer {
 
 impl Enforcer {
     fn start(w: &World, learner_url: &str) -> Enforcer {
+        Enforcer::start_with(w, learner_url, "32768")
+    }
+
+    /// With a policy map of `policy_entries` (two generations live in it).
+    fn start_with(w: &World, learner_url: &str, policy_entries: &str) -> Enforcer {
         let log = w.state.path().join(format!("enforcer-{}.log", unique_suffix()));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_bulkhead-enforcer"))
@@ -175,7 +180,7 @@ impl Enforcer {
             .arg(w.parent.path())
             .arg("--state-dir")
             .arg(w.state.path())
-            .args(["--policy-entries", "8192", "--report-interval", "100ms", "--max-backoff", "500ms"])
+            .args(["--policy-entries", policy_entries, "--report-interval", "100ms", "--max-backoff", "500ms"])
             .args(["--metrics-listen", "127.0.0.1:0"])
             .env("BULKHEAD_LOG", "info,bulkhead_enforcer=debug")
             .env("NO_COLOR", "1")
@@ -697,6 +702,72 @@ impl PolicyStream for Scripted {
         let updates = tokio_stream::iter(self.updates.clone().into_iter().map(Ok)).chain(tokio_stream::pending());
         Ok(tonic::Response::new(Box::pin(updates)))
     }
+}
+
+/// `kill -9` while a large version is being written: the kernel keeps enforcing one
+/// whole version (never a mix, never nothing), and the next process reads the maps
+/// back, drops what the dead one half-wrote and converges on the learner's version.
+#[test]
+fn kill_9_in_the_middle_of_an_apply_leaves_one_whole_version_and_recovers() {
+    let mut w = World::new();
+    let learner = Learner::start();
+    let v1 = learner.publish(&w.node, w.policy(RolloutMode::Enforce, &[]));
+    const BIG: &str = "131072";
+    let mut first = Enforcer::start_with(&w, &learner.url, BIG);
+    learner.wait_applied(&w.node, v1);
+
+    // v2: C → B:80 allowed too, plus 60,000 filler rules so writing it takes a while.
+    let mut extra = vec![c_to_b_http(&w)];
+    for (i, port) in (2_000..62_000u16).enumerate() {
+        let key = RuleKey {
+            local: ID_B,
+            direction: Direction::Ingress,
+            peer: Some(ID_A),
+            port: Some(port),
+            protocol: Some(Protocol::Tcp),
+        };
+        extra.push((key, 100 + i as u32));
+    }
+    let v2 = learner.publish(&w.node, w.policy(RolloutMode::Enforce, &extra));
+    assert_eventually!(
+        WAIT,
+        || first.log().contains(&format!("Writing the maps. version={v2}")),
+        "the enforcer starts writing v{v2}; log:\n{}",
+        first.log()
+    );
+    first.kill();
+
+    // Whichever version the kernel holds, it holds all of it.
+    let (a, b, c) = (0, 1, 2);
+    let (b80, a80) = (w.v4(b, HTTP), w.v4(a, HTTP));
+    w.agent(a).tcp_ok(b80);
+    w.agent(b).tcp_fails(a80);
+    let c_passed = w.agent(c).tcp(b80, FAIL_TIMEOUT_MS).is_ok();
+    let port_20000 = SocketAddr::new(b80.ip(), 20_000);
+    // (port 20000 is one of the filler rules)
+    // v2's filler rules exist exactly when v2's C → B rule does (nobody listens on
+    // 20000: allowed = refused at once, dropped = timeout).
+    let filler = match w.agent(a).tcp(port_20000, FAIL_TIMEOUT_MS) {
+        Err(e) => !e.contains("timed out"),
+        Ok(()) => true,
+    };
+    assert_eq!(c_passed, filler, "one whole version: C → B:80 {c_passed}, filler rules {filler}");
+
+    let second = Enforcer::start_with(&w, &learner.url, BIG);
+    learner.wait_applied(&w.node, v2);
+    eprintln!(
+        "killed with v2 {}; the next process found {}",
+        if c_passed { "active" } else { "not active" },
+        if second.log().contains("Deleted an inactive policy generation") {
+            "a half-written generation"
+        } else {
+            "no leftovers"
+        }
+    );
+    w.agent(c).tcp_ok(b80);
+    w.agent(a).tcp_ok(b80);
+    w.agent(b).tcp_fails(a80);
+    drop(second);
 }
 
 /// The learner goes away and comes back (new process, new versions, same content):
