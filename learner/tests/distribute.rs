@@ -57,9 +57,14 @@ fn policy(version: u64, port: u16) -> NodePolicy {
 }
 
 async fn serve(distributor: Distributor) -> String {
+    serve_recording(distributor, None).await
+}
+
+/// The PolicyStream service on 127.0.0.1, recording into a store when given one.
+async fn serve_recording(distributor: Distributor, recorder: Option<Recorder>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let service = PolicyStreamServer::new(PolicyStreamService { distributor, recorder: None });
+    let service = PolicyStreamServer::new(PolicyStreamService { distributor, recorder });
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(service)
@@ -335,18 +340,8 @@ async fn hello_acks_and_reports_are_recorded_in_the_store() {
 
     let distributor = Distributor::new();
     distributor.recompile(&store, &Inventory::default(), None, 5_000).await.expect("recompiles");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
     let recorder = Recorder { store: store.clone(), distributor: distributor.clone(), enrollment: Enrollment::Open };
-    let service =
-        PolicyStreamServer::new(PolicyStreamService { distributor: distributor.clone(), recorder: Some(recorder) });
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-            .expect("server runs");
-    });
+    let url = serve_recording(distributor.clone(), Some(recorder)).await;
 
     let mut client = PolicyStreamClient::connect(url).await.expect("connects");
     let (tx, rx) = mpsc::channel(8);
@@ -427,17 +422,8 @@ async fn closed_enrollment_refuses_unregistered_enforcers() {
     let store = Store::open("sqlite::memory:").await.expect("store");
     let distributor = Distributor::new();
     distributor.publish(BTreeMap::from([("node-a".to_owned(), policy(5, 80))]));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
     let recorder = Recorder { store: store.clone(), distributor: distributor.clone(), enrollment: Enrollment::Closed };
-    let service = PolicyStreamServer::new(PolicyStreamService { distributor, recorder: Some(recorder) });
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-            .expect("server runs");
-    });
+    let url = serve_recording(distributor.clone(), Some(recorder)).await;
 
     let subscribe = |url: String| async move {
         let mut client = PolicyStreamClient::connect(url).await.expect("connects");
