@@ -160,6 +160,8 @@ fn main() {
                 allowed: after.allowed - before.allowed,
                 denied: after.denied - before.denied,
                 unmanaged: after.unmanaged - before.unmanaged,
+                ct_hits: after.ct_hits - before.ct_hits,
+                fast_path: after.fast_path - before.fast_path,
                 connections: crr.done + RR_CONNS as u64,
             });
             println!(
@@ -173,8 +175,8 @@ fn main() {
                 switch_took.as_secs_f64(),
                 check
                     .map(|j| format!(
-                        ", judged: {} allowed / {} denied / {} unmanaged",
-                        j.allowed, j.denied, j.unmanaged
+                        ", judged: {} allowed / {} denied / {} unmanaged / {} ct hits / {} fast path",
+                        j.allowed, j.denied, j.unmanaged, j.ct_hits, j.fast_path
                     ))
                     .unwrap_or_default()
             );
@@ -549,6 +551,10 @@ struct Judged {
     denied: u64,
     /// Packets of unmanaged sockets.
     unmanaged: u64,
+    /// Packets passed by a conntrack entry.
+    ct_hits: u64,
+    /// Packets passed by the verdict cached on their socket.
+    fast_path: u64,
     /// New connections the load opened (CRR connections + RR connections).
     connections: u64,
 }
@@ -585,7 +591,11 @@ impl Enforcer {
         if self.dp.is_some() {
             return;
         }
-        let dp = Datapath::load(&self.opts).unwrap_or_else(|e| panic!("loading the datapath: {}", chain(&e)));
+        let mut dp = Datapath::load(&self.opts).unwrap_or_else(|e| panic!("loading the datapath: {}", chain(&e)));
+        // What the map owner does on start-up (untimed): read the maps back, so
+        // the datapath knows which policy generations have entries.
+        let back = dp.read_state().unwrap_or_else(|e| panic!("reading the maps back: {}", chain(&e)));
+        assert!(back.stale_generations.is_empty(), "{:?}", back.stale_generations);
         if let Some(before) = self.detached_at.take() {
             let now = dp.counters();
             assert_eq!(
@@ -602,11 +612,8 @@ impl Enforcer {
     fn unmanage(&mut self, sides: &Sides) {
         let dp = self.dp.as_mut().expect("datapath attached");
         for side in [&sides.client, &sides.server] {
-            // aya 0.14 reports a missing key as a syscall error (ENOENT), not
-            // `KeyNotFound`, so `remove_endpoint` of an absent key fails: look first.
-            if dp.endpoint(side.cgroup_id).expect("read endpoint").is_some() {
-                dp.remove_endpoint(side.cgroup_id).expect("remove endpoint");
-            }
+            // Also when the endpoint is absent (aya 0.14's ENOENT counts as missing).
+            dp.remove_endpoint(side.cgroup_id).expect("remove endpoint");
             self.state.endpoints.remove(&abi::EndpointKey { cgroup_id: side.cgroup_id });
         }
     }
@@ -649,7 +656,7 @@ impl Enforcer {
             match op {
                 MapOp::WriteGeneration { .. } => t.write += took,
                 MapOp::Activate { .. } => t.activate += took,
-                MapOp::DeleteGeneration { .. } => t.delete += took,
+                MapOp::DeleteGeneration { .. } | MapOp::DeleteGenerationKeys { .. } => t.delete += took,
                 _ => t.other += took,
             }
         }
@@ -1106,23 +1113,31 @@ fn report(
             let (a, d, u, c) = s.judged.iter().fold((0, 0, 0, 0), |(a, d, u, c), j| {
                 (a + j.allowed, d + j.denied, u + j.unmanaged, c + j.connections)
             });
-            format!("{}: {a} allowed for {c} connections, {d} denied, {u} unmanaged packets", f.label())
+            let (ct, fast) = s.judged.iter().fold((0, 0), |(ct, fast), j| (ct + j.ct_hits, fast + j.fast_path));
+            format!(
+                "{}: {a} allowed for {c} connections, {d} denied, {u} unmanaged packets, {ct} conntrack hits, \
+                 {fast} fast-path passes",
+                f.label()
+            )
         })
         .collect();
     md.push_str(&format!(
         "Check that Bulkhead really judged the traffic (kernel counters during its rounds; expected 2 allowed \
-         verdicts per new connection, client egress + server ingress, and every later packet a conntrack hit): {}.\n",
+         verdicts per new connection, client egress + server ingress, and every later packet a conntrack hit or, \
+         once its socket is established and carries the verdict, a fast-path pass): {}.\n",
         judged.join("; ")
     ));
 
     md.push_str(
         "\nPolicy apply through the library: `NodePolicy::validate`, `render`, `diff`, then the `MapOp`s one at a \
-         time through `Datapath::apply` — `WriteGeneration` (clears leftovers under its number, then writes the \
-         whole new generation), `Activate`, `DeleteGeneration` of the old one, and under \"other\" the ipcache and \
-         endpoint writes (the 10,002 prefixes on the first apply; the bridge/settle writes of the double-buffered \
-         maps around a flip). Timed each time a Bulkhead configuration started, by the number of entries before \
-         and after: deleting a generation walks every key of the policy hash, so it costs what the map held, not \
-         what it deletes. Median over the samples, in ms:\n\n",
+         time through `Datapath::apply` — `WriteGeneration` (writes the whole new generation; it walks the map \
+         for leftovers under its number only when the datapath cannot know there are none, which it does after \
+         creating the map or reading it back as the map owner does on start-up), `Activate`, \
+         `DeleteGenerationKeys` of the old one (by the keys of the previous `MapState`, no walk), and under \
+         \"other\" the ipcache and endpoint writes (the 10,002 prefixes on the first apply; the bridge/settle \
+         writes of the double-buffered maps around a flip). Timed each time a Bulkhead configuration started, by \
+         the number of entries before and after: each op costs one syscall per entry it writes or deletes. Median \
+         over the samples, in ms:\n\n",
     );
     md.push_str(
         "| N before → after | samples | validate | render | diff | write generation | activate | delete old | other \
@@ -1172,10 +1187,10 @@ fn report(
         let m = |f: fn(&ApplyTimes) -> Duration| ms(median_duration(v.iter().map(f)));
         md.push_str(&format!(
             "\nApplying 100k entries over an applied 100k policy takes **{} ms** (render…delete; validate adds {} ms). \
-             Most of it is `delete_generation` ({} ms): it walks every key of the policy hash (both generations, \
-             200k keys, one `get_next_key` syscall each) before deleting 100k; `WriteGeneration` ({} ms) walks \
-             the map once more for leftovers, then makes one update syscall per entry. Deleting the old generation by the keys of the previous `MapState` (user \
-             space has them) and batched map ops (`BPF_MAP_UPDATE_BATCH` / `DELETE_BATCH`) would cut both.\n",
+             Deleting the old generation ({} ms) and writing the new one ({} ms) are one syscall per entry each \
+             (before the old generation was deleted by the keys of the previous `MapState`, and leftovers looked \
+             for only when there may be some, both walked the whole policy hash first: 636 ms in all). Batched map ops \
+             (`BPF_MAP_UPDATE_BATCH` / `DELETE_BATCH`) would cut the rest.\n",
             m(ApplyTimes::total),
             m(|t| t.validate),
             m(|t| t.delete),
@@ -1187,9 +1202,12 @@ fn report(
         "\nWhere Bulkhead's time goes: one more RR and CRR round per configuration with BPF run-time statistics \
          on (`BPF_ENABLE_STATS`, only for this phase; it adds two clock reads per run), summed over the two \
          programs. \"unmanaged\" is the floor every packet pays once the programs are attached: the hook, the \
-         cgroup id and one endpoints-map lookup. Managed, every packet also parses its headers \
-         (`bpf_skb_load_bytes`), looks up its 5-tuple + cgroup conntrack key, reads the clock and writes `last_ns`; \
-         only a connection's first packet on each side probes the policy hash:\n\n",
+         cgroup id, the configuration and one `ENDPOINTS_V2` lookup. Managed, a packet of an established TCP \
+         connection whose socket carries its verdict (`SOCK_VERDICT_V1`, socket storage) adds one \
+         `bpf_sk_storage_get` and a few compares (the fast path); any other packet parses its headers (direct \
+         packet access), looks up its 5-tuple + cgroup conntrack key and reads the clock (`last_ns` is written \
+         at most once a second); only a connection's first packet on each side reads the ipcache and probes the \
+         policy hash, and an established socket's first verdict is copied onto it:\n\n",
     );
     md.push_str("| configuration | load | rate /s | program runs per transaction | ns per run | program µs per transaction | program CPU (% of one core) |\n");
     md.push_str("|---|---|---|---|---|---|---|\n");
@@ -1239,21 +1257,25 @@ fn analysis(results: &BTreeMap<Filter, Samples>, profiles: &[Profile], base_rr: 
         "\n**Reading.** The number of rules costs nothing measurable: a program run takes {small:.0} ns at 1k \
          entries and {large:.0} ns at 100k (RR), and the 1k/10k/100k rows agree within their ranges — the policy hash \
          is probed only on a connection's first packet on each side. The cost is per packet. Attached with the \
-         workloads unmanaged (hook + cgroup id + one endpoints-map lookup), a run takes {idle:.0} ns and the rates \
-         are already {idle_rr:.2}× / {idle_crr:.2}×: that is the floor of running cgroup_skb on both workloads' \
-         egress and ingress (4 runs per RR transaction, 20 per short connection). Managed, every packet of an \
-         established connection takes {large:.0} ns ({crr_large:.0} ns averaged over short connections, which \
-         also insert conntrack entries): header parsing through `bpf_skb_load_bytes`, the conntrack LRU lookup \
-         (cgroup + 5-tuple key), a clock read and the `last_ns` write, ~{:.0} ns over the floor on every packet. \
-         That puts Bulkhead at 100k at {bh_rr:.2}× (RR) / {bh_crr:.2}× (CRR), {verdict} 0.95×; the program's own \
-         time explains most of the gap, the rest is the hook around it. For comparison, the nftables set \
-         (one lookup on the server's INPUT only) is at {nft_rr:.2}× / {nft_crr:.2}× at 10k. Reaching 0.95× needs the \
-         established-packet path close to the unmanaged floor, e.g. the verdict and its generation cached per \
-         socket (`BPF_MAP_TYPE_SK_STORAGE` on `skb->sk`: one pointer walk instead of parse + conntrack hash), direct \
-         packet access instead of `bpf_skb_load_bytes`, and `last_ns` written only when stale. This VM runs the \
-         AMD SRSO \"Safe RET\" mitigation (/sys/devices/system/cpu/vulnerabilities/spec_rstack_overflow), which \
-         makes every call/return, helpers included, dearer — likely inflating all eBPF numbers here (not \
-         measured separately).\n",
+         workloads unmanaged (hook + cgroup id + configuration + one endpoints lookup), a run takes {idle:.0} ns and \
+         the rates are already {idle_rr:.2}× / {idle_crr:.2}×: that is the floor of running cgroup_skb on both \
+         workloads' egress and ingress (4 runs per RR transaction, 20 per short connection). Managed, a packet of \
+         an established connection takes the fast path: the verdict, generation, identity and peer cached on its \
+         socket (`BPF_MAP_TYPE_SK_STORAGE`), checked against the active generation, the endpoint's identity and \
+         mode and the socket's peer — {large:.0} ns per run, ~{:.0} ns over the floor, where parsing, the \
+         conntrack lookup, a clock read and the `last_ns` write cost ~280 ns over it before. Short connections \
+         average {crr_large:.0} ns per run: the client's socket carries the verdict from its SYN on, but the \
+         server's handshake packets (seen on the listening and the request socket) and the client's last ACK (from \
+         a time-wait socket) have none and take the conntrack path, and each new connection reads the ipcache, \
+         probes the policy, inserts a conntrack entry on each side and creates two socket verdicts. That puts Bulkhead at 100k at {bh_rr:.2}× (RR) / {bh_crr:.2}× (CRR), {verdict} 0.95×. \
+         RR is now within a few percent of the unmanaged floor; CRR is bounded by that floor (the hook alone \
+         costs a few percent there) plus the per-connection work above. For comparison, the nftables set \
+         (one lookup on the server's INPUT only) is at {nft_rr:.2}× / {nft_crr:.2}× at 10k. What is left for CRR: \
+         a cheaper new-connection path (the conntrack LRU insert, which evicts once the map is full, and the \
+         ipcache trie walk) and fewer hook runs (the cgroup_skb hook runs on both sides of a connection between \
+         two managed workloads). This VM runs the AMD SRSO \"Safe RET\" mitigation \
+         (/sys/devices/system/cpu/vulnerabilities/spec_rstack_overflow), which makes every call/return, helpers \
+         included, dearer — likely inflating all eBPF numbers here (not measured separately).\n",
         large - idle,
         verdict = if bh_rr >= 0.95 && bh_crr >= 0.95 { "meeting" } else { "short of" },
     )

@@ -171,8 +171,14 @@ pub enum MapOp {
     WriteGeneration { generation: u32, entries: Vec<(PolicyKey, PolicyValue)> },
     /// Flip `ENF_CONFIG_V1.active_generation` (one map update).
     Activate { generation: u32 },
-    /// Delete every entry of an inactive generation.
+    /// Delete every entry of an inactive generation (walks the whole policy map:
+    /// for generations whose keys are unknown, such as leftovers of an earlier
+    /// process that `read_state` reports).
     DeleteGeneration { generation: u32 },
+    /// Delete the entries of an inactive generation by key, without walking the
+    /// map: `keys` are all of its entries ([`diff`] takes them from its `from`
+    /// state, which is what the kernel holds), each with `generation` in it.
+    DeleteGenerationKeys { generation: u32, keys: Vec<PolicyKey> },
     /// Insert or overwrite one entry of the *active* generation. Only emitted when
     /// both states share a generation and their policies still differ (not atomic:
     /// render a changed policy under a new generation instead).
@@ -405,7 +411,8 @@ fn too_many(map: &'static str, len: usize, capacity: usize) -> Result<(), Render
 ///    not there). Packets still read `from`'s slot: nothing changes for them;
 /// 2. the whole new generation of rules ([`MapOp::WriteGeneration`]);
 /// 3. the flip ([`MapOp::Activate`]): from here packets read `to`'s slots and rules;
-/// 4. the old generation's rules go ([`MapOp::DeleteGeneration`]);
+/// 4. the old generation's rules go, by the keys `from` lists
+///    ([`MapOp::DeleteGenerationKeys`]: no walk of the policy map);
 /// 5. bridged keys `to` has are settled (both slots `to`'s:
 ///    [`MapOp::UpsertEndpoint`], [`MapOp::UpsertIpcache`]), the others deleted
 ///    ([`MapOp::DeleteEndpoint`], [`MapOp::DeleteIpcache`]).
@@ -513,12 +520,14 @@ fn diff_flip(from: &MapState, to: &MapState) -> Vec<MapOp> {
     ops
 }
 
-/// Write `to`'s rules as a new generation, flip to it, delete `from`'s.
+/// Write `to`'s rules as a new generation, flip to it, delete `from`'s by key
+/// (`from` is what the kernel holds, so its keys are all of them).
 fn push_generation_flip(ops: &mut Vec<MapOp>, from: &MapState, to: &MapState) {
     let entries = to.policy.iter().map(|(k, v)| (*k, *v)).collect();
     ops.push(MapOp::WriteGeneration { generation: to.generation, entries });
     ops.push(MapOp::Activate { generation: to.generation });
-    ops.push(MapOp::DeleteGeneration { generation: from.generation });
+    let keys = from.policy.keys().copied().collect();
+    ops.push(MapOp::DeleteGenerationKeys { generation: from.generation, keys });
 }
 
 /// Longest-prefix match over one state's ipcache, as the kernel's trie answers.
@@ -868,7 +877,7 @@ mod tests {
                 MapOp::UpsertEndpoint { .. } => "settle-endpoint",
                 MapOp::WriteGeneration { generation: 2, .. } => "write-2",
                 MapOp::Activate { generation: 2 } => "activate-2",
-                MapOp::DeleteGeneration { generation: 1 } => "delete-1",
+                MapOp::DeleteGenerationKeys { generation: 1, keys } if keys.len() == a.policy.len() => "delete-1",
                 MapOp::DeleteEndpoint { .. } => "delete-endpoint",
                 MapOp::DeleteIpcache { .. } => "delete-ipcache",
                 other => panic!("unexpected {other:?}"),
@@ -967,6 +976,12 @@ mod tests {
                 }
                 MapOp::WriteGeneration { generation, entries } => {
                     assert_ne!(*generation, self.active, "writing the active generation");
+                    // The datapath skips its walk for leftovers when it knows there
+                    // are none: diffs must never write over leftovers.
+                    assert!(
+                        self.policy.keys().all(|k| k.generation != *generation),
+                        "leftovers under generation {generation}"
+                    );
                     for (k, v) in entries {
                         assert_eq!(k.generation, *generation);
                         self.policy.insert(*k, *v);
@@ -976,6 +991,13 @@ mod tests {
                 MapOp::DeleteGeneration { generation } => {
                     assert_ne!(*generation, self.active, "deleting the active generation");
                     self.policy.retain(|k, _| k.generation != *generation);
+                }
+                MapOp::DeleteGenerationKeys { generation, keys } => {
+                    assert_ne!(*generation, self.active, "deleting the active generation");
+                    for k in keys {
+                        assert_eq!(k.generation, *generation);
+                        self.policy.remove(k);
+                    }
                 }
                 MapOp::UpsertPolicy { key, value } => {
                     self.policy.insert(*key, *value);
@@ -1261,6 +1283,7 @@ mod tests {
                             prop_assert!(i < flip)
                         }
                         MapOp::DeleteGeneration { .. }
+                        | MapOp::DeleteGenerationKeys { .. }
                         | MapOp::UpsertIpcache { .. }
                         | MapOp::UpsertEndpoint { .. }
                         | MapOp::DeleteEndpoint { .. }

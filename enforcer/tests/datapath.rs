@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bulkhead_abi::enforcer as abi;
 use bulkhead_enforcer::datapath::{Datapath, DatapathOptions, Direction, Endpoint, KernelRule, Mode, VerdictRecord};
-use bulkhead_enforcer::render::{MapState, diff, render};
+use bulkhead_enforcer::render::{IpcachePrefix, MapOp, MapState, diff, render};
 use bulkhead_model::{
     Direction as ModelDirection, EndpointCgroup, Identity, IpcacheEntry, NodePolicy, NodeRule, PolicyEndpoint,
     Protocol, RolloutMode, RuleKey, RuleRef,
@@ -403,9 +403,14 @@ fn a_generation_flip_changes_the_policy_at_once() {
     w.agent(a).tcp_ok(b80);
     w.agent(c).tcp_fails(b80);
 
-    // An established connection of A, allowed by g1 only.
+    // An established connection of A, allowed by g1 only. After its first
+    // packets B's socket carries the verdict: the rest take the fast path.
     w.agent(a).ask(&format!("open {b80}")).expect("A opens a connection");
     w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("A's open connection works under g1");
+    let fast = w.dp().counters().fast_path;
+    w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("A's open connection works under g1");
+    let counters = w.dp().counters();
+    assert!(counters.fast_path > fast, "B's established socket takes the fast path: {counters:?}");
 
     // One map update flips everything, established connections included (their
     // conntrack entries name g1, so their next packet is judged again).
@@ -427,6 +432,94 @@ fn a_generation_flip_changes_the_policy_at_once() {
     w.agent(c).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("C's connection survives a flip that still allows it");
     w.agent(c).tcp_ok(b80);
     assert!(w.dp().rule_use().get(&(RULE_B_INGRESS_HTTP_FROM_C + 1)).is_some_and(|u| u.hits >= 2));
+}
+
+#[test]
+fn verdicts_cached_on_sockets_are_judged_again_after_a_mode_switch_or_a_flush() {
+    let mut w = World::new();
+    let g1 = w.dp().replace_policy(&a_to_b_rules()).expect("policy");
+    w.manage(Mode::Learn, Mode::Monitor);
+    let (a, b, c) = (0, 1, 2);
+    let b_cg = w.cgroup_id(b);
+    let b80 = w.v4(b, HTTP);
+
+    // C has no rule: its connection is audited and passes, and after the
+    // handshake B's socket carries the audit verdict (the fast path).
+    w.agent(c).ask(&format!("open {b80}")).expect("C opens a connection");
+    w.agent(c).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("C's audited connection works in monitor");
+    let fast = w.dp().counters().fast_path;
+    w.agent(c).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("C's audited connection works in monitor");
+    let counters = w.dp().counters();
+    assert!(counters.fast_path > fast, "B's audited socket takes the fast path: {counters:?}");
+
+    // Enforce: the cached audit no longer holds; the connection is judged again
+    // and dropped, as a new one would be.
+    w.set_mode(b, Mode::Enforce);
+    assert!(w.agent(c).ask(&format!("send 0 {FAIL_TIMEOUT_MS}")).is_err(), "enforce cut C's audited connection");
+    let mut seen = Vec::new();
+    w.wait_events(&mut seen, 1, |e| e.cgroup_id == b_cg && e.verdict == abi::VERDICT_DENIED && e.peer_identity == ID_C);
+    // Back to monitor: the connection (its retransmissions) is judged and
+    // audited again, not passed silently by the audit its socket once carried.
+    let audits = w.dp().counters().audit;
+    w.set_mode(b, Mode::Monitor);
+    w.agent(c).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("monitor lets C's connection through again");
+    let counters = w.dp().counters();
+    assert!(counters.audit > audits, "the connection was audited again: {counters:?}");
+    w.set_mode(b, Mode::Enforce);
+
+    // A's allowed connection takes the fast path too; a rule removed in place
+    // (not atomic, so no flip) reaches it once conntrack is flushed, which also
+    // invalidates the verdicts cached on sockets.
+    w.agent(a).ask(&format!("open {b80}")).expect("A opens a connection");
+    w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("A's connection works");
+    let fast = w.dp().counters().fast_path;
+    w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("A's connection works");
+    let counters = w.dp().counters();
+    assert!(counters.fast_path > fast, "B's allowed socket takes the fast path: {counters:?}");
+    let key = abi::PolicyKey {
+        generation: g1,
+        local_identity: ID_B,
+        peer_identity: ID_A,
+        port: HTTP,
+        protocol: abi::IPPROTO_TCP,
+        direction: abi::DIR_INGRESS,
+    };
+    w.dp().apply(&[MapOp::DeletePolicy { key }]).unwrap_or_else(|e| panic!("delete rule: {}", chain(&e)));
+    w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("judged by conntrack until it is flushed");
+    w.dp().flush_conntrack().expect("flush");
+    assert!(w.agent(a).ask(&format!("send 0 {FAIL_TIMEOUT_MS}")).is_err(), "the flush re-judged A's connection");
+}
+
+#[test]
+fn removing_absent_keys_is_not_an_error() {
+    let mut w = World::new();
+    let g = w.dp().replace_policy(&a_to_b_rules()).expect("policy");
+    let absent_cgroup = u64::from(u32::MAX) - 7;
+    let absent_net: ipnet::IpNet = "198.51.100.0/24".parse().expect("net");
+    let absent_rule = |generation| abi::PolicyKey {
+        generation,
+        local_identity: ID_C,
+        peer_identity: ID_C,
+        port: 9,
+        protocol: abi::IPPROTO_TCP,
+        direction: abi::DIR_EGRESS,
+    };
+    // aya 0.14 reports these as ENOENT syscall errors: all mean "already gone".
+    w.dp().remove_endpoint(absent_cgroup).unwrap_or_else(|e| panic!("absent endpoint: {}", chain(&e)));
+    w.dp().remove_ipcache(absent_net).unwrap_or_else(|e| panic!("absent prefix: {}", chain(&e)));
+    assert_eq!(w.dp().delete_generation(g + 1).expect("absent generation"), 0);
+    assert_eq!(w.dp().delete_generation_keys(g + 1, &[absent_rule(g + 1)]).expect("absent keys"), 0);
+    w.dp().flush_conntrack().expect("flush");
+    let ops = [
+        MapOp::DeleteEndpoint { key: abi::EndpointKey { cgroup_id: absent_cgroup } },
+        MapOp::DeleteIpcache { prefix: IpcachePrefix::new(absent_net) },
+        MapOp::DeletePolicy { key: absent_rule(g) },
+        MapOp::DeleteGeneration { generation: g + 1 },
+        MapOp::DeleteGenerationKeys { generation: g + 1, keys: vec![absent_rule(g + 1)] },
+    ];
+    w.dp().apply(&ops).unwrap_or_else(|e| panic!("deleting absent keys: {}", chain(&e)));
+    // The policy is untouched.
+    assert_eq!(w.dp().read_state().expect("read").state.policy.len(), a_to_b_rules().len());
 }
 
 #[test]

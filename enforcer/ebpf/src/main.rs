@@ -41,21 +41,28 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_RB_NO_WAKEUP, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET},
-    helpers::generated::{bpf_ktime_get_boot_ns, bpf_skb_cgroup_id, bpf_skb_load_bytes_relative},
-    macros::{cgroup_skb, classifier, map},
+    bindings::{
+        BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT, TC_ACT_SHOT,
+        TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock,
+    },
+    btf_maps::SkStorage,
+    helpers::generated::{
+        bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id, bpf_skb_load_bytes_relative,
+    },
+    macros::{btf_map, cgroup_skb, classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{SkBuffContext, TcContext},
 };
 use bulkhead_abi::enforcer::{
     ACTION_ALLOW, AF_INET, AF_INET6, COUNTER_ALLOWED, COUNTER_AUDIT, COUNTER_COUNT, COUNTER_CT_HIT,
     COUNTER_CT_INSERT_FAILED, COUNTER_DENIED, COUNTER_EVENTS_LIMITED, COUNTER_EVENTS_LOST, COUNTER_FAIL,
-    COUNTER_OTHER_PROTO, COUNTER_UNMANAGED, CtKey, CtValue, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_ENDPOINTS,
-    DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_RULE_STATS, DEFAULT_VERDICT_EVENTS_BYTES, DIR_EGRESS,
-    DIR_INGRESS, EP_EGRESS_COVERED, EP_INGRESS_COVERED, EndpointKey, EndpointSlot, EndpointValue, EnforcerConfig,
-    FAIL_CLOSED, FAIL_OPEN, IDENTITY_ANY, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP, IpcacheValue, MODE_ENFORCE,
-    MODE_MONITOR, PolicyKey, PolicyValue, REASON_DEFAULT_DENY, REASON_NOT_COVERED, REASON_RULE, RateState, RuleStats,
-    VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED, VerdictEvent, v4_mapped,
+    COUNTER_FAST_PATH, COUNTER_OTHER_PROTO, COUNTER_UNMANAGED, CtKey, CtValue, DEFAULT_CONNTRACK_ENTRIES,
+    DEFAULT_ENDPOINTS, DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_RULE_STATS,
+    DEFAULT_VERDICT_EVENTS_BYTES, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_COVERED, EP_INGRESS_COVERED, EndpointKey,
+    EndpointSlot, EndpointValue, EnforcerConfig, FAIL_CLOSED, FAIL_OPEN, IDENTITY_ANY, IDENTITY_WORLD, IPPROTO_TCP,
+    IPPROTO_UDP, IpcacheValue, MODE_ENFORCE, MODE_MONITOR, PolicyKey, PolicyValue, REASON_DEFAULT_DENY,
+    REASON_NOT_COVERED, REASON_RULE, RateState, RuleStats, SockVerdict, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED,
+    VerdictEvent, v4_mapped,
 };
 
 /// Verdict of the shared decision code: let the packet through. Equal to the
@@ -94,6 +101,9 @@ const FAIL_ACTION_MONITOR: i32 = PASS;
 /// not become reachable because the enforcer's state broke (DESIGN.md §5).
 const FAIL_ACTION_ENFORCE: i32 = DROP;
 
+/// Conntrack's `last_ns` is refreshed by a hit only once it is older than this.
+const CT_TOUCH_NS: u64 = 1_000_000_000;
+
 #[map]
 static IPCACHE_V2: LpmTrie<[u8; 16], IpcacheValue> = LpmTrie::with_max_entries(DEFAULT_IPCACHE_ENTRIES, 0);
 #[map]
@@ -105,13 +115,17 @@ static CONNTRACK_V1: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(D
 #[map]
 static VERDICTS_V1: RingBuf = RingBuf::with_byte_size(DEFAULT_VERDICT_EVENTS_BYTES, 0);
 #[map]
-static ENF_COUNTERS_V1: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+static ENF_COUNTERS_V2: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 #[map]
 static ENF_CONFIG_V1: Array<EnforcerConfig> = Array::with_max_entries(1, 0);
 #[map]
 static EVENT_RATE_V1: PerCpuArray<RateState> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static RULE_STATS_V1: LruPerCpuHashMap<u32, RuleStats> = LruPerCpuHashMap::with_max_entries(DEFAULT_RULE_STATS, 0);
+/// `bulkhead_abi::enforcer::SOCK_VERDICT`: socket storage needs BTF for its key
+/// and value, hence a BTF map next to the legacy ones.
+#[btf_map]
+static SOCK_VERDICT_V1: SkStorage<SockVerdict> = SkStorage::new();
 
 #[cgroup_skb(ingress)]
 pub fn enforce_ingress(ctx: SkBuffContext) -> i32 {
@@ -147,6 +161,9 @@ trait PacketSource {
     fn is_ip(&self) -> bool;
     /// Reads a `T` at `offset` bytes from the start of the IP header.
     fn load<T>(&self, offset: usize) -> Result<T, i64>;
+    /// The packet's socket (`skb->sk`, possibly a request or time-wait socket),
+    /// if its verdict may be cached; null otherwise.
+    fn socket(&self) -> *mut bpf_sock;
 }
 
 /// A cgroup_skb packet: starts at the IP header, belongs to a socket's cgroup.
@@ -165,9 +182,29 @@ impl PacketSource for CgroupPacket<'_> {
         true
     }
 
+    /// Direct packet access where the bytes are in the linear area (always so
+    /// for the IP and TCP/UDP headers the stack built or pulled; readable by
+    /// privileged cgroup_skb programs), `bpf_skb_load_bytes` otherwise: one bounds
+    /// check instead of a helper call per field.
     #[inline(always)]
     fn load<T>(&self, offset: usize) -> Result<T, i64> {
+        // SAFETY: context fields the verifier rewrites into the packet bounds.
+        let (start, end) = unsafe {
+            let skb = self.0.skb.skb;
+            ((*skb).data as usize, (*skb).data_end as usize)
+        };
+        if start + offset + size_of::<T>() <= end {
+            // SAFETY: within [data, data_end), which the verifier checks too.
+            return Ok(unsafe { ((start + offset) as *const T).read_unaligned() });
+        }
         self.0.load(offset)
+    }
+
+    #[inline(always)]
+    fn socket(&self) -> *mut bpf_sock {
+        // SAFETY: `sk` is a context field the verifier rewrites into a checked
+        // load (a `sock_common` pointer or null).
+        unsafe { core::ptr::read_volatile(&raw const (*self.0.skb.skb).__bindgen_anon_2.sk) }
     }
 }
 
@@ -211,6 +248,13 @@ impl PacketSource for TcPacket<'_> {
             Err(ret)
         }
     }
+
+    #[inline(always)]
+    fn socket(&self) -> *mut bpf_sock {
+        // tc ingress runs before the socket lookup (no socket yet), and egress
+        // is judged as before: no socket cache for namespace workloads.
+        core::ptr::null_mut()
+    }
 }
 
 /// `Err` carries the fail action already chosen for the endpoint's mode. The
@@ -233,7 +277,7 @@ fn verdict(result: Result<i32, i32>) -> i32 {
 
 #[inline(always)]
 fn count(index: u32) {
-    if let Some(c) = ENF_COUNTERS_V1.get_ptr_mut(index) {
+    if let Some(c) = ENF_COUNTERS_V2.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *c += 1 };
     }
@@ -276,8 +320,10 @@ fn parse<P: PacketSource>(ctx: &P, dir: u8) -> Result<Option<Packet>, i64> {
     if !ctx.is_ip() {
         return Ok(None);
     }
-    // Offsets below are from the start of the IP header.
-    let first: u8 = ctx.load(0)?;
+    // Offsets below are from the start of the IP header. Two bytes, not one:
+    // a one-byte bounds check at offset 0 compiles to `data < data_end`, from
+    // which the verifier learns no packet range.
+    let [first, _]: [u8; 2] = ctx.load(0)?;
     let (family, protocol, src, dst, l4) = match first >> 4 {
         4 => {
             let protocol: u8 = ctx.load(9)?;
@@ -359,6 +405,14 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
     let Some(cfg) = cfg else {
         return Err(fail_action(ep.mode, None));
     };
+    // The fast path: an established TCP connection whose verdict is cached on
+    // its socket and still holds passes without parsing or conntrack.
+    let sk = ctx.socket();
+    let cached = sock_verdict(sk);
+    if !cached.is_null() && sock_verdict_holds(cached, sk, cgroup_id, &ep, &cfg) {
+        count(COUNTER_FAST_PATH);
+        return Ok(PASS);
+    }
     let pkt = match parse(ctx, dir) {
         Ok(Some(pkt)) => pkt,
         Ok(None) => {
@@ -389,15 +443,29 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
         if ct_gen == generation
             && (ct_verdict == VERDICT_ALLOWED || (ct_verdict == VERDICT_AUDIT && ep.mode == MODE_MONITOR))
         {
+            // Written at most every CT_TOUCH_NS: a shared cache line written by
+            // every packet on every CPU costs more than the freshness is worth.
             // SAFETY: as above.
-            unsafe { (*ct).last_ns = now };
+            unsafe {
+                if now.wrapping_sub((*ct).last_ns) > CT_TOUCH_NS {
+                    (*ct).last_ns = now;
+                }
+            }
             count(COUNTER_CT_HIT);
+            // (The conntrack entry does not keep the peer's identity.)
+            let known = Decision { verdict: ct_verdict, reason: 0, rule_id: 0, peer_identity: 0 };
+            remember(sk, &pkt, cgroup_id, &ep, &cfg, &known, ct_origin);
             return Ok(PASS);
         }
         // Made under another generation, or audited and now enforced: judge the
         // connection again, in the direction it was opened.
         origin = ct_origin;
         created_ns = ct_created;
+    } else if !cached.is_null() && sock_verdict_is_this_connection(cached, sk, cgroup_id) {
+        // An established connection whose conntrack entry was evicted while its
+        // packets took the fast path: its socket still knows the direction.
+        // SAFETY: a checked socket-storage value.
+        origin = unsafe { (*cached).origin };
     }
 
     let d = decide(&ep, &pkt, origin, generation);
@@ -407,6 +475,7 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
             rule_hit(d.rule_id, now);
         }
         track(&key, created_ns, now, generation, &d, origin);
+        remember(sk, &pkt, cgroup_id, &ep, &cfg, &d, origin);
         return Ok(PASS);
     }
     if ep.mode == MODE_MONITOR {
@@ -414,14 +483,189 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
         let audit = Decision { verdict: VERDICT_AUDIT, ..d };
         track(&key, created_ns, now, generation, &audit, origin);
         report(&cfg, &ep, &pkt, cgroup_id, dir, &audit, now);
+        remember(sk, &pkt, cgroup_id, &ep, &cfg, &audit, origin);
         return Ok(PASS);
     }
-    // Enforce: forget an entry that no longer holds (audited, or older policy).
+    // Enforce: forget an entry that no longer holds (audited, or older policy),
+    // and the socket's copy of it.
     let _ = CONNTRACK_V1.remove(key);
+    if !cached.is_null() {
+        // SAFETY: a checked socket-storage value.
+        unsafe { (*cached).verdict = 0 };
+    }
     count(COUNTER_DENIED);
     let denied = Decision { verdict: VERDICT_DENIED, ..d };
     report(&cfg, &ep, &pkt, cgroup_id, dir, &denied, now);
     Ok(DROP)
+}
+
+/// The verdict cached on `sk` (any socket, `sock_common`, or null), or null.
+/// The helper itself answers null for anything but a full socket, and only TCP
+/// full sockets ever get an entry ([`remember`]), so no `bpf_sk_fullsock` and
+/// no protocol check are needed here: one helper call per packet.
+#[inline(always)]
+fn sock_verdict(sk: *mut bpf_sock) -> *mut SockVerdict {
+    if sk.is_null() {
+        return core::ptr::null_mut();
+    }
+    // SAFETY: `sk` is a checked socket pointer; without F_CREATE the helper only looks up.
+    let v = unsafe { bpf_sk_storage_get(&raw const SOCK_VERDICT_V1 as *mut _, sk as *mut _, core::ptr::null_mut(), 0) };
+    v as *mut SockVerdict
+}
+
+/// Whether the verdict `c` cached on `sk` passes this packet: every condition
+/// of [`SockVerdict`]'s contract.
+#[inline(always)]
+fn sock_verdict_holds(
+    c: *const SockVerdict,
+    sk: *mut bpf_sock,
+    cgroup_id: u64,
+    ep: &EndpointSlot,
+    cfg: &EnforcerConfig,
+) -> bool {
+    // SAFETY: a checked socket-storage value of this map, alive while the
+    // program runs.
+    let c = unsafe { &*c };
+    if c.generation != cfg.active_generation || c.epoch != cfg.sock_epoch || c.local_identity != ep.identity {
+        return false;
+    }
+    if !(c.verdict == VERDICT_ALLOWED || (c.verdict == VERDICT_AUDIT && ep.mode == MODE_MONITOR)) {
+        return false;
+    }
+    sock_verdict_is_this_connection(c, sk, cgroup_id)
+}
+
+/// Whether `c` was written for the connection `sk` carries now (same endpoint,
+/// same peer and ports), whatever its generation or verdict.
+#[inline(always)]
+fn sock_verdict_is_this_connection(c: *const SockVerdict, sk: *mut bpf_sock, cgroup_id: u64) -> bool {
+    // SAFETY: as in `sock_verdict_holds`; `sk` is the non-null socket `c` came from.
+    let c = unsafe { &*c };
+    if c.endpoint_key != cgroup_id {
+        return false;
+    }
+    let t = sock_tuple(sk);
+    c.src_port == t.src_port
+        && c.dst_port == t.dst_port
+        && c.dst_ip4 == t.dst_ip4
+        && c.dst_ip6[0] == t.dst_ip6[0]
+        && c.dst_ip6[1] == t.dst_ip6[1]
+        && c.dst_ip6[2] == t.dst_ip6[2]
+        && c.dst_ip6[3] == t.dst_ip6[3]
+}
+
+/// The peer-identifying fields of a socket, as [`SockVerdict`] stores them.
+struct SockTuple {
+    family: u32,
+    state: u32,
+    dst_ip6: [u32; 4],
+    dst_ip4: u32,
+    src_port: u32,
+    dst_port: u32,
+}
+
+/// Reads `sk`'s tuple one 4-byte field at a time: the verifier only accepts
+/// loads of single `bpf_sock` fields, and volatile reads keep the compiler from
+/// merging neighbours into one wider load. Every field read is one of
+/// `sock_common`'s, so any socket pointer will do.
+#[inline(always)]
+fn sock_tuple(sk: *mut bpf_sock) -> SockTuple {
+    use core::ptr::read_volatile as rd;
+    // SAFETY: `sk` is a full socket the caller checked for null.
+    unsafe {
+        SockTuple {
+            family: rd(&raw const (*sk).family),
+            state: rd(&raw const (*sk).state),
+            dst_ip6: [
+                rd(&raw const (*sk).dst_ip6[0]),
+                rd(&raw const (*sk).dst_ip6[1]),
+                rd(&raw const (*sk).dst_ip6[2]),
+                rd(&raw const (*sk).dst_ip6[3]),
+            ],
+            dst_ip4: rd(&raw const (*sk).dst_ip4),
+            src_port: rd(&raw const (*sk).src_port),
+            dst_port: u32::from(rd(&raw const (*sk).dst_port)),
+        }
+    }
+}
+
+/// Caches `d`'s verdict (allowed or audit, just decided or found in conntrack
+/// under the active generation) on `sk` when it is an established TCP full socket
+/// carrying this very connection; otherwise does nothing.
+#[inline(always)]
+fn remember(
+    sk_common: *mut bpf_sock,
+    pkt: &Packet,
+    cgroup_id: u64,
+    ep: &EndpointSlot,
+    cfg: &EnforcerConfig,
+    d: &Decision,
+    origin: u8,
+) {
+    if sk_common.is_null() {
+        return;
+    }
+    // The cheap checks first: state and ports are `sock_common` fields.
+    let t = sock_tuple(sk_common);
+    // Only a connection with one peer: established, or a client's connection
+    // being opened (its peer is fixed by connect(), and caching at the SYN lets
+    // the rest of the handshake take the fast path). Never a listener (the
+    // SYNs of many peers arrive on it) nor a request or time-wait socket (not
+    // full sockets: no storage).
+    if t.state != BPF_TCP_ESTABLISHED && t.state != BPF_TCP_SYN_SENT {
+        return;
+    }
+    // The socket's tuple must be the packet's (always so for an established
+    // socket; checked so a mismatch can never cache a verdict for another peer).
+    if t.src_port != u32::from(pkt.local_port) || u16::from_be(t.dst_port as u16) != pkt.remote_port {
+        return;
+    }
+    let r = pkt.remote_addr;
+    let word = |i: usize| u32::from_ne_bytes([r[i], r[i + 1], r[i + 2], r[i + 3]]);
+    let same_addr = if t.family == u32::from(AF_INET) {
+        t.dst_ip4 == word(12)
+    } else {
+        t.dst_ip6[0] == word(0) && t.dst_ip6[1] == word(4) && t.dst_ip6[2] == word(8) && t.dst_ip6[3] == word(12)
+    };
+    if !same_addr {
+        return;
+    }
+    // SAFETY: the helper takes any socket pointer and answers null or a full socket.
+    let sk = unsafe { bpf_sk_fullsock(sk_common) };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: a full socket, checked for null (one field load).
+    if unsafe { core::ptr::read_volatile(&raw const (*sk).protocol) } != u32::from(IPPROTO_TCP) {
+        return;
+    }
+    let value = SockVerdict {
+        endpoint_key: cgroup_id,
+        dst_ip6: t.dst_ip6,
+        dst_ip4: t.dst_ip4,
+        src_port: t.src_port,
+        dst_port: t.dst_port,
+        generation: cfg.active_generation,
+        local_identity: ep.identity,
+        peer_identity: d.peer_identity,
+        epoch: cfg.sock_epoch,
+        verdict: d.verdict,
+        origin,
+        _pad: [0; 4],
+    };
+    // SAFETY: `sk` as above; with F_CREATE the helper creates a zeroed value
+    // (or returns the existing one), which is overwritten at once.
+    unsafe {
+        let p = bpf_sk_storage_get(
+            &raw const SOCK_VERDICT_V1 as *mut _,
+            sk as *mut _,
+            core::ptr::null_mut(),
+            BPF_SK_STORAGE_GET_F_CREATE.into(),
+        ) as *mut SockVerdict;
+        if !p.is_null() {
+            *p = value;
+        }
+    }
 }
 
 /// The slot of `generation`'s parity (`bulkhead_abi::enforcer::slot_of`), without

@@ -9,7 +9,7 @@
 use aya::maps::MapError;
 use bulkhead_abi::enforcer::{self as abi, EndpointValue, IpcacheValue, PolicyKey};
 
-use super::{Datapath, DatapathError};
+use super::{Datapath, DatapathError, ignore_missing};
 use crate::render::{IpcachePrefix, MapOp, MapState};
 
 /// What the pinned maps hold, as [`Datapath::read_state`] found it.
@@ -30,7 +30,7 @@ impl Datapath {
     /// [`MapState::unsettled`](crate::render::MapState)). Walks every map (about a
     /// second per million entries): done at start-up and after a failed apply,
     /// never per packet or per update.
-    pub fn read_state(&self) -> Result<KernelState, DatapathError> {
+    pub fn read_state(&mut self) -> Result<KernelState, DatapathError> {
         let generation = self.active_generation()?;
         let active = abi::slot_of(generation);
         let mut state = MapState { generation, ..MapState::default() };
@@ -75,6 +75,12 @@ impl Datapath {
         }
         stale.sort_unstable();
         stale.dedup();
+        // Now known exactly (until someone else writes the maps).
+        let mut known: std::collections::BTreeSet<u32> = stale.iter().copied().collect();
+        if !state.policy.is_empty() {
+            known.insert(generation);
+        }
+        self.policy_generations = Some(known);
         Ok(KernelState { state, stale_generations: stale })
     }
 
@@ -114,8 +120,9 @@ impl Datapath {
                     });
                 }
                 // Leftovers of an interrupted attempt under the same number must not
-                // become part of it.
-                self.delete_generation(*generation)?;
+                // become part of it (a walk of the map only when there may be some).
+                self.clear_generation(*generation)?;
+                self.note_policy_generation(*generation);
                 for (key, value) in entries {
                     let key = PolicyKey { generation: *generation, ..*key };
                     self.policy.insert(key, *value, 0).map_err(DatapathError::map(abi::POLICY))?;
@@ -124,7 +131,11 @@ impl Datapath {
             }
             MapOp::Activate { generation } => self.activate(*generation),
             MapOp::DeleteGeneration { generation } => self.delete_generation(*generation).map(|_| ()),
+            MapOp::DeleteGenerationKeys { generation, keys } => {
+                self.delete_generation_keys(*generation, keys).map(|_| ())
+            }
             MapOp::UpsertPolicy { key, value } => {
+                self.note_policy_generation(key.generation);
                 self.policy.insert(*key, *value, 0).map_err(DatapathError::map(abi::POLICY))
             }
             MapOp::DeletePolicy { key } => ignore_missing(self.policy.remove(key), abi::POLICY),
@@ -143,11 +154,4 @@ pub struct ApplyError {
 
 fn prefix_key(p: &IpcachePrefix) -> aya::maps::lpm_trie::Key<[u8; 16]> {
     aya::maps::lpm_trie::Key::new(p.prefixlen, p.addr)
-}
-
-fn ignore_missing(result: Result<(), MapError>, map: &'static str) -> Result<(), DatapathError> {
-    match result {
-        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(DatapathError::map(map)(e)),
-    }
 }

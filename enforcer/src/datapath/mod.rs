@@ -30,6 +30,17 @@
 //!   The direct setters ([`Datapath::set_endpoint`], [`Datapath::set_ipcache`], …)
 //!   write both slots: an immediate change. Conntrack entries remember their
 //!   generation, so a flip re-judges established connections too.
+//! * **Fast path**: the cgroup_skb programs copy an established TCP connection's
+//!   verdict onto its socket (`SOCK_VERDICT_V1`, socket storage, not pinned);
+//!   its further packets pass on one `bpf_sk_storage_get` while the copy holds
+//!   (same generation, endpoint identity, mode for audits, peer, and
+//!   [`EnforcerConfig::sock_epoch`], which [`Datapath::flush_conntrack`] bumps).
+//!   See `bulkhead_abi::enforcer::SockVerdict`.
+//! * **Apply cost**: the old generation is deleted by the keys the diff knows
+//!   ([`crate::render::MapOp::DeleteGenerationKeys`]), and a generation is
+//!   written without first walking the policy map for leftovers when this
+//!   handle knows there are none (the map was created by it, or read back by
+//!   [`Datapath::read_state`] since).
 //! * **Events**: `VERDICTS_V1` is written with `BPF_RB_NO_WAKEUP` (a wakeup per
 //!   event costs 10×, EBPF.md); the owner calls [`Datapath::drain_events`] every
 //!   [`EVENT_POLL_INTERVAL`]. Losses (ring full) and rate-limited events are
@@ -42,7 +53,7 @@
 //! Not covered yet (issue 4 continues): walking IPv6 extension headers (TCP/UDP behind
 //! one passes like any non-TCP/UDP packet); port ranges in rules.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -82,6 +93,9 @@ pub const EVENT_POLL_INTERVAL: Duration = Duration::from_millis(10);
 const LEGACY_ENDPOINTS: &str = "ENDPOINTS_V1";
 /// `IPCACHE` before its values were double-buffered: an identity and 4 bytes of padding.
 const LEGACY_IPCACHE: &str = "IPCACHE_V1";
+/// The counters before the fast-path counter (10 slots, not 11). Not migrated: the
+/// numbers are statistics, and exporters treat a smaller reading as a restart.
+const LEGACY_COUNTERS: &str = "ENF_COUNTERS_V1";
 
 const LINK_INGRESS: &str = "link_ingress";
 const LINK_EGRESS: &str = "link_egress";
@@ -286,6 +300,9 @@ pub struct DatapathCounters {
     pub events_rate_limited: u64,
     pub fail_actions: u64,
     pub ct_insert_failed: u64,
+    /// Packets passed by the verdict cached on their TCP socket (the fast path;
+    /// not also counted in `ct_hits`).
+    pub fast_path: u64,
     pub decode_errors: u64,
 }
 
@@ -315,6 +332,14 @@ pub struct Datapath {
     rule_stats: PerCpuHashMap<MapData, u32, RuleStats>,
     events: RingBuf<MapData>,
     decode_errors: u64,
+    /// Every generation `POLICY_V1` may hold entries of, when this process knows
+    /// it: the map was created by this process (empty) or walked by
+    /// [`Datapath::read_state`] since, and every write and delete went through
+    /// this handle. `None` when unknown (adopted pins, not read back yet):
+    /// writing a generation then first walks the map for leftovers under its
+    /// number (an interrupted earlier attempt's), which otherwise is skipped.
+    /// Assumes one writer per instance (the map owner).
+    policy_generations: Option<BTreeSet<u32>>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -364,6 +389,8 @@ impl Datapath {
 
         // Maps of an earlier layout are migrated into new ones, never into adopted ones.
         let migrate_endpoints = !pin_dir.join(abi::ENDPOINTS).exists();
+        // A policy map created now is empty: no generation has entries.
+        let policy_generations = (!pin_dir.join(abi::POLICY).exists()).then(BTreeSet::new);
         let migrate_ipcache = !pin_dir.join(abi::IPCACHE).exists();
         // Adopt pinned maps only if they fit this build's ABI.
         let mut adopted = false;
@@ -439,7 +466,7 @@ impl Datapath {
             pin_link_replacing(link, &pin_dir, pin)?;
         }
         // The old programs are detached: nothing of ours reads the old maps any more.
-        for name in [LEGACY_ENDPOINTS, LEGACY_IPCACHE] {
+        for name in [LEGACY_ENDPOINTS, LEGACY_IPCACHE, LEGACY_COUNTERS] {
             match std::fs::remove_file(pin_dir.join(name)) {
                 Ok(()) => tracing::info!(map = name, "Removed the pin of a map of an earlier layout."),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -476,6 +503,7 @@ impl Datapath {
             rule_stats,
             events,
             decode_errors: 0,
+            policy_generations,
         })
     }
 
@@ -536,10 +564,7 @@ impl Datapath {
 
     /// Stops managing a workload (its packets pass unjudged).
     pub fn remove_endpoint(&mut self, cgroup_id: u64) -> Result<(), DatapathError> {
-        match self.endpoints.remove(&EndpointKey { cgroup_id }) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(DatapathError::map(abi::ENDPOINTS)(e)),
-        }
+        ignore_missing(self.endpoints.remove(&EndpointKey { cgroup_id }), abi::ENDPOINTS)
     }
 
     // --- ipcache ---
@@ -557,10 +582,7 @@ impl Datapath {
 
     /// Forgets a prefix (its addresses fall back to shorter prefixes or world).
     pub fn remove_ipcache(&mut self, net: IpNet) -> Result<(), DatapathError> {
-        match self.ipcache.remove(&ipcache_key(net)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(DatapathError::map(abi::IPCACHE)(e)),
-        }
+        ignore_missing(self.ipcache.remove(&ipcache_key(net)), abi::IPCACHE)
     }
 
     // --- policy generations ---
@@ -576,6 +598,7 @@ impl Datapath {
         if generation == self.active_generation()? {
             return Err(DatapathError::InvalidGeneration { generation, reason: "it is the active generation" });
         }
+        self.note_policy_generation(generation);
         for r in rules {
             if r.local_identity == abi::IDENTITY_ANY {
                 return Err(DatapathError::ZeroIdentity { what: "a rule's local workload" });
@@ -620,13 +643,56 @@ impl Datapath {
             .map_err(DatapathError::map(abi::POLICY))?;
         let mut removed = 0;
         for key in keys.iter().filter(|k| k.generation == generation) {
-            match self.policy.remove(key) {
-                Ok(()) => removed += 1,
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(DatapathError::map(abi::POLICY)(e)),
+            if remove_counted(self.policy.remove(key), abi::POLICY)? {
+                removed += 1;
             }
         }
+        if let Some(known) = &mut self.policy_generations {
+            known.remove(&generation);
+        }
         Ok(removed)
+    }
+
+    /// Deletes `keys` (entries of the inactive `generation`; missing ones are
+    /// fine) without walking the map: the cheap [`Datapath::delete_generation`]
+    /// when the caller knows every key the generation has, as
+    /// [`crate::render::diff`] does (its `from` state is what the kernel holds).
+    /// Refuses the active generation and keys of another generation.
+    pub fn delete_generation_keys(&mut self, generation: u32, keys: &[PolicyKey]) -> Result<usize, DatapathError> {
+        if generation == self.active_generation()? {
+            return Err(DatapathError::InvalidGeneration { generation, reason: "it is the active generation" });
+        }
+        if keys.iter().any(|k| k.generation != generation) {
+            return Err(DatapathError::InvalidGeneration { generation, reason: "a key of another generation" });
+        }
+        let mut removed = 0;
+        for key in keys {
+            if remove_counted(self.policy.remove(key), abi::POLICY)? {
+                removed += 1;
+            }
+        }
+        if let Some(known) = &mut self.policy_generations {
+            known.remove(&generation);
+        }
+        Ok(removed)
+    }
+
+    /// Makes sure no entry of the inactive `generation` is left before it is
+    /// written: walks the map only when this process cannot know (see
+    /// `policy_generations`).
+    fn clear_generation(&mut self, generation: u32) -> Result<(), DatapathError> {
+        let clean = self.policy_generations.as_ref().is_some_and(|known| !known.contains(&generation));
+        if !clean {
+            self.delete_generation(generation)?;
+        }
+        Ok(())
+    }
+
+    /// Records that `generation` may have entries from now on (before writing them).
+    fn note_policy_generation(&mut self, generation: u32) {
+        if let Some(known) = &mut self.policy_generations {
+            known.insert(generation);
+        }
     }
 
     /// Replaces the whole policy atomically: writes the next generation, flips,
@@ -635,7 +701,7 @@ impl Datapath {
         let old = self.active_generation()?;
         let new = old.wrapping_add(1);
         // Leftovers of an interrupted earlier attempt must not leak into `new`.
-        self.delete_generation(new)?;
+        self.clear_generation(new)?;
         self.write_generation(new, rules)?;
         self.activate(new)?;
         let removed = self.delete_generation(old)?;
@@ -661,13 +727,15 @@ impl Datapath {
     }
 
     /// Forgets every tracked connection: each is judged again on its next packet.
+    /// The verdicts cached on sockets (`SOCK_VERDICT_V1`, out of user space's
+    /// reach) are invalidated first by bumping [`EnforcerConfig::sock_epoch`].
     pub fn flush_conntrack(&mut self) -> Result<(), DatapathError> {
+        let mut cfg = self.config()?;
+        cfg.sock_epoch = cfg.sock_epoch.wrapping_add(1);
+        self.set_config(cfg)?;
         let keys: Vec<CtKey> = self.conntrack.keys().filter_map(Result::ok).collect();
         for key in &keys {
-            match self.conntrack.remove(key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(DatapathError::map(abi::CONNTRACK)(e)),
-            }
+            ignore_missing(self.conntrack.remove(key), abi::CONNTRACK)?;
         }
         Ok(())
     }
@@ -709,6 +777,7 @@ impl Datapath {
             events_rate_limited: read(abi::COUNTER_EVENTS_LIMITED),
             fail_actions: read(abi::COUNTER_FAIL),
             ct_insert_failed: read(abi::COUNTER_CT_INSERT_FAILED),
+            fast_path: read(abi::COUNTER_FAST_PATH),
             decode_errors: self.decode_errors,
         }
     }
@@ -855,6 +924,31 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         cur = e.source();
     }
     s
+}
+
+/// Whether a map error says the key was not there. aya 0.14 reports a missing
+/// key on delete (`BPF_MAP_DELETE_ELEM` → ENOENT) as a `SyscallError`, not as
+/// `KeyNotFound` (which only its lookups return).
+fn is_missing(err: &MapError) -> bool {
+    match err {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// A delete whose key may already be gone: missing is fine.
+fn ignore_missing(result: Result<(), MapError>, map: &'static str) -> Result<(), DatapathError> {
+    remove_counted(result, map).map(|_| ())
+}
+
+/// A delete whose key may already be gone: `Ok(true)` if it removed one.
+fn remove_counted(result: Result<(), MapError>, map: &'static str) -> Result<bool, DatapathError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if is_missing(&e) => Ok(false),
+        Err(e) => Err(DatapathError::map(map)(e)),
+    }
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
@@ -1023,6 +1117,24 @@ mod tests {
         o.instance = "x".into();
         o.events_bytes = 3 << 12;
         assert!(matches!(check_options(&o), Err(DatapathError::InvalidOption { option: "events_bytes", .. })));
+    }
+
+    #[test]
+    fn a_missing_key_is_missing_however_aya_reports_it() {
+        let syscall = |errno| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_delete_elem",
+                io_error: io::Error::from_raw_os_error(errno),
+            })
+        };
+        // aya 0.14: lookups say KeyNotFound, deletes ENOENT.
+        assert!(is_missing(&MapError::KeyNotFound));
+        assert!(is_missing(&syscall(libc::ENOENT)));
+        assert!(!is_missing(&syscall(libc::EPERM)));
+        assert!(ignore_missing(Err(syscall(libc::ENOENT)), abi::POLICY).is_ok());
+        assert!(matches!(remove_counted(Err(syscall(libc::ENOENT)), abi::POLICY), Ok(false)));
+        assert!(matches!(remove_counted(Ok(()), abi::POLICY), Ok(true)));
+        assert!(matches!(ignore_missing(Err(syscall(libc::E2BIG)), abi::POLICY), Err(DatapathError::Map { .. })));
     }
 
     #[test]

@@ -11,7 +11,11 @@
 //!    cgroup_skb programs key by the socket's cgroup id; the tc programs, which
 //!    judge workloads that are bare network namespaces, by
 //!    [`tc_endpoint_key`]`(netns cookie)` (see [`TC_KEY_FLAG`]).
-//!    Everything after this step is the same code for both.
+//!    Everything after this step is the same code for both, except that only
+//!    packets with a socket (cgroup_skb) look at [`SOCK_VERDICT`] next: the
+//!    verdict of an established TCP connection copied there passes the packet
+//!    at once while it holds (see [`SockVerdict`]: it never passes a packet
+//!    step 2 would not). Counted as [`COUNTER_FAST_PATH`].
 //! 2. [`CONNTRACK`] by the local-oriented 5-tuple: a packet of a known connection
 //!    (either direction) passes without a policy lookup, as long as the entry was
 //!    made under the active policy generation (a flip re-evaluates the connection
@@ -59,13 +63,19 @@ pub const CONNTRACK: &str = "CONNTRACK_V1";
 /// Ring buffer of [`VerdictEvent`].
 pub const VERDICT_EVENTS: &str = "VERDICTS_V1";
 /// Per-CPU array of u64 counters, indexed by the `COUNTER_*` constants.
-pub const COUNTERS: &str = "ENF_COUNTERS_V1";
+pub const COUNTERS: &str = "ENF_COUNTERS_V2";
 /// Array[1] of [`EnforcerConfig`].
 pub const CONFIG: &str = "ENF_CONFIG_V1";
 /// Per-CPU array[1] of [`RateState`]: the verdict-event token bucket.
 pub const EVENT_RATE: &str = "EVENT_RATE_V1";
 /// LRU per-CPU hash: rule id (u32) → [`RuleStats`]; user space sums the CPUs.
 pub const RULE_STATS: &str = "RULE_STATS_V1";
+
+/// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`) → [`SockVerdict`]: the verdict
+/// of an established TCP connection cached on its socket. A BTF map, never
+/// pinned: each loaded copy of the programs has its own (an empty cache only
+/// costs one slow-path packet per connection), and not in [`MAP_NAMES`].
+pub const SOCK_VERDICT: &str = "SOCK_VERDICT_V1";
 
 /// Every map name, for pinning and cleanup code that must know them all.
 pub const MAP_NAMES: [&str; 9] =
@@ -217,7 +227,10 @@ pub const COUNTER_EVENTS_LIMITED: u32 = 7;
 pub const COUNTER_FAIL: u32 = 8;
 /// A conntrack insert failed (the connection is re-evaluated on its next packet).
 pub const COUNTER_CT_INSERT_FAILED: u32 = 9;
-pub const COUNTER_COUNT: u32 = 10;
+/// Packets of established TCP connections passed by their socket's cached
+/// verdict ([`SockVerdict`]) without parsing or a conntrack lookup.
+pub const COUNTER_FAST_PATH: u32 = 10;
+pub const COUNTER_COUNT: u32 = 11;
 
 // === Kernel constants ===
 
@@ -408,6 +421,63 @@ pub struct CtValue {
 }
 const _: () = assert!(size_of::<CtValue>() == 32);
 
+/// The verdict of an established TCP connection, cached on its socket
+/// ([`SOCK_VERDICT`]) so the connection's further packets skip parsing and
+/// conntrack (the per-packet fast path). It passes a packet only when the
+/// conntrack entry it was copied from (or made with) would pass it too; it is
+/// also checked against more than that entry:
+///
+/// * `generation` is the active one and `epoch` is [`EnforcerConfig::sock_epoch`]
+///   (a flip or a conntrack flush re-judges the connection);
+/// * the endpoint key is the packet's and that endpoint's active slot still has
+///   `local_identity` (any other change goes through the slow path);
+/// * the verdict is [`VERDICT_ALLOWED`], or [`VERDICT_AUDIT`] while the endpoint
+///   is in monitor mode;
+/// * the socket is still connected to the same peer: the tuple fields are
+///   copied from the socket (`struct bpf_sock`) when the entry is written and
+///   compared on every use, so a socket disconnected and connected elsewhere
+///   (or listening) is judged again.
+///
+/// Only TCP full sockets in `ESTABLISHED` or `SYN_SENT` (a client's socket
+/// once connect() fixed its peer) are written: never a listener (which sees the
+/// SYNs of many peers), never UDP (one socket may talk to many peers); request
+/// and time-wait sockets are not full sockets and have no storage. An
+/// enforce-mode drop clears `verdict`. Kernel-private: user space never reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockVerdict {
+    /// The [`EndpointKey`] the verdict was made for.
+    pub endpoint_key: u64,
+    /// `bpf_sock.dst_ip6` (network order) when written.
+    pub dst_ip6: [u32; 4],
+    /// `bpf_sock.dst_ip4` (network order) when written.
+    pub dst_ip4: u32,
+    /// `bpf_sock.src_port` (host order) when written.
+    pub src_port: u32,
+    /// `bpf_sock.dst_port` (network order) when written.
+    pub dst_port: u32,
+    /// The generation the verdict was made under (or found valid under).
+    pub generation: u32,
+    /// The endpoint's identity in that generation.
+    pub local_identity: u32,
+    /// The peer's identity, for diagnostics (0 when copied from a conntrack
+    /// entry, which does not keep it); never checked: the ipcache changes only
+    /// with the generation.
+    pub peer_identity: u32,
+    /// [`EnforcerConfig::sock_epoch`] when written.
+    pub epoch: u16,
+    /// [`VERDICT_ALLOWED`] or [`VERDICT_AUDIT`]; 0 = none (written when an
+    /// enforce-mode endpoint drops the connection, so a switch back to monitor
+    /// judges and reports it again, as it would without the cache).
+    pub verdict: u8,
+    /// Direction of the connection's first packet, as in [`CtValue::origin`]: a
+    /// connection is re-judged in that direction even when its conntrack entry
+    /// was evicted meanwhile (fast-path packets never touch it).
+    pub origin: u8,
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(size_of::<SockVerdict>() == 56);
+
 /// One audit or deny decision (or a fail action) as written into [`VERDICT_EVENTS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -456,7 +526,10 @@ pub struct EnforcerConfig {
     pub fail_monitor: u8,
     /// [`FAIL_OPEN`] / [`FAIL_CLOSED`] for enforce-mode endpoints.
     pub fail_enforce: u8,
-    pub _pad: [u8; 2],
+    /// Socket verdicts ([`SockVerdict`]) hold only while this is unchanged:
+    /// user space bumps it when it flushes conntrack, so every connection is
+    /// judged again (0 in configurations written before it existed).
+    pub sock_epoch: u16,
 }
 const _: () = assert!(size_of::<EnforcerConfig>() == 16);
 
@@ -468,7 +541,7 @@ impl EnforcerConfig {
         event_burst: DEFAULT_EVENT_BURST,
         fail_monitor: FAIL_OPEN,
         fail_enforce: FAIL_CLOSED,
-        _pad: [0; 2],
+        sock_epoch: 0,
     };
 }
 
