@@ -3,6 +3,7 @@
 //! `/api/v1` JSON API.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod distribute;
 pub mod export;
 pub mod grpc;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use bulkhead_learner::auth::{self, Role};
 use bulkhead_learner::grpc::ingest::{Enrollment, unix_ms};
 use bulkhead_learner::identity::kube::KubeConfigSource;
 use bulkhead_learner::policy::PolicyConfig;
@@ -86,6 +87,44 @@ enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
+    /// Manage the users of the UI and API (there is no default user: create the first
+    /// admin here).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Create a user; prints a one-time password (once) that must be changed at first login.
+    Add {
+        name: String,
+        /// viewer, analyst, approver or admin.
+        #[arg(long)]
+        role: Role,
+    },
+    /// List users (JSON lines).
+    List,
+    /// Change a user's role.
+    SetRole { name: String, role: Role },
+    /// Replace a user's password with a new one-time password (printed once) and end
+    /// their sessions.
+    ResetPassword { name: String },
+    /// Disable a user: sessions end, API tokens stop working.
+    Disable { name: String },
+    /// Re-enable a disabled user.
+    Enable { name: String },
+    /// Create an API token for the CLI or a script; prints it (once).
+    Token {
+        name: String,
+        /// A label for the token, unique among the user's live tokens.
+        #[arg(long, default_value = "cli")]
+        token_name: String,
+        /// Days until the token expires (default: never).
+        #[arg(long)]
+        expires_days: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,7 +201,77 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::User { command } => {
+            ensure_sqlite_dir(&args.db)?;
+            let store = Store::open(&args.db).await.context("opening the store")?;
+            let result = user_command(&store, command).await;
+            store.close().await;
+            result
+        }
     }
+}
+
+/// Secrets go to stdout alone (`PW=$(bulkhead-learner user add …)`), explanations to
+/// stderr.
+async fn user_command(store: &Store, command: UserCommand) -> anyhow::Result<()> {
+    let actor = cli_actor();
+    let now = unix_ms();
+    match command {
+        UserCommand::Add { name, role } => {
+            let password = auth::one_time_password().context("generating a one-time password")?;
+            let hash = auth::hash_password(&password).context("hashing the password")?;
+            let user = store.create_user(&name, role, &hash, true, &actor, now).await.context("creating the user")?;
+            eprintln!(
+                "Created {} user {:?}. One-time password (shown once; to be changed at first login):",
+                role, user.username
+            );
+            println!("{password}");
+        }
+        UserCommand::List => {
+            for u in store.users().await.context("listing users")? {
+                println!("{}", serde_json::to_string(&u)?);
+            }
+        }
+        UserCommand::SetRole { name, role } => {
+            let user = store.set_role(&name, role, &actor, now).await.context("changing the role")?;
+            eprintln!("User {:?} is now {}.", user.username, user.role);
+        }
+        UserCommand::ResetPassword { name } => {
+            let password = auth::one_time_password().context("generating a one-time password")?;
+            let hash = auth::hash_password(&password).context("hashing the password")?;
+            let user = store.set_password(&name, &hash, true, &actor, now).await.context("resetting the password")?;
+            eprintln!(
+                "Reset the password of {:?}; their sessions ended. One-time password (shown once):",
+                user.username
+            );
+            println!("{password}");
+        }
+        UserCommand::Disable { name } => {
+            let user = store.set_disabled(&name, true, &actor, now).await.context("disabling the user")?;
+            eprintln!("Disabled {:?}; their sessions ended and their API tokens stopped working.", user.username);
+        }
+        UserCommand::Enable { name } => {
+            let user = store.set_disabled(&name, false, &actor, now).await.context("enabling the user")?;
+            eprintln!("Enabled {:?}.", user.username);
+        }
+        UserCommand::Token { name, token_name, expires_days } => {
+            let expires = expires_days.map(|d| now.saturating_add(hours_ms(d.saturating_mul(24))));
+            let (token, row) = store
+                .create_api_token(&name, &token_name, expires, &actor, now)
+                .await
+                .context("creating the API token")?;
+            eprintln!("Created API token {} ({:?}) for {:?}. Token (shown once):", row.id, row.name, row.username);
+            println!("{}", token.expose());
+        }
+    }
+    Ok(())
+}
+
+/// Who the audit log names for changes made here: the local account running the CLI.
+fn cli_actor() -> String {
+    let user = std::env::var("SUDO_USER").or_else(|_| std::env::var("USER")).unwrap_or_default();
+    let user: String = user.chars().filter(|c| !c.is_control()).take(64).collect();
+    if user.is_empty() { "cli".to_owned() } else { format!("cli:{user}") }
 }
 
 /// SQLite creates the file but not its directory; do that for the default path.

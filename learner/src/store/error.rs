@@ -6,6 +6,7 @@ use bulkhead_model::{LabelError, ProposalStatus};
 
 use super::Backend;
 use super::audit::ChainBreak;
+use crate::auth::{AuthError, UsernameProblem};
 
 /// Everything the store can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +117,49 @@ pub enum StoreError {
     /// One import named the same NetworkPolicy twice.
     #[error("cluster policy {namespace}/{name} appears twice in one import")]
     DuplicateClusterPolicy { namespace: String, name: String },
+
+    /// A username does not pass `auth::Username::parse`.
+    #[error("invalid username: {problem}")]
+    InvalidUsername { problem: UsernameProblem },
+
+    /// A user with this name (compared case-insensitively) exists already.
+    #[error("user {username:?} already exists")]
+    UserExists { username: String },
+
+    /// No user has this name.
+    #[error("user {username:?} does not exist")]
+    UserNotFound { username: String },
+
+    /// A login failed: unknown user, wrong password or disabled user — deliberately one
+    /// answer, so it does not tell which names exist.
+    #[error("invalid username or password")]
+    InvalidCredentials,
+
+    /// An API token name is blank, longer than 64 characters or holds control characters.
+    #[error("an API token name needs 1 to 64 characters and no control characters")]
+    InvalidTokenName,
+
+    /// The user already has a live API token with this name.
+    #[error("user {username:?} already has a token named {name:?}")]
+    TokenNameTaken { username: String, name: String },
+
+    /// No live API token has this id.
+    #[error("API token {id} does not exist or is revoked")]
+    ApiTokenNotFound { id: i64 },
+
+    /// Making a secret failed (the OS random source) or hashing refused its input.
+    #[error("could not make a credential")]
+    Credential {
+        #[source]
+        source: AuthError,
+    },
+
+    /// A blocking task (password hashing) did not finish.
+    #[error("the password check did not finish")]
+    Blocking {
+        #[source]
+        source: tokio::task::JoinError,
+    },
 }
 
 impl StoreError {

@@ -25,6 +25,9 @@
 //!   decision, deployment and rollout change writes its audit entry in the same
 //!   transaction. The audit log is append-only in the database (triggers) and
 //!   hash-chained (see `audit`).
+//! - **No login secret at rest.** Passwords are stored as argon2id hashes, session and
+//!   API tokens as their SHA-256; users, roles, passwords, logins and tokens are audited
+//!   in the same transaction as the change. See `users` and [`crate::auth`].
 //! - **Enforcer status is what the nodes said.** A node's applied version changes only
 //!   through its own Hello or Applied ack; a rejected ack records the refusal and leaves
 //!   the applied version alone (the node keeps enforcing it). See `enforcement`.
@@ -38,6 +41,7 @@ mod external_peers;
 mod policy_sql;
 mod postgres;
 mod postgres_policy;
+mod postgres_users;
 mod prepare;
 mod proposals;
 mod queries;
@@ -45,7 +49,9 @@ mod rollout;
 mod sqlite;
 mod sqlite_ingest;
 mod sqlite_policy;
+mod sqlite_users;
 mod types;
+mod users;
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -69,6 +75,9 @@ pub use types::{
     AgentRow, EdgeQuery, EdgeRow, EndpointRow, FlowQuery, FlowRow, IdentityRow, IngestBatch, IngestOutcome,
     MAX_FLOW_PAGE, ResolvedEndpoint, ResolvedFlow,
 };
+pub use users::{
+    ApiTokenRow, MAX_TOKEN_NAME_CHARS, NewSession, SessionUser, TOUCH_EVERY_MS, TokenUser, UserRow, user_actions,
+};
 
 use audit::PreparedAudit;
 use decode::RawIdentity;
@@ -77,6 +86,8 @@ use prepare::{PreparedBatch, text};
 use proposals::{NewProposal, PreparedDecision};
 use rollout::PreparedRollout;
 use sqlite::SqliteStore;
+
+use crate::auth::{self, CsrfSecret, PasswordHash, Role, Token, Username};
 
 /// Which database a [`Store`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -591,6 +602,218 @@ impl Store {
         rows.sort_unstable();
         Ok(rows)
     }
+
+    // === users ===
+
+    /// Creates a user with an already hashed password, audited as `user.create` by
+    /// `actor`. A name taken case-insensitively is [`StoreError::UserExists`].
+    pub async fn create_user(
+        &self,
+        username: &str,
+        role: Role,
+        password: &PasswordHash,
+        must_change_password: bool,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<UserRow, StoreError> {
+        let name = username_of(username)?;
+        let actor = users::actor(actor)?;
+        let row =
+            dispatch!(self, s => s.create_user(&name, role, password, must_change_password, &actor, now_ms).await)?;
+        tracing::info!(user = %row.username, role = %role, actor = %actor, "Created user.");
+        Ok(row)
+    }
+
+    /// The user with this name (case-insensitive), if any.
+    pub async fn user_by_name(&self, username: &str) -> Result<Option<UserRow>, StoreError> {
+        let Ok(name) = Username::parse(username) else { return Ok(None) };
+        dispatch!(self, s => s.user_by_name(&name).await)
+    }
+
+    /// Every user, by case-folded name.
+    pub async fn users(&self) -> Result<Vec<UserRow>, StoreError> {
+        dispatch!(self, s => s.users().await)
+    }
+
+    /// Changes a user's role, audited as `user.role` (detail: from, to). Takes effect
+    /// on the user's next request: sessions read the role live.
+    pub async fn set_role(&self, username: &str, role: Role, actor: &str, now_ms: i64) -> Result<UserRow, StoreError> {
+        let name = username_of(username)?;
+        let actor = users::actor(actor)?;
+        let row = dispatch!(self, s => s.set_role(&name, role, &actor, now_ms).await)?;
+        tracing::info!(user = %row.username, role = %role, actor = %actor, "Changed user role.");
+        Ok(row)
+    }
+
+    /// Replaces a user's password hash and ends all their sessions, audited as
+    /// `user.password`. `must_change_password`: true for a one-time password (reset),
+    /// false when the user chose it.
+    pub async fn set_password(
+        &self,
+        username: &str,
+        password: &PasswordHash,
+        must_change_password: bool,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<UserRow, StoreError> {
+        let name = username_of(username)?;
+        let actor = users::actor(actor)?;
+        let row = dispatch!(self, s => s.set_password(&name, password, must_change_password, &actor, now_ms).await)?;
+        tracing::info!(user = %row.username, actor = %actor, must_change_password, "Set user password.");
+        Ok(row)
+    }
+
+    /// Disables (ending all sessions; tokens stop working) or re-enables a user, audited
+    /// as `user.disable` / `user.enable`.
+    pub async fn set_disabled(
+        &self,
+        username: &str,
+        disabled: bool,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<UserRow, StoreError> {
+        let name = username_of(username)?;
+        let actor = users::actor(actor)?;
+        let row = dispatch!(self, s => s.set_disabled(&name, disabled, &actor, now_ms).await)?;
+        tracing::info!(user = %row.username, disabled, actor = %actor, "Set user disabled flag.");
+        Ok(row)
+    }
+
+    // === sessions ===
+
+    /// Checks a password and opens a session of `ttl_ms` for the user. Unknown user,
+    /// wrong password and disabled user are all [`StoreError::InvalidCredentials`], and
+    /// take about as long (an unknown name still runs a hash). The hash runs off the
+    /// async runtime. Audited as `session.login` (by [`Store::create_session`]).
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &str,
+        ttl_ms: i64,
+        now_ms: i64,
+    ) -> Result<NewSession, StoreError> {
+        let credentials = match Username::parse(username) {
+            Ok(name) => dispatch!(self, s => s.credentials(&name).await)?,
+            Err(_) => None,
+        };
+        let password = password.to_owned();
+        let verified = tokio::task::spawn_blocking(move || match credentials {
+            Some((id, hash, disabled)) => (auth::verify_password(&password, &hash) && !disabled).then_some(id),
+            None => {
+                auth::verify_dummy(&password);
+                None
+            }
+        })
+        .await
+        .map_err(|source| StoreError::Blocking { source })?;
+        let Some(user_id) = verified else {
+            // Debug-quoted: the name is whatever the client sent.
+            tracing::warn!(user = ?username.chars().take(64).collect::<String>(), "Login refused.");
+            return Err(StoreError::InvalidCredentials);
+        };
+        self.create_session(user_id, ttl_ms, now_ms).await
+    }
+
+    /// Opens a session for user `user_id` (who must exist and not be disabled, else
+    /// [`StoreError::InvalidCredentials`]), valid for `ttl_ms`, with a fresh token and
+    /// CSRF secret; audited as `session.login` by the user. The token is returned here
+    /// only; the store keeps its SHA-256.
+    pub async fn create_session(&self, user_id: i64, ttl_ms: i64, now_ms: i64) -> Result<NewSession, StoreError> {
+        let token = Token::session().map_err(|source| StoreError::Credential { source })?;
+        let csrf = CsrfSecret::generate().map_err(|source| StoreError::Credential { source })?;
+        let expires = now_ms.saturating_add(ttl_ms.max(0));
+        let session = dispatch!(self, s => s.create_session(user_id, token, csrf, expires, now_ms).await)?;
+        tracing::info!(user = %session.user.username, "Logged in.");
+        Ok(session)
+    }
+
+    /// The user of a live session (not expired, user not disabled), as of now; refreshes
+    /// the session's `last_seen` (at most every [`TOUCH_EVERY_MS`]).
+    pub async fn session(&self, token: &str, now_ms: i64) -> Result<Option<SessionUser>, StoreError> {
+        let Some(digest) = auth::token_digest(token) else { return Ok(None) };
+        let Some((user, last_seen)) = dispatch!(self, s => s.session(&digest, now_ms).await)? else {
+            return Ok(None);
+        };
+        if now_ms.saturating_sub(last_seen) >= TOUCH_EVERY_MS {
+            dispatch!(self, s => s.touch_session(&digest, now_ms).await)?;
+        }
+        Ok(Some(user))
+    }
+
+    /// Ends one session (logout); whether it existed.
+    pub async fn delete_session(&self, token: &str) -> Result<bool, StoreError> {
+        let Some(digest) = auth::token_digest(token) else { return Ok(false) };
+        dispatch!(self, s => s.delete_session(&digest).await)
+    }
+
+    /// Ends every session of a user; how many.
+    pub async fn delete_sessions_of(&self, user_id: i64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.delete_sessions_of(user_id).await)
+    }
+
+    /// Deletes sessions expired at `now_ms`; how many.
+    pub async fn prune_expired_sessions(&self, now_ms: i64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.prune_expired_sessions(now_ms).await)
+    }
+
+    // === API tokens ===
+
+    /// Creates an API token for `owner` named `name` (unique among the owner's live
+    /// tokens), optionally expiring; audited as `token.create`. The token is returned
+    /// here only; the store keeps its SHA-256.
+    pub async fn create_api_token(
+        &self,
+        owner: &str,
+        name: &str,
+        expires_unix_ms: Option<i64>,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<(Token, ApiTokenRow), StoreError> {
+        let owner = username_of(owner)?;
+        let name = users::token_name(name)?;
+        let actor = users::actor(actor)?;
+        let token = Token::api().map_err(|source| StoreError::Credential { source })?;
+        let row =
+            dispatch!(self, s => s.create_api_token(&owner, &token, &name, expires_unix_ms, &actor, now_ms).await)?;
+        tracing::info!(user = %row.username, token_id = row.id, actor = %actor, "Created API token.");
+        Ok((token, row))
+    }
+
+    /// Who a live API token (not revoked, not expired, user not disabled) acts as;
+    /// refreshes its `last_used` (at most every [`TOUCH_EVERY_MS`]).
+    pub async fn api_token(&self, token: &str, now_ms: i64) -> Result<Option<TokenUser>, StoreError> {
+        let Some(digest) = auth::token_digest(token) else { return Ok(None) };
+        let Some((user, last_used)) = dispatch!(self, s => s.api_token(&digest, now_ms).await)? else {
+            return Ok(None);
+        };
+        if last_used.is_none_or(|t| now_ms.saturating_sub(t) >= TOUCH_EVERY_MS) {
+            dispatch!(self, s => s.touch_api_token(user.token_id, now_ms).await)?;
+        }
+        Ok(Some(user))
+    }
+
+    /// Revokes a live token, audited as `token.revoke`; [`StoreError::ApiTokenNotFound`]
+    /// if there is none with this id.
+    pub async fn revoke_api_token(&self, id: i64, actor: &str, now_ms: i64) -> Result<ApiTokenRow, StoreError> {
+        let actor = users::actor(actor)?;
+        let row = dispatch!(self, s => s.revoke_api_token(id, &actor, now_ms).await)?;
+        tracing::info!(user = %row.username, token_id = id, actor = %actor, "Revoked API token.");
+        Ok(row)
+    }
+
+    /// Every API token of `owner`, revoked ones included, oldest first.
+    pub async fn api_tokens(&self, owner: &str) -> Result<Vec<ApiTokenRow>, StoreError> {
+        let Ok(name) = Username::parse(owner) else { return Ok(Vec::new()) };
+        dispatch!(self, s => s.api_tokens(&name).await)
+    }
+}
+
+/// A checked username, or [`StoreError::InvalidUsername`].
+fn username_of(raw: &str) -> Result<Username, StoreError> {
+    Username::parse(raw).map_err(|e| match e {
+        auth::AuthError::InvalidUsername { problem } => StoreError::InvalidUsername { problem },
+        source => StoreError::Credential { source },
+    })
 }
 
 /// Lowercase hex, for digests and hashes shown to people.
