@@ -87,6 +87,8 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         root: repo_root()?,
     };
 
+    report_free_disk(&env.root);
+
     if args.no_lint {
         step!("test", "skipping fmt and clippy (--no-lint)");
     } else {
@@ -180,7 +182,13 @@ impl TestEnv {
             .env("PATH", &self.path)
             .env(postgres::URL_ENV, &self.postgres_url)
             .env(crate::kube::APISERVER_ENV, &self.kube_apiserver)
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        if std::env::var_os("CI").is_some() {
+            // A clean clone builds once: incremental state would only double the
+            // target directory's size on a disk that has run out before.
+            cmd.env("CARGO_INCREMENTAL", "0");
+        }
+        cmd
     }
 
     /// Prints and runs a step with inherited output; fails on a non-zero exit.
@@ -350,6 +358,27 @@ fn process_alive(pid: u32) -> bool {
 /// are gone (killed, aborted): they would otherwise pile up across runs (pinned links
 /// keep programs attached, pinned maps keep their memory). Fixtures of processes still
 /// running (another engineer's tests) are left alone.
+/// The whole build needs several GiB under `target/`; printing what is free up front
+/// makes a later "No space left on device" from rustc self-explanatory.
+fn report_free_disk(root: &Path) {
+    const NEEDED_GIB: u64 = 12;
+    let out = Command::new("df").args(["--output=avail", "-B1"]).arg(root).output();
+    let avail = out
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().nth(1).and_then(|l| l.trim().parse::<u64>().ok()));
+    match avail {
+        Some(bytes) => {
+            let gib = bytes / (1 << 30);
+            step!("test", "disk: {gib} GiB free under {}", root.display());
+            if gib < NEEDED_GIB {
+                step!("test", "WARNING: a full build and test run needs about {NEEDED_GIB} GiB; it may fail with ENOSPC");
+            }
+        }
+        None => step!("test", "disk: could not read free space under {}", root.display()),
+    }
+}
+
 fn cleanup_stale_fixtures() -> Result<()> {
     let mut removed = 0;
     let list = capture(Command::new("ip").args(["netns", "list"]))?;
