@@ -372,7 +372,10 @@ fn report_free_disk(root: &Path) {
             let gib = bytes / (1 << 30);
             step!("test", "disk: {gib} GiB free under {}", root.display());
             if gib < NEEDED_GIB {
-                step!("test", "WARNING: a full build and test run needs about {NEEDED_GIB} GiB; it may fail with ENOSPC");
+                step!(
+                    "test",
+                    "WARNING: a full build and test run needs about {NEEDED_GIB} GiB; it may fail with ENOSPC"
+                );
             }
         }
         None => step!("test", "disk: could not read free space under {}", root.display()),
