@@ -12,6 +12,7 @@ use bulkhead_learner::identity::kube::KubeConfigSource;
 use bulkhead_learner::policy::PolicyConfig;
 use bulkhead_learner::server::{self, ServerConfig};
 use bulkhead_learner::store::Store;
+use bulkhead_learner::web::AuthConfig;
 use clap::{Parser, Subcommand};
 
 /// Bulkhead learner: flow ingest, identities, service graph and API.
@@ -35,9 +36,17 @@ struct ServeArgs {
     /// gRPC listen address for agents.
     #[arg(long, env = "BULKHEAD_GRPC_LISTEN", default_value = "127.0.0.1:7400")]
     grpc_listen: SocketAddr,
-    /// HTTP listen address for the API.
+    /// HTTP listen address for the UI and the API.
     #[arg(long, env = "BULKHEAD_HTTP_LISTEN", default_value = "127.0.0.1:7480")]
     http_listen: SocketAddr,
+    /// Send the session cookie without `Secure`. Browsers keep secure cookies on
+    /// http://localhost and 127.0.0.1; only a plain-HTTP UI reached by another name
+    /// needs this (and then any network observer can steal sessions).
+    #[arg(long, env = "BULKHEAD_INSECURE_COOKIES")]
+    insecure_cookies: bool,
+    /// How long a UI login lasts, in hours.
+    #[arg(long, env = "BULKHEAD_SESSION_HOURS", default_value_t = 12)]
+    session_hours: u64,
     /// Inventory file (YAML) labelling workloads by netns, cgroup, process, IP or CIDR.
     #[arg(long, env = "BULKHEAD_INVENTORY")]
     inventory: Option<PathBuf>,
@@ -176,6 +185,10 @@ async fn main() -> anyhow::Result<()> {
                     unused_after_ms: hours_ms(s.unused_after_days.saturating_mul(24)),
                     synthesize_every: (s.synthesize_every_minutes > 0)
                         .then(|| Duration::from_secs(s.synthesize_every_minutes.saturating_mul(60))),
+                },
+                auth: AuthConfig {
+                    secure_cookies: !s.insecure_cookies,
+                    session_ttl_ms: hours_ms(s.session_hours.max(1)),
                 },
             };
             let running = server::start_with_kube(config, kube).await?;

@@ -23,7 +23,7 @@ use crate::identity::kube::{self, KubeConfigSource, KubeStatus, KubeWatchers};
 use crate::identity::{IdentityCache, Resolver};
 use crate::policy::{PolicyConfig, PolicyService, SynthesisRequest};
 use crate::store::{ClusterPolicyRow, Store};
-use crate::web::{self, AppState};
+use crate::web::{self, AppState, AuthConfig};
 
 /// gRPC health service name that reports the Kubernetes source: `SERVING` while every
 /// watch is listed and working, `NOT_SERVING` while one fails (e.g. an RBAC denial) or
@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub flow_retention: Duration,
     /// Synthesis defaults and the background re-synthesis period.
     pub policy: PolicyConfig,
+    /// UI sessions and cookies.
+    pub auth: AuthConfig,
 }
 
 /// How often the Kubernetes NetworkPolicies seen by the watchers are re-imported into
@@ -192,7 +194,10 @@ pub async fn start_with_kube(cfg: ServerConfig, kube_source: Option<KubeConfigSo
     let policy = PolicyService::new(store.clone(), policy_inventory.clone(), cfg.policy.clone())
         .with_resolver(resolver.clone())
         .notify_on_change(policy_changed.clone());
-    let app = web::router(AppState { store: store.clone(), policy: policy.clone() });
+    let state = AppState::new(store.clone(), policy.clone(), cfg.auth.clone());
+    tasks.push(tokio::spawn(prune_sessions(state.clone())));
+    // Peer addresses feed the per-address login throttle.
+    let app = web::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let http_task = tokio::spawn(async move {
         if let Err(err) = axum::serve(http_listener, app).await {
             tracing::error!(error = %err, "HTTP server stopped.");
@@ -236,6 +241,20 @@ pub async fn start_with_kube(cfg: ServerConfig, kube_source: Option<KubeConfigSo
     tracing::info!(%grpc_addr, %http_addr, "Learner serving.");
     tasks.extend([grpc_task, http_task, retention_task]);
     Ok(Running { grpc_addr, http_addr, store, resolver, kube: kube_watchers, tasks })
+}
+
+/// Deletes expired sessions and forgets idle login-throttle keys, once a minute.
+async fn prune_sessions(state: AppState) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        match state.store.prune_expired_sessions(unix_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(sessions = n, "Pruned expired sessions."),
+            Err(err) => tracing::warn!(error = %err, "Pruning sessions failed; will retry."),
+        }
+        state.login_throttle.forget_idle();
+    }
 }
 
 /// Recompiles node policies when a decision or rollout change says so, and at least

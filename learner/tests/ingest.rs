@@ -41,6 +41,7 @@ async fn learner(db_url: String, enrollment: Enrollment, max_batch_bytes: usize)
         max_batch_bytes,
         flow_retention: Duration::from_secs(3600),
         policy: Default::default(),
+        auth: Default::default(),
     })
     .await
     .expect("learner starts");

@@ -113,6 +113,7 @@ async fn learner(server: &KubeApiServer, inventory: &str) -> (Running, tempfile:
         max_batch_bytes: 4 << 20,
         flow_retention: Duration::from_secs(3600),
         policy: Default::default(),
+        auth: Default::default(),
     };
     let source = KubeConfigSource::Kubeconfig(server.kubeconfig_path().to_owned());
     let running = server::start_with_kube(cfg, Some(source)).await.expect("learner starts");
@@ -379,6 +380,7 @@ async fn an_rbac_denial_is_reported_and_recovers_once_granted() {
         max_batch_bytes: 4 << 20,
         flow_retention: Duration::from_secs(3600),
         policy: Default::default(),
+        auth: Default::default(),
     };
     let source = KubeConfigSource::Kubeconfig(server.restricted_kubeconfig_path().to_owned());
     // Starting works: a forbidden cluster is a status, not a crash.

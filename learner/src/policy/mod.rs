@@ -41,6 +41,8 @@ pub enum PolicyError {
     InvalidRequest { reason: String },
     #[error("gate not met for identity {}: {reason}", target.0)]
     Gate { target: Identity, reason: String },
+    #[error("this needs the {} role or higher", needed.as_str())]
+    Forbidden { needed: crate::auth::Role },
     #[error("synthesis task failed: {reason}")]
     Task { reason: String },
 }

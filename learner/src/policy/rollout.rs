@@ -14,7 +14,18 @@ use bulkhead_model::{Identity, RolloutMode};
 use serde::{Deserialize, Serialize};
 
 use super::{PolicyError, PolicyService};
+use crate::auth::Role;
 use crate::store::{ProposalQuery, RolloutRow};
+
+/// The least role that may make this change to workloads now in `current` modes:
+/// whatever starts or stops dropping traffic (into or out of enforce), or skips the
+/// monitor gate, is an approver's decision; learn ↔ monitor changes nothing on the
+/// wire and is an analyst's.
+pub fn role_needed(req: &RolloutRequest, current: impl IntoIterator<Item = RolloutMode>) -> Role {
+    let touches_enforce =
+        req.mode == RolloutMode::Enforce || req.force || current.into_iter().any(|m| m == RolloutMode::Enforce);
+    if touches_enforce { Role::Approver } else { Role::Analyst }
+}
 
 /// A change request: one workload or every workload of a namespace.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,9 +117,11 @@ impl PolicyService {
 
     /// Sets the mode of one workload or a namespace's workloads; every gate is checked
     /// for every workload before anything changes (all or nothing).
+    /// `role` is the caller's: see [`role_needed`].
     pub async fn set_rollout(
         &self,
         req: &RolloutRequest,
+        role: Role,
         actor: &str,
         now_ms: i64,
     ) -> Result<Vec<RolloutChange>, PolicyError> {
@@ -124,6 +137,10 @@ impl PolicyService {
             return Err(PolicyError::InvalidRequest {
                 reason: "no workload with a proposal matches; synthesize proposals first".into(),
             });
+        }
+        let needed = role_needed(req, chosen.iter().map(|s| s.mode));
+        if !role.allows(needed) {
+            return Err(PolicyError::Forbidden { needed });
         }
         for s in &chosen {
             if req.mode != RolloutMode::Learn && !s.has_policy {

@@ -34,10 +34,12 @@
 
 mod audit;
 mod cluster_policies;
+mod dashboard;
 mod decode;
 mod enforcement;
 mod error;
 mod external_peers;
+mod graph;
 mod policy_sql;
 mod postgres;
 mod postgres_policy;
@@ -692,6 +694,14 @@ impl Store {
         ttl_ms: i64,
         now_ms: i64,
     ) -> Result<NewSession, StoreError> {
+        let user_id = self.check_password(username, password).await?;
+        self.create_session(user_id, ttl_ms, now_ms).await
+    }
+
+    /// The id of the (enabled) user whose password this is, else
+    /// [`StoreError::InvalidCredentials`] after about as long as a real check. Used by
+    /// login and by a password change (which must prove the current one).
+    pub async fn check_password(&self, username: &str, password: &str) -> Result<i64, StoreError> {
         let credentials = match Username::parse(username) {
             Ok(name) => dispatch!(self, s => s.credentials(&name).await)?,
             Err(_) => None,
@@ -708,10 +718,10 @@ impl Store {
         .map_err(|source| StoreError::Blocking { source })?;
         let Some(user_id) = verified else {
             // Debug-quoted: the name is whatever the client sent.
-            tracing::warn!(user = ?username.chars().take(64).collect::<String>(), "Login refused.");
+            tracing::warn!(user = ?username.chars().take(64).collect::<String>(), "Password check failed.");
             return Err(StoreError::InvalidCredentials);
         };
-        self.create_session(user_id, ttl_ms, now_ms).await
+        Ok(user_id)
     }
 
     /// Opens a session for user `user_id` (who must exist and not be disabled, else

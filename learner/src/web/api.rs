@@ -10,6 +10,7 @@ use bulkhead_model::Identity;
 use serde::Deserialize;
 
 use super::AppState;
+use super::auth::Viewer;
 use crate::store::{EdgeQuery, FlowQuery, StoreError};
 
 /// Largest page the API serves.
@@ -30,6 +31,8 @@ pub fn routes() -> Router<AppState> {
 pub enum ApiError {
     BadRequest(String),
     NotFound(String),
+    /// The caller's role is too weak for this particular change.
+    Forbidden(String),
     /// The request conflicts with the current state (e.g. deciding a decided proposal).
     Conflict(String),
     Unavailable,
@@ -59,6 +62,7 @@ impl IntoResponse for ApiError {
         let (status, msg) = match self {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, m),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "the store is unavailable".to_owned()),
         };
@@ -73,7 +77,7 @@ pub struct EdgeParams {
     pub limit: Option<u32>,
 }
 
-async fn edges(State(s): State<AppState>, Query(p): Query<EdgeParams>) -> Result<impl IntoResponse, ApiError> {
+async fn edges(_: Viewer, State(s): State<AppState>, Query(p): Query<EdgeParams>) -> Result<impl IntoResponse, ApiError> {
     let limit = check_limit(p.limit)?;
     let q = EdgeQuery { since_unix_ms: p.since_ms, identity: p.identity.map(Identity), limit };
     Ok(Json(s.store.edges(&q).await?))
@@ -90,7 +94,7 @@ pub struct FlowParams {
     pub before: Option<i64>,
 }
 
-async fn flows(State(s): State<AppState>, Query(p): Query<FlowParams>) -> Result<impl IntoResponse, ApiError> {
+async fn flows(_: Viewer, State(s): State<AppState>, Query(p): Query<FlowParams>) -> Result<impl IntoResponse, ApiError> {
     let limit = check_limit(p.limit)?.unwrap_or(100);
     let q = FlowQuery {
         since_unix_ms: p.since_ms,
@@ -104,15 +108,15 @@ async fn flows(State(s): State<AppState>, Query(p): Query<FlowParams>) -> Result
     Ok(Json(s.store.flows(&q).await?))
 }
 
-async fn identities(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+async fn identities(_: Viewer, State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.store.identities().await?))
 }
 
-async fn endpoints(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+async fn endpoints(_: Viewer, State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.store.endpoints().await?))
 }
 
-async fn agents(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+async fn agents(_: Viewer, State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.store.agents().await?))
 }
 
@@ -124,7 +128,7 @@ pub struct DnsParams {
 
 /// DNS answers workloads received (name → address, TTL): the raw material for FQDN
 /// egress rules.
-async fn dns(State(s): State<AppState>, Query(p): Query<DnsParams>) -> Result<impl IntoResponse, ApiError> {
+async fn dns(_: Viewer, State(s): State<AppState>, Query(p): Query<DnsParams>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.store.dns_answers(p.since_ms.unwrap_or(0)).await?))
 }
 

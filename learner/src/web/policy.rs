@@ -1,12 +1,10 @@
 //! `/api/v1` for policy learning: proposals (list, show, synthesize, diff, approve,
 //! reject), replay ("simulate"), export, the audit log and imported cluster policies.
 //!
-//! Who decided is taken from the `X-Bulkhead-Actor` header for now; the UI's session
-//! authentication (issue 5) replaces the [`Actor`] extractor, so every handler that
-//! records a decision already goes through one place.
+//! Each handler names its least role (see [`super::auth`]); decisions are recorded
+//! under the authenticated caller's name.
 
-use axum::extract::{FromRequestParts, Path, Query, State};
-use axum::http::request::Parts;
+use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -15,6 +13,7 @@ use serde::Deserialize;
 
 use super::AppState;
 use super::api::ApiError;
+use super::auth::{Analyst, Approver, Viewer};
 use crate::grpc::ingest::unix_ms;
 use crate::policy::replay::ReplayRequest;
 use crate::policy::review::{Against, Approval};
@@ -45,35 +44,13 @@ impl From<PolicyError> for ApiError {
             PolicyError::Store(e) => e.into(),
             PolicyError::NoSuchProposal { .. } => ApiError::NotFound(err.to_string()),
             PolicyError::Gate { .. } => ApiError::Conflict(err.to_string()),
+            PolicyError::Forbidden { .. } => ApiError::Forbidden(err.to_string()),
             PolicyError::Approve(_) | PolicyError::InvalidRequest { .. } => ApiError::BadRequest(err.to_string()),
             PolicyError::Task { .. } => {
                 tracing::error!(error = %err, "Policy task failed.");
                 ApiError::Unavailable
             }
         }
-    }
-}
-
-/// Who is acting (see the module docs).
-#[derive(Debug, Clone)]
-pub struct Actor(pub String);
-
-/// Longest actor name accepted.
-const MAX_ACTOR_LEN: usize = 256;
-
-impl<S: Send + Sync> FromRequestParts<S> for Actor {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let value = parts.headers.get("x-bulkhead-actor").ok_or_else(|| {
-            ApiError::BadRequest("decisions need an X-Bulkhead-Actor header naming who decides".into())
-        })?;
-        let name =
-            value.to_str().map_err(|_| ApiError::BadRequest("X-Bulkhead-Actor must be visible ASCII".into()))?.trim();
-        if name.is_empty() || name.len() > MAX_ACTOR_LEN {
-            return Err(ApiError::BadRequest(format!("X-Bulkhead-Actor must be 1..={MAX_ACTOR_LEN} characters")));
-        }
-        Ok(Actor(name.to_owned()))
     }
 }
 
@@ -85,7 +62,7 @@ pub struct ListParams {
     pub before_id: Option<i64>,
 }
 
-async fn list(State(s): State<AppState>, Query(p): Query<ListParams>) -> Result<impl IntoResponse, ApiError> {
+async fn list(_: Viewer, State(s): State<AppState>, Query(p): Query<ListParams>) -> Result<impl IntoResponse, ApiError> {
     let status = p.status.as_deref().map(str::parse::<ProposalStatus>).transpose().map_err(ApiError::BadRequest)?;
     let limit = p.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PROPOSAL_PAGE {
@@ -96,13 +73,14 @@ async fn list(State(s): State<AppState>, Query(p): Query<ListParams>) -> Result<
 }
 
 async fn synthesize(
+    _: Analyst,
     State(s): State<AppState>,
     Json(req): Json<SynthesisRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.policy.synthesize(&req, unix_ms()).await?))
 }
 
-async fn show(State(s): State<AppState>, Path(id): Path<i64>) -> Result<impl IntoResponse, ApiError> {
+async fn show(_: Viewer, State(s): State<AppState>, Path(id): Path<i64>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.policy.view(id).await?))
 }
 
@@ -113,6 +91,7 @@ pub struct DiffParams {
 }
 
 async fn diff(
+    _: Viewer,
     State(s): State<AppState>,
     Path(id): Path<i64>,
     Query(p): Query<DiffParams>,
@@ -128,12 +107,12 @@ async fn diff(
 }
 
 async fn approve(
+    actor: Approver,
     State(s): State<AppState>,
-    actor: Actor,
     Path(id): Path<i64>,
     Json(a): Json<Approval>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.policy.approve(id, &a, &actor.0, unix_ms()).await?))
+    Ok(Json(s.policy.approve(id, &a, actor.actor(), unix_ms()).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,19 +121,19 @@ pub struct Rejection {
 }
 
 async fn reject(
+    actor: Analyst,
     State(s): State<AppState>,
-    actor: Actor,
     Path(id): Path<i64>,
     Json(r): Json<Rejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.policy.reject(id, &r.comment, &actor.0, unix_ms()).await?))
+    Ok(Json(s.policy.reject(id, &r.comment, actor.actor(), unix_ms()).await?))
 }
 
-async fn simulate(State(s): State<AppState>, Json(req): Json<ReplayRequest>) -> Result<impl IntoResponse, ApiError> {
+async fn simulate(_: Analyst, State(s): State<AppState>, Json(req): Json<ReplayRequest>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.policy.replay(&req).await?))
 }
 
-async fn export(State(s): State<AppState>, Query(req): Query<ExportRequest>) -> Result<impl IntoResponse, ApiError> {
+async fn export(_: Viewer, State(s): State<AppState>, Query(req): Query<ExportRequest>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.policy.export(&req).await?))
 }
 
@@ -169,7 +148,7 @@ pub struct AuditParams {
     pub before_id: Option<i64>,
 }
 
-async fn audit(State(s): State<AppState>, Query(p): Query<AuditParams>) -> Result<impl IntoResponse, ApiError> {
+async fn audit(_: Viewer, State(s): State<AppState>, Query(p): Query<AuditParams>) -> Result<impl IntoResponse, ApiError> {
     let limit = p.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_AUDIT_PAGE {
         return Err(ApiError::BadRequest(format!("limit must be 1..={MAX_AUDIT_PAGE}")));
@@ -186,24 +165,24 @@ async fn audit(State(s): State<AppState>, Query(p): Query<AuditParams>) -> Resul
     Ok(Json(s.store.audit(&q).await?))
 }
 
-async fn cluster_policies(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+async fn cluster_policies(_: Viewer, State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.store.cluster_policies().await?))
 }
 
-async fn rollout_states(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+async fn rollout_states(_: Viewer, State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.policy.rollout_states().await?))
 }
 
 async fn set_rollout(
+    actor: Analyst,
     State(s): State<AppState>,
-    actor: Actor,
     Json(req): Json<RolloutRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.policy.set_rollout(&req, &actor.0, unix_ms()).await?))
+    Ok(Json(s.policy.set_rollout(&req, actor.role, actor.actor(), unix_ms()).await?))
 }
 
 /// Per node: the policy version the learner wants there and the one it applied.
-async fn enforcers(State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+async fn enforcers(_: Viewer, State(s): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.store.enforcers().await?))
 }
 
@@ -219,7 +198,7 @@ pub struct VerdictParams {
 }
 
 /// Recent audit and deny events, newest first.
-async fn verdicts(State(s): State<AppState>, Query(p): Query<VerdictParams>) -> Result<impl IntoResponse, ApiError> {
+async fn verdicts(_: Viewer, State(s): State<AppState>, Query(p): Query<VerdictParams>) -> Result<impl IntoResponse, ApiError> {
     let verdict = match p.verdict.as_deref() {
         None => None,
         Some("audit") => Some(bulkhead_model::Verdict::Audit),
