@@ -196,6 +196,7 @@ async fn start_pipeline(net: &TestNet, dir: &Path) -> (Running, ChildGuard, Stri
         max_batch_bytes: 4 << 20,
         flow_retention: Duration::from_secs(3600),
         policy: Default::default(),
+        auth: Default::default(),
     })
     .await
     .expect("learner");

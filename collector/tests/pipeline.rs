@@ -66,6 +66,7 @@ impl Learner {
             max_batch_bytes: 4 << 20,
             flow_retention: Duration::from_secs(3600),
             policy: Default::default(),
+            auth: Default::default(),
         };
         let running = server::start(cfg.clone()).await.expect("learner starts");
         // Restarts must come back on the same port so the collector finds them.

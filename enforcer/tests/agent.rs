@@ -863,10 +863,19 @@ fn learner_to_enforcer_end_to_end_through_review_and_rollout() {
         max_batch_bytes: 4 << 20,
         flow_retention: Duration::from_secs(3600),
         policy: Default::default(),
+        auth: Default::default(),
     };
     let running = rt.block_on(server::start(cfg)).expect("learner starts");
     let grpc = format!("http://{}", running.grpc_addr);
-    let api = Api { rt: &rt, base: format!("http://{}/api/v1", running.http_addr), http: reqwest::Client::new() };
+    let (token, _) = rt
+        .block_on(running.store.create_token_user("alice", bulkhead_learner::auth::Role::Approver, "test", "test", 1))
+        .expect("token user");
+    let api = Api {
+        rt: &rt,
+        base: format!("http://{}/api/v1", running.http_addr),
+        http: reqwest::Client::new(),
+        token: token.expose().to_owned(),
+    };
 
     // What the node's collector reports: the three workloads and A's traffic to B.
     rt.block_on(report_as_collector(&grpc, &w));
@@ -931,6 +940,8 @@ struct Api<'a> {
     rt: &'a tokio::runtime::Runtime,
     base: String,
     http: reqwest::Client,
+    /// alice's (an approver's) API token.
+    token: String,
 }
 
 impl Api<'_> {
@@ -941,7 +952,7 @@ impl Api<'_> {
                 "GET" => self.http.get(url),
                 _ => self.http.post(url).json(&body),
             };
-            let resp = req.header("X-Bulkhead-Actor", "alice").send().await.expect("API reachable");
+            let resp = req.bearer_auth(&self.token).send().await.expect("API reachable");
             let status = resp.status().as_u16();
             (status, resp.json().await.unwrap_or(serde_json::Value::Null))
         })

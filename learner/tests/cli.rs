@@ -7,6 +7,7 @@ use std::process::Output;
 
 use bulkhead_learner::grpc::ingest::unix_ms;
 use bulkhead_learner::store::{IngestBatch, ResolvedFlow, Store};
+use bulkhead_learner::auth::Role;
 use bulkhead_learner::web::{AppState, router};
 use bulkhead_model::labels::NAMESPACE_KEY;
 use bulkhead_model::{Direction, Flow, Identity, Labels, Protocol, Verdict};
@@ -47,9 +48,25 @@ async fn record(store: &Store, seq: u64, src: Identity, dst: Identity, f: Flow) 
     store.ingest(&batch).await.expect("ingest");
 }
 
-async fn bulkhead(server: &str, args: &[&str]) -> Output {
+/// A served API and the API tokens of its users.
+struct Server {
+    url: String,
+    /// Approvers.
+    alice: String,
+    bob: String,
+}
+
+/// Runs the CLI as alice (through `BULKHEAD_TOKEN`).
+async fn bulkhead(server: &Server, args: &[&str]) -> Output {
+    bulkhead_with(server, &[("BULKHEAD_TOKEN", server.alice.as_str())], args).await
+}
+
+async fn bulkhead_with(server: &Server, env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulkhead"));
-    cmd.arg("--server").arg(server).args(args).env_remove("BULKHEAD_ACTOR");
+    cmd.arg("--server").arg(&server.url).args(args);
+    // No token from the environment or a home directory of whoever runs the tests.
+    cmd.env_remove("BULKHEAD_TOKEN").env_remove("BULKHEAD_TOKEN_FILE").env("HOME", "/nonexistent");
+    cmd.envs(env.iter().copied());
     cmd.output().await.expect("run bulkhead")
 }
 
@@ -72,9 +89,29 @@ async fn policy_commands_end_to_end() {
     record(&store, 1, tiefighter, deathstar, flow("10.202.0.11", "10.202.0.10", now - 3_600_000)).await;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let server = format!("http://{}", listener.local_addr().expect("addr"));
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let token = |name: &'static str| {
+        let store = store.clone();
+        async move {
+            let (t, _) = store.create_token_user(name, Role::Approver, "cli", "test", 1).await.expect("token user");
+            t.expose().to_owned()
+        }
+    };
+    let server = Server { url, alice: token("alice").await, bob: token("bob").await };
     let app = router(AppState::for_store(store.clone()));
     let serving = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    // Without a token the CLI says how to get one; with a bad one the learner refuses.
+    let out = bulkhead_with(&server, &[], &["proposals", "list"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401") && err.contains("bulkhead-learner user token"), "{err}");
+    let out = bulkhead_with(&server, &[("BULKHEAD_TOKEN", "bht_not-a-real-token")], &["proposals", "list"]).await;
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("401"), "{out:?}");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{}\n", server.alice)).expect("token file");
+    let out = bulkhead_with(&server, &[], &["--token-file", token_file.to_str().expect("path"), "proposals", "list"]).await;
+    assert!(out.status.success(), "{out:?}");
 
     let out = bulkhead(&server, &["proposals", "synthesize"]).await;
     assert!(out.status.success(), "{out:?}");
@@ -99,9 +136,10 @@ async fn policy_commands_end_to_end() {
     assert!(out.status.success(), "{out:?}");
     assert!(text.contains("1 would be denied") && text.contains("10.202.0.12"), "{text}");
 
-    let out = bulkhead(&server, &["proposals", "approve", &id.to_string(), "--as", "alice", "--comment", "ok"]).await;
+    let out = bulkhead(&server, &["proposals", "approve", &id.to_string(), "--comment", "ok"]).await;
     assert!(out.status.success(), "{out:?}");
-    let out = bulkhead(&server, &["proposals", "approve", &id.to_string(), "--as", "bob"]).await;
+    let bob = [("BULKHEAD_TOKEN", server.bob.as_str())];
+    let out = bulkhead_with(&server, &bob, &["proposals", "approve", &id.to_string()]).await;
     assert!(!out.status.success(), "a second decision must fail");
     assert!(String::from_utf8_lossy(&out.stderr).contains("409"), "{out:?}");
 
@@ -116,7 +154,7 @@ async fn policy_commands_end_to_end() {
     // Rollout: approved deathstar goes to monitor; xwing (no policy) may not.
     let out = bulkhead(
         &server,
-        &["rollout", "set", "--target", &deathstar.0.to_string(), "--mode", "monitor", "--as", "alice"],
+        &["rollout", "set", "--target", &deathstar.0.to_string(), "--mode", "monitor"],
     )
     .await;
     assert!(out.status.success(), "{out:?}");
@@ -124,7 +162,7 @@ async fn policy_commands_end_to_end() {
     let out = bulkhead(&server, &["rollout", "list"]).await;
     assert!(stdout(&out).contains("monitor"), "{}", stdout(&out));
     let out =
-        bulkhead(&server, &["rollout", "set", "--namespace", "default", "--mode", "enforce", "--as", "alice"]).await;
+        bulkhead(&server, &["rollout", "set", "--namespace", "default", "--mode", "enforce"]).await;
     assert!(!out.status.success(), "tiefighter has no approved policy: the namespace change is refused as a whole");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no approved policy"), "{out:?}");
 

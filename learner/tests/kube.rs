@@ -281,7 +281,22 @@ async fn pods_become_identities_that_follow_the_cluster() {
         "cluster policy imported into the store"
     );
     let base = format!("http://{}/api/v1", r.http_addr);
-    let http = reqwest::Client::new();
+    let (token, _) = r
+        .store
+        .create_token_user("analyst", bulkhead_learner::auth::Role::Analyst, "test", "test", 1)
+        .await
+        .expect("token user");
+    let http = reqwest::Client::builder()
+        .default_headers(
+            [(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {}", token.expose()).parse().expect("header value"),
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .build()
+        .expect("client");
     // The flow above is from 1970: a window reaching back that far covers it.
     let list: serde_json::Value = http
         .post(format!("{base}/proposals/synthesize"))

@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use bulkhead_learner::grpc::ingest::unix_ms;
 use bulkhead_learner::store::{IngestBatch, ResolvedFlow, Store};
+use bulkhead_learner::auth::Role;
 use bulkhead_learner::web::{AppState, router};
 use bulkhead_model::labels::NAMESPACE_KEY;
 use bulkhead_model::{Direction, Flow, Identity, Labels, Protocol, Verdict};
@@ -21,6 +22,8 @@ struct Scenario {
     tiefighter: Identity,
     xwing: Identity,
     seq: u64,
+    /// API tokens by username: alice and bob approve, carol is an analyst.
+    tokens: std::collections::HashMap<&'static str, String>,
     _dir: Option<tempfile::TempDir>,
     _pg: Option<bulkhead_testkit::postgres::PgTestDb>,
 }
@@ -57,7 +60,12 @@ impl Scenario {
         let tiefighter = store.ensure_identity(&labels("tiefighter", "empire")).await.expect("identity");
         let xwing = store.ensure_identity(&labels("xwing", "alliance")).await.expect("identity");
         store.register_agent("node-1", 1).await.expect("agent");
-        Self { store, deathstar, tiefighter, xwing, seq: 0, _dir: None, _pg: None }
+        let mut tokens = std::collections::HashMap::new();
+        for (name, role) in [("alice", Role::Approver), ("bob", Role::Approver), ("carol", Role::Analyst)] {
+            let (t, _) = store.create_token_user(name, role, "cli", "test", 1).await.expect("token user");
+            tokens.insert(name, t.expose().to_owned());
+        }
+        Self { store, deathstar, tiefighter, xwing, seq: 0, tokens, _dir: None, _pg: None }
     }
 
     async fn sqlite() -> Self {
@@ -91,11 +99,10 @@ impl Scenario {
         self.store.ingest(&batch).await.expect("ingest");
     }
 
-    async fn call(&self, method: &str, uri: &str, actor: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
-        let mut req = Request::builder().method(method).uri(uri);
-        if let Some(a) = actor {
-            req = req.header("x-bulkhead-actor", a);
-        }
+    /// Calls the API as `user` (default: carol, the analyst).
+    async fn call(&self, method: &str, uri: &str, user: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        let token = &self.tokens[user.unwrap_or("carol")];
+        let req = Request::builder().method(method).uri(uri).header("authorization", format!("Bearer {token}"));
         let req = match body {
             Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_string())),
             None => req.body(Body::empty()),
@@ -174,9 +181,10 @@ async fn reference_journey(mut s: Scenario) {
     let reason = denied["reasons"][0].as_str().unwrap_or_default();
     assert!(reason.starts_with("ingress of ") && reason.ends_with(policy_name), "{replay}");
 
-    // Review: an actor is required; approve once; a second decision conflicts.
+    // Review: approving needs an approver (the analyst is refused, and the proposal
+    // stays pending); approve once; a second decision conflicts.
     let (status, _) = s.call("POST", &format!("/api/v1/proposals/{id}/approve"), None, Some(json!({}))).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(status, StatusCode::FORBIDDEN);
     let uri = format!("/api/v1/proposals/{id}/approve");
     let (status, rec) = s.call("POST", &uri, Some("alice"), Some(json!({"comment": "landing only"}))).await;
     assert_eq!(status, StatusCode::OK, "{rec}");
@@ -203,7 +211,7 @@ async fn reference_journey(mut s: Scenario) {
     let ds = states.as_array().and_then(|a| a.iter().find(|r| r["target"] == t)).expect("deathstar state");
     assert_eq!((ds["mode"].as_str(), ds["has_policy"].as_bool()), (Some("enforce"), Some(true)), "{states}");
     let (status, _) = s.call("POST", "/api/v1/rollout", None, Some(json!({"target": t, "mode": "learn"}))).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "rollout changes need an actor");
+    assert_eq!(status, StatusCode::FORBIDDEN, "leaving enforce is an approver's decision");
 
     // The whole (approved) policy set replays the same way.
     let req = json!({"from_unix_ms": attack - 60_000, "to_unix_ms": now + 60_000});

@@ -98,6 +98,16 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 
     step("starting the learner (SQLite) and the collector (eBPF)");
     let db = format!("sqlite://{}", dir.join("learner.db").display());
+    // There is no default account: the demo makes an admin (one-time password, to be
+    // changed at first login) for the UI and a token user for its own CLI calls.
+    let learner_cli = |args: &[&str]| -> Result<String> {
+        util::capture(Command::new(bin("bulkhead-learner")).args(["--db", &db]).args(args))
+    };
+    let admin_password = learner_cli(&["user", "add", "admin", "--role", "admin"])?;
+    learner_cli(&["user", "add", "demo-cli", "--role", "approver"])?;
+    let token = learner_cli(&["user", "token", "demo-cli", "--token-name", "demo"])?;
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, token.trim()).context("writing the demo's API token")?;
     let learner = Command::new(bin("bulkhead-learner"))
         .args(["--db", &db, "--grpc-listen", GRPC, "--http-listen", HTTP])
         .arg("--inventory")
@@ -120,12 +130,22 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         .context("starting bulkhead-collector")?;
     demo.children.push(("collector".into(), collector));
     let cli = |args: &[&str]| -> Result<String> {
-        util::capture(Command::new(bin("bulkhead")).args(["--server", &format!("http://{HTTP}")]).args(args))
+        util::capture(
+            Command::new(bin("bulkhead"))
+                .args(["--server", &format!("http://{HTTP}")])
+                .arg("--token-file")
+                .arg(&token_file)
+                .args(args),
+        )
     };
     wait_for(Duration::from_secs(60), "the collector's first report", || {
         cli(&["endpoints"]).map(|out| names.iter().all(|n| out.contains(n.as_str()))).unwrap_or(false)
     })?;
     println!("[demo] collector connected; metrics on http://127.0.0.1:7401/metrics");
+    println!(
+        "[demo] UI: http://{HTTP}/ — log in as admin with the one-time password {} (you choose a new one)",
+        admin_password.trim()
+    );
 
     step("deathstar opens its HTTP port 80 and UDP log sink 514");
     let server = dir.join("deathstar.py");
@@ -182,9 +202,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 
     if args.keep {
         println!(
-            "\n[demo] still running: try `target/release/bulkhead graph`, `… flows`, or\n\
+            "\n[demo] still running: open http://{HTTP}/, or try `target/release/bulkhead --token-file {} graph`, or\n\
              [demo]   ip netns exec {} python3 {} {ds} POST /v1/request-landing\n\
              [demo] press Enter to stop.",
+            token_file.display(),
             ns("xwing"),
             client.display()
         );

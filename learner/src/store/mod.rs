@@ -811,6 +811,27 @@ impl Store {
         Ok(row)
     }
 
+    /// A user who only ever uses API tokens (automation, the demo's CLI, tests): created
+    /// with a random one-time password nobody is shown, plus one token named
+    /// `token_name`. Both steps are audited as usual.
+    pub async fn create_token_user(
+        &self,
+        username: &str,
+        role: Role,
+        token_name: &str,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<(Token, ApiTokenRow), StoreError> {
+        let hash = tokio::task::spawn_blocking(|| {
+            auth::one_time_password().and_then(|p| auth::hash_password(&p))
+        })
+        .await
+        .map_err(|source| StoreError::Blocking { source })?
+        .map_err(|source| StoreError::Credential { source })?;
+        self.create_user(username, role, &hash, true, actor, now_ms).await?;
+        self.create_api_token(username, token_name, None, actor, now_ms).await
+    }
+
     /// Every API token of `owner`, revoked ones included, oldest first.
     pub async fn api_tokens(&self, owner: &str) -> Result<Vec<ApiTokenRow>, StoreError> {
         let Ok(name) = Username::parse(owner) else { return Ok(Vec::new()) };

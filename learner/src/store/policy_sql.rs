@@ -313,28 +313,7 @@ where
 
     /// Appends one audit entry after the chain's current head and advances the head.
     async fn append(conn: &mut DB::Connection, e: PreparedAudit) -> Result<AuditRow, StoreError> {
-        const OP: &str = "append_audit";
-        let head: RawAuditHead =
-            sqlx::query_as(DB::SELECT_AUDIT_HEAD).fetch_one(&mut *conn).await.map_err(StoreError::db(OP))?;
-        let hash = e.hash(&head.last_hash);
-        let id: i64 = sqlx::query_scalar(audit::INSERT_ENTRY)
-            .bind(e.at_unix_ms)
-            .bind(&e.actor)
-            .bind(&e.action)
-            .bind(&e.subject)
-            .bind(&e.detail)
-            .bind(head.last_hash.as_slice())
-            .bind(hash.as_slice())
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(StoreError::db(OP))?;
-        sqlx::query(audit::UPDATE_HEAD)
-            .bind(id)
-            .bind(hash.as_slice())
-            .execute(&mut *conn)
-            .await
-            .map_err(StoreError::db(OP))?;
-        e.into_row(id, &head.last_hash, &hash)
+        audit::append_in::<DB>(conn, DB::SELECT_AUDIT_HEAD, e).await
     }
 
     // === rollout ===

@@ -678,8 +678,7 @@ where
     Ok(DB::rows_affected(&r))
 }
 
-/// Appends one audit entry after the chain's head, in the caller's transaction — the
-/// same three statements as `policy_sql`'s append (the chain's hashing is `audit`'s).
+/// Appends one audit entry after the chain's head, in the caller's transaction.
 async fn append<DB>(conn: &mut DB::Connection, e: PreparedAudit) -> Result<(), StoreError>
 where
     DB: UsersDb,
@@ -687,33 +686,11 @@ where
     DB::Arguments: IntoArguments<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
     for<'q> String: Encode<'q, DB> + Type<DB>,
-    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
     for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
     for<'r> (i64,): FromRow<'r, DB::Row>,
     for<'r> RawAuditHead: FromRow<'r, DB::Row>,
 {
-    const OP: &str = "append_audit";
-    let head: RawAuditHead =
-        sqlx::query_as(DB::SELECT_AUDIT_HEAD).fetch_one(&mut *conn).await.map_err(StoreError::db(OP))?;
-    let hash = e.hash(&head.last_hash);
-    let id: i64 = sqlx::query_scalar(audit::INSERT_ENTRY)
-        .bind(e.at_unix_ms)
-        .bind(&e.actor)
-        .bind(&e.action)
-        .bind(&e.subject)
-        .bind(&e.detail)
-        .bind(head.last_hash.as_slice())
-        .bind(hash.as_slice())
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(StoreError::db(OP))?;
-    sqlx::query(audit::UPDATE_HEAD)
-        .bind(id)
-        .bind(hash.as_slice())
-        .execute(&mut *conn)
-        .await
-        .map_err(StoreError::db(OP))?;
-    Ok(())
+    audit::append_in::<DB>(conn, DB::SELECT_AUDIT_HEAD, e).await.map(|_| ())
 }
 
 async fn commit<DB: Database, T>(tx: Transaction<'_, DB>, op: &'static str, written: T) -> Result<T, StoreError> {

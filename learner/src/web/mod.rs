@@ -20,6 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
+use tower_http::compression::CompressionLayer;
 
 use crate::policy::PolicyService;
 use crate::store::Store;
@@ -59,6 +60,9 @@ pub fn router(state: AppState) -> Router {
         .route("/static/{*path}", get(assets::serve))
         .route("/healthz", get(|| async { "ok" }))
         .layer(middleware::from_fn(security_headers))
+        // Only when the client asks (Accept-Encoding); skips already small bodies and
+        // server-sent events are excluded by content type.
+        .layer(CompressionLayer::new())
         .with_state(state)
 }
 

@@ -18,6 +18,14 @@ struct Args {
     /// Learner HTTP API base URL.
     #[arg(long, env = "BULKHEAD_SERVER", default_value = "http://127.0.0.1:7480", global = true)]
     server: String,
+    /// API token (`bht_…`; `bulkhead-learner user token NAME TOKEN_NAME` makes one).
+    /// Decisions are recorded under the token's user.
+    #[arg(long, env = "BULKHEAD_TOKEN", hide_env_values = true, global = true, conflicts_with = "token_file")]
+    token: Option<String>,
+    /// File holding the API token (first line); default `~/.config/bulkhead/token`
+    /// when it exists.
+    #[arg(long, env = "BULKHEAD_TOKEN_FILE", global = true)]
+    token_file: Option<std::path::PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -143,7 +151,8 @@ struct IdentityView {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let api = Api { base: args.server.trim_end_matches('/').to_owned(), client: reqwest::Client::new() };
+    let token = api_token(args.token.clone(), args.token_file.as_deref())?;
+    let api = Api { base: args.server.trim_end_matches('/').to_owned(), client: reqwest::Client::new(), token };
     match args.command {
         Command::Graph { identity, since_secs } => {
             let mut q = Vec::new();
@@ -257,17 +266,38 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The API token from `--token`, `--token-file`, or the default file. A named file
+/// that cannot be read is an error; a missing default file just means no token (the
+/// learner then answers 401 with a hint).
+fn api_token(given: Option<String>, file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    if let Some(t) = given {
+        return Ok(Some(t.trim().to_owned()));
+    }
+    let (path, required) = match file {
+        Some(p) => (p.to_path_buf(), true),
+        None => match std::env::var_os("HOME") {
+            Some(home) => (std::path::PathBuf::from(home).join(".config/bulkhead/token"), false),
+            None => return Ok(None),
+        },
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok(s.lines().next().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty())),
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading the API token from {}", path.display())),
+    }
+}
+
 struct Api {
     base: String,
     client: reqwest::Client,
+    token: Option<String>,
 }
 
 impl Api {
     async fn get(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<serde_json::Value> {
         let url = format!("{}/api/v1/{path}", self.base);
         let resp = self
-            .client
-            .get(&url)
+            .authorized(self.client.get(&url))
             .query(query)
             .send()
             .await
@@ -275,13 +305,17 @@ impl Api {
         Self::answer(&url, resp).await
     }
 
-    /// POSTs JSON; `actor` (when not empty) names who decides, for the audit log.
-    async fn post(&self, path: &str, actor: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
-        let url = format!("{}/api/v1/{path}", self.base);
-        let mut req = self.client.post(&url).json(body);
-        if !actor.is_empty() {
-            req = req.header("x-bulkhead-actor", actor);
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
         }
+    }
+
+    /// POSTs JSON, as the token's user.
+    async fn post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}/api/v1/{path}", self.base);
+        let req = self.authorized(self.client.post(&url).json(body));
         let resp =
             req.send().await.with_context(|| format!("requesting {url} (is the learner running? see --server)"))?;
         Self::answer(&url, resp).await
@@ -292,6 +326,12 @@ impl Api {
         let body: serde_json::Value = resp.json().await.with_context(|| format!("reading the answer of {url}"))?;
         if !status.is_success() {
             let msg = body.get("error").and_then(|e| e.as_str()).unwrap_or("no detail");
+            if status == reqwest::StatusCode::UNAUTHORIZED {
+                anyhow::bail!(
+                    "{url} answered {status}: {msg} — pass an API token with --token, --token-file or \
+                     BULKHEAD_TOKEN (made by `bulkhead-learner user token USER NAME`)"
+                );
+            }
             anyhow::bail!("{url} answered {status}: {msg}");
         }
         Ok(body)

@@ -45,17 +45,12 @@ pub enum ProposalsCommand {
         drop: Vec<String>,
         #[arg(long)]
         comment: Option<String>,
-        /// Who decides (recorded in the audit log).
-        #[arg(long = "as", env = "BULKHEAD_ACTOR")]
-        actor: Option<String>,
     },
     /// Reject a proposal; say why.
     Reject {
         id: i64,
         #[arg(long)]
         comment: String,
-        #[arg(long = "as", env = "BULKHEAD_ACTOR")]
-        actor: Option<String>,
     },
     /// Synthesize proposals now from the learning window.
     Synthesize {
@@ -134,15 +129,6 @@ struct ClusterPolicy {
     policy: bulkhead_model::Policy,
 }
 
-fn actor(given: Option<String>) -> String {
-    given.unwrap_or_else(|| {
-        let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map_or_else(|_| "unknown".into(), |h| h.trim().to_owned());
-        format!("{user}@{host}")
-    })
-}
-
 pub async fn proposals(api: &Api, json: bool, cmd: ProposalsCommand) -> anyhow::Result<()> {
     match cmd {
         ProposalsCommand::List { status, target, limit } => {
@@ -178,17 +164,17 @@ pub async fn proposals(api: &Api, json: bool, cmd: ProposalsCommand) -> anyhow::
             let text = raw["text"].as_str().unwrap_or_default();
             print!("{}", if text.is_empty() { "(no changes)\n" } else { text });
         }
-        ProposalsCommand::Approve { id, confirm, drop, comment, actor: who } => {
+        ProposalsCommand::Approve { id, confirm, drop, comment } => {
             let body = json!({"confirm": confirm, "drop": drop, "comment": comment});
-            let raw = api.post(&format!("proposals/{id}/approve"), &actor(who), &body).await?;
+            let raw = api.post(&format!("proposals/{id}/approve"), &body).await?;
             if json {
                 return print_json(&raw);
             }
             let r: Summary = parse(&raw)?;
             println!("Approved proposal {id} (workload {}, version {}).", printable(&r.workload), r.version);
         }
-        ProposalsCommand::Reject { id, comment, actor: who } => {
-            let raw = api.post(&format!("proposals/{id}/reject"), &actor(who), &json!({"comment": comment})).await?;
+        ProposalsCommand::Reject { id, comment } => {
+            let raw = api.post(&format!("proposals/{id}/reject"), &json!({"comment": comment})).await?;
             if json {
                 return print_json(&raw);
             }
@@ -198,7 +184,7 @@ pub async fn proposals(api: &Api, json: bool, cmd: ProposalsCommand) -> anyhow::
             let window_ms = window_hours.map(|h| (h * 3_600_000.0) as i64);
             eprintln!("Synthesizing proposals from the learning window …");
             let raw = api
-                .post("proposals/synthesize", "", &json!({"level": level, "window_ms": window_ms, "targets": target}))
+                .post("proposals/synthesize", &json!({"level": level, "window_ms": window_ms, "targets": target}))
                 .await?;
             if json {
                 return print_json(&raw);
@@ -395,7 +381,7 @@ pub async fn simulate(
         "to_unix_ms": to,
         "limit": limit,
     });
-    let raw = api.post("simulate", "", &body).await?;
+    let raw = api.post("simulate", &body).await?;
     if json {
         return print_json(&raw);
     }
@@ -508,8 +494,6 @@ pub enum RolloutCommand {
         /// Enforce without a monitor phase first.
         #[arg(long)]
         force: bool,
-        #[arg(long = "as", env = "BULKHEAD_ACTOR")]
-        actor: Option<String>,
     },
 }
 
@@ -542,10 +526,10 @@ pub async fn rollout(api: &Api, json: bool, cmd: RolloutCommand) -> anyhow::Resu
                 &rows,
             );
         }
-        RolloutCommand::Set { target, namespace, mode, reason, force, actor: who } => {
+        RolloutCommand::Set { target, namespace, mode, reason, force } => {
             let body =
                 json!({"target": target, "namespace": namespace, "mode": mode, "reason": reason, "force": force});
-            let raw = api.post("rollout", &actor(who), &body).await?;
+            let raw = api.post("rollout", &body).await?;
             if json {
                 return print_json(&raw);
             }

@@ -1,0 +1,275 @@
+//! UI server-time benchmark: the overview, flows page and graph data over a SQLite store
+//! holding 100,000 edges and 1,000,000 flows, through the real router (session lookup,
+//! CSRF-free GETs, rendering, JSON) — and the graph page's weight.
+//!
+//! `cargo bench -p bulkhead-learner --bench ui`
+//!
+//! Prints p50 / p99 / max per route (hdrhistogram, whole response read) and replaces the
+//! `## Web UI` section of BENCHMARKS.md. `BH_UI_BENCH_QUICK=1` seeds a tenth of the data
+//! and measures fewer requests (a smoke run; BENCHMARKS.md is left alone).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use bulkhead_learner::auth::{self, Role};
+use bulkhead_learner::store::{IngestBatch, ResolvedFlow, Store};
+use bulkhead_learner::web::{AppState, router};
+use bulkhead_model::{Direction, Flow, Identity, Labels, LossCounters, Protocol, Verdict};
+use hdrhistogram::Histogram;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+const COMMAND: &str = "cargo bench -p bulkhead-learner --bench ui";
+/// Goal from the issue: every measured route's p99 under this.
+const GOAL_P99_MS: f64 = 100.0;
+
+struct Scale {
+    workloads: usize,
+    namespaces: usize,
+    edges: usize,
+    flows: usize,
+    requests: usize,
+}
+
+const FULL: Scale = Scale { workloads: 1_000, namespaces: 20, edges: 100_000, flows: 1_000_000, requests: 300 };
+const QUICK: Scale = Scale { workloads: 200, namespaces: 10, edges: 10_000, flows: 100_000, requests: 30 };
+const BATCH_FLOWS: usize = 1_000;
+
+fn main() -> std::process::ExitCode {
+    let quick = std::env::var_os("BH_UI_BENCH_QUICK").is_some();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    rt.block_on(run(if quick { QUICK } else { FULL }, quick))
+}
+
+async fn run(scale: Scale, quick: bool) -> std::process::ExitCode {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(&format!("sqlite://{}", dir.path().join("ui.db").display())).await.expect("store");
+    let now = bulkhead_learner::grpc::ingest::unix_ms();
+
+    let t = Instant::now();
+    let ids = seed(&store, &scale, now).await;
+    let seed_secs = t.elapsed().as_secs_f64();
+    let edges = store.edges(&Default::default()).await.map(|e| e.len()).unwrap_or(0);
+    println!("seeded {} workloads, {edges} edges, {} flows in {seed_secs:.1} s", ids.len(), scale.flows);
+
+    let hash = auth::hash_password("benchmark password 1").expect("hash");
+    let user = store.create_user("bench", Role::Admin, &hash, false, "bench", now).await.expect("user");
+    let session = store.create_session(user.id, 3_600_000, now).await.expect("session");
+    let cookie = format!("bulkhead_session={}", session.token.expose());
+    let app = router(AppState::for_store(store.clone()));
+
+    let ns = "ns-3";
+    let mid_id = scale.flows as i64 / 2;
+    let routes: Vec<(&str, String)> = vec![
+        ("overview `/`", "/".into()),
+        ("flows page, newest", "/flows".into()),
+        ("flows page, namespace + port filter", format!("/flows?namespace={ns}&port=8001")),
+        ("flows page, deep keyset page", format!("/flows?before_id={mid_id}")),
+        ("graph data, namespaces", "/api/v1/graph?level=namespace".into()),
+        ("graph data, one namespace's workloads", format!("/api/v1/graph?level=workload&namespace={ns}")),
+        ("graph page HTML", "/graph".into()),
+    ];
+    let mut rows = Vec::new();
+    for (name, uri) in &routes {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+        let mut bytes = 0;
+        let mut status = StatusCode::OK;
+        for i in 0..scale.requests + 5 {
+            let req = Request::get(uri.as_str()).header("cookie", &cookie).body(Body::empty()).expect("request");
+            let t = Instant::now();
+            let resp = app.clone().oneshot(req).await.expect("response");
+            status = resp.status();
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            let us = t.elapsed().as_micros() as u64;
+            bytes = body.len();
+            if i >= 5 {
+                h.record(us.max(1)).expect("record");
+            }
+        }
+        print!(".");
+        let _ = std::io::stdout().flush();
+        rows.push((*name, uri.clone(), status, bytes, ms(h.value_at_quantile(0.5)), ms(h.value_at_quantile(0.99)), ms(h.max())));
+    }
+    println!();
+
+    let weight = page_weight(&app, &cookie).await;
+    let section = render(&scale, edges, seed_secs, &rows, &weight);
+    println!("\n{section}");
+    let failed: Vec<_> = rows.iter().filter(|r| r.2 != StatusCode::OK).map(|r| format!("{} → {}", r.1, r.2)).collect();
+    if !failed.is_empty() {
+        eprintln!("routes that did not answer 200: {failed:?}");
+        return std::process::ExitCode::FAILURE;
+    }
+    if quick {
+        println!("(quick run: BENCHMARKS.md left alone)");
+        return std::process::ExitCode::SUCCESS;
+    }
+    match bulkhead_testkit::benchmarks::write_section("Web UI", &section) {
+        Ok(p) => {
+            println!("Wrote the `## Web UI` section of {}.", p.display());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("could not update BENCHMARKS.md: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// 1,000 workloads in namespaces, edges `i` from workload `i % W` to `(i % W + 1 + i / W) % W`
+/// on one of five ports (all distinct), and `flows` flow rows spread evenly over the
+/// edges and over the last six hours.
+async fn seed(store: &Store, scale: &Scale, now: i64) -> Vec<Identity> {
+    let mut ids = Vec::with_capacity(scale.workloads);
+    for i in 0..scale.workloads {
+        let labels = Labels::new([
+            ("app".to_owned(), format!("svc-{i}")),
+            ("io.kubernetes.pod.namespace".to_owned(), format!("ns-{}", i % scale.namespaces)),
+        ])
+        .expect("labels");
+        ids.push(store.ensure_identity(&labels).await.expect("identity"));
+    }
+    store.register_agent("bench-node", now).await.expect("agent");
+    let w = scale.workloads;
+    let edge = |i: usize| {
+        let src = i % w;
+        let k = i / w;
+        (ids[src], ids[(src + 1 + k) % w], 8000 + (k % 5) as u16)
+    };
+    let batches = scale.flows / BATCH_FLOWS;
+    let span_ms = 6 * 3_600_000_i64;
+    for b in 0..batches {
+        let seen = now - span_ms + (b as i64 * span_ms) / batches as i64;
+        let flows = (0..BATCH_FLOWS)
+            .map(|f| {
+                let (src, dst, port) = edge((b * BATCH_FLOWS + f) % scale.edges);
+                ResolvedFlow { flow: flow(port, seen, f), src_identity: src, dst_identity: dst }
+            })
+            .collect();
+        let batch = IngestBatch {
+            node_id: "bench-node".into(),
+            boot_id: "bench".into(),
+            seq: b as u64 + 1,
+            received_unix_ms: seen,
+            flows,
+            endpoints: None,
+            dns_answers: vec![],
+            loss: LossCounters::default(),
+        };
+        store.ingest(&batch).await.expect("ingest");
+        if b % 100 == 0 {
+            print!("\rseeding flows: {}/{}", b * BATCH_FLOWS, scale.flows);
+            let _ = std::io::stdout().flush();
+        }
+    }
+    println!();
+    ids
+}
+
+fn flow(port: u16, seen: i64, i: usize) -> Flow {
+    Flow {
+        src_addr: IpAddr::V4(Ipv4Addr::new(10, 1, (i / 250) as u8, (i % 250) as u8 + 1)),
+        src_port: 0,
+        dst_addr: IpAddr::V4(Ipv4Addr::new(10, 2, (i / 250) as u8, (i % 250) as u8 + 1)),
+        dst_port: port,
+        protocol: Protocol::Tcp,
+        direction: Direction::Egress,
+        netns_ino: 4_026_531_840 + (i % 500) as u64,
+        cgroup_id: 10_000 + (i % 1000) as u64,
+        pid: 100 + i as u32,
+        comm: "curl".into(),
+        connections: 1 + (i % 7) as u64,
+        bytes_sent: 1_000,
+        bytes_received: 10_000,
+        packets: 20,
+        verdict: Verdict::Forwarded,
+        first_seen_unix_ms: seen - 1_000,
+        last_seen_unix_ms: seen,
+    }
+}
+
+/// The graph page and every `/static/…` asset it references: raw and gzip bytes.
+struct Weight {
+    files: Vec<(String, usize, usize)>,
+}
+
+async fn page_weight(app: &axum::Router, cookie: &str) -> Weight {
+    let get = |uri: String, gzip: bool| {
+        let mut b = Request::get(uri).header("cookie", cookie);
+        if gzip {
+            b = b.header("accept-encoding", "gzip");
+        }
+        b.body(Body::empty()).expect("request")
+    };
+    let fetch = |uri: String| async move {
+        let raw = app.clone().oneshot(get(uri.clone(), false)).await.expect("response");
+        let raw = raw.into_body().collect().await.expect("body").to_bytes();
+        let gz = app.clone().oneshot(get(uri, true)).await.expect("response");
+        let gz = gz.into_body().collect().await.expect("body").to_bytes();
+        (raw, gz.len())
+    };
+    let (html, html_gz) = fetch("/graph".into()).await;
+    let html_text = String::from_utf8_lossy(&html).into_owned();
+    let mut files = vec![("/graph (HTML)".to_owned(), html.len(), html_gz)];
+    for attr in ["src=\"", "href=\""] {
+        for part in html_text.split(attr).skip(1) {
+            let Some(path) = part.split('"').next() else { continue };
+            if !path.starts_with("/static/") || files.iter().any(|f| f.0 == path) {
+                continue;
+            }
+            let (raw, gz) = fetch(path.to_owned()).await;
+            files.push((path.to_owned(), raw.len(), gz));
+        }
+    }
+    Weight { files }
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1_000.0
+}
+
+type Row<'a> = (&'a str, String, StatusCode, usize, f64, f64, f64);
+
+fn render(scale: &Scale, edges: usize, seed_secs: f64, rows: &[Row<'_>], weight: &Weight) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into());
+    let mut s = String::new();
+    let _ = writeln!(s, "Command: `{COMMAND}` (release build).");
+    let _ = writeln!(
+        s,
+        "Machine: {cpu}, {} cores, shared (load average at the end: {load}); SQLite in a temp file.\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    let _ = writeln!(
+        s,
+        "Store: {} workloads in {} namespaces, {edges} edges, {} flows over the last 6 h (seeded through \
+         `Store::ingest` in {seed_secs:.0} s). Each route is requested {} times (after 5 warm-ups) through the \
+         whole router as a logged-in admin (session lookup included); the time is until the last body byte. \
+         Goal: p99 < {GOAL_P99_MS:.0} ms.\n",
+        scale.workloads, scale.namespaces, scale.flows, scale.requests
+    );
+    let _ = writeln!(s, "| route | request | body | p50 | p99 | max | p99 < {GOAL_P99_MS:.0} ms |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for (name, uri, _, bytes, p50, p99, max) in rows {
+        let ok = if *p99 < GOAL_P99_MS { "yes" } else { "**no**" };
+        let _ = writeln!(s, "| {name} | `{uri}` | {} KiB | {p50:.1} ms | {p99:.1} ms | {max:.1} ms | {ok} |", bytes / 1024);
+    }
+    let (raw, gz): (usize, usize) = weight.files.iter().fold((0, 0), |(r, g), f| (r + f.1, g + f.2));
+    let _ = writeln!(s, "\nGraph page weight (everything the browser loads before fetching graph data):\n");
+    let _ = writeln!(s, "| file | bytes | gzip |");
+    let _ = writeln!(s, "|---|---|---|");
+    for (name, r, g) in &weight.files {
+        let _ = writeln!(s, "| `{name}` | {} KiB | {} KiB |", r / 1024, g / 1024);
+    }
+    let _ = writeln!(s, "| **total** | **{} KiB** | **{} KiB** |", raw / 1024, gz / 1024);
+    s
+}
