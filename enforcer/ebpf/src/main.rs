@@ -474,16 +474,22 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
         if d.rule_id != 0 {
             rule_hit(d.rule_id, now);
         }
-        track(&key, created_ns, now, generation, &d, origin);
-        remember(sk, &pkt, cgroup_id, &ep, &cfg, &d, origin);
+        // A connection whose verdict now sits on its own TCP socket needs no
+        // conntrack entry: that socket carries every later packet and reply (an
+        // LRU insert, and later an eviction, saved per connection). Listeners,
+        // request sockets, UDP and tc (no socket) are tracked as before.
+        if !remember(sk, &pkt, cgroup_id, &ep, &cfg, &d, origin) {
+            track(&key, created_ns, now, generation, &d, origin);
+        }
         return Ok(PASS);
     }
     if ep.mode == MODE_MONITOR {
         count(COUNTER_AUDIT);
         let audit = Decision { verdict: VERDICT_AUDIT, ..d };
-        track(&key, created_ns, now, generation, &audit, origin);
         report(&cfg, &ep, &pkt, cgroup_id, dir, &audit, now);
-        remember(sk, &pkt, cgroup_id, &ep, &cfg, &audit, origin);
+        if !remember(sk, &pkt, cgroup_id, &ep, &cfg, &audit, origin) {
+            track(&key, created_ns, now, generation, &audit, origin);
+        }
         return Ok(PASS);
     }
     // Enforce: forget an entry that no longer holds (audited, or older policy),
@@ -591,7 +597,7 @@ fn sock_tuple(sk: *mut bpf_sock) -> SockTuple {
 
 /// Caches `d`'s verdict (allowed or audit, just decided or found in conntrack
 /// under the active generation) on `sk` when it is an established TCP full socket
-/// carrying this very connection; otherwise does nothing.
+/// carrying this very connection, or a client's socket opening it; whether it did.
 #[inline(always)]
 fn remember(
     sk_common: *mut bpf_sock,
@@ -601,9 +607,9 @@ fn remember(
     cfg: &EnforcerConfig,
     d: &Decision,
     origin: u8,
-) {
+) -> bool {
     if sk_common.is_null() {
-        return;
+        return false;
     }
     // The cheap checks first: state and ports are `sock_common` fields.
     let t = sock_tuple(sk_common);
@@ -613,12 +619,12 @@ fn remember(
     // SYNs of many peers arrive on it) nor a request or time-wait socket (not
     // full sockets: no storage).
     if t.state != BPF_TCP_ESTABLISHED && t.state != BPF_TCP_SYN_SENT {
-        return;
+        return false;
     }
     // The socket's tuple must be the packet's (always so for an established
     // socket; checked so a mismatch can never cache a verdict for another peer).
     if t.src_port != u32::from(pkt.local_port) || u16::from_be(t.dst_port as u16) != pkt.remote_port {
-        return;
+        return false;
     }
     let r = pkt.remote_addr;
     let word = |i: usize| u32::from_ne_bytes([r[i], r[i + 1], r[i + 2], r[i + 3]]);
@@ -628,16 +634,16 @@ fn remember(
         t.dst_ip6[0] == word(0) && t.dst_ip6[1] == word(4) && t.dst_ip6[2] == word(8) && t.dst_ip6[3] == word(12)
     };
     if !same_addr {
-        return;
+        return false;
     }
     // SAFETY: the helper takes any socket pointer and answers null or a full socket.
     let sk = unsafe { bpf_sk_fullsock(sk_common) };
     if sk.is_null() {
-        return;
+        return false;
     }
     // SAFETY: a full socket, checked for null (one field load).
     if unsafe { core::ptr::read_volatile(&raw const (*sk).protocol) } != u32::from(IPPROTO_TCP) {
-        return;
+        return false;
     }
     let value = SockVerdict {
         endpoint_key: cgroup_id,
@@ -662,10 +668,12 @@ fn remember(
             core::ptr::null_mut(),
             BPF_SK_STORAGE_GET_F_CREATE.into(),
         ) as *mut SockVerdict;
-        if !p.is_null() {
-            *p = value;
+        if p.is_null() {
+            return false;
         }
+        *p = value;
     }
+    true
 }
 
 /// The slot of `generation`'s parity (`bulkhead_abi::enforcer::slot_of`), without
