@@ -749,3 +749,30 @@ fn pins_of_the_single_slot_layout_are_migrated_and_stay_enforced() {
     let mut seen = Vec::new();
     w.wait_events(&mut seen, 1, |e| e.cgroup_id == b_cg && e.peer_identity == ID_C);
 }
+
+#[test]
+fn a_client_socket_carries_its_own_verdict_so_only_the_server_side_is_tracked() {
+    let mut w = World::new();
+    w.dp().replace_policy(&a_to_b_rules()).expect("policy");
+    w.manage(Mode::Enforce, Mode::Enforce);
+    let (a, b) = (0, 1);
+    w.dp().flush_conntrack().expect("flush");
+    assert_eq!(w.dp().conntrack_len(), 0);
+
+    // A's connecting socket takes the verdict of its SYN; every later packet of A's,
+    // and B's replies into it, pass by that socket. B's side starts on the
+    // listener (no socket of its own yet), so B's SYN-ACK needs the one entry.
+    let b80 = w.v4(b, HTTP);
+    w.agent(a).tcp_ok(b80);
+    assert_eq!(w.dp().conntrack_len(), 1, "only the server side of a TCP connection is tracked");
+    let before = w.dp().counters();
+    w.agent(a).tcp_ok(b80);
+    let after = w.dp().counters();
+    assert_eq!(w.dp().conntrack_len(), 2, "one entry per connection");
+    assert!(after.fast_path > before.fast_path, "{after:?}");
+
+    // UDP sockets never carry verdicts: both ends are tracked.
+    let b53 = w.v4(b, UDP_PORT);
+    w.agent(a).udp(b53, OK_TIMEOUT_MS).expect("A → B/udp");
+    assert_eq!(w.dp().conntrack_len(), 4, "UDP is tracked on both ends");
+}
