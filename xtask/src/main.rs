@@ -4,19 +4,24 @@
 //! - `setup`: installs what the project needs on a fresh Debian 12 machine (apt
 //!   packages, rustup components, bpf-linker built against the toolchain's own LLVM) and
 //!   makes the kernel mounts available (bpffs, tracefs, cgroup2), builds the test
-//!   kube-apiserver from Debian's source and the kubernetes-validate venv. Idempotent;
-//!   fast when everything is already there.
+//!   kube-apiserver from Debian's source, the kubernetes-validate venv and the browser
+//!   tests' playwright-core (`browser.rs`). Idempotent; fast when everything is already
+//!   there.
 //! - `test`: `setup`, then PostgreSQL for the store tests, then fmt, clippy (host and
 //!   eBPF crates) and every test, as root. Ends with the line `N passed, N failed`.
 //! - `ci`: what `.ci/run` calls; today the same as `test`.
 //! - `env`: `setup` + PostgreSQL, then prints `export …` lines for running single tests
 //!   by hand.
+//! - `browser-setup`: only the browser-test part of `setup` (apt packages, Node.js,
+//!   playwright-core), then `export` lines for `cargo test -p bulkhead-learner --test
+//!   browser`: `eval "$(cargo xtask browser-setup)"`.
 //! - `demo`: the whole pipeline on this host (see `demo.rs`).
 //!
 //! Everything is plain `std::process::Command`: each step prints what it runs.
 
 #![forbid(unsafe_code)]
 
+mod browser;
 mod demo;
 mod kube;
 mod postgres;
@@ -47,6 +52,9 @@ enum Cmd {
     /// Set up and start PostgreSQL, then print `export …` lines for running `cargo test`
     /// by hand: `eval "$(cargo xtask env)"`.
     Env,
+    /// Only the browser-test tooling (apt packages incl. chromium, Node.js, the pinned
+    /// playwright-core), then its `export` lines: `eval "$(cargo xtask browser-setup)"`.
+    BrowserSetup,
     /// The whole pipeline on this host: workloads in network namespaces, learner on
     /// SQLite, collector, real traffic, then the learned graph.
     Demo(demo::DemoArgs),
@@ -59,6 +67,7 @@ fn main() -> ExitCode {
         Cmd::Test(args) => test::run(&args),
         Cmd::Ci => test::run_ci(),
         Cmd::Env => test::print_env(),
+        Cmd::BrowserSetup => browser::setup_and_print_env().map(|()| ExitCode::SUCCESS),
         Cmd::Demo(args) => demo::run(&args).map(|_| ExitCode::SUCCESS),
     };
     match result {

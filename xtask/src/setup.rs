@@ -7,7 +7,9 @@
 //!    `~/.cache/bulkhead/bpf-linker`;
 //! 4. kernel mounts: bpffs on `/sys/fs/bpf`, tracefs, a cgroup2 hierarchy;
 //! 5. the Kubernetes test tooling (`kube.rs`): kube-apiserver v1.20.2 built from
-//!    Debian's source on a thread while steps 2–4 run, and the kubernetes-validate venv.
+//!    Debian's source on a thread while steps 2–4 run, and the kubernetes-validate venv;
+//! 6. the browser-test tooling (`browser.rs`): Node.js and the pinned playwright-core in
+//!    `~/.cache/bulkhead/browser/<lock hash>` (chromium itself is an apt package).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,6 +29,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("zlib1g-dev", "linking bpf-linker (-lz)"),
     ("iptables", "enforcer benchmark baseline"),
     ("nftables", "enforcer benchmark baseline"),
+    ("chromium", "the browser tests (driven by playwright-core, see browser.rs)"),
+    ("fonts-dejavu-core", "legible text in the browser tests' screenshots"),
 ];
 
 /// rustup components: the eBPF build needs `rust-src` (`-Z build-std=core`).
@@ -45,6 +49,9 @@ pub struct Setup {
     pub bpf_linker_bin: PathBuf,
     /// The kube-apiserver for the Kubernetes tests (`BULKHEAD_KUBE_APISERVER`).
     pub kube_apiserver: PathBuf,
+    /// playwright-core and chromium for the browser tests (`BULKHEAD_BROWSER_DIR`,
+    /// `BULKHEAD_CHROMIUM`).
+    pub browser: crate::browser::Browser,
 }
 
 impl Setup {
@@ -68,9 +75,10 @@ pub fn ensure_all() -> Result<Setup> {
     let bpf_linker_bin = bpf_linker()?;
     mounts()?;
     crate::kube::ensure_venv()?;
+    let browser = crate::browser::ensure()?;
     let kube_apiserver = kube_apiserver.finish()?;
     step!("setup", "done in {}", fmt_duration(start.elapsed()));
-    Ok(Setup { bpf_linker_bin, kube_apiserver })
+    Ok(Setup { bpf_linker_bin, kube_apiserver, browser })
 }
 
 // === apt ===
@@ -80,7 +88,8 @@ fn dpkg_installed(package: &str) -> bool {
         .is_ok_and(|o| o.status.success() && o.stdout == b"install ok installed")
 }
 
-fn apt_packages() -> Result<()> {
+/// Installs every missing package of [`APT_PACKAGES`] and `kube::APT_PACKAGES`.
+pub fn apt_packages() -> Result<()> {
     let all = || APT_PACKAGES.iter().chain(crate::kube::APT_PACKAGES);
     let missing: Vec<&str> = all().map(|(p, _)| *p).filter(|p| !dpkg_installed(p)).collect();
     if missing.is_empty() {
@@ -91,6 +100,13 @@ fn apt_packages() -> Result<()> {
     for (p, why) in all().filter(|(p, _)| missing.contains(p)) {
         step!("setup", "apt package {p}: missing (for {why})");
     }
+    apt_install(&missing)
+}
+
+/// `apt-get update` and `apt-get install` of `packages`; fails unless all of them are
+/// installed afterwards.
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing = packages;
     step!("setup", "apt: installing {} (~1 min)…", missing.join(" "));
     let apt = |args: &[&str]| {
         let mut cmd = Command::new("apt-get");
@@ -101,7 +117,7 @@ fn apt_packages() -> Result<()> {
         cmd
     };
     run(&mut apt(&["update"])).context("apt-get update")?;
-    run(apt(&["install", "-y", "--no-install-recommends"]).args(&missing)).context("apt-get install")?;
+    run(apt(&["install", "-y", "--no-install-recommends"]).args(missing)).context("apt-get install")?;
     let still: Vec<&&str> = missing.iter().filter(|p| !dpkg_installed(p)).collect();
     if !still.is_empty() {
         bail!("apt-get install finished but these are still not installed: {still:?}");

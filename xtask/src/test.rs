@@ -54,6 +54,7 @@ pub fn print_env() -> Result<ExitCode> {
         crate::kube::APISERVER_ENV,
         setup.kube_apiserver.to_string_lossy().replace('\'', r"'\''")
     );
+    crate::browser::print_env(&setup.browser);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -84,6 +85,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         path: setup.path_env()?,
         postgres_url: url,
         kube_apiserver: setup.kube_apiserver.clone(),
+        browser: setup.browser.clone(),
         root: repo_root()?,
     };
 
@@ -173,6 +175,8 @@ struct TestEnv {
     postgres_url: String,
     /// For the Kubernetes tests.
     kube_apiserver: PathBuf,
+    /// For the browser tests.
+    browser: crate::browser::Browser,
     root: PathBuf,
 }
 
@@ -182,6 +186,8 @@ impl TestEnv {
             .env("PATH", &self.path)
             .env(postgres::URL_ENV, &self.postgres_url)
             .env(crate::kube::APISERVER_ENV, &self.kube_apiserver)
+            .env(crate::browser::BROWSER_DIR_ENV, &self.browser.dir)
+            .env(crate::browser::CHROMIUM_ENV, &self.browser.chromium)
             .stdin(Stdio::null());
         if std::env::var_os("CI").is_some() {
             // A clean clone builds once: incremental state would only double the
