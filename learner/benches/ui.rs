@@ -16,9 +16,13 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use bulkhead_learner::auth::{self, Role};
-use bulkhead_learner::store::{IngestBatch, ResolvedFlow, Store};
+use bulkhead_learner::store::{Decision, IngestBatch, ResolvedFlow, Store};
 use bulkhead_learner::web::{AppState, router};
-use bulkhead_model::{Direction, Flow, Identity, Labels, LossCounters, Protocol, Verdict};
+use bulkhead_model::labels::NAMESPACE_KEY;
+use bulkhead_model::{
+    Convergence, Direction, Evidence, Flow, Identity, LabelSelector, Labels, Level, LossCounters, Peer, Policy,
+    PortRange, Proposal, ProposedRule, Protocol, Rule, Verdict, Window,
+};
 use hdrhistogram::Histogram;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
@@ -67,10 +71,12 @@ async fn run(scale: Scale, quick: bool) -> std::process::ExitCode {
     let routes: Vec<(&str, String)> = vec![
         ("overview `/`", "/".into()),
         ("flows page, newest", "/flows".into()),
-        ("flows page, namespace + port filter", format!("/flows?namespace={ns}&port=8001")),
-        ("flows page, deep keyset page", format!("/flows?before_id={mid_id}")),
+        ("flows page, namespace + port filter", format!("/flows?ns={ns}&port=8001")),
+        ("flows page, deep keyset page", format!("/flows?before={mid_id}")),
         ("graph data, namespaces", "/api/v1/graph?level=namespace".into()),
         ("graph data, one namespace's workloads", format!("/api/v1/graph?level=workload&namespace={ns}")),
+        ("graph data, all workloads (truncated to the busiest)", "/api/v1/graph?level=workload".into()),
+        ("proposals queue", "/proposals".into()),
         ("graph page HTML", "/graph".into()),
     ];
     let mut rows = Vec::new();
@@ -92,7 +98,15 @@ async fn run(scale: Scale, quick: bool) -> std::process::ExitCode {
         }
         print!(".");
         let _ = std::io::stdout().flush();
-        rows.push((*name, uri.clone(), status, bytes, ms(h.value_at_quantile(0.5)), ms(h.value_at_quantile(0.99)), ms(h.max())));
+        rows.push((
+            *name,
+            uri.clone(),
+            status,
+            bytes,
+            ms(h.value_at_quantile(0.5)),
+            ms(h.value_at_quantile(0.99)),
+            ms(h.max()),
+        ));
     }
     println!();
 
@@ -167,7 +181,52 @@ async fn seed(store: &Store, scale: &Scale, now: i64) -> Vec<Identity> {
         }
     }
     println!();
+    // Half the workloads are under an approved policy (ingress from their namespace on
+    // one port), so the graph classifies edges against policies, as in real use.
+    for (i, id) in ids.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+        let ns = format!("ns-{}", i % scale.namespaces);
+        let app = format!("svc-{i}");
+        let p = policy_proposal(*id, &ns, &app, now);
+        let rec = store.put_proposal(&p, now).await.expect("proposal");
+        let policy = rec.proposal.policy.clone();
+        store.decide_proposal(rec.summary.id, Decision::Approve { policy }, "bench", None, now).await.expect("approve");
+    }
     ids
+}
+
+/// An approved-to-be proposal for `target`: ingress from its own namespace on 8000/tcp.
+fn policy_proposal(target: Identity, ns: &str, app: &str, now: i64) -> Proposal {
+    let rule = Rule {
+        peer: Peer::Workloads { selector: LabelSelector::with_labels([(NAMESPACE_KEY, ns)]) },
+        ports: vec![PortRange::single(Protocol::Tcp, 8000)],
+    };
+    Proposal {
+        target,
+        workload: app.into(),
+        level: Level::Exact,
+        window: Window { from_unix_ms: now - 6 * 3_600_000, to_unix_ms: now },
+        policy: Policy {
+            name: app.into(),
+            namespace: Some(ns.into()),
+            selector: LabelSelector::with_labels([("app", app), (NAMESPACE_KEY, ns)]),
+            ingress: Some(vec![rule.clone()]),
+            egress: None,
+        },
+        rules: vec![ProposedRule {
+            id: "ingress-0".into(),
+            direction: Direction::Ingress,
+            rule,
+            evidence: Evidence { connections: 1, first_seen_unix_ms: now, last_seen_unix_ms: now, ..Evidence::default() },
+            flags: vec![],
+            included: true,
+            widens: vec![],
+            widens_total: 0,
+        }],
+        widening_total: 0,
+        convergence: Convergence { converged: true, last_new_edge_unix_ms: Some(now), quiet_period_ms: 60_000 },
+        lints: vec![],
+        removals: vec![],
+    }
 }
 
 fn flow(port: u16, seen: i64, i: usize) -> Flow {
@@ -237,7 +296,12 @@ type Row<'a> = (&'a str, String, StatusCode, usize, f64, f64, f64);
 fn render(scale: &Scale, edges: usize, seed_secs: f64, rows: &[Row<'_>], weight: &Weight) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_owned()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let load = std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -252,7 +316,7 @@ fn render(scale: &Scale, edges: usize, seed_secs: f64, rows: &[Row<'_>], weight:
     let _ = writeln!(
         s,
         "Store: {} workloads in {} namespaces, {edges} edges, {} flows over the last 6 h (seeded through \
-         `Store::ingest` in {seed_secs:.0} s). Each route is requested {} times (after 5 warm-ups) through the \
+         `Store::ingest` in {seed_secs:.0} s); half the workloads under an approved policy. Each route is requested {} times (after 5 warm-ups) through the \
          whole router as a logged-in admin (session lookup included); the time is until the last body byte. \
          Goal: p99 < {GOAL_P99_MS:.0} ms.\n",
         scale.workloads, scale.namespaces, scale.flows, scale.requests
@@ -261,7 +325,8 @@ fn render(scale: &Scale, edges: usize, seed_secs: f64, rows: &[Row<'_>], weight:
     let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     for (name, uri, _, bytes, p50, p99, max) in rows {
         let ok = if *p99 < GOAL_P99_MS { "yes" } else { "**no**" };
-        let _ = writeln!(s, "| {name} | `{uri}` | {} KiB | {p50:.1} ms | {p99:.1} ms | {max:.1} ms | {ok} |", bytes / 1024);
+        let _ =
+            writeln!(s, "| {name} | `{uri}` | {} KiB | {p50:.1} ms | {p99:.1} ms | {max:.1} ms | {ok} |", bytes / 1024);
     }
     let (raw, gz): (usize, usize) = weight.files.iter().fold((0, 0), |(r, g), f| (r + f.1, g + f.2));
     let _ = writeln!(s, "\nGraph page weight (everything the browser loads before fetching graph data):\n");

@@ -5,9 +5,9 @@
 use std::net::IpAddr;
 use std::process::Output;
 
+use bulkhead_learner::auth::Role;
 use bulkhead_learner::grpc::ingest::unix_ms;
 use bulkhead_learner::store::{IngestBatch, ResolvedFlow, Store};
-use bulkhead_learner::auth::Role;
 use bulkhead_learner::web::{AppState, router};
 use bulkhead_model::labels::NAMESPACE_KEY;
 use bulkhead_model::{Direction, Flow, Identity, Labels, Protocol, Verdict};
@@ -110,7 +110,8 @@ async fn policy_commands_end_to_end() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("401"), "{out:?}");
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{}\n", server.alice)).expect("token file");
-    let out = bulkhead_with(&server, &[], &["--token-file", token_file.to_str().expect("path"), "proposals", "list"]).await;
+    let out =
+        bulkhead_with(&server, &[], &["--token-file", token_file.to_str().expect("path"), "proposals", "list"]).await;
     assert!(out.status.success(), "{out:?}");
 
     let out = bulkhead(&server, &["proposals", "synthesize"]).await;
@@ -152,17 +153,12 @@ async fn policy_commands_end_to_end() {
     assert!(stdout(&out).contains("kind: CiliumNetworkPolicy"), "{out:?}");
 
     // Rollout: approved deathstar goes to monitor; xwing (no policy) may not.
-    let out = bulkhead(
-        &server,
-        &["rollout", "set", "--target", &deathstar.0.to_string(), "--mode", "monitor"],
-    )
-    .await;
+    let out = bulkhead(&server, &["rollout", "set", "--target", &deathstar.0.to_string(), "--mode", "monitor"]).await;
     assert!(out.status.success(), "{out:?}");
     assert!(stdout(&out).contains("learn -> monitor"), "{}", stdout(&out));
     let out = bulkhead(&server, &["rollout", "list"]).await;
     assert!(stdout(&out).contains("monitor"), "{}", stdout(&out));
-    let out =
-        bulkhead(&server, &["rollout", "set", "--namespace", "default", "--mode", "enforce"]).await;
+    let out = bulkhead(&server, &["rollout", "set", "--namespace", "default", "--mode", "enforce"]).await;
     assert!(!out.status.success(), "tiefighter has no approved policy: the namespace change is refused as a whole");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no approved policy"), "{out:?}");
 

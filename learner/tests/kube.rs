@@ -288,12 +288,9 @@ async fn pods_become_identities_that_follow_the_cluster() {
         .expect("token user");
     let http = reqwest::Client::builder()
         .default_headers(
-            [(
-                reqwest::header::AUTHORIZATION,
-                format!("Bearer {}", token.expose()).parse().expect("header value"),
-            )]
-            .into_iter()
-            .collect(),
+            [(reqwest::header::AUTHORIZATION, format!("Bearer {}", token.expose()).parse().expect("header value"))]
+                .into_iter()
+                .collect(),
         )
         .build()
         .expect("client");

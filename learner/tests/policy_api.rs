@@ -6,9 +6,9 @@ use std::net::IpAddr;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
+use bulkhead_learner::auth::Role;
 use bulkhead_learner::grpc::ingest::unix_ms;
 use bulkhead_learner::store::{IngestBatch, ResolvedFlow, Store};
-use bulkhead_learner::auth::Role;
 use bulkhead_learner::web::{AppState, router};
 use bulkhead_model::labels::NAMESPACE_KEY;
 use bulkhead_model::{Direction, Flow, Identity, Labels, Protocol, Verdict};

@@ -521,7 +521,9 @@ async fn migration_0003_builds_the_same_tables_and_indexes_on_both_backends() {
     for t in ENFORCEMENT_TABLES {
         assert!(!lite[t].0.is_empty(), "{t} missing");
     }
-    assert_eq!(lite["verdict_events"].1.len(), 2, "the identity and time indexes");
+    for index in ["verdict_events_local", "verdict_events_at"] {
+        assert!(lite["verdict_events"].1.contains_key(index), "the identity and time indexes: {index} missing");
+    }
     sqlite.store.close().await;
     postgres.store.close().await;
 }

@@ -84,6 +84,7 @@ const API_ROUTES: &[(&str, &str, Option<&str>, Role)] = &[
     ("GET", "/api/v1/rollout", None, Role::Viewer),
     ("GET", "/api/v1/enforcers", None, Role::Viewer),
     ("GET", "/api/v1/verdicts", None, Role::Viewer),
+    ("GET", "/api/v1/graph", None, Role::Viewer),
     ("POST", "/api/v1/proposals/synthesize", Some("{}"), Role::Analyst),
     ("POST", "/api/v1/simulate", Some(r#"{"from_unix_ms":0,"to_unix_ms":1}"#), Role::Analyst),
     ("POST", "/api/v1/proposals/1/reject", Some(r#"{"comment":"no"}"#), Role::Analyst),
@@ -129,9 +130,8 @@ async fn pages_need_a_login_and_users_need_an_admin() {
 
     let (approver, _) = f.session("paula", Role::Approver).await;
     let (admin, _) = f.session("ada", Role::Admin).await;
-    let get = |cookie: &str, path: &str| {
-        Request::get(path).header("cookie", cookie).body(Body::empty()).expect("request")
-    };
+    let get =
+        |cookie: &str, path: &str| Request::get(path).header("cookie", cookie).body(Body::empty()).expect("request");
     assert_eq!(f.send(get(&approver, "/users")).await.status(), StatusCode::FORBIDDEN);
     assert_ne!(f.send(get(&admin, "/users")).await.status(), StatusCode::FORBIDDEN);
     let page = body_text(f.send(get(&approver, "/account/password")).await).await;
@@ -170,7 +170,10 @@ async fn session_writes_need_a_csrf_token_and_same_origin() {
         StatusCode::FORBIDDEN,
         "cross-origin"
     );
-    assert_eq!(f.send(post(&[("x-csrf-token", &csrf), ("origin", "http://127.0.0.1:7480")])).await.status(), StatusCode::OK);
+    assert_eq!(
+        f.send(post(&[("x-csrf-token", &csrf), ("origin", "http://127.0.0.1:7480")])).await.status(),
+        StatusCode::OK
+    );
     assert_eq!(f.send(post(&[("x-csrf-token", &csrf)])).await.status(), StatusCode::OK);
 
     // Forms: the token rides in the body; the handler still gets the whole form.
@@ -230,9 +233,8 @@ async fn login_sets_a_hardened_session_cookie() {
     let resp = f.send(login_post(&cookie, &format!("username=nobody&password={pw}&form_token={token}"))).await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "unknown users look the same");
 
-    let resp = f
-        .send(login_post(&cookie, &format!("username=VERA&password={pw}&form_token={token}&next=%2Faudit")))
-        .await;
+    let resp =
+        f.send(login_post(&cookie, &format!("username=VERA&password={pw}&form_token={token}&next=%2Faudit"))).await;
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(resp.headers()["location"], "/audit", "back where the user wanted to go");
     let set = resp.headers()["set-cookie"].to_str().expect("cookie").to_owned();
@@ -283,7 +285,10 @@ async fn a_one_time_password_must_be_replaced_first() {
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert!(body_text(resp).await.contains("new password"));
     let resp = f.send(get("/proposals")).await;
-    assert_eq!((resp.status(), &resp.headers()["location"]), (StatusCode::SEE_OTHER, &"/account/password".parse().expect("v")));
+    assert_eq!(
+        (resp.status(), &resp.headers()["location"]),
+        (StatusCode::SEE_OTHER, &"/account/password".parse().expect("v"))
+    );
     let page = body_text(f.send(get("/account/password")).await).await;
     let csrf = page.split("name=\"csrf\" value=\"").nth(2).and_then(|r| r.split('"').next()).expect("form csrf");
 
@@ -355,12 +360,14 @@ async fn every_answer_carries_the_security_headers() {
         assert_eq!(h["x-frame-options"], "DENY", "{uri}");
         assert!(h.contains_key("referrer-policy"), "{uri}");
     }
-    let resp = f.send(Request::get("/account/password").header("cookie", &cookie).body(Body::empty()).expect("r")).await;
+    let resp =
+        f.send(Request::get("/account/password").header("cookie", &cookie).body(Body::empty()).expect("r")).await;
     assert_eq!(resp.headers()["cache-control"], "no-store", "personal pages are not cached");
     let resp = f.send(Request::get("/static/app.css").body(Body::empty()).expect("r")).await;
     assert!(resp.headers()["content-type"].to_str().expect("ct").starts_with("text/css"));
     let etag = resp.headers()["etag"].clone();
-    let again = f.send(Request::get("/static/app.css").header("if-none-match", etag).body(Body::empty()).expect("r")).await;
+    let again =
+        f.send(Request::get("/static/app.css").header("if-none-match", etag).body(Body::empty()).expect("r")).await;
     assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
     let missing = f.send(Request::get("/static/../Cargo.toml").body(Body::empty()).expect("r")).await;
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);

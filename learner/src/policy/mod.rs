@@ -10,9 +10,11 @@
 //! * [`replay`] — "what would this block?" over any time range;
 //! * [`rollout`] — learn → monitor → enforce with its gates.
 
+pub mod graph_view;
 pub mod inputs;
 pub mod replay;
 pub mod review;
+pub mod risk;
 pub mod rollout;
 
 use std::sync::Arc;

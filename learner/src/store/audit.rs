@@ -347,6 +347,42 @@ where
     b
 }
 
+/// Appends one audit entry after the chain's head and advances the head, in the
+/// caller's transaction (`conn`), so the entry commits or rolls back with the change it
+/// records. `select_head` locks the head row where the backend needs it.
+pub(crate) async fn append_in<DB>(
+    conn: &mut DB::Connection,
+    select_head: &'static str,
+    e: PreparedAudit,
+) -> Result<AuditRow, StoreError>
+where
+    DB: Database,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
+    for<'r> (i64,): FromRow<'r, DB::Row>,
+    for<'r> RawAuditHead: FromRow<'r, DB::Row>,
+{
+    const OP: &str = "append_audit";
+    let head: RawAuditHead = sqlx::query_as(select_head).fetch_one(&mut *conn).await.map_err(StoreError::db(OP))?;
+    let hash = e.hash(&head.last_hash);
+    let id: i64 = sqlx::query_scalar(INSERT_ENTRY)
+        .bind(e.at_unix_ms)
+        .bind(&e.actor)
+        .bind(&e.action)
+        .bind(&e.subject)
+        .bind(&e.detail)
+        .bind(head.last_hash.as_slice())
+        .bind(hash.as_slice())
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(StoreError::db(OP))?;
+    sqlx::query(UPDATE_HEAD).bind(id).bind(hash.as_slice()).execute(&mut *conn).await.map_err(StoreError::db(OP))?;
+    e.into_row(id, &head.last_hash, &hash)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,40 +433,4 @@ mod tests {
         let e = c.finish(RawAuditHead { last_id: 2, last_hash: two.hash }).expect_err("tail cut");
         assert!(matches!(e, StoreError::AuditChainBroken { kind: ChainBreak::Head, .. }), "{e:?}");
     }
-}
-
-/// Appends one audit entry after the chain's head and advances the head, in the
-/// caller's transaction (`conn`), so the entry commits or rolls back with the change it
-/// records. `select_head` locks the head row where the backend needs it.
-pub(crate) async fn append_in<DB>(
-    conn: &mut DB::Connection,
-    select_head: &'static str,
-    e: PreparedAudit,
-) -> Result<AuditRow, StoreError>
-where
-    DB: Database,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    DB::Arguments: IntoArguments<DB>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-    for<'q> String: Encode<'q, DB> + Type<DB>,
-    for<'q> &'q [u8]: Encode<'q, DB> + Type<DB>,
-    for<'r> (i64,): FromRow<'r, DB::Row>,
-    for<'r> RawAuditHead: FromRow<'r, DB::Row>,
-{
-    const OP: &str = "append_audit";
-    let head: RawAuditHead = sqlx::query_as(select_head).fetch_one(&mut *conn).await.map_err(StoreError::db(OP))?;
-    let hash = e.hash(&head.last_hash);
-    let id: i64 = sqlx::query_scalar(INSERT_ENTRY)
-        .bind(e.at_unix_ms)
-        .bind(&e.actor)
-        .bind(&e.action)
-        .bind(&e.subject)
-        .bind(&e.detail)
-        .bind(head.last_hash.as_slice())
-        .bind(hash.as_slice())
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(StoreError::db(OP))?;
-    sqlx::query(UPDATE_HEAD).bind(id).bind(hash.as_slice()).execute(&mut *conn).await.map_err(StoreError::db(OP))?;
-    e.into_row(id, &head.last_hash, &hash)
 }

@@ -63,12 +63,20 @@ use sha2::{Digest, Sha256};
 
 pub use audit::{AuditEntry, AuditQuery, AuditRow, ChainBreak, MAX_AUDIT_PAGE, actions};
 pub use cluster_policies::{ClusterPolicyImport, ClusterPolicyRow};
+pub use dashboard::{
+    DashboardTotals, FLOW_SCAN_BUDGET, FLOW_SCAN_WINDOW, FlowFilter, FlowPage, FlowTail, KeepAdmin,
+    MAX_FILTER_IDENTITIES, MAX_FLOW_VIEW_PAGE, MAX_RATE_BUCKETS, MAX_TAIL_BACKLOG, RateBucket, TalkerOrder,
+    WorkloadEntry,
+};
 pub use enforcement::{
     AckOutcome, EnforcerRow, MAX_ERROR_CHARS, MAX_VERDICT_PAGE, RuleHitRow, RuleHits, RuleRef, VerdictCount,
     VerdictEventRecord, VerdictEventRow, VerdictQuery,
 };
 pub use error::StoreError;
 pub use external_peers::ExternalPeerRow;
+pub use graph::{
+    EdgeVerdictRow, EndpointFlowRow, GraphBucketRow, GraphQuery, GraphSize, GroupMember, MAX_GRAPH_ROWS, PortUsageRow,
+};
 pub use proposals::{
     ActivePolicy, Decision, LEARNER_ACTOR, MAX_PROPOSAL_PAGE, ProposalQuery, ProposalRecord, ProposalSummary,
 };
@@ -822,12 +830,10 @@ impl Store {
         actor: &str,
         now_ms: i64,
     ) -> Result<(Token, ApiTokenRow), StoreError> {
-        let hash = tokio::task::spawn_blocking(|| {
-            auth::one_time_password().and_then(|p| auth::hash_password(&p))
-        })
-        .await
-        .map_err(|source| StoreError::Blocking { source })?
-        .map_err(|source| StoreError::Credential { source })?;
+        let hash = tokio::task::spawn_blocking(|| auth::one_time_password().and_then(|p| auth::hash_password(&p)))
+            .await
+            .map_err(|source| StoreError::Blocking { source })?
+            .map_err(|source| StoreError::Credential { source })?;
         self.create_user(username, role, &hash, true, actor, now_ms).await?;
         self.create_api_token(username, token_name, None, actor, now_ms).await
     }

@@ -77,7 +77,11 @@ pub struct EdgeParams {
     pub limit: Option<u32>,
 }
 
-async fn edges(_: Viewer, State(s): State<AppState>, Query(p): Query<EdgeParams>) -> Result<impl IntoResponse, ApiError> {
+async fn edges(
+    _: Viewer,
+    State(s): State<AppState>,
+    Query(p): Query<EdgeParams>,
+) -> Result<impl IntoResponse, ApiError> {
     let limit = check_limit(p.limit)?;
     let q = EdgeQuery { since_unix_ms: p.since_ms, identity: p.identity.map(Identity), limit };
     Ok(Json(s.store.edges(&q).await?))
@@ -94,7 +98,11 @@ pub struct FlowParams {
     pub before: Option<i64>,
 }
 
-async fn flows(_: Viewer, State(s): State<AppState>, Query(p): Query<FlowParams>) -> Result<impl IntoResponse, ApiError> {
+async fn flows(
+    _: Viewer,
+    State(s): State<AppState>,
+    Query(p): Query<FlowParams>,
+) -> Result<impl IntoResponse, ApiError> {
     let limit = check_limit(p.limit)?.unwrap_or(100);
     let q = FlowQuery {
         since_unix_ms: p.since_ms,

@@ -15,6 +15,7 @@
 
 use std::marker::PhantomData;
 
+use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, OriginalUri, Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, COOKIE, HOST, LOCATION, ORIGIN};
@@ -22,7 +23,6 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 
 use super::AppState;
 use crate::auth::{CsrfSecret, Role};
@@ -125,10 +125,9 @@ impl Refusal {
             Refusal::Role { needed, .. } => {
                 (StatusCode::FORBIDDEN, format!("this needs the {} role or higher", needed.as_str()))
             }
-            Refusal::Csrf { .. } => (
-                StatusCode::FORBIDDEN,
-                "missing or invalid CSRF token (reload the page and try again)".into(),
-            ),
+            Refusal::Csrf { .. } => {
+                (StatusCode::FORBIDDEN, "missing or invalid CSRF token (reload the page and try again)".into())
+            }
             Refusal::PasswordChange { .. } => {
                 (StatusCode::FORBIDDEN, "choose a new password first (at /account/password)".into())
             }
@@ -389,11 +388,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let api = request_is_api(parts);
-        parts
-            .extensions
-            .get::<Caller>()
-            .cloned()
-            .ok_or(Refusal::Unauthenticated { api, next: String::new() })
+        parts.extensions.get::<Caller>().cloned().ok_or(Refusal::Unauthenticated { api, next: String::new() })
     }
 }
 

@@ -14,12 +14,12 @@ pub mod policy;
 
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::Request;
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
-use axum::Router;
 use tower_http::compression::CompressionLayer;
 
 use crate::policy::PolicyService;

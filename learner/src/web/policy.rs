@@ -62,7 +62,11 @@ pub struct ListParams {
     pub before_id: Option<i64>,
 }
 
-async fn list(_: Viewer, State(s): State<AppState>, Query(p): Query<ListParams>) -> Result<impl IntoResponse, ApiError> {
+async fn list(
+    _: Viewer,
+    State(s): State<AppState>,
+    Query(p): Query<ListParams>,
+) -> Result<impl IntoResponse, ApiError> {
     let status = p.status.as_deref().map(str::parse::<ProposalStatus>).transpose().map_err(ApiError::BadRequest)?;
     let limit = p.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PROPOSAL_PAGE {
@@ -129,11 +133,19 @@ async fn reject(
     Ok(Json(s.policy.reject(id, &r.comment, actor.actor(), unix_ms()).await?))
 }
 
-async fn simulate(_: Analyst, State(s): State<AppState>, Json(req): Json<ReplayRequest>) -> Result<impl IntoResponse, ApiError> {
+async fn simulate(
+    _: Analyst,
+    State(s): State<AppState>,
+    Json(req): Json<ReplayRequest>,
+) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.policy.replay(&req).await?))
 }
 
-async fn export(_: Viewer, State(s): State<AppState>, Query(req): Query<ExportRequest>) -> Result<impl IntoResponse, ApiError> {
+async fn export(
+    _: Viewer,
+    State(s): State<AppState>,
+    Query(req): Query<ExportRequest>,
+) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.policy.export(&req).await?))
 }
 
@@ -148,7 +160,11 @@ pub struct AuditParams {
     pub before_id: Option<i64>,
 }
 
-async fn audit(_: Viewer, State(s): State<AppState>, Query(p): Query<AuditParams>) -> Result<impl IntoResponse, ApiError> {
+async fn audit(
+    _: Viewer,
+    State(s): State<AppState>,
+    Query(p): Query<AuditParams>,
+) -> Result<impl IntoResponse, ApiError> {
     let limit = p.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_AUDIT_PAGE {
         return Err(ApiError::BadRequest(format!("limit must be 1..={MAX_AUDIT_PAGE}")));
@@ -198,7 +214,11 @@ pub struct VerdictParams {
 }
 
 /// Recent audit and deny events, newest first.
-async fn verdicts(_: Viewer, State(s): State<AppState>, Query(p): Query<VerdictParams>) -> Result<impl IntoResponse, ApiError> {
+async fn verdicts(
+    _: Viewer,
+    State(s): State<AppState>,
+    Query(p): Query<VerdictParams>,
+) -> Result<impl IntoResponse, ApiError> {
     let verdict = match p.verdict.as_deref() {
         None => None,
         Some("audit") => Some(bulkhead_model::Verdict::Audit),

@@ -2,11 +2,11 @@
 //! after logging in with a one-time password (the only kind an admin hands out).
 
 use askama::Template;
+use axum::Form;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::http::header::SET_COOKIE;
 use axum::response::Response;
-use axum::Form;
 use serde::Deserialize;
 
 use super::{Chrome, render, render_status};
@@ -31,8 +31,12 @@ fn forced(caller: &Caller) -> bool {
 
 /// GET /account/password.
 pub async fn form(caller: Caller) -> Response {
-    let page =
-        PasswordPage { chrome: Chrome::new(&caller, ""), forced: forced(&caller), error: None, min_chars: auth::MIN_PASSWORD_CHARS };
+    let page = PasswordPage {
+        chrome: Chrome::new(&caller, ""),
+        forced: forced(&caller),
+        error: None,
+        min_chars: auth::MIN_PASSWORD_CHARS,
+    };
     render(&page)
 }
 

@@ -23,8 +23,8 @@ use crate::auth::{self, Token};
 use crate::grpc::ingest::unix_ms;
 use crate::store::StoreError;
 use crate::web::AppState;
-use crate::web::auth::{Caller, cookie, redirect_see_other, safe_next, session_clear_cookie, session_cookie};
 use crate::web::auth::session_set_cookie;
+use crate::web::auth::{Caller, cookie, redirect_see_other, safe_next, session_clear_cookie, session_cookie};
 
 /// The login form's anti-CSRF cookie.
 const LOGIN_COOKIE: &str = "bulkhead_login";
@@ -134,7 +134,13 @@ pub async fn submit(
     let username: String = f.username.chars().take(MAX_FIELD_CHARS).collect();
     let expected = cookie(&headers, LOGIN_COOKIE);
     if f.form_token.is_empty() || expected.as_deref() != Some(f.form_token.as_str()) {
-        return login_form(&state, &next, &username, Some("The form expired; please log in again."), StatusCode::FORBIDDEN);
+        return login_form(
+            &state,
+            &next,
+            &username,
+            Some("The form expired; please log in again."),
+            StatusCode::FORBIDDEN,
+        );
     }
     let address = peer.map(|Extension(ConnectInfo(a))| a.ip());
     if !state.login_throttle.allow(&auth::username_key(&username), address) {
@@ -162,7 +168,13 @@ pub async fn submit(
         }
         Err(err) => {
             tracing::error!(error = %err, "Login failed in the store.");
-            login_form(&state, &next, &username, Some("The store is unavailable; try again."), StatusCode::SERVICE_UNAVAILABLE)
+            login_form(
+                &state,
+                &next,
+                &username,
+                Some("The store is unavailable; try again."),
+                StatusCode::SERVICE_UNAVAILABLE,
+            )
         }
     }
 }

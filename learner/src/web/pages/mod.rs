@@ -16,10 +16,10 @@ pub mod users;
 pub mod workloads;
 
 use askama::Template;
+use axum::Router;
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 
 use super::AppState;
 use super::auth::Caller;
@@ -38,12 +38,22 @@ pub fn routes() -> Router<AppState> {
         // Each page file owns its sub-routes (forms, data for its scripts).
         .route("/", get(overview::page))
         .route("/flows", get(flows::page))
+        .route("/flows/tail", get(flows::tail))
         .route("/workloads", get(workloads::page))
+        .route("/workloads/{id}", get(workloads::detail))
         .route("/audit", get(audit::page))
-        .route("/users", get(users::page))
+        .route("/users", get(users::page).post(users::create))
+        .route("/users/{id}/role", post(users::set_role))
+        .route("/users/{id}/password", post(users::reset_password))
+        .route("/users/{id}/disabled", post(users::set_disabled))
+        .route("/users/{id}/tokens", get(users::tokens))
+        .route("/users/{id}/tokens/{token}/revoke", post(users::revoke_token))
         .route("/graph", get(graph::page))
         .route("/proposals", get(proposals::page))
-        .route("/rollout", get(rollout::page))
+        .route("/proposals/{id}", get(proposals::detail))
+        .route("/proposals/{id}/approve", post(proposals::approve))
+        .route("/proposals/{id}/reject", post(proposals::reject))
+        .route("/rollout", get(rollout::page).post(rollout::submit))
 }
 
 /// One entry of the navigation bar.
