@@ -216,7 +216,12 @@ fn policy_proposal(target: Identity, ns: &str, app: &str, now: i64) -> Proposal 
             id: "ingress-0".into(),
             direction: Direction::Ingress,
             rule,
-            evidence: Evidence { connections: 1, first_seen_unix_ms: now, last_seen_unix_ms: now, ..Evidence::default() },
+            evidence: Evidence {
+                connections: 1,
+                first_seen_unix_ms: now,
+                last_seen_unix_ms: now,
+                ..Evidence::default()
+            },
             flags: vec![],
             included: true,
             widens: vec![],

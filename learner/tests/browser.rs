@@ -132,27 +132,35 @@ async fn seed(store: &Store) {
     let xwing = store.ensure_identity(&labels("xwing", "alliance", &[("note", XSS_LABEL)])).await.expect("identity");
     store.register_agent("node-1", 1).await.expect("agent");
     let now = unix_ms();
-    let traffic: [(Identity, Identity, Flow); 3] = [
+    // Learning: tiefighter lands; proposals are synthesized from that window. Then
+    // xwing attacks — after the window, as in the reference scenario, so the approved
+    // policy leaves it out and monitor mode shows its traffic as would-be-denied.
+    let learned: [(Identity, Identity, Flow); 2] = [
         (tiefighter, deathstar, flow("10.202.0.11", "10.202.0.10", 80, now - 2 * 3_600_000)),
         (tiefighter, deathstar, flow("10.202.0.11", "10.202.0.10", 80, now - 3_600_000)),
-        (xwing, deathstar, flow("10.202.0.12", "10.202.0.10", 80, now - 10 * 60_000)),
     ];
-    for (seq, (src, dst, f)) in traffic.into_iter().enumerate() {
-        let batch = IngestBatch {
-            node_id: "node-1".into(),
-            boot_id: "boot".into(),
-            seq: seq as u64 + 1,
-            received_unix_ms: f.last_seen_unix_ms,
-            flows: vec![ResolvedFlow { flow: f, src_identity: src, dst_identity: dst }],
-            endpoints: None,
-            dns_answers: vec![],
-            loss: Default::default(),
-        };
-        store.ingest(&batch).await.expect("ingest");
+    let attack = (xwing, deathstar, flow("10.202.0.12", "10.202.0.10", 80, now - 10 * 60_000));
+    for (seq, (src, dst, f)) in learned.into_iter().enumerate() {
+        ingest(store, seq as u64 + 1, src, dst, f).await;
     }
     let policy = PolicyService::new(store.clone(), Arc::new(Inventory::default()), Default::default());
-    let proposals = policy.synthesize(&SynthesisRequest::default(), now).await.expect("synthesize");
+    let proposals = policy.synthesize(&SynthesisRequest::default(), now - 30 * 60_000).await.expect("synthesize");
+    ingest(store, 3, attack.0, attack.1, attack.2).await;
     assert!(proposals.iter().any(|p| p.target == deathstar), "a proposal for deathstar: {proposals:?}");
+}
+
+async fn ingest(store: &Store, seq: u64, src: Identity, dst: Identity, f: Flow) {
+    let batch = IngestBatch {
+        node_id: "node-1".into(),
+        boot_id: "boot".into(),
+        seq,
+        received_unix_ms: f.last_seen_unix_ms,
+        flows: vec![ResolvedFlow { flow: f, src_identity: src, dst_identity: dst }],
+        endpoints: None,
+        dns_answers: vec![],
+        loss: Default::default(),
+    };
+    store.ingest(&batch).await.expect("ingest");
 }
 
 /// Runs `journeys.mjs` to the end (or kills it, chromium included, past the timeout),

@@ -293,12 +293,7 @@ pub fn identity_name(id: Identity, labels: &Labels, given: Option<&str>) -> Stri
     if let Some(n) = given.filter(|n| !n.is_empty()) {
         return n.to_owned();
     }
-    let app = ["app.kubernetes.io/name", "app", "k8s-app", "name", "class"].iter().find_map(|k| labels.get(k));
-    match (labels.namespace(), app) {
-        (Some(ns), Some(app)) => format!("{ns}/{app}"),
-        (None, Some(app)) => app.to_owned(),
-        _ => format!("identity-{}", id.0),
-    }
+    labels.workload_name().unwrap_or_else(|| format!("identity-{}", id.0))
 }
 
 // === the drawn graph ===

@@ -138,10 +138,5 @@ async fn identity_infos(
 
 /// A name from the labels people usually name things by, else the number.
 fn fallback_name(id: Identity, labels: &Labels) -> String {
-    let app = ["app.kubernetes.io/name", "app", "k8s-app", "name"].iter().find_map(|k| labels.get(k));
-    match (labels.namespace(), app) {
-        (Some(ns), Some(app)) => format!("{ns}/{app}"),
-        (None, Some(app)) => app.to_owned(),
-        _ => format!("identity-{}", id.0),
-    }
+    labels.workload_name().unwrap_or_else(|| format!("identity-{}", id.0))
 }

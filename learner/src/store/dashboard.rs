@@ -310,12 +310,7 @@ fn fallback_name(id: Identity, labels: &Labels) -> String {
     if let Some(r) = id.reserved() {
         return format!("reserved:{}", r.name());
     }
-    let app = ["app.kubernetes.io/name", "app", "k8s-app", "name"].iter().find_map(|k| labels.get(k));
-    match (labels.namespace(), app) {
-        (Some(ns), Some(app)) => format!("{ns}/{app}"),
-        (None, Some(app)) => app.to_owned(),
-        _ => format!("identity-{}", id.0),
-    }
+    labels.workload_name().unwrap_or_else(|| format!("identity-{}", id.0))
 }
 
 // === users ===

@@ -36,6 +36,10 @@ pub enum LabelError {
 #[serde(transparent)]
 pub struct Labels(BTreeMap<String, String>);
 
+/// Label keys that name a workload, most specific first (`class` is what the
+/// Star Wars demo of Cilium and Bulkhead's reference scenario use).
+pub const NAME_KEYS: [&str; 5] = ["app.kubernetes.io/name", "app", "k8s-app", "name", "class"];
+
 impl Labels {
     /// Builds a label set, validating every pair.
     pub fn new<K, V>(pairs: impl IntoIterator<Item = (K, V)>) -> Result<Self, LabelError>
@@ -71,6 +75,17 @@ impl Labels {
     /// The namespace label, if any.
     pub fn namespace(&self) -> Option<&str> {
         self.get(NAMESPACE_KEY)
+    }
+
+    /// A name people recognise, from the labels workloads are usually named by:
+    /// `namespace/app` or `app` (the first of [`NAME_KEYS`] present). `None` when no
+    /// such label exists; callers fall back to a reported workload name or the number.
+    pub fn workload_name(&self) -> Option<String> {
+        let app = NAME_KEYS.iter().find_map(|k| self.get(k))?;
+        Some(match self.namespace() {
+            Some(ns) => format!("{ns}/{app}"),
+            None => app.to_owned(),
+        })
     }
 
     /// Adds or replaces one label.

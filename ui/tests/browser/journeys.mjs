@@ -368,7 +368,119 @@ async function firstLogin(t) {
   });
 }
 
+
+/** Nodes and edges the graph page drew, by label: `{nodes: [..], edges: [{from, to, verdict, label}]}`. */
+async function drawnGraph(t, path) {
+  await t.goto(path);
+  await t.page.waitForSelector('#graph[data-ready="true"]', { timeout: config.actionTimeoutMs });
+  return t.page.evaluate(() => {
+    const cy = window.bulkheadGraph;
+    if (!cy) return { nodes: [], edges: [], table: true };
+    const label = (n) => String(n.data("label"));
+    return {
+      nodes: cy.nodes().map(label),
+      edges: cy.edges().map((e) => ({
+        from: label(e.source()),
+        to: label(e.target()),
+        verdict: e.data("verdict"),
+        label: String(e.data("label")),
+      })),
+    };
+  });
+}
+
+/** The drawn edge from the node labelled like `from` to the one labelled like `to`. */
+function edgeBetween(g, from, to) {
+  return g.edges.find((e) => e.from.includes(from) && e.to.includes(to));
+}
+
+/**
+ * An analyst's day: the graph shows who talks to whom, the deathstar proposal is
+ * approved from its review page, deathstar moves to monitor, the graph now colours
+ * xwing's traffic as would-be-denied, and the audit log names both decisions.
+ */
+async function reviewAndRollout(t) {
+  const page = t.page;
+  let proposalPath = "";
+
+  await t.step("log in", async () => {
+    await t.login();
+    t.expectPath("/", "after logging in");
+  });
+
+  await t.step("the service graph shows the three ships and who talks to deathstar", async () => {
+    const g = await drawnGraph(t, "/graph?level=workload&namespace=default");
+    t.expect(!g.table, "the scenario is small enough to draw, not a table");
+    for (const name of ["deathstar", "tiefighter", "xwing"]) {
+      t.expect(g.nodes.some((n) => n.includes(name)), `no ${name} node among ${JSON.stringify(g.nodes)}`);
+    }
+    const landing = edgeBetween(g, "tiefighter", "deathstar");
+    const attack = edgeBetween(g, "xwing", "deathstar");
+    t.expect(landing !== undefined, `no tiefighter → deathstar edge in ${JSON.stringify(g.edges)}`);
+    t.expect(attack !== undefined, `no xwing → deathstar edge in ${JSON.stringify(g.edges)}`);
+    t.expect(landing.label.includes("80"), `the landing edge is labelled ${landing.label}, not with port 80`);
+    t.expect(landing.verdict === "nopolicy", `before any approval the edge is ${landing.verdict}, not nopolicy`);
+    await t.expectInert("/graph");
+  });
+
+  await t.step("the review queue lists deathstar's proposal", async () => {
+    await t.goto("/proposals");
+    const link = page.locator("#proposals-table a", { hasText: "deathstar" }).first();
+    t.expect((await link.count()) === 1, "no deathstar proposal in the queue");
+    proposalPath = await link.getAttribute("href");
+    await t.expectInert("/proposals");
+  });
+
+  await t.step("the proposal shows its rules, YAML and diff", async () => {
+    await t.goto(proposalPath);
+    // textContent: the YAML sits in collapsed <details>.
+    const text = await page.locator("main").evaluate((m) => m.textContent);
+    t.expect(/kind: NetworkPolicy/.test(text), "no NetworkPolicy YAML on the proposal page");
+    t.expect(!/xwing/.test(text.split("Rules")[1] ?? ""), "xwing came after the learning window: no rule for it");
+    t.expect(/CiliumNetworkPolicy/.test(text), "no CiliumNetworkPolicy YAML on the proposal page");
+    t.expect((await page.$("#diff")) !== null, "no diff on the proposal page");
+    await t.expectInert(proposalPath);
+  });
+
+  await t.step("approve it with a comment", async () => {
+    await page.fill('#approve-form textarea[name="comment"]', "landing only; xwing stays out");
+    await t.submit('#approve-form button[type="submit"]');
+    const status = (await page.locator("#proposal-status").innerText()).trim();
+    t.expect(status === "approved", `the proposal is ${status} after approving`);
+  });
+
+  await t.step("promote deathstar to monitor on the rollout page", async () => {
+    await t.goto("/rollout");
+    const row = page.locator("tr", { has: page.locator("td", { hasText: "deathstar" }) }).first();
+    t.expect((await row.count()) === 1, "no deathstar row on /rollout");
+    await row.locator('select[name="mode"]').selectOption("monitor");
+    await row.locator('input[name="reason"]').fill("watch before enforcing");
+    await t.submit(`#${await row.getAttribute("id")} button[type="submit"]`);
+    const mode = await page.locator("tr", { has: page.locator("td", { hasText: "deathstar" }) }).first().getAttribute("data-mode");
+    t.expect(mode === "monitor", `deathstar is in ${mode} after promoting (${await t.alertText()})`);
+  });
+
+  await t.step("the graph now marks xwing's traffic as would-be-denied", async () => {
+    const g = await drawnGraph(t, "/graph?level=workload&namespace=default");
+    const landing = edgeBetween(g, "tiefighter", "deathstar");
+    const attack = edgeBetween(g, "xwing", "deathstar");
+    t.expect(landing?.verdict === "allowed", `tiefighter → deathstar is ${landing?.verdict}, not allowed`);
+    t.expect(attack?.verdict === "audit", `xwing → deathstar is ${attack?.verdict}, not audit`);
+  });
+
+  await t.step("the audit log names the approval and the mode change", async () => {
+    await t.goto("/audit");
+    const text = await page.locator("main").innerText();
+    t.expect(/proposal\.approve/.test(text), "no proposal.approve entry in the audit log");
+    t.expect(/rollout\.mode/.test(text), "no rollout.mode entry in the audit log");
+    t.expect(text.includes(config.username), `the audit log does not name ${config.username}`);
+    await t.goto("/audit?verify=1");
+    t.expect((await page.$(".chain-ok")) !== null, `the audit chain does not verify (${await t.alertText()})`);
+  });
+}
+
 journey("first-login", firstLogin);
+journey("review-and-rollout", reviewAndRollout);
 
 // === runner ===
 
