@@ -93,11 +93,12 @@ struct Context {
 impl Context {
     async fn load(state: &AppState) -> Result<Context, ApiError> {
         let store = &state.store;
-        let identities = store.identities().await?;
-        let endpoints = store.endpoints().await?;
-        let modes = store.rollout_modes().await?.into_iter().map(|r| (r.target, r.mode)).collect();
+        // Independent reads, at once (the store's readers are a pool).
+        let (identities, endpoints, modes, active_rows) =
+            tokio::try_join!(store.identities(), store.endpoints(), store.rollout_modes(), store.active_policies(),)?;
+        let modes = modes.into_iter().map(|r| (r.target, r.mode)).collect();
         let mut active: BTreeMap<Identity, (PolicyRef, Policy)> = BTreeMap::new();
-        for a in store.active_policies().await? {
+        for a in active_rows {
             let r = PolicyRef { proposal_id: a.proposal_id, version: a.version, status: a.status };
             match active.get(&a.target) {
                 Some((old, _)) if old.version >= a.version => {}

@@ -366,17 +366,17 @@ pub async fn page(caller: Viewer, State(state): State<AppState>, Query(p): Query
     let n = usize::try_from(range_ms / bucket).unwrap_or(1);
 
     let store = &state.store;
-    let loaded = async {
-        let buckets = store.flow_rate(since, end_aligned, bucket).await?;
-        let totals = store.dashboard_totals().await?;
-        let talkers = store.top_edges(since, by, TOP_TALKERS).await?;
-        let counts = store.verdict_counts(since).await?;
-        let agents = store.agents().await?;
-        let enforcers = store.enforcers().await?;
-        let directory = Directory::load(store).await?;
-        Ok::<_, crate::store::StoreError>((buckets, totals, talkers, counts, agents, enforcers, directory))
-    }
-    .await;
+    // Independent reads: run at once (the store's readers are a pool), so the page
+    // costs its slowest query rather than their sum.
+    let loaded = tokio::try_join!(
+        store.flow_rate(since, end_aligned, bucket),
+        store.dashboard_totals(),
+        store.top_edges(since, by, TOP_TALKERS),
+        store.verdict_counts(since),
+        store.agents(),
+        store.enforcers(),
+        Directory::load(store),
+    );
     let (buckets, totals, talkers, mut counts, agents, enforcers, directory) = match loaded {
         Ok(v) => v,
         Err(err) => return show::store_failed("overview", err),
