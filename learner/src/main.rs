@@ -10,6 +10,7 @@ use bulkhead_learner::auth::{self, Role};
 use bulkhead_learner::grpc::ingest::{Enrollment, unix_ms};
 use bulkhead_learner::identity::kube::KubeConfigSource;
 use bulkhead_learner::policy::PolicyConfig;
+use bulkhead_learner::policy::risk::RiskConfig;
 use bulkhead_learner::server::{self, ServerConfig};
 use bulkhead_learner::store::Store;
 use bulkhead_learner::web::AuthConfig;
@@ -82,6 +83,11 @@ struct ServeArgs {
     /// A workload's learning has converged after this many minutes without new edges.
     #[arg(long, env = "BULKHEAD_QUIET_PERIOD_MINUTES", default_value_t = 60)]
     quiet_period_minutes: u64,
+    /// Namespaces whose workloads the review queue treats as sensitive (comma-separated;
+    /// namespaces labelled `bulkhead.io/sensitive` count too): lateral movement into
+    /// them ranks first.
+    #[arg(long, env = "BULKHEAD_SENSITIVE_NAMESPACES", default_value = "kube-system")]
+    sensitive_namespaces: String,
     /// Approved rules unused this many days are suggested for removal.
     #[arg(long, env = "BULKHEAD_UNUSED_AFTER_DAYS", default_value_t = 14)]
     unused_after_days: u64,
@@ -185,6 +191,10 @@ async fn main() -> anyhow::Result<()> {
                     unused_after_ms: hours_ms(s.unused_after_days.saturating_mul(24)),
                     synthesize_every: (s.synthesize_every_minutes > 0)
                         .then(|| Duration::from_secs(s.synthesize_every_minutes.saturating_mul(60))),
+                    risk: RiskConfig {
+                        sensitive_namespaces: RiskConfig::parse_namespaces(&s.sensitive_namespaces),
+                        ..RiskConfig::default()
+                    },
                 },
                 auth: AuthConfig {
                     secure_cookies: !s.insecure_cookies,

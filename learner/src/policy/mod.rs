@@ -74,6 +74,8 @@ pub struct PolicyConfig {
     /// Re-synthesize this often in the background (`None`: only on request). Keeps
     /// proposals fresh and turns new edges of approved workloads into drift proposals.
     pub synthesize_every: Option<std::time::Duration>,
+    /// How the review queue ranks proposals (sensitive namespaces, rare ports).
+    pub risk: risk::RiskConfig,
 }
 
 impl Default for PolicyConfig {
@@ -85,6 +87,7 @@ impl Default for PolicyConfig {
             quiet_period_ms: o.quiet_period_ms,
             unused_after_ms: o.unused_after_ms,
             synthesize_every: None,
+            risk: risk::RiskConfig::default(),
         }
     }
 }

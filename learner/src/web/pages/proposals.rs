@@ -12,7 +12,6 @@
 //! workloads — names, labels, YAML, comments — goes through askama's escaping.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::OnceLock;
 
 use askama::Template;
 use axum::body::Bytes;
@@ -48,23 +47,6 @@ const NAMED_PEERS: usize = 8;
 /// Longest comment accepted, in characters.
 const MAX_COMMENT_CHARS: usize = 4_000;
 
-/// Environment variable listing the sensitive namespaces (comma-separated) for the risk
-/// ranking; default `kube-system`.
-pub const SENSITIVE_NAMESPACES_ENV: &str = "BULKHEAD_SENSITIVE_NAMESPACES";
-
-/// The risk configuration: [`RiskConfig::default`], with the sensitive namespaces from
-/// [`SENSITIVE_NAMESPACES_ENV`] when it is set.
-pub fn risk_config() -> &'static RiskConfig {
-    static CONFIG: OnceLock<RiskConfig> = OnceLock::new();
-    CONFIG.get_or_init(|| {
-        let mut c = RiskConfig::default();
-        if let Ok(list) = std::env::var(SENSITIVE_NAMESPACES_ENV) {
-            c.sensitive_namespaces = RiskConfig::parse_namespaces(&list);
-        }
-        c
-    })
-}
-
 fn store_unavailable(err: &StoreError) -> Response {
     tracing::error!(error = %err, "Reading proposals failed.");
     super::error::page(StatusCode::SERVICE_UNAVAILABLE, "the store is unavailable; try again")
@@ -72,6 +54,7 @@ fn store_unavailable(err: &StoreError) -> Response {
 
 /// Everything risk scoring needs, read once per page.
 struct RiskWorld {
+    config: RiskConfig,
     labels: HashMap<Identity, Labels>,
     /// Workload names from the endpoint snapshots.
     names: HashMap<Identity, String>,
@@ -90,7 +73,8 @@ impl RiskWorld {
                 names.entry(e.identity).or_insert(w);
             }
         }
-        let sensitive = risk::sensitive_namespaces(risk_config(), labels.values());
+        let config = state.policy.config.risk.clone();
+        let sensitive = risk::sensitive_namespaces(&config, labels.values());
         let ports =
             state.store.port_usage().await?.into_iter().map(|p| ((p.protocol, p.dst_port), p.destinations)).collect();
         let mut newest: HashMap<Identity, (u32, bulkhead_model::Policy)> = HashMap::new();
@@ -103,12 +87,12 @@ impl RiskWorld {
             }
         }
         let active = newest.into_iter().map(|(t, (_, p))| (t, p)).collect();
-        Ok(Self { labels, names, sensitive, ports, active })
+        Ok(Self { config, labels, names, sensitive, ports, active })
     }
 
     fn score(&self, p: &bulkhead_model::Proposal) -> Risk {
         let inputs = RiskInputs {
-            config: risk_config(),
+            config: &self.config,
             labels: &self.labels,
             sensitive: &self.sensitive,
             port_destinations: &self.ports,
