@@ -30,9 +30,9 @@ use sqlx::{Database, Encode, Postgres, QueryBuilder, Sqlite, Type};
 
 use super::decode::{self, LabelCache, RawEdge, RawEndpoint, RawFlow};
 use super::prepare::verdict_code;
-use super::users::{self, RawUser, UserSql};
+use super::users::{self, UserSql};
 use super::{EdgeRow, EndpointRow, FlowRow, Inner, Store, StoreError, UserRow, username_of};
-use crate::auth::{Role, Username};
+use crate::auth::Role;
 
 /// Flow ids one statement of a flows page or tail scans.
 pub const FLOW_SCAN_WINDOW: i64 = 50_000;
@@ -340,7 +340,7 @@ fn removes_last_admin(user: &UserRow, role: Role, disabled: bool, admins: &[i64]
 
 /// What a guarded change does once the guard passed.
 #[derive(Debug, Clone, Copy)]
-enum UserChange {
+pub(crate) enum UserChange {
     Role(Role),
     Disabled(bool),
 }
@@ -633,67 +633,28 @@ impl Store {
         const OP: &str = "guarded_user_change";
         let name = username_of(username)?;
         let actor = users::actor(actor)?;
-        let row = match &self.inner {
+        match &self.inner {
             Inner::Sqlite(s) => {
                 // The single writer serialises this with every other change.
-                let mut tx = s.writer.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
-                let admins: Vec<i64> =
-                    sqlx::query_scalar(SELECT_ENABLED_ADMINS).fetch_all(&mut *tx).await.map_err(StoreError::db(OP))?;
-                let user = user_in::<Sqlite>(&mut tx, &name).await?;
-                if refused(&user, change, &admins) {
-                    tx.rollback().await.map_err(StoreError::db(OP))?;
-                    return Ok(KeepAdmin::LastAdmin);
-                }
-                match change {
-                    UserChange::Role(role) => UserSql::<Sqlite>::set_role(tx, &name, role, &actor, now_ms).await?,
-                    UserChange::Disabled(d) => UserSql::<Sqlite>::set_disabled(tx, &name, d, &actor, now_ms).await?,
-                }
+                let tx = s.writer.begin_with("BEGIN IMMEDIATE").await.map_err(StoreError::db(OP))?;
+                UserSql::<Sqlite>::change_keeping_admin(tx, SELECT_ENABLED_ADMINS, &name, change, &actor, now_ms).await
             }
             Inner::Postgres(p) => {
-                let mut tx = p.pool.begin().await.map_err(StoreError::db(OP))?;
-                let admins: Vec<i64> = sqlx::query_scalar(SELECT_ENABLED_ADMINS_FOR_UPDATE)
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(StoreError::db(OP))?;
-                let user = user_in::<Postgres>(&mut tx, &name).await?;
-                if refused(&user, change, &admins) {
-                    tx.rollback().await.map_err(StoreError::db(OP))?;
-                    return Ok(KeepAdmin::LastAdmin);
-                }
-                match change {
-                    UserChange::Role(role) => UserSql::<Postgres>::set_role(tx, &name, role, &actor, now_ms).await?,
-                    UserChange::Disabled(d) => UserSql::<Postgres>::set_disabled(tx, &name, d, &actor, now_ms).await?,
-                }
+                let tx = p.pool.begin().await.map_err(StoreError::db(OP))?;
+                let admins = SELECT_ENABLED_ADMINS_FOR_UPDATE;
+                UserSql::<Postgres>::change_keeping_admin(tx, admins, &name, change, &actor, now_ms).await
             }
-        };
-        Ok(KeepAdmin::Done(row))
+        }
     }
 }
 
 /// Whether `change` to `user` must be refused to keep an enabled admin.
-fn refused(user: &UserRow, change: UserChange, admins: &[i64]) -> bool {
+pub(crate) fn refused(user: &UserRow, change: UserChange, admins: &[i64]) -> bool {
     let (role, disabled) = match change {
         UserChange::Role(role) => (role, user.disabled),
         UserChange::Disabled(disabled) => (user.role, disabled),
     };
     removes_last_admin(user, role, disabled, admins)
-}
-
-/// The user `name` as the transaction sees it, or [`StoreError::UserNotFound`].
-async fn user_in<DB>(conn: &mut DB::Connection, name: &Username) -> Result<UserRow, StoreError>
-where
-    DB: Database,
-    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
-    DB::Arguments: sqlx::IntoArguments<DB>,
-    for<'q> &'q str: Encode<'q, DB> + Type<DB>,
-    for<'r> RawUser: sqlx::FromRow<'r, DB::Row>,
-{
-    let row: Option<RawUser> = sqlx::query_as(users::SELECT_USER_BY_KEY)
-        .bind(name.key())
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(StoreError::db("guarded_user_change"))?;
-    row.ok_or_else(|| StoreError::UserNotFound { username: name.as_str().to_owned() })?.try_into()
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use serde::Serialize;
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Transaction, Type};
 
 use super::audit::{self, PreparedAudit, RawAuditHead};
+use super::dashboard::{KeepAdmin, UserChange, refused};
 use super::policy_sql::PolicyDb;
 use super::prepare::text;
 use super::{StoreError, hex};
@@ -369,6 +370,32 @@ where
             .await
             .map_err(StoreError::db(op))?;
         row.ok_or_else(|| StoreError::UserNotFound { username: name.as_str().to_owned() })?.try_into()
+    }
+
+    /// A role change or (dis/en)abling in `tx`, refused with [`KeepAdmin::LastAdmin`]
+    /// when it would leave no enabled admin. `admins` lists the enabled admins first
+    /// (locking them where the backend needs it, so two concurrent demotions count in
+    /// turn).
+    pub async fn change_keeping_admin(
+        mut tx: Transaction<'_, DB>,
+        admins: &'static str,
+        name: &Username,
+        change: UserChange,
+        actor: &str,
+        now_ms: i64,
+    ) -> Result<KeepAdmin<UserRow>, StoreError> {
+        const OP: &str = "guarded_user_change";
+        let ids: Vec<i64> = sqlx::query_scalar(admins).fetch_all(&mut *tx).await.map_err(StoreError::db(OP))?;
+        let user = Self::locked_user(&mut tx, OP, name).await?;
+        if refused(&user, change, &ids) {
+            tx.rollback().await.map_err(StoreError::db(OP))?;
+            return Ok(KeepAdmin::LastAdmin);
+        }
+        let row = match change {
+            UserChange::Role(role) => Self::set_role(tx, name, role, actor, now_ms).await?,
+            UserChange::Disabled(d) => Self::set_disabled(tx, name, d, actor, now_ms).await?,
+        };
+        Ok(KeepAdmin::Done(row))
     }
 
     /// [`Store::set_role`](super::Store::set_role), in `tx`.
