@@ -197,6 +197,7 @@ async fn start_pipeline(net: &TestNet, dir: &Path) -> (Running, ChildGuard, Stri
         flow_retention: Duration::from_secs(3600),
         policy: Default::default(),
         auth: Default::default(),
+        tls: None,
     })
     .await
     .expect("learner");
@@ -204,7 +205,7 @@ async fn start_pipeline(net: &TestNet, dir: &Path) -> (Running, ChildGuard, Stri
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let names = format!("{},{}", net.hosts()[0].netns.name(), net.hosts()[1].netns.name());
     let child = Command::new(env!("CARGO_BIN_EXE_bulkhead-collector"))
-        .args(["--learner", &format!("http://{}", running.grpc_addr), "--node-id", "bench"])
+        .args(["--learner", &format!("http://{}", running.grpc_addr), "--node-id", "bench", "--insecure-grpc"])
         .arg("--spool-dir")
         .arg(dir.join("spool"))
         .args(["--metrics-listen", &metrics_addr, "--netns", &names])

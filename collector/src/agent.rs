@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 
 use crate::Args;
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(args: Args, transport: bulkhead_proto::tls::AgentTransport) -> anyhow::Result<()> {
     let node_id = match &args.node_id {
         Some(n) => n.clone(),
         None => {
@@ -55,6 +55,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let shipper = tokio::spawn(ship::run(
         ShipperConfig {
             learner_url: args.learner.clone(),
+            transport,
             node_id: node_id.clone(),
             boot_id: boot_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -91,8 +92,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut events = Vec::with_capacity(4096);
     let mut dns: Vec<DnsAnswer> = Vec::new();
+    let mut http = Vec::with_capacity(1024);
     let mut seen_ringbuf_dropped = 0;
     let mut seen_agg = agg.stats();
+    let mut seen_http = (0u64, 0u64);
     let mut unknown_ns_seen = false;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -101,7 +104,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tokio::select! {
             _ = poll.tick() => {
                 events.clear();
-                datapath.drain(&mut events, &mut dns).context("draining the ring buffer")?;
+                http.clear();
+                datapath.drain(&mut events, &mut dns, &mut http).context("draining the ring buffer")?;
+                // Requests first: a request may be copied before its connection's
+                // Accept, and must be counted before its Close (see `aggregate`).
+                for r in &http {
+                    if is_observed(&filter, r.netns_ino) {
+                        agg.record_http(r);
+                    }
+                }
                 for ev in &events {
                     // The kernel filters; this catches what was queued before the
                     // filter went in or while it changed (it may over-report, briefly).
@@ -139,7 +150,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 let stats = agg.stats();
                 metrics.queue_dropped.inc_by(stats.queue_dropped - seen_agg.queue_dropped);
                 metrics.unattributed.inc_by(stats.unattributed - seen_agg.unattributed);
+                metrics.http_overflow.inc_by(stats.http_overflow - seen_agg.http_overflow);
+                metrics.opaque_connections.inc_by(stats.opaque_connections - seen_agg.opaque_connections);
                 seen_agg = stats;
+                let counters = datapath.counters();
+                metrics.http_requests.inc_by(counters.http_requests.saturating_sub(seen_http.0));
+                metrics.http_unparsed.inc_by(counters.http_unparsed.saturating_sub(seen_http.1));
+                seen_http = (counters.http_requests, counters.http_unparsed);
 
                 let flows = agg.flush();
                 metrics.dns_answers.inc_by(dns.len() as u64);

@@ -49,6 +49,69 @@ pub struct SockEvent {
     pub unix_ms: i64,
 }
 
+/// An HTTP/1.x request method the kernel copies request lines for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HttpMethod {
+    Get,
+    Head,
+    Post,
+    Put,
+    Delete,
+    Patch,
+    Options,
+}
+
+impl HttpMethod {
+    pub const ALL: [HttpMethod; 7] = [
+        HttpMethod::Get,
+        HttpMethod::Head,
+        HttpMethod::Post,
+        HttpMethod::Put,
+        HttpMethod::Delete,
+        HttpMethod::Patch,
+        HttpMethod::Options,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpMethod::Get => "GET",
+            HttpMethod::Head => "HEAD",
+            HttpMethod::Post => "POST",
+            HttpMethod::Put => "PUT",
+            HttpMethod::Delete => "DELETE",
+            HttpMethod::Patch => "PATCH",
+            HttpMethod::Options => "OPTIONS",
+        }
+    }
+
+    /// The method whose token is exactly `token`.
+    pub fn from_token(token: &[u8]) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.as_str().as_bytes() == token)
+    }
+}
+
+impl fmt::Display for HttpMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One HTTP request line a local workload received: the server side of a TCP
+/// connection. `local` is the server's address, `remote` the client's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRequest {
+    pub netns_ino: u64,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// cgroup v2 id of the receiving socket.
+    pub cgroup_id: u64,
+    pub method: HttpMethod,
+    /// The request target's path, without the query string; a valid rule path
+    /// (`bulkhead_model::policy::validate_path`).
+    pub path: Box<str>,
+    pub unix_ms: i64,
+}
+
 /// A process name as the kernel keeps it: at most 16 bytes (`TASK_COMM_LEN`). A
 /// fixed-size `Copy` value so that aggregating millions of events allocates nothing.
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
+use bulkhead_proto::tls::AgentTlsArgs;
 use clap::Parser;
 
 mod agent;
@@ -12,12 +14,16 @@ mod agent;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Args {
-    /// Learner gRPC endpoint.
-    #[arg(long, env = "BULKHEAD_LEARNER", default_value = "http://127.0.0.1:7400")]
+    /// Learner gRPC endpoint: `https://HOST:PORT` with --tls-*, `http://` with
+    /// --insecure-grpc.
+    #[arg(long, env = "BULKHEAD_LEARNER", default_value = "https://127.0.0.1:7400")]
     pub learner: String,
-    /// Name of this node as the learner knows it (default: the hostname).
+    /// Name of this node as the learner knows it (default: the node its certificate
+    /// names, else the hostname).
     #[arg(long, env = "BULKHEAD_NODE_ID")]
     pub node_id: Option<String>,
+    #[command(flatten)]
+    pub tls: AgentTlsArgs,
     /// Directory of the on-disk spool of undelivered batches.
     #[arg(long, env = "BULKHEAD_SPOOL_DIR", default_value = "/var/lib/bulkhead/spool")]
     pub spool_dir: PathBuf,
@@ -86,7 +92,11 @@ fn init_logging(format: &str) -> anyhow::Result<()> {
 // endpoint; a multi-threaded runtime only added wake-ups and context switches.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     init_logging(&args.log_format)?;
-    agent::run(args).await
+    // Before anything is loaded: a wrong or missing TLS setup stops the agent here.
+    let transport = args.tls.transport(&args.learner).context("configuring the connection to the learner")?;
+    args.node_id = transport.node_id(args.node_id.as_deref())?;
+    transport.log(&args.learner);
+    agent::run(args, transport).await
 }

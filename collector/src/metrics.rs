@@ -20,6 +20,10 @@ use prometheus_client::registry::Registry;
 pub struct Metrics {
     pub events: Counter,
     pub dns_answers: Counter,
+    pub http_requests: Counter,
+    pub http_unparsed: Counter,
+    pub http_overflow: Counter,
+    pub opaque_connections: Counter,
     pub flows: Counter,
     pub ringbuf_dropped: Counter,
     pub queue_dropped: Counter,
@@ -55,6 +59,22 @@ impl Metrics {
         let mut r = Registry::with_prefix("bulkhead_collector");
         r.register("events", "Socket events read from the kernel", self.events.clone());
         r.register("dns_answers", "DNS answers captured", self.dns_answers.clone());
+        r.register("http_requests", "HTTP request lines captured and parsed", self.http_requests.clone());
+        r.register(
+            "http_unparsed",
+            "Segments starting like an HTTP method that were not a request line we accept",
+            self.http_unparsed.clone(),
+        );
+        r.register(
+            "http_overflow",
+            "HTTP requests counted without their path (per-flow or per-interval bound)",
+            self.http_overflow.clone(),
+        );
+        r.register(
+            "opaque_connections",
+            "Accepted connections that received payload but no HTTP request line",
+            self.opaque_connections.clone(),
+        );
         r.register("flows", "Aggregated flows cut into batches", self.flows.clone());
         r.register("ringbuf_dropped", "Events the kernel could not queue (lost)", self.ringbuf_dropped.clone());
         r.register("queue_dropped", "Events dropped by a full aggregation table (lost)", self.queue_dropped.clone());

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bulkhead_proto::tls::AgentTransport;
 use bulkhead_proto::v1::{self, flow_ingest_client::FlowIngestClient, ingest_request, ingest_response};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::StreamExt;
@@ -21,8 +22,10 @@ use crate::spool::{Spool, SpoolEntry};
 /// Where and as whom to deliver.
 #[derive(Debug, Clone)]
 pub struct ShipperConfig {
-    /// Learner gRPC URL, e.g. `http://127.0.0.1:7400`.
+    /// Learner gRPC URL, e.g. `https://learner.bulkhead.svc:7400`.
     pub learner_url: String,
+    /// mTLS with this node's certificate, or plaintext (`--insecure-grpc`).
+    pub transport: AgentTransport,
     pub node_id: String,
     pub boot_id: String,
     pub agent_version: String,
@@ -33,8 +36,8 @@ pub struct ShipperConfig {
 
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
-    #[error("connecting to {url}: {source}")]
-    Connect { url: String, source: tonic::transport::Error },
+    #[error("connecting to {url}: {}", chain(.error))]
+    Connect { url: String, error: tonic::transport::Error },
     #[error("learner refused the stream: {0}")]
     Status(#[from] tonic::Status),
     #[error("learner closed the stream")]
@@ -69,9 +72,12 @@ async fn stream_once(
     metrics: &Metrics,
     backoff: &mut Duration,
 ) -> Result<(), StreamError> {
-    let mut client = FlowIngestClient::connect(cfg.learner_url.clone())
+    let channel = cfg
+        .transport
+        .connect(&cfg.learner_url)
         .await
-        .map_err(|source| StreamError::Connect { url: cfg.learner_url.clone(), source })?;
+        .map_err(|error| StreamError::Connect { url: cfg.learner_url.clone(), error })?;
+    let mut client = FlowIngestClient::new(channel);
     let (tx, rx) = mpsc::channel::<v1::IngestRequest>(cfg.window + 1);
     let hello = v1::Hello {
         node_id: cfg.node_id.clone(),
@@ -163,6 +169,19 @@ async fn stream_once(
             _ = wake.notified(), if in_flight.len() < cfg.window => {}
         }
     }
+}
+
+/// A transport error with its causes: tonic's own message is just "transport error";
+/// what went wrong (refused, a TLS alert, a bad certificate) is in the causes.
+fn chain(err: &tonic::transport::Error) -> String {
+    let mut out = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 fn lock(spool: &Mutex<Spool>) -> std::sync::MutexGuard<'_, Spool> {

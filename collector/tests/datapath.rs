@@ -21,11 +21,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use bulkhead_collector::aggregate::Aggregator;
 use bulkhead_collector::datapath::{Datapath, DatapathOptions, NetnsFilter};
 use bulkhead_collector::endpoints;
-use bulkhead_collector::event::{SockEvent, SockEventKind};
+use bulkhead_collector::event::{HttpMethod, HttpRequest, SockEvent, SockEventKind};
 use bulkhead_collector::seed;
-use bulkhead_model::{DnsAnswer, Protocol};
+use bulkhead_model::{Direction, DnsAnswer, Protocol};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -207,6 +208,7 @@ struct Observer {
     dp: Datapath,
     events: Vec<SockEvent>,
     dns: Vec<DnsAnswer>,
+    http: Vec<HttpRequest>,
 }
 
 impl Observer {
@@ -217,22 +219,23 @@ impl Observer {
             Err(err) => panic!("Datapath::load: {}", error_chain(&err)),
         };
         dp.set_netns_filter(&filter).expect("set filter");
-        Observer { dp, events: Vec::new(), dns: Vec::new() }
+        Observer { dp, events: Vec::new(), dns: Vec::new(), http: Vec::new() }
     }
 
     /// Drains every 10 ms until `pred` holds; panics with what was seen after [`WAIT`].
     fn wait_until(&mut self, what: &str, pred: impl Fn(&Observer) -> bool) {
         let deadline = Instant::now() + WAIT;
         loop {
-            self.dp.drain(&mut self.events, &mut self.dns).expect("drain");
+            self.dp.drain(&mut self.events, &mut self.dns, &mut self.http).expect("drain");
             if pred(self) {
                 return;
             }
             if Instant::now() > deadline {
                 panic!(
-                    "timed out waiting for {what}\nevents:\n{}\ndns: {:#?}\ncounters: {:?}",
+                    "timed out waiting for {what}\nevents:\n{}\ndns: {:#?}\nhttp: {:#?}\ncounters: {:?}",
                     self.events.iter().map(|e| format!("  {e:?}")).collect::<Vec<_>>().join("\n"),
                     self.dns,
+                    self.http,
                     self.dp.counters()
                 );
             }
@@ -286,6 +289,29 @@ fn tcp_exchange(pair: &NetnsPair, server: SocketAddr) -> SocketAddr {
         c.write_all(&[1u8; 1000]).expect("write request");
         let mut reply = [0u8; 300];
         c.read_exact(&mut reply).expect("read reply");
+        c.local_addr().expect("local addr")
+    });
+    server_thread.join().expect("server thread");
+    local
+}
+
+/// One exchange where the client (in `a`) sends `request` and half-closes, the server
+/// (in `b`) reads to the end, answers with a few bytes and closes. Returns the
+/// client's local address.
+fn tcp_send(pair: &NetnsPair, server: SocketAddr, request: Vec<u8>) -> SocketAddr {
+    let listener = in_ns(&pair.b, "bh-server", move || TcpListener::bind(server).expect("bind"));
+    let server_thread = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).expect("read request");
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").expect("write reply");
+    });
+    let local = in_ns(&pair.a, "bh-client", move || {
+        let mut c = TcpStream::connect_timeout(&server, Duration::from_secs(5)).expect("connect");
+        c.write_all(&request).expect("write request");
+        c.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut reply = Vec::new();
+        c.read_to_end(&mut reply).expect("read reply");
         c.local_addr().expect("local addr")
     });
     server_thread.join().expect("server thread");
@@ -670,4 +696,80 @@ fn endpoints_scan_lists_test_namespaces_with_addresses_and_cgroups() {
     assert!(b.addresses.iter().any(|x| x.addr == IpAddr::V4(pair.v4_b)));
     assert!(b.cgroups.is_empty(), "no process lives in b: {:?}", b.cgroups);
     drop(child);
+}
+
+#[test]
+fn http_request_lines_are_captured_and_other_payloads_are_opaque() {
+    require_root();
+    let pair = NetnsPair::new();
+    let mut obs = Observer::load(NetnsFilter::Only(pair.inos()));
+    let b = pair.ino_b;
+    let http_v4 = SocketAddr::new(pair.v4_b.into(), 80);
+    let http_v6 = SocketAddr::new(pair.v6_b.into(), 80);
+    let tls = SocketAddr::new(pair.v4_b.into(), 443);
+    let bad_version = SocketAddr::new(pair.v4_b.into(), 8080);
+    let silent = SocketAddr::new(pair.v4_b.into(), 8081);
+
+    let landing = b"POST /v1/request-landing HTTP/1.1\r\nHost: deathstar\r\nContent-Length: 2\r\n\r\nok".to_vec();
+    let c4 = tcp_send(&pair, http_v4, landing);
+    let c6 = tcp_send(&pair, http_v6, b"GET /v1/ships?class=tie HTTP/1.1\r\nHost: deathstar\r\n\r\n".to_vec());
+    // A TLS ClientHello: record type 0x16, version 3.1.
+    let mut hello = vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
+    hello.resize(517, 0xab);
+    let ct = tcp_send(&pair, tls, hello);
+    let cb = tcp_send(&pair, bad_version, b"GET /x HTTP/9.9\r\n\r\n".to_vec());
+    let cs = tcp_send(&pair, silent, Vec::new());
+
+    let closes = [(http_v4, c4), (http_v6, c6), (tls, ct), (bad_version, cb), (silent, cs)];
+    obs.wait_until("both requests and every server-side close", |o| {
+        o.http.len() >= 2 && closes.iter().all(|(s, c)| o.find(|e| is(e, SockEventKind::Close, b, *s, *c)).is_some())
+    });
+
+    let r = obs.http.iter().find(|r| r.remote == c4).expect("the v4 request");
+    assert_eq!((r.method, &*r.path, r.local, r.netns_ino), (HttpMethod::Post, "/v1/request-landing", http_v4, b));
+    assert_eq!(r.cgroup_id, own_cgroup_id(), "the receiving socket's cgroup");
+    assert!(r.unix_ms > 1_600_000_000_000, "wall-clock time, got {}", r.unix_ms);
+    let r = obs.http.iter().find(|r| r.remote == c6).expect("the v6 request");
+    assert_eq!((r.method, &*r.path, r.local), (HttpMethod::Get, "/v1/ships", http_v6), "no query string");
+    assert_eq!(obs.http.len(), 2, "neither the TLS hello, the bad version nor the silent connection is a request");
+    let counters = obs.dp.counters();
+    assert_eq!((counters.http_requests, counters.http_unparsed), (2, 1), "{counters:?}");
+    assert_eq!(obs.dp.ringbuf_dropped(), 0);
+
+    // Through the aggregator as the agent feeds it (requests first): the server's
+    // flows carry the requests, and the connections with payload but no request line
+    // are opaque. The silent one received a FIN only: not opaque.
+    let mut agg = Aggregator::new(Default::default());
+    for r in &obs.http {
+        agg.record_http(r);
+    }
+    for e in &obs.events {
+        agg.record(e);
+    }
+    let flows = agg.flush();
+    let server_flow = |at: SocketAddr| {
+        flows
+            .iter()
+            .find(|f| {
+                f.direction == Direction::Ingress
+                    && f.netns_ino == b
+                    && f.dst_addr == at.ip()
+                    && f.dst_port == at.port()
+            })
+            .unwrap_or_else(|| panic!("no ingress flow to {at}: {flows:#?}"))
+    };
+    let f = server_flow(http_v4);
+    let got: Vec<_> = f.http.requests.iter().map(|r| (r.method.as_str(), r.path.as_str(), r.requests)).collect();
+    assert_eq!(got, vec![("POST", "/v1/request-landing", 1)]);
+    assert_eq!((f.connections, f.http.opaque_connections), (1, 0));
+    assert_eq!(server_flow(http_v6).http.requests[0].path, "/v1/ships");
+    for at in [tls, bad_version] {
+        let f = server_flow(at);
+        assert!(f.http.requests.is_empty(), "{f:?}");
+        assert_eq!((f.connections, f.http.opaque_connections), (1, 1), "{at}: {f:?}");
+    }
+    let f = server_flow(silent);
+    assert_eq!((f.connections, f.http.opaque_connections), (1, 0), "{f:?}");
+    // The clients' egress flows never carry HTTP data.
+    assert!(flows.iter().filter(|f| f.direction == Direction::Egress).all(|f| f.http.is_empty()));
 }

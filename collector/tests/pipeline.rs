@@ -67,6 +67,7 @@ impl Learner {
             flow_retention: Duration::from_secs(3600),
             policy: Default::default(),
             auth: Default::default(),
+            tls: None,
         };
         let running = server::start(cfg.clone()).await.expect("learner starts");
         // Restarts must come back on the same port so the collector finds them.
@@ -108,7 +109,7 @@ fn start_collector(learner_url: &str, dir: &Path, net: &TestNet) -> ChildGuard {
     let names: Vec<&str> = net.hosts().iter().map(|h| h.netns.name()).collect();
     let log = std::fs::File::create(dir.join("collector.log")).expect("log file");
     let child = Command::new(env!("CARGO_BIN_EXE_bulkhead-collector"))
-        .args(["--learner", learner_url, "--node-id", "node-e2e"])
+        .args(["--learner", learner_url, "--node-id", "node-e2e", "--insecure-grpc"])
         .arg("--spool-dir")
         .arg(dir.join("spool"))
         .args(["--flush-interval", "200ms", "--endpoint-interval", "1s", "--metrics-listen", "127.0.0.1:0"])

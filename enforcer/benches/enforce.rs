@@ -485,10 +485,10 @@ fn node_policy(n: usize, sides: &Sides, version: u64) -> NodePolicy {
         protocol: Some(Protocol::Tcp),
     };
     let mut rules = vec![
-        NodeRule { key: key(c, Direction::Egress, s, RR_PORT), rule_id: 1 },
-        NodeRule { key: key(c, Direction::Egress, s, CRR_PORT), rule_id: 2 },
-        NodeRule { key: key(s, Direction::Ingress, c, RR_PORT), rule_id: 3 },
-        NodeRule { key: key(s, Direction::Ingress, c, CRR_PORT), rule_id: 4 },
+        NodeRule::l4(key(c, Direction::Egress, s, RR_PORT), 1),
+        NodeRule::l4(key(c, Direction::Egress, s, CRR_PORT), 2),
+        NodeRule::l4(key(s, Direction::Ingress, c, RR_PORT), 3),
+        NodeRule::l4(key(s, Direction::Ingress, c, CRR_PORT), 4),
     ];
     for j in 0..n - 4 {
         let (local, direction) = if j % 2 == 0 { (s, Direction::Ingress) } else { (c, Direction::Egress) };
@@ -496,7 +496,7 @@ fn node_policy(n: usize, sides: &Sides, version: u64) -> NodePolicy {
         let port = 1 + ((j / 2) / OTHER_ADDRS) as u16;
         // A selector of one approved rule expands to 50 entries of one direction.
         let rule_id = 100 + (j % 2) as u32 + 2 * (j / 100) as u32;
-        rules.push(NodeRule { key: key(local, direction, peer, port), rule_id });
+        rules.push(NodeRule::l4(key(local, direction, peer, port), rule_id));
     }
     rules.sort();
     let mut ids: BTreeMap<u32, Direction> = BTreeMap::new();

@@ -19,6 +19,7 @@ use bulkhead_enforcer::metrics::{self, Metrics};
 use bulkhead_enforcer::owner::{MapOwner, Outcome, Rejection};
 use bulkhead_enforcer::render::Capacity;
 use bulkhead_model::{EnforcerHello, EnforcerMessage, PolicyAck, PolicyAckStatus, PolicyUpdate, VerdictReport};
+use bulkhead_proto::tls::AgentTransport;
 use bulkhead_proto::v1::{self, policy_stream_client::PolicyStreamClient};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,7 +37,7 @@ const RESYNC_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Most events per report message (keeps each well under the learner's 4 MiB limit).
 const MAX_EVENTS_PER_REPORT: usize = 10_000;
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(args: Args, transport: AgentTransport) -> anyhow::Result<()> {
     let node_id = match &args.node_id {
         Some(n) => n.clone(),
         None => {
@@ -71,7 +72,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
     let owner = OwnerHandle::spawn(owner, args.poll_interval, metrics.clone());
 
-    let session = Session { node_id, boot_id, agent_version: env!("CARGO_PKG_VERSION").to_owned() };
+    let session = Session { node_id, boot_id, agent_version: env!("CARGO_PKG_VERSION").to_owned(), transport };
     tokio::select! {
         () = stream_forever(&args, &session, &owner, &metrics) => Ok(()),
         () = shutdown_signal() => {
@@ -94,6 +95,8 @@ struct Session {
     node_id: String,
     boot_id: String,
     agent_version: String,
+    /// mTLS with this node's certificate, or plaintext (`--insecure-grpc`).
+    transport: AgentTransport,
 }
 
 // === the map owner's thread ===
@@ -188,10 +191,9 @@ async fn stream_once(
     metrics: &Metrics,
     backoff: &mut Duration,
 ) -> anyhow::Result<()> {
-    let mut client = PolicyStreamClient::connect(args.learner.clone())
-        .await
-        .with_context(|| format!("connecting to {}", args.learner))?
-        .max_decoding_message_size(MAX_SNAPSHOT_BYTES);
+    let channel =
+        session.transport.connect(&args.learner).await.with_context(|| format!("connecting to {}", args.learner))?;
+    let mut client = PolicyStreamClient::new(channel).max_decoding_message_size(MAX_SNAPSHOT_BYTES);
     let applied_version = owner.ask(Command::AppliedVersion).await?;
     let (tx, rx) = mpsc::channel::<v1::EnforcerMessage>(64);
     let hello = EnforcerMessage::Hello(EnforcerHello {

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use bulkhead_enforcer::datapath::DEFAULT_BPFFS_ROOT;
+use bulkhead_proto::tls::AgentTlsArgs;
 use clap::{Parser, ValueEnum};
 
 mod agent;
@@ -14,13 +16,16 @@ mod agent;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Args {
-    /// Learner gRPC endpoint.
-    #[arg(long, env = "BULKHEAD_LEARNER", default_value = "http://127.0.0.1:7400")]
+    /// Learner gRPC endpoint: `https://HOST:PORT` with --tls-*, `http://` with
+    /// --insecure-grpc.
+    #[arg(long, env = "BULKHEAD_LEARNER", default_value = "https://127.0.0.1:7400")]
     pub learner: String,
-    /// Name of this node as the learner knows it (default: the hostname; must match
-    /// the collector's).
+    /// Name of this node as the learner knows it (default: the node its certificate
+    /// names, else the hostname; must match the collector's).
     #[arg(long, env = "BULKHEAD_NODE_ID")]
     pub node_id: Option<String>,
+    #[command(flatten)]
+    pub tls: AgentTlsArgs,
     /// Name of this enforcer's pinned maps and links under --bpffs-root. A restarted
     /// or upgraded enforcer with the same instance adopts them without a gap.
     #[arg(long, env = "BULKHEAD_ENFORCER_INSTANCE", default_value = "enforcer")]
@@ -96,7 +101,11 @@ fn init_logging(format: &str) -> anyhow::Result<()> {
 // walks and writes are blocking syscalls).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     init_logging(&args.log_format)?;
-    agent::run(args).await
+    // Before the datapath is touched: a wrong or missing TLS setup stops the agent here.
+    let transport = args.tls.transport(&args.learner).context("configuring the connection to the learner")?;
+    args.node_id = transport.node_id(args.node_id.as_deref())?;
+    transport.log(&args.learner);
+    agent::run(args, transport).await
 }

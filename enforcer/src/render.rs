@@ -628,6 +628,7 @@ mod tests {
                         protocol: Some(Protocol::Tcp),
                     },
                     rule_id: 1,
+                    http: Vec::new(),
                 },
                 NodeRule {
                     key: RuleKey {
@@ -638,6 +639,7 @@ mod tests {
                         protocol: Some(Protocol::Udp),
                     },
                     rule_id: 2,
+                    http: Vec::new(),
                 },
             ],
             rule_refs: vec![],
@@ -757,7 +759,7 @@ mod tests {
             (
                 "same key, other rule",
                 |p| {
-                    let mut r = p.rules[0];
+                    let mut r = p.rules[0].clone();
                     r.rule_id = 5;
                     p.rules.push(r);
                 },
@@ -1172,7 +1174,7 @@ mod tests {
                 let direction = if ingress { Direction::Ingress } else { Direction::Egress };
                 let key = RuleKey { local: Identity(local), direction, peer: peer.map(Identity), port, protocol };
                 if managed.contains(&local) && seen.insert(key) {
-                    p.rules.push(NodeRule { key, rule_id });
+                    p.rules.push(NodeRule::l4(key, rule_id));
                 }
             }
             p.rules.sort();
@@ -1493,7 +1495,7 @@ mod tests {
             .chain(&b.rules)
             .filter(|r| managed.contains(&r.key.local) && r.key.peer.is_none_or(|id| known.contains(&id.0)))
             .filter(|r| seen.insert(r.key))
-            .copied()
+            .cloned()
             .collect();
         p.rules.sort();
         p.validate().expect("mixing keeps policies valid");

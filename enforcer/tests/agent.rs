@@ -175,7 +175,7 @@ impl Enforcer {
         let log = w.state.path().join(format!("enforcer-{}.log", unique_suffix()));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_bulkhead-enforcer"))
-            .args(["--learner", learner_url, "--node-id", &w.node, "--instance", &w.pins.instance])
+            .args(["--learner", learner_url, "--node-id", &w.node, "--instance", &w.pins.instance, "--insecure-grpc"])
             .arg("--cgroup")
             .arg(w.parent.path())
             .arg("--state-dir")
@@ -334,7 +334,7 @@ impl World {
             version: 1,
             ipcache,
             endpoints: vec![endpoint(0, ID_A), endpoint(1, ID_B)],
-            rules: rules.into_iter().map(|(key, rule_id)| NodeRule { key, rule_id }).collect(),
+            rules: rules.into_iter().map(|(key, rule_id)| NodeRule::l4(key, rule_id)).collect(),
             rule_refs,
         }
     }
@@ -583,7 +583,7 @@ fn bad_snapshots_are_rejected_and_the_applied_policy_stays() {
     dup.identity = ID_C;
     conflicting_prefix.ipcache.push(dup);
     let mut duplicate_rule = good.clone();
-    let mut again = duplicate_rule.rules[0];
+    let mut again = duplicate_rule.rules[0].clone();
     again.rule_id = 11;
     duplicate_rule.rules.push(again);
     duplicate_rule.rule_refs.push(RuleRef { rule_id: 11, ..duplicate_rule.rule_refs[0].clone() });
@@ -864,6 +864,7 @@ fn learner_to_enforcer_end_to_end_through_review_and_rollout() {
         flow_retention: Duration::from_secs(3600),
         policy: Default::default(),
         auth: Default::default(),
+        tls: None,
     };
     let running = rt.block_on(server::start(cfg)).expect("learner starts");
     let grpc = format!("http://{}", running.grpc_addr);
@@ -1031,6 +1032,7 @@ async fn report_as_collector(url: &str, w: &World) {
             verdict: Verdict::Forwarded,
             first_seen_unix_ms: now - 60_000,
             last_seen_unix_ms: now - 1_000,
+            http: Default::default(),
         }
     };
     let batch = FlowBatch {

@@ -219,6 +219,7 @@ fn node_policy(w: &World, mode_b: Option<RolloutMode>, rules: &[(u32, u32)], fil
             protocol: Some(Protocol::Tcp),
         },
         rule_id,
+        http: Vec::new(),
     };
     p.rules = (1..=filler).map(|port| rule(ID_A, None, port, RULE_FILLER)).collect();
     p.rules.extend(rules.iter().map(|&(peer, rule_id)| rule(ID_B, Some(peer), HTTP, rule_id)));

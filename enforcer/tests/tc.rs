@@ -169,6 +169,7 @@ impl World {
         let rule = |local, direction, peer, port, protocol, rule_id| NodeRule {
             key: RuleKey { local: Identity(local), direction, peer: Some(Identity(peer)), port: Some(port), protocol },
             rule_id,
+            http: Vec::new(),
         };
         p.rules = vec![
             rule(ID_A, ModelDirection::Egress, ID_B, HTTP, Some(Protocol::Tcp), RULE_A_EGRESS_HTTP),

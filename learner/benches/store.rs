@@ -451,6 +451,7 @@ fn flow(rng: &mut Rng, port: u16, direction: Direction, seen: i64) -> Flow {
         verdict: Verdict::Forwarded,
         first_seen_unix_ms: seen - rng.below(5_000) as i64,
         last_seen_unix_ms: seen,
+        http: Default::default(),
     }
 }
 

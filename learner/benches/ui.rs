@@ -7,6 +7,12 @@
 //! Prints p50 / p99 / max per route (hdrhistogram, whole response read) and replaces the
 //! `## Web UI` section of BENCHMARKS.md. `BH_UI_BENCH_QUICK=1` seeds a tenth of the data
 //! and measures fewer requests (a smoke run; BENCHMARKS.md is left alone).
+//!
+//! For iterating on one route: `BH_UI_BENCH_DB=/path/ui.db` keeps the seeded store there
+//! and reuses it on the next run (seeding takes most of a run), and
+//! `BH_UI_BENCH_ONLY=graph` measures only the routes whose request contains that text.
+//! Either leaves BENCHMARKS.md alone. `BH_UI_BENCH_DUMP=dir` writes each route's last
+//! body there (to compare answers before and after a change).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -51,17 +57,27 @@ fn main() -> std::process::ExitCode {
 
 async fn run(scale: Scale, quick: bool) -> std::process::ExitCode {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = Store::open(&format!("sqlite://{}", dir.path().join("ui.db").display())).await.expect("store");
+    let kept = std::env::var_os("BH_UI_BENCH_DB").map(std::path::PathBuf::from);
+    let only = std::env::var("BH_UI_BENCH_ONLY").ok().filter(|s| !s.is_empty());
+    let dump = std::env::var_os("BH_UI_BENCH_DUMP").map(std::path::PathBuf::from);
+    let path = kept.clone().unwrap_or_else(|| dir.path().join("ui.db"));
+    let reuse = path.exists();
+    let store = Store::open(&format!("sqlite://{}", path.display())).await.expect("store");
     let now = bulkhead_learner::grpc::ingest::unix_ms();
 
     let t = Instant::now();
-    let ids = seed(&store, &scale, now).await;
+    if reuse {
+        println!("reusing the store in {}", path.display());
+    } else {
+        seed(&store, &scale, now).await;
+    }
     let seed_secs = t.elapsed().as_secs_f64();
     let edges = store.edges(&Default::default()).await.map(|e| e.len()).unwrap_or(0);
-    println!("seeded {} workloads, {edges} edges, {} flows in {seed_secs:.1} s", ids.len(), scale.flows);
+    println!("{edges} edges, {} flows ready in {seed_secs:.1} s", scale.flows);
 
     let hash = auth::hash_password("benchmark password 1").expect("hash");
-    let user = store.create_user("bench", Role::Admin, &hash, false, "bench", now).await.expect("user");
+    // Unique per run: a reused store keeps the users of earlier runs.
+    let user = store.create_user(&format!("bench-{now}"), Role::Admin, &hash, false, "bench", now).await.expect("user");
     let session = store.create_session(user.id, 3_600_000, now).await.expect("session");
     let cookie = format!("bulkhead_session={}", session.token.expose());
     let app = router(AppState::for_store(store.clone()));
@@ -80,7 +96,7 @@ async fn run(scale: Scale, quick: bool) -> std::process::ExitCode {
         ("graph page HTML", "/graph".into()),
     ];
     let mut rows = Vec::new();
-    for (name, uri) in &routes {
+    for (name, uri) in routes.iter().filter(|(_, uri)| only.as_ref().is_none_or(|o| uri.contains(o.as_str()))) {
         let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
         let mut bytes = 0;
         let mut status = StatusCode::OK;
@@ -94,6 +110,10 @@ async fn run(scale: Scale, quick: bool) -> std::process::ExitCode {
             bytes = body.len();
             if i >= 5 {
                 h.record(us.max(1)).expect("record");
+            }
+            if let Some(dir) = dump.as_ref().filter(|_| i == scale.requests + 4) {
+                let file: String = uri.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+                std::fs::write(dir.join(file), &body).expect("dump");
             }
         }
         print!(".");
@@ -118,8 +138,8 @@ async fn run(scale: Scale, quick: bool) -> std::process::ExitCode {
         eprintln!("routes that did not answer 200: {failed:?}");
         return std::process::ExitCode::FAILURE;
     }
-    if quick {
-        println!("(quick run: BENCHMARKS.md left alone)");
+    if quick || kept.is_some() || only.is_some() {
+        println!("(quick, reused or filtered run: BENCHMARKS.md left alone)");
         return std::process::ExitCode::SUCCESS;
     }
     match bulkhead_testkit::benchmarks::write_section("Web UI", &section) {
@@ -137,7 +157,7 @@ async fn run(scale: Scale, quick: bool) -> std::process::ExitCode {
 /// 1,000 workloads in namespaces, edges `i` from workload `i % W` to `(i % W + 1 + i / W) % W`
 /// on one of five ports (all distinct), and `flows` flow rows spread evenly over the
 /// edges and over the last six hours.
-async fn seed(store: &Store, scale: &Scale, now: i64) -> Vec<Identity> {
+async fn seed(store: &Store, scale: &Scale, now: i64) {
     let mut ids = Vec::with_capacity(scale.workloads);
     for i in 0..scale.workloads {
         let labels = Labels::new([
@@ -191,7 +211,6 @@ async fn seed(store: &Store, scale: &Scale, now: i64) -> Vec<Identity> {
         let policy = rec.proposal.policy.clone();
         store.decide_proposal(rec.summary.id, Decision::Approve { policy }, "bench", None, now).await.expect("approve");
     }
-    ids
 }
 
 /// An approved-to-be proposal for `target`: ingress from its own namespace on 8000/tcp.
@@ -199,6 +218,7 @@ fn policy_proposal(target: Identity, ns: &str, app: &str, now: i64) -> Proposal 
     let rule = Rule {
         peer: Peer::Workloads { selector: LabelSelector::with_labels([(NAMESPACE_KEY, ns)]) },
         ports: vec![PortRange::single(Protocol::Tcp, 8000)],
+        http: vec![],
     };
     Proposal {
         target,
@@ -253,6 +273,7 @@ fn flow(port: u16, seen: i64, i: usize) -> Flow {
         verdict: Verdict::Forwarded,
         first_seen_unix_ms: seen - 1_000,
         last_seen_unix_ms: seen,
+        http: Default::default(),
     }
 }
 

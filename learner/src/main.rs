@@ -14,6 +14,7 @@ use bulkhead_learner::policy::risk::RiskConfig;
 use bulkhead_learner::server::{self, ServerConfig};
 use bulkhead_learner::store::Store;
 use bulkhead_learner::web::AuthConfig;
+use bulkhead_proto::tls::ServerTlsArgs;
 use clap::{Parser, Subcommand};
 
 /// Bulkhead learner: flow ingest, identities, service graph and API.
@@ -91,6 +92,9 @@ struct ServeArgs {
     /// Approved rules unused this many days are suggested for removal.
     #[arg(long, env = "BULKHEAD_UNUSED_AFTER_DAYS", default_value_t = 14)]
     unused_after_days: u64,
+    /// mTLS for the agents' gRPC, or explicit plaintext.
+    #[command(flatten)]
+    tls: ServerTlsArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,6 +173,7 @@ async fn main() -> anyhow::Result<()> {
     match args.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let s = args.serve;
+            let tls = s.tls.server_config().context("configuring the agents' gRPC listener")?;
             ensure_sqlite_dir(&args.db)?;
             let kube = match (s.kubeconfig, s.kube_in_cluster, s.kube) {
                 (Some(path), _, _) => Some(KubeConfigSource::Kubeconfig(path)),
@@ -200,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
                     secure_cookies: !s.insecure_cookies,
                     session_ttl_ms: hours_ms(s.session_hours.max(1)),
                 },
+                tls,
             };
             let running = server::start_with_kube(config, kube).await?;
             tokio::select! {

@@ -50,6 +50,11 @@ pub struct ServerConfig {
     pub policy: PolicyConfig,
     /// UI sessions and cookies.
     pub auth: AuthConfig,
+    /// mTLS on the agents' gRPC port (see [`bulkhead_proto::tls::server_config`]):
+    /// client certificates required, each stream admitted only for the node its
+    /// certificate names. `None` serves plaintext and believes the node an agent
+    /// claims (`--insecure-grpc`; in-process tests).
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 /// How often the Kubernetes NetworkPolicies seen by the watchers are re-imported into
@@ -182,13 +187,20 @@ pub async fn start_with_kube(cfg: ServerConfig, kube_source: Option<KubeConfigSo
             FlowIngestServer::new(ingest)
                 .max_decoding_message_size(cfg.max_batch_bytes)
                 .max_encoding_message_size(1 << 20),
-        )
-        .serve_with_incoming(TcpListenerStream::new(grpc_listener));
-    let grpc_task = tokio::spawn(async move {
-        if let Err(err) = grpc.await {
-            tracing::error!(error = %err, "gRPC server stopped.");
+        );
+    let grpc_task = match cfg.tls.clone() {
+        Some(tls) => {
+            tracing::info!(%grpc_addr, "Agents' gRPC requires client certificates (mTLS).");
+            tokio::spawn(log_stop(grpc.serve_with_incoming(crate::grpc::tls::incoming(grpc_listener, tls))))
         }
-    });
+        None => {
+            tracing::warn!(
+                %grpc_addr,
+                "Agents' gRPC is PLAINTEXT and unauthenticated: anyone who reaches this port can pose as any node."
+            );
+            tokio::spawn(log_stop(grpc.serve_with_incoming(TcpListenerStream::new(grpc_listener))))
+        }
+    };
 
     let policy_changed = Arc::new(tokio::sync::Notify::new());
     let policy = PolicyService::new(store.clone(), policy_inventory.clone(), cfg.policy.clone())
@@ -241,6 +253,13 @@ pub async fn start_with_kube(cfg: ServerConfig, kube_source: Option<KubeConfigSo
     tracing::info!(%grpc_addr, %http_addr, "Learner serving.");
     tasks.extend([grpc_task, http_task, retention_task]);
     Ok(Running { grpc_addr, http_addr, store, resolver, kube: kube_watchers, tasks })
+}
+
+/// Runs the gRPC server; its end is an error worth logging (it normally runs forever).
+async fn log_stop(serve: impl std::future::Future<Output = Result<(), tonic::transport::Error>>) {
+    if let Err(err) = serve.await {
+        tracing::error!(error = %err, "gRPC server stopped.");
+    }
 }
 
 /// Deletes expired sessions and forgets idle login-throttle keys, once a minute.

@@ -40,6 +40,7 @@ async fn seeded() -> (Api, tempfile::TempDir) {
         verdict: Verdict::Forwarded,
         first_seen_unix_ms: 1_000,
         last_seen_unix_ms: 2_000,
+        http: Default::default(),
     };
     store.register_agent("n1", 1).await.expect("agent");
     let batch = IngestBatch {

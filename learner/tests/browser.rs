@@ -92,6 +92,7 @@ async fn learner(dir: &tempfile::TempDir) -> Running {
         // a bare HTTP server and in this journey (it logs `secure=true`), so the test
         // runs with the production default.
         auth: Default::default(),
+        tls: None,
     })
     .await
     .expect("learner starts")
@@ -121,6 +122,7 @@ fn flow(src: &str, dst: &str, port: u16, at: i64) -> Flow {
         verdict: Verdict::Forwarded,
         first_seen_unix_ms: at,
         last_seen_unix_ms: at + 1_000,
+        http: Default::default(),
     }
 }
 

@@ -31,6 +31,7 @@ fn flow(src: &str, dst: &str, at: i64) -> Flow {
         verdict: Verdict::Forwarded,
         first_seen_unix_ms: at,
         last_seen_unix_ms: at,
+        http: Default::default(),
     }
 }
 

@@ -45,6 +45,7 @@ fn policy(version: u64, port: u16) -> NodePolicy {
                 protocol: Some(Protocol::Tcp),
             },
             rule_id: 1,
+            http: Vec::new(),
         }],
         rule_refs: vec![RuleRef {
             rule_id: 1,
@@ -242,6 +243,7 @@ fn deathstar_proposal(target: Identity) -> bulkhead_model::Proposal {
     let rule = Rule {
         peer: Peer::Workloads { selector: LabelSelector::with_labels([("org", "empire")]) },
         ports: vec![PortRange::single(Protocol::Tcp, 80)],
+        http: vec![],
     };
     Proposal {
         target,

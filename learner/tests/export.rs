@@ -18,8 +18,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use bulkhead_learner::export::{
-    CiliumNetworkPolicy, ExportError, Format, Scope, cilium_network_policy, export_yaml, import_network_policy,
-    network_policy,
+    CiliumNetworkPolicy, ExportError, Format, Scope, cilium_network_policy, export_yaml, import_cilium_network_policy,
+    import_network_policy, network_policy,
 };
 use bulkhead_model::labels::NAMESPACE_KEY;
 use bulkhead_model::{LabelSelector, Peer, Policy, PortRange, Protocol, ReservedIdentity, Rule};
@@ -37,7 +37,7 @@ fn sel(pairs: &[(&str, &str)]) -> LabelSelector {
 }
 
 fn rule(peer: Peer, ports: &[PortRange]) -> Rule {
-    Rule { peer, ports: ports.to_vec() }
+    Rule::l4(peer, ports.to_vec())
 }
 
 fn workloads(pairs: &[(&str, &str)]) -> Peer {
@@ -109,7 +109,22 @@ fn fleet() -> Vec<Policy> {
         ingress: Some(vec![]),
         egress: Some(vec![]),
     };
-    vec![tiefighter, deathstar(), metrics, lockdown]
+    // L7: HTTP rules on 80/TCP, one with regex metacharacters in its path.
+    let hangar = Policy {
+        name: "bulkhead-hangar".into(),
+        namespace: Some("default".into()),
+        selector: sel(&[(NAMESPACE_KEY, "default"), ("org", "empire"), ("class", "hangar")]),
+        ingress: Some(vec![Rule {
+            http: vec![
+                bulkhead_model::HttpRule::exact("POST", "/v1/request-landing"),
+                bulkhead_model::HttpRule::prefix("GET", "/v1/ships/"),
+                bulkhead_model::HttpRule::exact("PUT", "/v1/bay(3).door+open"),
+            ],
+            ..rule(workloads(&[(NAMESPACE_KEY, "default"), ("org", "empire")]), &[tcp(80)])
+        }]),
+        egress: None,
+    };
+    vec![tiefighter, deathstar(), metrics, lockdown, hangar]
 }
 
 // === snapshots ===
@@ -200,6 +215,19 @@ fn cilium_yaml_round_trips_through_its_types() {
         // deny_unknown_fields: a key the exporter wrote but the type does not know fails.
         let typed: CiliumNetworkPolicy = serde_json::from_value(doc.clone()).expect("a CiliumNetworkPolicy");
         assert_eq!(serde_json::to_value(&typed).expect("serializes"), doc);
+        // Importing gives the policy back (FQDN peers lose the addresses they were
+        // exported without).
+        let (back, warnings) = import_cilium_network_policy(&typed).expect("imports back");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let mut want =
+            fleet().into_iter().find(|p| Some(&p.name) == typed.metadata.name.as_ref()).expect("in the fleet");
+        for r in want.egress.iter_mut().flatten() {
+            if let Peer::Fqdn { addresses, .. } = &mut r.peer {
+                addresses.clear();
+            }
+        }
+        want.normalize();
+        assert_eq!(back, want, "{}", want.name);
     }
 }
 

@@ -42,6 +42,7 @@ async fn learner(db_url: String, enrollment: Enrollment, max_batch_bytes: usize)
         flow_retention: Duration::from_secs(3600),
         policy: Default::default(),
         auth: Default::default(),
+        tls: None,
     })
     .await
     .expect("learner starts");

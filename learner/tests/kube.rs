@@ -67,6 +67,7 @@ fn peer(resolver: &RwLock<Resolver>, addr: &str) -> Subject {
         verdict: Verdict::Forwarded,
         first_seen_unix_ms: 0,
         last_seen_unix_ms: 0,
+        http: Default::default(),
     };
     resolver.read().expect("resolver lock").peer_subject(NODE, &flow)
 }
@@ -114,6 +115,7 @@ async fn learner(server: &KubeApiServer, inventory: &str) -> (Running, tempfile:
         flow_retention: Duration::from_secs(3600),
         policy: Default::default(),
         auth: Default::default(),
+        tls: None,
     };
     let source = KubeConfigSource::Kubeconfig(server.kubeconfig_path().to_owned());
     let running = server::start_with_kube(cfg, Some(source)).await.expect("learner starts");
@@ -393,6 +395,7 @@ async fn an_rbac_denial_is_reported_and_recovers_once_granted() {
         flow_retention: Duration::from_secs(3600),
         policy: Default::default(),
         auth: Default::default(),
+        tls: None,
     };
     let source = KubeConfigSource::Kubeconfig(server.restricted_kubeconfig_path().to_owned());
     // Starting works: a forbidden cluster is a status, not a crash.

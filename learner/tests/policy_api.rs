@@ -51,6 +51,7 @@ fn flow(src: &str, dst: &str, port: u16, at: i64) -> Flow {
         verdict: Verdict::Forwarded,
         first_seen_unix_ms: at,
         last_seen_unix_ms: at + 1_000,
+        http: Default::default(),
     }
 }
 

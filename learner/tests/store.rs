@@ -66,6 +66,7 @@ fn flow(direction: Direction, port: u16, connections: u64, sent: u64, received: 
         verdict: Verdict::Forwarded,
         first_seen_unix_ms: first,
         last_seen_unix_ms: last,
+        http: Default::default(),
     }
 }
 

@@ -63,6 +63,7 @@ fn rule_from(app: &str, port: u16) -> Rule {
     Rule {
         peer: Peer::Workloads { selector: LabelSelector::with_labels([("app", app)]) },
         ports: vec![PortRange::single(Protocol::Tcp, port)],
+        http: vec![],
     }
 }
 
@@ -84,6 +85,7 @@ fn proposal(target: Identity, ports: &[u16], seen: u64) -> Proposal {
                 bytes: seen * 100,
                 first_seen_unix_ms: 1,
                 last_seen_unix_ms: seen as i64,
+                http: vec![],
             },
             flags: vec![],
             included: true,
@@ -188,6 +190,7 @@ fn flow(
         verdict: Verdict::Forwarded,
         first_seen_unix_ms: first,
         last_seen_unix_ms: last,
+        http: Default::default(),
     }
 }
 
@@ -705,7 +708,7 @@ fn cluster_policy(namespace: &str, name: &str, rv: &str) -> ClusterPolicyRow {
             name: name.into(),
             namespace: Some(namespace.into()),
             selector: LabelSelector::with_labels([("app", name)]),
-            ingress: Some(vec![Rule { peer: Peer::Entity { entity: ReservedIdentity::Host }, ports: vec![] }]),
+            ingress: Some(vec![Rule::l4(Peer::Entity { entity: ReservedIdentity::Host }, vec![])]),
             egress: None,
         },
         raw: serde_json::json!({

@@ -147,6 +147,7 @@ fn flow(src: &str, dst: &str, port: u16, verdict: Verdict, comm: &str, at: i64) 
         verdict,
         first_seen_unix_ms: at - 1_000,
         last_seen_unix_ms: at,
+        http: Default::default(),
     }
 }
 

@@ -85,6 +85,7 @@ fn flow(src: &str, dst: &str, port: u16, protocol: Protocol, at: i64, connection
         verdict: Verdict::Forwarded,
         first_seen_unix_ms: at,
         last_seen_unix_ms: at + 1_000,
+        http: Default::default(),
     }
 }
 
@@ -110,7 +111,7 @@ fn rule(id: &str, direction: Direction, peer: Peer, port: u16, protocol: Protoco
     ProposedRule {
         id: id.into(),
         direction,
-        rule: Rule { peer, ports: vec![PortRange::single(protocol, port)] },
+        rule: Rule::l4(peer, vec![PortRange::single(protocol, port)]),
         evidence: Evidence {
             peers: peers.to_vec(),
             connections: 6,

@@ -7,3 +7,6 @@ pub mod v1 {
     #![allow(missing_docs, clippy::all, missing_debug_implementations)]
     tonic::include_proto!("bulkhead.v1");
 }
+
+#[cfg(feature = "tls")]
+pub mod tls;

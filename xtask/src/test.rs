@@ -129,6 +129,18 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
         timed("clippy-ebpf", t);
     }
 
+    // The end-to-end scenario test (xtask/tests/scenario.rs) runs the agents' and the
+    // learner's real binaries from the target directory; build them first so it never
+    // runs stale ones (cargo test alone only builds binaries of packages it tests, and
+    // a nested cargo inside a test would wait on this run's build lock).
+    let t = Instant::now();
+    let mut build = cargo();
+    build.args(["build", "--bins", "-p", "bulkhead-collector", "-p", "bulkhead-enforcer", "-p", "bulkhead-learner"]);
+    if let Err(e) = env.run_step(&mut build) {
+        return failed(&format!("{e:#}"), start);
+    }
+    timed("build-bins", t);
+
     let t = Instant::now();
     let mut cmd = cargo();
     cmd.args(["test", "--no-fail-fast"]).args(&args.cargo_test_args);

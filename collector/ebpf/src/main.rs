@@ -10,6 +10,9 @@
 //!   transitions carry it too (and the Connect event waits for the local port).
 //! * UDP + DNS: cgroup_skb ingress/egress at the cgroup v2 root. See the user-space
 //!   `datapath` module doc for why this hook and not sock_addr or tc.
+//! * HTTP request lines: the same ingress program looks at the first four payload
+//!   bytes of every TCP segment; one that starts like an HTTP method has its first
+//!   `HTTP_PAYLOAD_MAX` bytes copied to `HTTP_EVENTS_V1` for user space to parse.
 //!
 //! Kernel struct fields (netns inode, TCP byte counters, a socket's cgroup) are
 //! read with `bpf_probe_read_kernel` at offsets user space resolved from BTF and
@@ -36,9 +39,10 @@ use aya_ebpf::{
     programs::{SkBuffContext, TracePointContext},
 };
 use bulkhead_abi::collector::{
-    AF_INET, AF_INET6, COMM_LEN, COUNTER_COUNT, COUNTER_DNS_LOST, COUNTER_FLOW_LOST, COUNTER_READ_FAILED,
-    COUNTER_UDP_INSERT_FAILED, CollectorConfig, DEFAULT_DNS_EVENTS_BYTES, DEFAULT_FLOW_EVENTS_BYTES,
-    DEFAULT_SOCK_OWNER, DEFAULT_UDP_FLOWS, DNS_PAYLOAD_MAX, DnsEventRaw, IPPROTO_TCP, IPPROTO_UDP,
+    AF_INET, AF_INET6, COMM_LEN, COUNTER_COUNT, COUNTER_DNS_LOST, COUNTER_FLOW_LOST, COUNTER_HTTP_LOST,
+    COUNTER_READ_FAILED, COUNTER_UDP_INSERT_FAILED, CollectorConfig, DEFAULT_DNS_EVENTS_BYTES,
+    DEFAULT_FLOW_EVENTS_BYTES, DEFAULT_HTTP_EVENTS_BYTES, DEFAULT_SOCK_OWNER, DEFAULT_UDP_FLOWS, DNS_PAYLOAD_MAX,
+    DnsEventRaw, HTTP_METHOD_PREFIXES, HTTP_PAYLOAD_MAX, HttpEventRaw, IPPROTO_TCP, IPPROTO_TCP_U8, IPPROTO_UDP,
     InetSockSetStateArgs, KIND_ACCEPT, KIND_CLOSE, KIND_CONNECT, KIND_ESTABLISHED, KernelOffsets, NETNS_FILTER_MAX,
     NETNS_MODE_EXCEPT, NETNS_MODE_ONLY, OFFSETS_HAVE_NETNS, OFFSETS_HAVE_SOCK_CGROUP, OFFSETS_HAVE_TCP_BYTES,
     OFFSETS_HAVE_TCP_SEGS, SockEventRaw, SockOwner, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN, TCP_SYN_RECV, TCP_SYN_SENT,
@@ -57,10 +61,17 @@ const FAIL_ACTION: i32 = ALLOW;
 #[unsafe(no_mangle)]
 static BH_KOFFSETS: KernelOffsets = KernelOffsets::ZERO;
 
+/// 1: copy HTTP request lines (`CAPTURE_HTTP_GLOBAL`). Overridden before load, so
+/// with capture off the verifier sees a constant and prunes the branch.
+#[unsafe(no_mangle)]
+static BH_CAPTURE_HTTP: u32 = 0;
+
 #[map]
 static FLOW_EVENTS_V1: RingBuf = RingBuf::with_byte_size(DEFAULT_FLOW_EVENTS_BYTES, 0);
 #[map]
 static DNS_EVENTS_V1: RingBuf = RingBuf::with_byte_size(DEFAULT_DNS_EVENTS_BYTES, 0);
+#[map]
+static HTTP_EVENTS_V1: RingBuf = RingBuf::with_byte_size(DEFAULT_HTTP_EVENTS_BYTES, 0);
 #[map]
 static NETNS_FILTER_V1: HashMap<u64, u8> = HashMap::with_max_entries(NETNS_FILTER_MAX, 0);
 #[map]
@@ -339,13 +350,18 @@ fn try_udp(ctx: &SkBuffContext, egress: bool) -> Result<(), i32> {
         UdpFlowKey { netns_ino: 0, laddr: [0; 16], raddr: [0; 16], lport: 0, rport: 0, family: 0, _pad: [0; 2] };
     let (src, dst, l4): ([u8; 16], [u8; 16], usize) = match first >> 4 {
         4 => {
-            let proto: u8 = ctx.load(9).map_err(|e| e as i32)?;
+            // Fragment field, TTL and protocol in one load.
+            let w: [u8; 4] = ctx.load(6).map_err(|e| e as i32)?;
+            let proto = w[3];
+            // Only the first fragment carries the UDP / TCP header.
+            let first_fragment = u16::from_be_bytes([w[0], w[1]]) & 0x1fff == 0;
             if proto != IPPROTO_UDP {
+                if proto == IPPROTO_TCP_U8 && !egress && first_fragment {
+                    return http_request(ctx, AF_INET, usize::from(first & 0x0f) * 4);
+                }
                 return Ok(());
             }
-            let frag: [u8; 2] = ctx.load(6).map_err(|e| e as i32)?;
-            // Only the first fragment carries the UDP header.
-            if u16::from_be_bytes(frag) & 0x1fff != 0 {
+            if !first_fragment {
                 return Ok(());
             }
             let s: [u8; 4] = ctx.load(12).map_err(|e| e as i32)?;
@@ -362,6 +378,9 @@ fn try_udp(ctx: &SkBuffContext, egress: bool) -> Result<(), i32> {
             // counted (rare for workload traffic; documented in user space).
             let next: u8 = ctx.load(6).map_err(|e| e as i32)?;
             if next != IPPROTO_UDP {
+                if next == IPPROTO_TCP_U8 && !egress {
+                    return http_request(ctx, AF_INET6, 40);
+                }
                 return Ok(());
             }
             key.family = AF_INET6;
@@ -529,6 +548,120 @@ fn dns_answer(ctx: &SkBuffContext, key: &UdpFlowKey, offset: usize, now: u64) {
         (*ev).payload_len = n as u16;
     }
     entry.submit(BPF_RB_NO_WAKEUP.into());
+}
+
+// === HTTP request lines: cgroup_skb ingress, TCP ===
+
+/// Reads `N` bytes at `offset` of the packet: straight from the linear data when they
+/// lie within it (a bounds check the verifier follows, a few ns), else through
+/// `bpf_skb_load_bytes` (tens of ns). `offset` must be bounded (≤ 255) so the verifier
+/// can track the pointer.
+#[inline(always)]
+fn peek<const N: usize>(ctx: &SkBuffContext, offset: usize) -> Result<[u8; N], i32> {
+    // SAFETY: reading the context's data pointers; the verifier checks the access.
+    let (data, end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
+    let at = data + (offset & 0xff);
+    // The verifier only learns a readable range from `ptr + N > data_end` with the
+    // constant on the pointer; LLVM would rewrite `at + N <= end` into `at < end`
+    // (range 0). black_box keeps the sum as written.
+    if core::hint::black_box(at + N) <= end {
+        // SAFETY: `at..at + N` lies within the packet's linear data (checked above).
+        return Ok(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) });
+    }
+    ctx.load(offset).map_err(|e| e as i32)
+}
+
+/// Copies the start of an ingress TCP segment that begins like an HTTP request line.
+///
+/// Cost for every other TCP segment: the data-offset byte, the payload's first four
+/// bytes (both read in place from the packet's linear data when there) and seven
+/// compares; a segment without payload stops after the first read. Only a match pays
+/// for the namespace filter, the addresses and the copy. The copy is the start of the
+/// segment, not a reassembled stream: user space parses the request line from it and
+/// ignores (and counts) anything it cannot. The caller has checked it is a first
+/// fragment.
+#[inline(always)]
+fn http_request(ctx: &SkBuffContext, family: u16, l4: usize) -> Result<(), i32> {
+    // SAFETY: plain read of a static (volatile: the value only exists at load time).
+    if unsafe { core::ptr::read_volatile(&raw const BH_CAPTURE_HTTP) } == 0 {
+        return Ok(());
+    }
+    let [doff] = peek::<1>(ctx, l4 + 12)?;
+    let payload = l4 + usize::from(doff >> 4) * 4;
+    let skb_len = ctx.len() as usize;
+    // "GET /" is the shortest start worth copying.
+    if skb_len < payload + 5 {
+        return Ok(());
+    }
+    let head = u32::from_be_bytes(peek::<4>(ctx, payload)?);
+    let mut hit = false;
+    for p in HTTP_METHOD_PREFIXES {
+        hit |= head == p;
+    }
+    if !hit {
+        return Ok(());
+    }
+
+    // SAFETY: reading the context's socket field; the verifier checks the access.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return Ok(());
+    }
+    let netns = sock_netns(sock_addr_of(sk))?;
+    if !netns_observed(netns) {
+        return Ok(());
+    }
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    if family == AF_INET {
+        let s: [u8; 4] = ctx.load(12).map_err(|e| e as i32)?;
+        let d: [u8; 4] = ctx.load(16).map_err(|e| e as i32)?;
+        saddr[..4].copy_from_slice(&s);
+        daddr[..4].copy_from_slice(&d);
+    } else {
+        saddr = ctx.load(8).map_err(|e| e as i32)?;
+        daddr = ctx.load(24).map_err(|e| e as i32)?;
+    }
+    let ports: [u8; 4] = ctx.load(l4).map_err(|e| e as i32)?;
+    let len = skb_len - payload;
+
+    let Some(mut entry) = HTTP_EVENTS_V1.reserve::<HttpEventRaw>(0) else {
+        count(COUNTER_HTTP_LOST);
+        return Ok(());
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved record of the right size; every header field
+    // is written before submit; the payload is only read up to payload_len.
+    unsafe {
+        (*ev).ts_ns = now_ns();
+        (*ev).netns_ino = netns;
+        (*ev).cgroup_id = bpf_skb_cgroup_id(ctx.skb.skb);
+        (*ev).sock = bpf_get_socket_cookie(ctx.as_ptr());
+        (*ev).saddr = saddr;
+        (*ev).daddr = daddr;
+        (*ev).family = family;
+        (*ev).sport = u16::from_be_bytes([ports[0], ports[1]]);
+        (*ev).dport = u16::from_be_bytes([ports[2], ports[3]]);
+        // As in `dns_answer`: clamp, then hide the value from LLVM so the mask that
+        // gives the verifier its bounds ([1, HTTP_PAYLOAD_MAX]) is not folded away.
+        let len = if len > HTTP_PAYLOAD_MAX { HTTP_PAYLOAD_MAX } else { len };
+        const _: () = assert!(HTTP_PAYLOAD_MAX.is_power_of_two());
+        let n = (core::hint::black_box((len as u32).wrapping_sub(1)) & (HTTP_PAYLOAD_MAX as u32 - 1)) + 1;
+        let ret = bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            payload as u32,
+            (&raw mut (*ev).payload).cast::<c_void>(),
+            n,
+        );
+        if ret != 0 {
+            entry.discard(0);
+            count(COUNTER_READ_FAILED);
+            return Ok(());
+        }
+        (*ev).payload_len = n as u16;
+    }
+    entry.submit(BPF_RB_NO_WAKEUP.into());
+    Ok(())
 }
 
 #[cfg(not(test))]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::event::{HttpMethod, HttpRequest};
 
 fn ev(kind: SockEventKind, local: &str, remote: &str, t: i64) -> SockEvent {
     SockEvent {
@@ -149,4 +150,121 @@ proptest::proptest! {
         proptest::prop_assert_eq!(total, conns.len() as u64);
         proptest::prop_assert_eq!(a.stats().unattributed, 0);
     }
+}
+
+// === HTTP ===
+
+fn req(method: HttpMethod, path: &str, local: &str, remote: &str, t: i64) -> HttpRequest {
+    HttpRequest {
+        netns_ino: 4026532000,
+        local: local.parse().expect("test address"),
+        remote: remote.parse().expect("test address"),
+        cgroup_id: 77,
+        method,
+        path: path.into(),
+        unix_ms: t,
+    }
+}
+
+/// The server side of one connection as the kernel reports it: Accept (softirq: no
+/// pid or comm), then Close with `received` bytes of sequence space.
+fn accepted(a: &mut Aggregator, client_port: u16, received: u64, requests: &[(HttpMethod, &str)]) {
+    let remote = format!("10.0.0.1:{client_port}");
+    let mut accept = ev(SockEventKind::Accept, "10.0.0.2:80", &remote, 1);
+    (accept.pid, accept.comm) = (0, Comm::default());
+    // Requests first, as the agent feeds them (here: before the Accept, too).
+    for (m, p) in requests {
+        a.record_http(&req(*m, p, "10.0.0.2:80", &remote, 2));
+    }
+    a.record(&accept);
+    let mut close = SockEvent { kind: SockEventKind::Close, bytes_received: received, ..accept.clone() };
+    close.unix_ms = 3;
+    a.record(&close);
+}
+
+#[test]
+fn requests_are_counted_per_method_and_path_on_the_accepted_flow() {
+    let mut a = agg();
+    accepted(&mut a, 40000, 200, &[(HttpMethod::Post, "/v1/request-landing")]);
+    accepted(&mut a, 40001, 200, &[(HttpMethod::Post, "/v1/request-landing"), (HttpMethod::Get, "/health")]);
+    let flows = a.flush();
+    assert_eq!(flows.len(), 1, "requests land on the accepted connection's flow: {flows:#?}");
+    let f = &flows[0];
+    assert_eq!((f.direction, f.connections, f.dst_port), (Direction::Ingress, 2, 80));
+    let got: Vec<(&str, &str, u64)> =
+        f.http.requests.iter().map(|r| (r.method.as_str(), r.path.as_str(), r.requests)).collect();
+    assert_eq!(got, vec![("GET", "/health", 1), ("POST", "/v1/request-landing", 2)]);
+    assert_eq!((f.http.opaque_connections, f.http.overflow_requests), (0, 0));
+}
+
+#[test]
+fn payload_without_a_request_line_is_opaque_and_empty_connections_are_not() {
+    let mut a = agg();
+    accepted(&mut a, 40000, 517, &[]); // a TLS ClientHello
+    accepted(&mut a, 40001, 1, &[]); // connect, FIN, nothing else (a TCP probe)
+    accepted(&mut a, 40002, 0, &[]); // reset
+    accepted(&mut a, 40003, 90, &[(HttpMethod::Get, "/")]);
+    let f = &a.flush()[0];
+    assert_eq!(f.connections, 4);
+    assert_eq!(f.http.opaque_connections, 1, "{:?}", f.http);
+    assert_eq!(a.stats().opaque_connections, 1);
+    // The client side never counts opaque connections: only the server sees requests.
+    let mut a = agg();
+    a.record(&ev(SockEventKind::Connect, "10.0.0.1:40000", "10.0.0.2:443", 1));
+    a.record(&SockEvent { bytes_received: 5000, ..ev(SockEventKind::Close, "10.0.0.1:40000", "10.0.0.2:443", 2) });
+    assert!(a.flush()[0].http.is_empty());
+}
+
+#[test]
+fn a_connection_with_a_request_in_an_earlier_interval_is_not_opaque() {
+    let mut a = agg();
+    let remote = "10.0.0.1:40000";
+    let mut accept = ev(SockEventKind::Accept, "10.0.0.2:80", remote, 1);
+    (accept.pid, accept.comm) = (0, Comm::default());
+    a.record(&accept);
+    a.record_http(&req(HttpMethod::Get, "/a", "10.0.0.2:80", remote, 2));
+    assert_eq!(a.flush()[0].http.requests.len(), 1);
+    a.record(&SockEvent { kind: SockEventKind::Close, bytes_received: 300, unix_ms: 9, ..accept });
+    let f = &a.flush()[0];
+    assert_eq!((f.connections, f.http.opaque_connections), (0, 0), "{f:?}");
+}
+
+#[test]
+fn a_stale_entry_does_not_lend_its_request_to_a_new_connection() {
+    let mut a = agg();
+    let remote = "10.0.0.1:40000";
+    let mut accept = ev(SockEventKind::Accept, "10.0.0.2:80", remote, 1);
+    (accept.pid, accept.comm) = (0, Comm::default());
+    a.record(&accept);
+    a.record_http(&req(HttpMethod::Get, "/a", "10.0.0.2:80", remote, 2));
+    // The Close of that connection was lost; the same tuple is accepted again and
+    // carries something else.
+    a.record(&accept);
+    a.record(&SockEvent { kind: SockEventKind::Close, bytes_received: 300, ..accept });
+    assert_eq!(a.flush()[0].http.opaque_connections, 1);
+}
+
+#[test]
+fn distinct_paths_are_bounded_per_flow_and_per_interval() {
+    let mut a = agg();
+    for i in 0..(MAX_HTTP_PER_FLOW + 10) {
+        a.record_http(&req(HttpMethod::Get, &format!("/item/{i}"), "10.0.0.2:80", "10.0.0.1:40000", 1));
+    }
+    a.record_http(&req(HttpMethod::Get, "/item/0", "10.0.0.2:80", "10.0.0.1:40000", 1));
+    let f = &a.flush()[0];
+    assert_eq!(f.http.requests.len(), MAX_HTTP_PER_FLOW);
+    assert_eq!(f.http.overflow_requests, 10, "known paths still count, new ones overflow");
+    assert_eq!(f.http.total_requests(), MAX_HTTP_PER_FLOW as u64 + 11);
+
+    let mut a = Aggregator::new(AggregatorConfig { max_http_entries: 3, ..Default::default() });
+    for (i, port) in [80u16, 81, 82, 83].into_iter().enumerate() {
+        a.record_http(&req(HttpMethod::Get, &format!("/{i}"), &format!("10.0.0.2:{port}"), "10.0.0.1:40000", 1));
+    }
+    let flows = a.flush();
+    assert_eq!(flows.iter().map(|f| f.http.requests.len()).sum::<usize>(), 3);
+    assert_eq!(flows.iter().map(|f| f.http.overflow_requests).sum::<u64>(), 1);
+    assert_eq!(a.stats().http_overflow, 1);
+    // The bound is per interval.
+    a.record_http(&req(HttpMethod::Get, "/again", "10.0.0.2:83", "10.0.0.1:40000", 1));
+    assert_eq!(a.flush()[0].http.requests.len(), 1);
 }

@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bulkhead_abi::collector::{
-    AF_INET, AF_INET6, COMM_LEN, DNS_PAYLOAD_MAX, DnsEventRaw, KIND_ACCEPT, KIND_CLOSE, KIND_CONNECT, KIND_ESTABLISHED,
-    SockEventRaw, UdpFlowKey, UdpFlowValue,
+    AF_INET, AF_INET6, COMM_LEN, DNS_PAYLOAD_MAX, DnsEventRaw, HTTP_PAYLOAD_MAX, HttpEventRaw, KIND_ACCEPT, KIND_CLOSE,
+    KIND_CONNECT, KIND_ESTABLISHED, SockEventRaw, UdpFlowKey, UdpFlowValue,
 };
 use bulkhead_model::Protocol;
 
@@ -64,7 +64,7 @@ pub enum DecodeError {
     UnknownProtocol { protocol: u8 },
     #[error("unknown address family {family}")]
     UnknownFamily { family: u16 },
-    #[error("DNS payload length {len} exceeds {max}")]
+    #[error("payload length {len} exceeds {max}")]
     PayloadTooLong { len: usize, max: usize },
 }
 
@@ -123,6 +123,44 @@ pub fn dns_record(bytes: &[u8], clock: &BootClock) -> Result<DnsRecord, DecodeEr
         return Err(DecodeError::PayloadTooLong { len, max: DNS_PAYLOAD_MAX });
     }
     Ok(DnsRecord { netns_ino: raw.netns_ino, unix_ms: clock.unix_ms(raw.ts_ns), payload: raw.payload[..len].to_vec() })
+}
+
+/// An HTTP record's header fields and the copied segment start (not yet parsed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRecord {
+    pub netns_ino: u64,
+    pub cgroup_id: u64,
+    /// The server's side (the packet's destination).
+    pub local: SocketAddr,
+    /// The client's side (the packet's source).
+    pub remote: SocketAddr,
+    pub unix_ms: i64,
+    payload_len: usize,
+    payload: [u8; HTTP_PAYLOAD_MAX],
+}
+
+impl HttpRecord {
+    /// The copied bytes, at most `HTTP_PAYLOAD_MAX`.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload[..self.payload_len]
+    }
+}
+
+pub fn http_record(bytes: &[u8], clock: &BootClock) -> Result<HttpRecord, DecodeError> {
+    let raw: HttpEventRaw = read_record(bytes)?;
+    let len = usize::from(raw.payload_len);
+    if len > HTTP_PAYLOAD_MAX {
+        return Err(DecodeError::PayloadTooLong { len, max: HTTP_PAYLOAD_MAX });
+    }
+    Ok(HttpRecord {
+        netns_ino: raw.netns_ino,
+        cgroup_id: raw.cgroup_id,
+        local: SocketAddr::new(addr(raw.family, &raw.daddr)?, raw.dport),
+        remote: SocketAddr::new(addr(raw.family, &raw.saddr)?, raw.sport),
+        unix_ms: clock.unix_ms(raw.ts_ns),
+        payload_len: len,
+        payload: raw.payload,
+    })
 }
 
 /// A UDP aggregate's counters since the last report, as a Traffic event.
@@ -258,6 +296,39 @@ mod tests {
         assert!(matches!(
             dns_record(&as_bytes(&raw), &BootClock::with_offset_ms(0)),
             Err(DecodeError::PayloadTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn http_record_names_the_server_side_local() {
+        let mut raw = HttpEventRaw {
+            ts_ns: 3_000_000,
+            netns_ino: 9,
+            cgroup_id: 42,
+            sock: 1,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            family: AF_INET,
+            sport: 40001,
+            dport: 80,
+            payload_len: 5,
+            payload: [b'x'; HTTP_PAYLOAD_MAX],
+        };
+        raw.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        raw.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        raw.payload[..5].copy_from_slice(b"GET /");
+        let rec = http_record(&as_bytes(&raw), &BootClock::with_offset_ms(0)).expect("decode");
+        assert_eq!(rec.local, "10.0.0.2:80".parse().expect("addr"));
+        assert_eq!(rec.remote, "10.0.0.1:40001".parse().expect("addr"));
+        assert_eq!((rec.netns_ino, rec.cgroup_id, rec.unix_ms, rec.payload()), (9, 42, 3, &b"GET /"[..]));
+        raw.payload_len = HTTP_PAYLOAD_MAX as u16 + 1;
+        assert!(matches!(
+            http_record(&as_bytes(&raw), &BootClock::with_offset_ms(0)),
+            Err(DecodeError::PayloadTooLong { .. })
+        ));
+        assert!(matches!(
+            http_record(&as_bytes(&raw)[..40], &BootClock::with_offset_ms(0)),
+            Err(DecodeError::ShortRecord { .. })
         ));
     }
 

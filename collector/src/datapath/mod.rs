@@ -40,6 +40,19 @@
 //!   DNS: datagrams *from* port 53 received by a workload are copied (≤ 512
 //!   bytes) to a second ring buffer and parsed here with `simple-dns`; DNS over
 //!   TCP is not captured.
+//! * **HTTP request lines** — the same ingress program reads the first four
+//!   payload bytes of every TCP segment a socket receives; a segment starting like
+//!   one of seven HTTP methods has its first 256 bytes copied, with its addresses,
+//!   to a third ring buffer (only for observed namespaces: the filter runs after the
+//!   4-byte match, so other segments never pay for it). [`http`] parses the request
+//!   line strictly; the aggregator counts (method, path) per flow and, at close,
+//!   calls an accepted connection that received payload but no request line
+//!   *opaque* (TLS, other protocols). Segments are looked at one by one, not
+//!   reassembled: a request line is expected at the start of a segment, which is
+//!   where HTTP/1.x clients put it (the first segment of a connection and of each
+//!   request on a keep-alive connection). Pipelined requests after the first in one
+//!   segment are not counted. Off with [`DatapathOptions::http`] = false (the
+//!   branch is then pruned at load).
 //! * **Delivery** — ring buffers submitted with `BPF_RB_NO_WAKEUP` (a per-event
 //!   wakeup costs 10× more, EBPF.md); the caller polls [`Datapath::drain`] on a
 //!   short timer. Reservation failures are counted per CPU in the kernel and
@@ -55,6 +68,7 @@
 pub mod btf;
 pub mod decode;
 pub mod dns;
+pub mod http;
 pub mod tracefs;
 pub mod udp;
 
@@ -65,7 +79,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, TracePoint};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, TestRun, TestRunOptions, TracePoint,
+};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use bulkhead_abi::collector::{
     self as abi, CollectorConfig, KernelOffsets, NETNS_MODE_ALL, NETNS_MODE_EXCEPT, NETNS_MODE_ONLY, UdpFlowKey,
@@ -75,7 +91,7 @@ use bulkhead_model::DnsAnswer;
 
 use self::decode::BootClock;
 use self::udp::UdpSweeper;
-use crate::event::SockEvent;
+use crate::event::{HttpRequest, SockEvent};
 
 /// The eBPF object built by `collector/build.rs`.
 fn object() -> &'static [u8] {
@@ -100,6 +116,11 @@ pub struct DatapathOptions {
     pub ringbuf_bytes: u32,
     /// Size of the DNS ring buffer; a power of two, at least one page.
     pub dns_ringbuf_bytes: u32,
+    /// Size of the HTTP request-line ring buffer; a power of two, at least one page.
+    pub http_ringbuf_bytes: u32,
+    /// Capture HTTP request lines (method and path, never headers or bodies) of
+    /// ingress TCP segments. Needs the cgroup_skb programs (`udp`).
+    pub http: bool,
     /// Capacity of the kernel's UDP aggregate (LRU: the least recently active
     /// flows are evicted first when it is full).
     pub udp_flow_entries: u32,
@@ -124,6 +145,8 @@ impl Default for DatapathOptions {
         Self {
             ringbuf_bytes: abi::DEFAULT_FLOW_EVENTS_BYTES,
             dns_ringbuf_bytes: abi::DEFAULT_DNS_EVENTS_BYTES,
+            http_ringbuf_bytes: abi::DEFAULT_HTTP_EVENTS_BYTES,
+            http: true,
             udp_flow_entries: abi::DEFAULT_UDP_FLOWS,
             udp_sweep_interval: Duration::from_secs(1),
             udp_idle_timeout: Duration::from_secs(60),
@@ -188,6 +211,12 @@ pub struct DatapathCounters {
     pub flow_events_lost: u64,
     /// DNS messages lost because their ring buffer was full.
     pub dns_events_lost: u64,
+    /// HTTP request lines lost because their ring buffer was full.
+    pub http_events_lost: u64,
+    /// HTTP request lines parsed and handed on.
+    pub http_requests: u64,
+    /// Copied segment starts that were not a request line we accept (see [`http`]).
+    pub http_unparsed: u64,
     /// Kernel memory reads that failed (fields reported as 0).
     pub kernel_read_failures: u64,
     /// UDP aggregates that could not be created.
@@ -203,6 +232,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     flow_events: RingBuf<MapData>,
     dns_events: Option<RingBuf<MapData>>,
+    http_events: Option<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, CollectorConfig>,
     netns_filter: HashMap<MapData, u64, u8>,
@@ -212,6 +242,8 @@ pub struct Datapath {
     last_udp_sweep: Instant,
     filter: NetnsFilter,
     decode_errors: u64,
+    http_requests: u64,
+    http_unparsed: u64,
     /// Last value read from the kernel, returned if a later read fails.
     last_dropped: Cell<u64>,
     cgroup_root: Option<PathBuf>,
@@ -241,6 +273,7 @@ impl Datapath {
     pub fn load(opts: &DatapathOptions) -> Result<Self, DatapathError> {
         check_ringbuf_size("ringbuf_bytes", opts.ringbuf_bytes)?;
         check_ringbuf_size("dns_ringbuf_bytes", opts.dns_ringbuf_bytes)?;
+        check_ringbuf_size("http_ringbuf_bytes", opts.http_ringbuf_bytes)?;
         if opts.udp_flow_entries == 0 {
             return Err(DatapathError::InvalidOption {
                 option: "udp_flow_entries",
@@ -257,8 +290,10 @@ impl Datapath {
 
         let mut ebpf = EbpfLoader::new()
             .override_global(abi::KERNEL_OFFSETS_GLOBAL, &offsets, true)
+            .override_global(abi::CAPTURE_HTTP_GLOBAL, &u32::from(opts.http && opts.udp), true)
             .map_max_entries(abi::FLOW_EVENTS, opts.ringbuf_bytes)
             .map_max_entries(abi::DNS_EVENTS, opts.dns_ringbuf_bytes)
+            .map_max_entries(abi::HTTP_EVENTS, opts.http_ringbuf_bytes)
             .map_max_entries(abi::UDP_FLOWS, opts.udp_flow_entries)
             .load(object())
             .map_err(|e| DatapathError::Load(Box::new(e)))?;
@@ -282,6 +317,14 @@ impl Datapath {
             prog.attach("sock", "inet_sock_set_state").map_err(DatapathError::program(name))?;
         }
 
+        let http_events = if opts.udp && opts.http {
+            Some(
+                RingBuf::try_from(take_map(&mut ebpf, abi::HTTP_EVENTS)?)
+                    .map_err(DatapathError::map(abi::HTTP_EVENTS))?,
+            )
+        } else {
+            None
+        };
         let (dns_events, udp_flows, cgroup_root) = if opts.udp {
             let root = cgroup_root(opts.cgroup_root.as_deref())?;
             let cgroup = File::open(&root).map_err(|source| DatapathError::Cgroup { path: root.clone(), source })?;
@@ -308,6 +351,7 @@ impl Datapath {
         tracing::info!(
             flags = offsets.flags,
             cgroup_root = ?cgroup_root,
+            http = http_events.is_some(),
             ringbuf_bytes = opts.ringbuf_bytes,
             "Loaded the collector datapath."
         );
@@ -315,6 +359,7 @@ impl Datapath {
             ebpf,
             flow_events,
             dns_events,
+            http_events,
             counters,
             config,
             netns_filter,
@@ -324,6 +369,8 @@ impl Datapath {
             last_udp_sweep: Instant::now(),
             filter: NetnsFilter::All,
             decode_errors: 0,
+            http_requests: 0,
+            http_unparsed: 0,
             last_dropped: Cell::new(0),
             cgroup_root,
         })
@@ -395,10 +442,20 @@ impl Datapath {
 
     /// Non-blocking: appends everything currently queued in the kernel.
     ///
-    /// Socket events and DNS answers come from the ring buffers on every call; UDP
-    /// Traffic events from the kernel aggregate at most every
+    /// Socket events, DNS answers and HTTP requests come from the ring buffers on
+    /// every call; UDP Traffic events from the kernel aggregate at most every
     /// [`DatapathOptions::udp_sweep_interval`].
-    pub fn drain(&mut self, events: &mut Vec<SockEvent>, dns: &mut Vec<DnsAnswer>) -> Result<(), DatapathError> {
+    ///
+    /// The socket ring is read before the HTTP ring: a request line is copied before
+    /// its connection can close, so every request of a connection whose Close is in
+    /// `events` is in `http` by the time this returns. Feed `http` to the aggregator
+    /// first (see `Aggregator::record_http`).
+    pub fn drain(
+        &mut self,
+        events: &mut Vec<SockEvent>,
+        dns: &mut Vec<DnsAnswer>,
+        http: &mut Vec<HttpRequest>,
+    ) -> Result<(), DatapathError> {
         let clock = BootClock::sample();
         let started_ns = BootClock::boot_now_ns();
         while let Some(item) = self.flow_events.next() {
@@ -417,6 +474,36 @@ impl Datapath {
                     Err(err) => {
                         self.decode_errors += 1;
                         tracing::trace!(error = %err, "Skipping an undecodable DNS record.");
+                    }
+                }
+            }
+        }
+        if let Some(ring) = self.http_events.as_mut() {
+            while let Some(item) = ring.next() {
+                let rec = match decode::http_record(&item, &clock) {
+                    Ok(rec) => rec,
+                    Err(err) => {
+                        self.decode_errors += 1;
+                        tracing::trace!(error = %err, "Skipping an undecodable HTTP record.");
+                        continue;
+                    }
+                };
+                match http::parse_request_line(rec.payload()) {
+                    Ok(line) => {
+                        self.http_requests += 1;
+                        http.push(HttpRequest {
+                            netns_ino: rec.netns_ino,
+                            local: rec.local,
+                            remote: rec.remote,
+                            cgroup_id: rec.cgroup_id,
+                            method: line.method,
+                            path: line.path.into(),
+                            unix_ms: rec.unix_ms,
+                        });
+                    }
+                    Err(err) => {
+                        self.http_unparsed += 1;
+                        tracing::trace!(error = %err, local = %rec.local, "Ignoring a segment that is not an HTTP/1.x request line.");
                     }
                 }
             }
@@ -455,11 +542,11 @@ impl Datapath {
         Ok(())
     }
 
-    /// Cumulative kernel-side loss: events and DNS messages that did not fit in
-    /// their ring buffers.
+    /// Cumulative kernel-side loss: events, DNS messages and HTTP request lines that
+    /// did not fit in their ring buffers.
     pub fn ringbuf_dropped(&self) -> u64 {
         let c = self.counters();
-        let dropped = c.flow_events_lost + c.dns_events_lost;
+        let dropped = c.flow_events_lost + c.dns_events_lost + c.http_events_lost;
         // Counters only grow; a failed read returns the last good value.
         let dropped = dropped.max(self.last_dropped.get());
         self.last_dropped.set(dropped);
@@ -480,6 +567,9 @@ impl Datapath {
         DatapathCounters {
             flow_events_lost: read(abi::COUNTER_FLOW_LOST),
             dns_events_lost: read(abi::COUNTER_DNS_LOST),
+            http_events_lost: read(abi::COUNTER_HTTP_LOST),
+            http_requests: self.http_requests,
+            http_unparsed: self.http_unparsed,
             kernel_read_failures: read(abi::COUNTER_READ_FAILED),
             udp_insert_failures: read(abi::COUNTER_UDP_INSERT_FAILED),
             decode_errors: self.decode_errors,
@@ -494,6 +584,26 @@ impl Datapath {
     /// The cgroup v2 directory the UDP programs are attached to, if attached.
     pub fn cgroup_root(&self) -> Option<&Path> {
         self.cgroup_root.as_deref()
+    }
+
+    /// Runs the loaded cgroup_skb ingress program `repeat` times on one synthetic packet
+    /// in the kernel (`BPF_PROG_TEST_RUN`) and returns the kernel's mean time per run.
+    /// `frame` is an Ethernet frame (the kernel strips the header; the program sees the
+    /// IP packet, as on a real socket, with a dummy socket of this netns attached). What
+    /// the program emits lands in the ring buffers like real traffic: drain between
+    /// large runs. This is how the benchmark measures the per-packet cost of a code
+    /// path without a network's noise.
+    pub fn test_run_ingress(&self, frame: &[u8], repeat: u32) -> Result<Duration, DatapathError> {
+        let name = abi::PROG_SKB_INGRESS;
+        let prog: &CgroupSkb = self
+            .ebpf
+            .program(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(DatapathError::program(name))?;
+        let opts = TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() };
+        let result = prog.test_run(opts).map_err(DatapathError::program(name))?;
+        Ok(result.duration)
     }
 
     /// Names of the loaded programs (for diagnostics).
@@ -570,5 +680,6 @@ mod tests {
         let o = DatapathOptions::default();
         assert!(check_ringbuf_size("ringbuf_bytes", o.ringbuf_bytes).is_ok());
         assert!(check_ringbuf_size("dns_ringbuf_bytes", o.dns_ringbuf_bytes).is_ok());
+        assert!(check_ringbuf_size("http_ringbuf_bytes", o.http_ringbuf_bytes).is_ok());
     }
 }

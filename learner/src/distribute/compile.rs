@@ -26,8 +26,8 @@ use std::net::IpAddr;
 
 use bulkhead_model::node_policy::LOCAL_IDENTITY_FIRST;
 use bulkhead_model::{
-    Direction, EndpointCgroup, Identity, IpcacheEntry, NodePolicy, NodePolicyError, NodeRule, Peer, Policy,
-    PolicyEndpoint, ReservedIdentity, RolloutMode, Rule, RuleKey, RuleRef,
+    Direction, EndpointCgroup, HttpRule, Identity, IpcacheEntry, NodePolicy, NodePolicyError, NodeRule, Peer, Policy,
+    PolicyEndpoint, Protocol, ReservedIdentity, RolloutMode, Rule, RuleKey, RuleRef,
 };
 use bulkhead_synth::{IdentityInfo, IdentityKind};
 use ipnet::IpNet;
@@ -321,19 +321,30 @@ fn compile_node(
     let covered = |id: Identity, direction: Direction| {
         selecting.get(&id).into_iter().flatten().any(|&pi| input.policies[pi].policy.rules(direction).is_some())
     };
+    // A cgroup identifies an endpoint only when it holds that endpoint's processes
+    // alone. One reported by several endpoints of the node — the host's root cgroup on
+    // a machine whose workloads are bare network namespaces, or a stale report — is
+    // nobody's: judging it by cgroup_skb would judge everything in it as this workload
+    // (or, attached below it, nothing at all). Such endpoints are judged by tc on their
+    // namespace's interfaces instead.
+    let mut cgroup_users: BTreeMap<u64, usize> = BTreeMap::new();
+    for e in input.endpoints.iter().filter(|e| e.node_id == node) {
+        let ids: BTreeSet<u64> = e.fact.cgroups.iter().map(|c| c.cgroup_id).collect();
+        for id in ids {
+            *cgroup_users.entry(id).or_default() += 1;
+        }
+    }
     let mut endpoints = Vec::with_capacity(rows.len());
-    let mut seen_cgroups: BTreeSet<u64> = BTreeSet::new();
     for e in &rows {
         let mut cgroups: Vec<EndpointCgroup> = e
             .fact
             .cgroups
             .iter()
-            .filter(|c| c.path.starts_with('/'))
+            .filter(|c| c.path.starts_with('/') && cgroup_users.get(&c.cgroup_id) == Some(&1))
             .map(|c| EndpointCgroup { cgroup_id: c.cgroup_id, path: c.path.clone() })
             .collect();
         cgroups.sort();
-        // One cgroup belongs to one endpoint; a repeat (a stale report) is dropped.
-        cgroups.retain(|c| seen_cgroups.insert(c.cgroup_id));
+        cgroups.dedup();
         endpoints.push(PolicyEndpoint {
             identity: e.identity,
             netns_ino: Some(e.fact.netns_ino),
@@ -349,9 +360,10 @@ fn compile_node(
     let ipcache: Vec<IpcacheEntry> =
         atoms.iter().filter_map(|a| Some(IpcacheEntry { prefix: a.prefix?, identity: a.id })).collect();
 
-    // Rule entries, lowest rule id first so a shared key keeps the lower id.
+    // Rule entries, lowest rule id first so a shared key keeps the lower id. Each key
+    // also collects the HTTP rules it allows: `None` once any rule allows it at L4.
     let mut peers_of: BTreeMap<RuleSource, Vec<Identity>> = BTreeMap::new();
-    let mut keys: BTreeMap<RuleKey, u32> = BTreeMap::new();
+    let mut keys: BTreeMap<RuleKey, (u32, Option<BTreeSet<HttpRule>>)> = BTreeMap::new();
     for (&local, policies) in &selecting {
         for &pi in policies {
             let policy = &input.policies[pi].policy;
@@ -370,7 +382,16 @@ fn compile_node(
                     for &peer in peers.iter() {
                         for (port, protocol) in port_entries(rule) {
                             let key = RuleKey { local, direction, peer: Some(peer), port, protocol };
-                            keys.entry(key).or_insert(rule_id);
+                            let http = l7_part(rule, &key);
+                            match keys.entry(key) {
+                                std::collections::btree_map::Entry::Vacant(v) => {
+                                    v.insert((rule_id, http));
+                                }
+                                std::collections::btree_map::Entry::Occupied(mut o) => {
+                                    let slot = &mut o.get_mut().1;
+                                    *slot = union_l7(slot.take(), http);
+                                }
+                            }
                             if keys.len() > bulkhead_model::node_policy::MAX_RULES {
                                 return Err(CompileError::TooManyRules {
                                     node: node.to_owned(),
@@ -383,12 +404,59 @@ fn compile_node(
             }
         }
     }
-    let used: BTreeSet<u32> = keys.values().copied().collect();
+    let rules = resolve_l7(keys);
+    let used: BTreeSet<u32> = rules.iter().map(|r| r.rule_id).collect();
     Ok(NodePolicy {
         version: input.version,
         ipcache,
         endpoints,
-        rules: keys.into_iter().map(|(key, rule_id)| NodeRule { key, rule_id }).collect(),
+        rules,
         rule_refs: used.iter().filter_map(|id| refs.get(id).cloned()).collect(),
     })
+}
+
+/// The HTTP rules `rule` narrows `key` to, `None` for L4. The datapath reads request
+/// lines arriving at a server, so only ingress TCP entries can be narrowed; an L7 rule
+/// on anything else (egress, UDP, any protocol) is enforced at L4 — wider than
+/// written, never narrower, and the proposal's lints say so.
+fn l7_part(rule: &Rule, key: &RuleKey) -> Option<BTreeSet<HttpRule>> {
+    let l7_key = key.direction == Direction::Ingress && key.protocol == Some(Protocol::Tcp);
+    (rule.is_l7() && l7_key).then(|| rule.http.iter().cloned().collect())
+}
+
+/// Union of what two rules allow on one key: L4 wins, HTTP rules add up.
+fn union_l7(a: Option<BTreeSet<HttpRule>>, b: Option<BTreeSet<HttpRule>>) -> Option<BTreeSet<HttpRule>> {
+    let (mut a, b) = (a?, b?);
+    a.extend(b);
+    Some(a)
+}
+
+/// The final entries. The datapath stops at the first entry its probes find (exact
+/// port before any port, …), so an L7 entry must already carry everything a wider
+/// entry for the same connection allows: it becomes L4 when a covering entry is L4,
+/// and takes the covering entries' HTTP rules otherwise (NetworkPolicy's union).
+fn resolve_l7(keys: BTreeMap<RuleKey, (u32, Option<BTreeSet<HttpRule>>)>) -> Vec<NodeRule> {
+    let covering = |k: RuleKey| {
+        NodePolicy::PROBE_ORDER.into_iter().filter_map(move |probe| {
+            let wider = RuleKey {
+                local: k.local,
+                direction: k.direction,
+                peer: if probe.any_peer { None } else { k.peer },
+                port: if probe.any_port { None } else { k.port },
+                protocol: if probe.any_protocol { None } else { k.protocol },
+            };
+            (wider != k).then_some(wider)
+        })
+    };
+    keys.iter()
+        .map(|(key, (rule_id, http))| {
+            let mut http = http.clone();
+            for wider in covering(*key) {
+                if let Some((_, other)) = keys.get(&wider) {
+                    http = union_l7(http, other.clone());
+                }
+            }
+            NodeRule { key: *key, rule_id: *rule_id, http: http.map(|h| h.into_iter().collect()).unwrap_or_default() }
+        })
+        .collect()
 }

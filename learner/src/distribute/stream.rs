@@ -352,6 +352,7 @@ impl PolicyStream for PolicyStreamService {
         &self,
         request: Request<Streaming<v1::EnforcerMessage>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let peer = crate::grpc::tls::Peer::of(&request);
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(first) => match EnforcerMessage::try_from(first) {
@@ -364,6 +365,8 @@ impl PolicyStream for PolicyStreamService {
         if hello.node_id.is_empty() || hello.node_id.len() > 253 {
             return Err(Status::invalid_argument("Hello needs a node_id of 1 to 253 bytes"));
         }
+        // Acks and verdict reports that follow are recorded under this node.
+        peer.authorize(&hello.node_id, "policy stream")?;
         if let Some(rec) = &self.recorder {
             rec.admit(&hello).await?;
         }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use bulkhead_model::node_policy::LOCAL_IDENTITY_FIRST;
+use bulkhead_model::HttpRule;
 use bulkhead_model::{
     CgroupFact, Direction, EndpointFact, Identity, InterfaceAddress, LabelSelector, Labels, NodePolicy, Peer, Policy,
     PortRange, Protocol, ReservedIdentity, RolloutMode, Rule, RuleVerdict,
@@ -59,7 +60,7 @@ fn endpoint(node: &str, id: Identity, ino: u64, addrs: &[IpAddr], host: bool) ->
 }
 
 fn rule(peer: Peer, ports: Vec<PortRange>) -> Rule {
-    Rule { peer, ports }
+    Rule::l4(peer, ports)
 }
 
 fn sel(pairs: &[(&str, &str)]) -> LabelSelector {
@@ -119,6 +120,35 @@ fn compile_scenario(s: &Scenario, fqdn: &BTreeMap<String, Vec<IpAddr>>) -> BTree
         fqdn,
     })
     .expect("compiles")
+}
+
+/// A workload that is a bare network namespace whose processes sit in the host's
+/// root cgroup (the demo host's layout) must be judged by tc on its namespace, not by
+/// cgroup_skb on a cgroup every other process shares.
+#[test]
+fn a_cgroup_shared_with_another_endpoint_identifies_neither() {
+    let mut s = scenario();
+    let root = CgroupFact { cgroup_id: 1, path: "/".into(), comms: vec![] };
+    for e in s.endpoints.iter_mut().filter(|e| e.node_id == "node-a") {
+        e.fact.cgroups.push(root.clone());
+    }
+    let nodes = compile_scenario(&s, &BTreeMap::new());
+    let ep = &nodes["node-a"].endpoints[0];
+    assert_eq!(ep.identity, DEATHSTAR);
+    assert_eq!(
+        ep.cgroups.iter().map(|c| c.path.as_str()).collect::<Vec<_>>(),
+        ["/bulkhead/1"],
+        "the shared root cgroup is dropped, deathstar's own stays"
+    );
+
+    // Only the shared one: no cgroup left, so the enforcer attaches tc in its namespace.
+    for e in s.endpoints.iter_mut().filter(|e| e.node_id == "node-a") {
+        e.fact.cgroups = vec![root.clone()];
+    }
+    let nodes = compile_scenario(&s, &BTreeMap::new());
+    let ep = &nodes["node-a"].endpoints[0];
+    assert!(ep.cgroups.is_empty(), "{:?}", ep.cgroups);
+    assert_eq!((ep.netns_ino, ep.netns_name.as_deref()), (Some(1), Some("ns1")));
 }
 
 #[test]
@@ -354,7 +384,7 @@ fn arb_ports() -> impl Strategy<Value = Vec<PortRange>> {
 
 fn arb_rules() -> impl Strategy<Value = Option<Vec<Rule>>> {
     proptest::option::of(proptest::collection::vec(
-        (arb_peer(), arb_ports()).prop_map(|(peer, ports)| Rule { peer, ports }),
+        (arb_peer(), arb_ports()).prop_map(|(peer, ports)| Rule::l4(peer, ports)),
         0..3,
     ))
 }
@@ -456,4 +486,82 @@ proptest! {
             }
         }
     }
+}
+
+// === L7 (HTTP) entries ===
+
+fn landing() -> HttpRule {
+    HttpRule::exact("POST", "/v1/request-landing")
+}
+
+fn l7_rule(peer: Peer, port: u16, http: Vec<HttpRule>) -> Rule {
+    Rule { http, ..rule(peer, vec![PortRange::single(Protocol::Tcp, port)]) }
+}
+
+fn http_of(p: &NodePolicy, local: Identity, peer: Identity, port: Option<u16>) -> Option<Vec<HttpRule>> {
+    p.rules
+        .iter()
+        .find(|r| r.key.local == local && r.key.peer == Some(peer) && r.key.port == port)
+        .map(|r| r.http.clone())
+}
+
+#[test]
+fn an_http_rule_narrows_its_ingress_tcp_entries() {
+    let mut s = scenario();
+    s.policies[0].policy.ingress =
+        Some(vec![l7_rule(Peer::Workloads { selector: sel(&[("org", "empire")]) }, 80, vec![landing()])]);
+    let nodes = compile_scenario(&s, &BTreeMap::new());
+    let a = &nodes["node-a"];
+    a.validate().expect("valid");
+    assert_eq!(http_of(a, DEATHSTAR, TIEFIGHTER, Some(80)), Some(vec![landing()]));
+}
+
+#[test]
+fn l4_wins_and_http_rules_add_up_on_a_shared_entry() {
+    let mut s = scenario();
+    let empire = || Peer::Workloads { selector: sel(&[("org", "empire")]) };
+    let tiefighter = || Peer::Workloads { selector: sel(&[("class", "tiefighter")]) };
+    let exhaust = HttpRule::exact("GET", "/v1/status");
+    // Two L7 rules for one entry: their requests add up.
+    s.policies[0].policy.ingress =
+        Some(vec![l7_rule(empire(), 80, vec![landing()]), l7_rule(tiefighter(), 80, vec![exhaust.clone()])]);
+    let nodes = compile_scenario(&s, &BTreeMap::new());
+    let mut both = vec![landing(), exhaust.clone()];
+    both.sort();
+    assert_eq!(http_of(&nodes["node-a"], DEATHSTAR, TIEFIGHTER, Some(80)), Some(both));
+    // Deathstar itself is empire too, but only the first rule names it.
+    assert_eq!(http_of(&nodes["node-a"], DEATHSTAR, DEATHSTAR, Some(80)), Some(vec![landing()]));
+
+    // An L4 rule for the same entry: the connection is allowed whole.
+    s.policies[0].policy.ingress =
+        Some(vec![l7_rule(empire(), 80, vec![landing()]), rule(tiefighter(), vec![PortRange::single(Protocol::Tcp, 80)])]);
+    let nodes = compile_scenario(&s, &BTreeMap::new());
+    assert_eq!(http_of(&nodes["node-a"], DEATHSTAR, TIEFIGHTER, Some(80)), Some(vec![]));
+
+    // A wider L4 entry (any port) covers the L7 one: the datapath would find the
+    // narrower entry first, so it must carry the union.
+    s.policies[0].policy.ingress = Some(vec![l7_rule(empire(), 80, vec![landing()]), rule(tiefighter(), vec![])]);
+    let nodes = compile_scenario(&s, &BTreeMap::new());
+    assert_eq!(http_of(&nodes["node-a"], DEATHSTAR, TIEFIGHTER, Some(80)), Some(vec![]));
+    assert_eq!(http_of(&nodes["node-a"], DEATHSTAR, DEATHSTAR, Some(80)), Some(vec![landing()]));
+}
+
+#[test]
+fn http_rules_outside_ingress_tcp_are_enforced_at_l4() {
+    let mut s = scenario();
+    s.modes.insert(TIEFIGHTER, RolloutMode::Enforce);
+    s.policies.push(SourcePolicy {
+        proposal_id: 8,
+        policy: Policy {
+            name: "bulkhead-tiefighter".into(),
+            namespace: None,
+            selector: sel(&[("class", "tiefighter")]),
+            ingress: None,
+            egress: Some(vec![l7_rule(Peer::Workloads { selector: sel(&[("class", "deathstar")]) }, 80, vec![landing()])]),
+        },
+    });
+    let nodes = compile_scenario(&s, &BTreeMap::new());
+    let a = &nodes["node-a"];
+    a.validate().expect("valid");
+    assert_eq!(http_of(a, TIEFIGHTER, DEATHSTAR, Some(80)), Some(vec![]), "egress: L4");
 }

@@ -33,18 +33,27 @@
 //! * **Ports.** Every port of a protocol is `port: "0"` (Cilium's wildcard; older CRDs
 //!   require `port`), ranges use `endPort`, and port lists are cut into chunks of 40,
 //!   the CRD's `maxItems`.
+//! * **HTTP (L7).** A rule with HTTP rules becomes a port rule with
+//!   `rules.http: [{method, path}]` (rules with the same ports but other HTTP rules are
+//!   separate Cilium rules). Cilium matches `method` and `path` as regular expressions
+//!   against the whole method and the request's `:path`, so a method is written as is
+//!   (an upper-case token), an exact path as the path with every regex metacharacter
+//!   escaped followed by `(\?.*)?` (the model's paths never include the query string,
+//!   Envoy's `:path` does), a prefix as the escaped prefix followed by `.*`, and "any
+//!   path" by leaving `path` out. Cilium applies HTTP rules to TCP ports only; on other
+//!   ports they are left out with a warning (the export then allows any request there).
 
 use std::collections::BTreeMap;
 
 use bulkhead_model::labels::NAMESPACE_KEY;
-use bulkhead_model::{Direction, LabelSelector, Peer, Policy, Protocol, SelectorOperator};
+use bulkhead_model::{Direction, HttpPath, HttpRule, LabelSelector, Peer, Policy, Protocol, SelectorOperator};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Ctx, ExportError, ExportWarning, ExportWarningKind, Format, KeyClass, MANAGED_BY_LABEL, PortSpec, check_metadata,
-    check_selectors, cidr_block, classify, describe_rule, group_by_ports, is_everyone, operator_name, own_selector,
-    protocol_name, validate,
+    Ctx, ExportError, ExportWarning, ExportWarningKind, Format, HttpDropReason, KeyClass, MANAGED_BY_LABEL, PortSpec,
+    check_metadata, check_selectors, cidr_block, classify, describe_rule, group_by_ports, is_everyone, operator_name,
+    own_selector, protocol_name, validate,
 };
 
 /// Cilium's `ports` list holds at most this many entries (CRD `maxItems`).
@@ -158,10 +167,53 @@ pub struct PortProtocol {
     pub protocol: String,
 }
 
+/// Layer-7 rules of a port rule: one kind per port rule (the CRD's `oneOf`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct L7Rules {
-    pub dns: Vec<DnsRule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Vec<DnsRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<Vec<HttpRuleSpec>>,
+}
+
+/// One allowed HTTP request shape: regular expressions over the whole method and the
+/// whole `:path` (absent = any).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRuleSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// What Cilium's `path` regex must be for `path` to mean what the model means: the
+/// query string never matters. `None` = any path (the field is left out).
+pub fn http_path_regex(path: &HttpPath) -> Option<String> {
+    match path {
+        HttpPath::Any => None,
+        HttpPath::Exact(p) => Some(format!(r"{}(\?.*)?", regex_escape(p))),
+        HttpPath::Prefix(p) => Some(format!("{}.*", regex_escape(p))),
+    }
+}
+
+/// Cilium's `method` regex: the model's methods are upper-case tokens, never
+/// metacharacters, so the token itself. `None` = any method.
+pub fn http_method_regex(method: Option<&str>) -> Option<String> {
+    method.map(regex_escape)
+}
+
+/// Escapes every RE2 / POSIX ERE metacharacter.
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if matches!(c, '\\' | '.' | '+' | '*' | '?' | '(' | ')' | '|' | '[' | ']' | '{' | '}' | '^' | '$') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -252,73 +304,104 @@ pub fn cilium_network_policy(policy: &Policy) -> Result<(CiliumNetworkPolicy, Ve
 fn cnp_rules(ctx: &mut Ctx, direction: Direction, rules: &[bulkhead_model::Rule]) -> Result<Vec<CnpRule>, ExportError> {
     let mut out = Vec::new();
     for (ports, group) in group_by_ports(ctx, direction, rules)? {
-        let to_ports = port_rules(&ports);
-        if is_everyone(&group) {
-            out.push((Peers::Entities(vec!["all".to_owned()]), to_ports));
-            continue;
+        // Rules with the same ports but other HTTP rules cannot share a port rule.
+        let mut by_http: BTreeMap<&[HttpRule], Vec<(usize, &bulkhead_model::Rule)>> = BTreeMap::new();
+        for (i, r) in &group {
+            by_http.entry(r.http.as_slice()).or_default().push((*i, *r));
         }
-        let (mut endpoints, mut entities, mut cidrs, mut fqdns) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (_, rule) in &group {
-            match &rule.peer {
-                Peer::Workloads { selector } => push_new(&mut endpoints, peer_selector(selector)),
-                Peer::Entity { entity } => push_new(&mut entities, entity.name().to_owned()),
-                Peer::Cidr { cidr, except } => {
-                    if let Some((cidr, except)) = cidr_block(ctx, direction, rule, cidr, except) {
-                        push_new(&mut cidrs, CidrRule { cidr, except });
-                    }
-                }
-                Peer::CidrGroup { cidrs: group_cidrs, .. } => {
-                    if group_cidrs.is_empty() {
-                        ctx.warn(Some(direction), Some(describe_rule(rule)), ExportWarningKind::PeerMatchesNothing);
-                    }
-                    for c in group_cidrs {
-                        push_new(&mut cidrs, CidrRule { cidr: c.trunc().to_string(), except: vec![] });
-                    }
-                }
-                Peer::Fqdn { name, addresses } => match direction {
-                    Direction::Egress => match validate::dns_name(name) {
-                        Ok(()) => push_new(&mut fqdns, FqdnSelector { match_name: name.clone() }),
-                        Err(rule_broken) => ctx.warn(
-                            Some(direction),
-                            Some(describe_rule(rule)),
-                            ExportWarningKind::InvalidFqdnName { name: name.clone(), rule: rule_broken },
-                        ),
-                    },
-                    // Cilium has no `fromFQDNs`: the addresses are all there is.
-                    Direction::Ingress => {
-                        let mut addrs = addresses.clone();
-                        addrs.sort();
-                        addrs.dedup();
-                        let format = Format::CiliumNetworkPolicy;
-                        let kind = if addrs.is_empty() {
-                            ExportWarningKind::FqdnWithoutAddresses { format, name: name.clone() }
-                        } else {
-                            ExportWarningKind::FqdnAsAddresses { format, name: name.clone(), addresses: addrs.len() }
-                        };
-                        ctx.warn(Some(direction), Some(describe_rule(rule)), kind);
-                        for a in addrs {
-                            push_new(&mut cidrs, CidrRule { cidr: ipnet::IpNet::from(a).to_string(), except: vec![] });
-                        }
-                    }
-                },
-            }
-        }
-        // Empty peer lists are never written: a rule without peers but with ports
-        // would allow those ports from everyone.
-        if !endpoints.is_empty() {
-            out.push((Peers::Endpoints(endpoints), to_ports.clone()));
-        }
-        if !entities.is_empty() {
-            out.push((Peers::Entities(entities), to_ports.clone()));
-        }
-        if !cidrs.is_empty() {
-            out.push((Peers::Cidrs(cidrs), to_ports.clone()));
-        }
-        if !fqdns.is_empty() {
-            out.push((Peers::Fqdns(fqdns), to_ports));
+        for (http, group) in by_http {
+            cnp_group(ctx, direction, &ports, http, &group, &mut out);
         }
     }
     Ok(out)
+}
+
+/// One group of rules with the same ports and HTTP rules: one Cilium rule per peer kind.
+fn cnp_group(
+    ctx: &mut Ctx,
+    direction: Direction,
+    ports: &[PortSpec],
+    http: &[HttpRule],
+    group: &[(usize, &bulkhead_model::Rule)],
+    out: &mut Vec<CnpRule>,
+) {
+    let http = if !http.is_empty() && !ports.iter().all(|p| matches!(p, PortSpec::Single(Protocol::Tcp, _))) {
+        for (_, rule) in group {
+            let kind = ExportWarningKind::HttpRulesDropped {
+                format: Format::CiliumNetworkPolicy,
+                reason: HttpDropReason::NotSingleTcpPorts,
+            };
+            ctx.warn(Some(direction), Some(describe_rule(rule)), kind);
+        }
+        &[]
+    } else {
+        http
+    };
+    let to_ports = port_rules(ports, http);
+    if is_everyone(group) {
+        out.push((Peers::Entities(vec!["all".to_owned()]), to_ports));
+        return;
+    }
+    let (mut endpoints, mut entities, mut cidrs, mut fqdns) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (_, rule) in group {
+        match &rule.peer {
+            Peer::Workloads { selector } => push_new(&mut endpoints, peer_selector(selector)),
+            Peer::Entity { entity } => push_new(&mut entities, entity.name().to_owned()),
+            Peer::Cidr { cidr, except } => {
+                if let Some((cidr, except)) = cidr_block(ctx, direction, rule, cidr, except) {
+                    push_new(&mut cidrs, CidrRule { cidr, except });
+                }
+            }
+            Peer::CidrGroup { cidrs: group_cidrs, .. } => {
+                if group_cidrs.is_empty() {
+                    ctx.warn(Some(direction), Some(describe_rule(rule)), ExportWarningKind::PeerMatchesNothing);
+                }
+                for c in group_cidrs {
+                    push_new(&mut cidrs, CidrRule { cidr: c.trunc().to_string(), except: vec![] });
+                }
+            }
+            Peer::Fqdn { name, addresses } => match direction {
+                Direction::Egress => match validate::dns_name(name) {
+                    Ok(()) => push_new(&mut fqdns, FqdnSelector { match_name: name.clone() }),
+                    Err(rule_broken) => ctx.warn(
+                        Some(direction),
+                        Some(describe_rule(rule)),
+                        ExportWarningKind::InvalidFqdnName { name: name.clone(), rule: rule_broken },
+                    ),
+                },
+                // Cilium has no `fromFQDNs`: the addresses are all there is.
+                Direction::Ingress => {
+                    let mut addrs = addresses.clone();
+                    addrs.sort();
+                    addrs.dedup();
+                    let format = Format::CiliumNetworkPolicy;
+                    let kind = if addrs.is_empty() {
+                        ExportWarningKind::FqdnWithoutAddresses { format, name: name.clone() }
+                    } else {
+                        ExportWarningKind::FqdnAsAddresses { format, name: name.clone(), addresses: addrs.len() }
+                    };
+                    ctx.warn(Some(direction), Some(describe_rule(rule)), kind);
+                    for a in addrs {
+                        push_new(&mut cidrs, CidrRule { cidr: ipnet::IpNet::from(a).to_string(), except: vec![] });
+                    }
+                }
+            },
+        }
+    }
+    // Empty peer lists are never written: a rule without peers but with ports
+    // would allow those ports from everyone.
+    if !endpoints.is_empty() {
+        out.push((Peers::Endpoints(endpoints), to_ports.clone()));
+    }
+    if !entities.is_empty() {
+        out.push((Peers::Entities(entities), to_ports.clone()));
+    }
+    if !cidrs.is_empty() {
+        out.push((Peers::Cidrs(cidrs), to_ports.clone()));
+    }
+    if !fqdns.is_empty() {
+        out.push((Peers::Fqdns(fqdns), to_ports));
+    }
 }
 
 fn push_new<T: PartialEq>(v: &mut Vec<T>, item: T) {
@@ -361,12 +444,25 @@ fn endpoint_selector(selector: &LabelSelector) -> EndpointSelector {
     }
 }
 
-fn port_rules(ports: &[PortSpec]) -> Option<Vec<PortRule>> {
+/// `toPorts` for a group's ports, each port rule carrying the group's HTTP rules (the
+/// caller has checked they can be attached to these ports).
+fn port_rules(ports: &[PortSpec], http: &[HttpRule]) -> Option<Vec<PortRule>> {
     if ports.is_empty() {
         return None;
     }
+    let rules = (!http.is_empty()).then(|| L7Rules {
+        dns: None,
+        http: Some(
+            http.iter()
+                .map(|h| HttpRuleSpec {
+                    method: http_method_regex(h.method.as_deref()),
+                    path: http_path_regex(&h.path),
+                })
+                .collect(),
+        ),
+    });
     let entries: Vec<PortProtocol> = ports.iter().map(port_protocol).collect();
-    Some(entries.chunks(MAX_PORTS_PER_RULE).map(|c| PortRule { ports: c.to_vec(), rules: None }).collect())
+    Some(entries.chunks(MAX_PORTS_PER_RULE).map(|c| PortRule { ports: c.to_vec(), rules: rules.clone() }).collect())
 }
 
 fn port_protocol(spec: &PortSpec) -> PortProtocol {
@@ -390,17 +486,20 @@ fn attach_dns_proxy(rules: &mut [EgressRule]) -> bool {
     let mut attached = false;
     for rule in rules.iter_mut().filter(|r| r.to_fqdns.is_none()) {
         let Some(port_rules) = rule.to_ports.take() else { continue };
-        let all: Vec<PortProtocol> = port_rules.into_iter().flat_map(|r| r.ports).collect();
+        // Port rules with HTTP rules keep them; only plain ones are regrouped.
+        let (l7, plain): (Vec<PortRule>, Vec<PortRule>) = port_rules.into_iter().partition(|r| r.rules.is_some());
+        let all: Vec<PortProtocol> = plain.into_iter().flat_map(|r| r.ports).collect();
         let (dns, other): (Vec<_>, Vec<_>) = all.into_iter().partition(|p| is_dns(p));
         let mut out = Vec::new();
         if !dns.is_empty() {
             attached = true;
             out.push(PortRule {
                 ports: dns,
-                rules: Some(L7Rules { dns: vec![DnsRule { match_pattern: "*".to_owned() }] }),
+                rules: Some(L7Rules { dns: Some(vec![DnsRule { match_pattern: "*".to_owned() }]), http: None }),
             });
         }
         out.extend(other.chunks(MAX_PORTS_PER_RULE).map(|c| PortRule { ports: c.to_vec(), rules: None }));
+        out.extend(l7);
         rule.to_ports = Some(out);
     }
     attached

@@ -22,13 +22,26 @@
 //! What the model cannot hold — named ports, SCTP, malformed CIDRs — leaves the whole
 //! rule out with an [`ImportWarning`] saying the policy is shown incompletely. Leaving out
 //! only the offending port or peer would show a rule the cluster does not have.
+//!
+//! `cilium.io/v2` CiliumNetworkPolicy → [`Policy`] ([`import_cilium_network_policy`]) is
+//! likewise the inverse of [`super::cilium_network_policy`] (property-tested for what
+//! the export writes): `endpointSelector` plus the namespace; `from/toEndpoints`
+//! selectors without a namespace term are the policy's namespace (Cilium's rule), with
+//! `io.kubernetes.pod.namespace Exists` any namespace; entities by name (`all` =
+//! everyone); CIDR sets; `toFQDNs` names; and per `toPorts` entry one model rule, its
+//! `rules.http` becoming HTTP rules: a method that is a plain token, and a path regex of
+//! the shapes the export writes (escaped literal, optionally followed by `(\?.*)?` →
+//! exact; escaped literal followed by `.*` → prefix; absent → any path). A port rule with
+//! any other regex, or DNS rules other than "allow every lookup" (`matchPattern: "*"`,
+//! which the model reads as plain L4), is left out with a warning.
 
 use std::fmt;
 
 use bulkhead_model::labels::NAMESPACE_KEY;
+use bulkhead_model::policy::{validate_method, validate_path};
 use bulkhead_model::{
-    Direction, LabelSelector, Peer, Policy, PortRange, Protocol, ReservedIdentity, Rule, SelectorOperator,
-    SelectorRequirement,
+    Direction, HttpPath, HttpRule, LabelSelector, Peer, Policy, PortRange, Protocol, ReservedIdentity, Rule,
+    SelectorOperator, SelectorRequirement,
 };
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
@@ -36,9 +49,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::validate::shown;
-use super::{K8S_NAMESPACE_NAME_LABEL, KeyClass, NAMESPACE_LABELS_PREFIX, classify, insert_label};
+use super::{
+    CiliumNetworkPolicy, EndpointSelector, Format, HttpRuleSpec, K8S_NAMESPACE_NAME_LABEL, KeyClass,
+    NAMESPACE_LABELS_PREFIX, PortProtocol, PortRule, classify, insert_label,
+};
 
-/// Why a NetworkPolicy could not be imported at all.
+/// Why a NetworkPolicy (or CiliumNetworkPolicy) could not be imported at all.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ImportError {
     #[error("NetworkPolicy without metadata.name")]
@@ -49,6 +65,8 @@ pub enum ImportError {
     MissingSpec { policy: String },
     #[error("NetworkPolicy {policy}: podSelector {problem}")]
     PodSelector { policy: String, problem: SelectorProblem },
+    #[error("CiliumNetworkPolicy {policy}: endpointSelector {problem}")]
+    EndpointSelector { policy: String, problem: SelectorProblem },
 }
 
 /// What is wrong with a selector the model cannot hold.
@@ -78,6 +96,8 @@ impl fmt::Display for SelectorProblem {
 /// Something of a NetworkPolicy the model cannot show.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImportWarning {
+    /// The kind of object the warning is about.
+    pub format: Format,
     /// `namespace/name`.
     pub policy: String,
     /// The direction concerned, if the warning is about one.
@@ -89,7 +109,7 @@ pub struct ImportWarning {
 
 impl fmt::Display for ImportWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "NetworkPolicy {}: ", self.policy)?;
+        write!(f, "{} {}: ", self.format, self.policy)?;
         match (self.direction, self.rule) {
             (Some(d), Some(i)) => write!(f, "{} rule {i}: ", d.as_str())?,
             (Some(d), None) => write!(f, "{}: ", d.as_str())?,
@@ -113,6 +133,13 @@ pub enum ImportWarningKind {
     IgnoredRules,
     /// A `policyTypes` entry other than Ingress and Egress.
     UnknownPolicyType { policy_type: String },
+    /// A Cilium entity the model has no identity for (`cluster`, `init`, …).
+    UnsupportedEntity { entity: String },
+    /// A Cilium HTTP rule the model cannot hold (a regular expression beyond an exact
+    /// path or a prefix, a method that is not a token): the port rule is left out.
+    UnsupportedHttpRule { method: Option<String>, path: Option<String> },
+    /// Cilium DNS rules that restrict the names: the port rule is left out.
+    UnsupportedDnsRule,
 }
 
 /// What is wrong with one NetworkPolicy peer.
@@ -154,6 +181,19 @@ impl fmt::Display for ImportWarningKind {
             ImportWarningKind::UnknownPolicyType { policy_type } => {
                 write!(f, "unknown policyTypes entry {:?} ignored", shown(policy_type))
             }
+            ImportWarningKind::UnsupportedEntity { entity } => {
+                write!(f, "uses the entity {:?}, which Bulkhead has no identity for; {INCOMPLETE}", shown(entity))
+            }
+            ImportWarningKind::UnsupportedHttpRule { method, path } => write!(
+                f,
+                "has the HTTP rule method {:?} path {:?}, which is not a method token with an exact path or a \
+                 prefix; {INCOMPLETE}",
+                method.as_deref().map(shown),
+                path.as_deref().map(shown)
+            ),
+            ImportWarningKind::UnsupportedDnsRule => {
+                write!(f, "has DNS rules that restrict the names looked up; {INCOMPLETE}")
+            }
         }
     }
 }
@@ -174,7 +214,7 @@ pub fn import_network_policy(np: &NetworkPolicy) -> Result<(Policy, Vec<ImportWa
     };
     insert_label(&mut selector, NAMESPACE_KEY, &ns);
 
-    let mut ctx = ImportCtx { policy: id, namespace: ns.clone(), warnings: Vec::new() };
+    let mut ctx = ImportCtx { format: Format::NetworkPolicy, policy: id, namespace: ns.clone(), warnings: Vec::new() };
     let egress_rules = spec.egress.as_deref().unwrap_or_default();
     let ingress_rules = spec.ingress.as_deref().unwrap_or_default();
     let (covers_ingress, covers_egress) = match &spec.policy_types {
@@ -218,6 +258,7 @@ pub fn import_network_policy(np: &NetworkPolicy) -> Result<(Policy, Vec<ImportWa
 }
 
 struct ImportCtx {
+    format: Format,
     policy: String,
     namespace: String,
     warnings: Vec<ImportWarning>,
@@ -225,7 +266,7 @@ struct ImportCtx {
 
 impl ImportCtx {
     fn warn(&mut self, direction: Option<Direction>, rule: Option<usize>, kind: ImportWarningKind) {
-        self.warnings.push(ImportWarning { policy: self.policy.clone(), direction, rule, kind });
+        self.warnings.push(ImportWarning { format: self.format, policy: self.policy.clone(), direction, rule, kind });
     }
 
     /// Appends the model rules of one NetworkPolicy rule (peers × ports), or nothing
@@ -251,7 +292,7 @@ impl ImportCtx {
                 }
             },
         };
-        out.extend(peers.into_iter().map(|peer| Rule { peer, ports: ports.clone() }));
+        out.extend(peers.into_iter().map(|peer| Rule::l4(peer, ports.clone())));
     }
 
     fn peer(&self, peer: &NetworkPolicyPeer) -> Result<Peer, PeerProblem> {
@@ -358,4 +399,281 @@ fn selector(s: &meta::LabelSelector) -> Result<LabelSelector, SelectorProblem> {
     }
     out.normalize();
     Ok(out)
+}
+
+// === CiliumNetworkPolicy ===
+
+/// The peers of one Cilium rule (one kind per rule) and its `toPorts`.
+type CnpRawRule<'a> = (Result<Vec<Peer>, ImportWarningKind>, Option<&'a [PortRule]>);
+
+/// Imports one CiliumNetworkPolicy. The result is normalised.
+pub fn import_cilium_network_policy(cnp: &CiliumNetworkPolicy) -> Result<(Policy, Vec<ImportWarning>), ImportError> {
+    let name = cnp.metadata.name.clone().ok_or(ImportError::MissingName)?;
+    let ns = cnp.metadata.namespace.clone().ok_or_else(|| ImportError::MissingNamespace { name: shown(&name) })?;
+    let id = format!("{}/{}", shown(&ns), shown(&name));
+    let mut selector = cilium_selector(&cnp.spec.endpoint_selector)
+        .and_then(|s| pod_keys_only(s))
+        .map_err(|problem| ImportError::EndpointSelector { policy: id.clone(), problem })?;
+    insert_label(&mut selector, NAMESPACE_KEY, &ns);
+    let mut ctx =
+        ImportCtx { format: Format::CiliumNetworkPolicy, policy: id, namespace: ns.clone(), warnings: Vec::new() };
+
+    let ingress = cnp.spec.ingress.as_ref().map(|rules| {
+        let raw: Vec<CnpRawRule<'_>> = rules
+            .iter()
+            .map(|r| {
+                let peers = ctx.cnp_peers(
+                    r.from_endpoints.as_deref(),
+                    r.from_entities.as_deref(),
+                    r.from_cidr_set
+                        .as_deref()
+                        .map(|c| c.iter().map(|c| (c.cidr.as_str(), c.except.as_slice())).collect()),
+                    None,
+                );
+                (peers, r.to_ports.as_deref())
+            })
+            .collect();
+        ctx.cnp_rules(Direction::Ingress, raw)
+    });
+    let egress = cnp.spec.egress.as_ref().map(|rules| {
+        let raw: Vec<CnpRawRule<'_>> = rules
+            .iter()
+            .map(|r| {
+                let peers = ctx.cnp_peers(
+                    r.to_endpoints.as_deref(),
+                    r.to_entities.as_deref(),
+                    r.to_cidr_set
+                        .as_deref()
+                        .map(|c| c.iter().map(|c| (c.cidr.as_str(), c.except.as_slice())).collect()),
+                    r.to_fqdns.as_deref().map(|f| f.iter().map(|f| f.match_name.as_str()).collect()),
+                );
+                (peers, r.to_ports.as_deref())
+            })
+            .collect();
+        ctx.cnp_rules(Direction::Egress, raw)
+    });
+    let mut policy = Policy { name, namespace: Some(ns), selector, ingress, egress };
+    policy.normalize();
+    Ok((policy, ctx.warnings))
+}
+
+impl ImportCtx {
+    /// A direction's model rules. An empty Cilium rule (`{}`, the deny-all form) adds
+    /// nothing; a rule without `toPorts` allows every port.
+    fn cnp_rules(&mut self, direction: Direction, raw: Vec<CnpRawRule<'_>>) -> Vec<Rule> {
+        let mut out = Vec::new();
+        for (i, (peers, to_ports)) in raw.into_iter().enumerate() {
+            let index = i + 1;
+            let peers = match peers {
+                Ok(peers) => peers,
+                Err(kind) => {
+                    self.warn(Some(direction), Some(index), kind);
+                    continue;
+                }
+            };
+            let Some(to_ports) = to_ports else {
+                out.extend(peers.into_iter().map(|peer| Rule::l4(peer, Vec::new())));
+                continue;
+            };
+            // Port rules without L7 are one allowance (the export cuts long port lists
+            // and moves DNS ports apart); each port rule with HTTP rules is its own.
+            let mut l4: Vec<PortRange> = Vec::new();
+            let mut any_l4 = false;
+            for pr in to_ports {
+                match port_rule(pr) {
+                    Ok((ports, http)) if http.is_empty() => {
+                        any_l4 = true;
+                        l4.extend(ports);
+                    }
+                    Ok((ports, http)) => out.extend(peers.iter().map(|peer| Rule {
+                        peer: peer.clone(),
+                        ports: ports.clone(),
+                        http: http.clone(),
+                    })),
+                    Err(kind) => self.warn(Some(direction), Some(index), kind),
+                }
+            }
+            if any_l4 {
+                out.extend(peers.iter().map(|peer| Rule::l4(peer.clone(), l4.clone())));
+            }
+        }
+        out
+    }
+
+    /// The peers of one Cilium rule. No peer list at all means no peer (the deny-all
+    /// rule `{}`): Cilium only allows what a rule names.
+    fn cnp_peers(
+        &self,
+        endpoints: Option<&[EndpointSelector]>,
+        entities: Option<&[String]>,
+        cidrs: Option<Vec<(&str, &[String])>>,
+        fqdns: Option<Vec<&str>>,
+    ) -> Result<Vec<Peer>, ImportWarningKind> {
+        let mut out = Vec::new();
+        for es in endpoints.unwrap_or_default() {
+            let mut selector = cilium_selector(es)
+                .map_err(|p| ImportWarningKind::UnsupportedPeer { problem: PeerProblem::Selector(p) })?;
+            let any_namespace = SelectorRequirement {
+                key: NAMESPACE_KEY.to_owned(),
+                operator: SelectorOperator::Exists,
+                values: vec![],
+            };
+            let about_namespace = |k: &str| matches!(classify(k), KeyClass::Namespace | KeyClass::NamespaceLabel(_));
+            if let Some(pos) = selector.match_expressions.iter().position(|r| r == &any_namespace) {
+                selector.match_expressions.remove(pos);
+            } else if !selector.match_labels.keys().any(|k| about_namespace(k))
+                && !selector.match_expressions.iter().any(|r| about_namespace(&r.key))
+            {
+                insert_label(&mut selector, NAMESPACE_KEY, &self.namespace);
+            }
+            selector.normalize();
+            out.push(Peer::Workloads { selector });
+        }
+        for e in entities.unwrap_or_default() {
+            if e == "all" {
+                out.extend(everyone());
+                continue;
+            }
+            match ReservedIdentity::ALL.into_iter().find(|r| r.name() == e) {
+                Some(entity) => out.push(Peer::Entity { entity }),
+                None => return Err(ImportWarningKind::UnsupportedEntity { entity: e.clone() }),
+            }
+        }
+        for (cidr, except) in cidrs.unwrap_or_default() {
+            let parse = |s: &str| {
+                s.parse::<IpNet>().map_err(|_| ImportWarningKind::UnsupportedPeer {
+                    problem: PeerProblem::InvalidCidr { cidr: s.to_owned() },
+                })
+            };
+            let cidr = parse(cidr)?;
+            let except = except.iter().map(|e| parse(e)).collect::<Result<_, _>>()?;
+            out.push(Peer::Cidr { cidr, except });
+        }
+        for name in fqdns.unwrap_or_default() {
+            out.push(Peer::Fqdn { name: name.to_owned(), addresses: Vec::new() });
+        }
+        Ok(out)
+    }
+}
+
+/// A Cilium selector in the model's terms (any key allowed: Cilium selectors also hold
+/// namespace and identity labels).
+fn cilium_selector(es: &EndpointSelector) -> Result<LabelSelector, SelectorProblem> {
+    let meta = meta::LabelSelector {
+        match_labels: (!es.match_labels.is_empty()).then(|| es.match_labels.clone()),
+        match_expressions: (!es.match_expressions.is_empty()).then(|| {
+            es.match_expressions
+                .iter()
+                .map(|r| meta::LabelSelectorRequirement {
+                    key: r.key.clone(),
+                    operator: r.operator.clone(),
+                    values: (!r.values.is_empty()).then(|| r.values.clone()),
+                })
+                .collect()
+        }),
+    };
+    selector(&meta)
+}
+
+/// The policy's own selector may not name the namespace (the object's namespace does).
+fn pod_keys_only(sel: LabelSelector) -> Result<LabelSelector, SelectorProblem> {
+    let reserved = sel
+        .match_labels
+        .keys()
+        .chain(sel.match_expressions.iter().map(|r| &r.key))
+        .find(|k| matches!(classify(k), KeyClass::Namespace | KeyClass::NamespaceLabel(_)));
+    match reserved {
+        Some(key) => Err(SelectorProblem::ReservedKey { key: key.clone() }),
+        None => Ok(sel),
+    }
+}
+
+/// One `toPorts` entry: its ports and HTTP rules.
+fn port_rule(pr: &PortRule) -> Result<(Vec<PortRange>, Vec<HttpRule>), ImportWarningKind> {
+    let ports = pr.ports.iter().map(cilium_port).collect::<Result<Vec<_>, _>>()?;
+    let mut http = Vec::new();
+    if let Some(rules) = &pr.rules {
+        if rules.dns.iter().flatten().any(|d| d.match_pattern != "*") {
+            return Err(ImportWarningKind::UnsupportedDnsRule);
+        }
+        for h in rules.http.iter().flatten() {
+            http.push(http_rule(h).ok_or_else(|| ImportWarningKind::UnsupportedHttpRule {
+                method: h.method.clone(),
+                path: h.path.clone(),
+            })?);
+        }
+    }
+    Ok((ports, http))
+}
+
+fn cilium_port(p: &PortProtocol) -> Result<PortRange, ImportWarningKind> {
+    let protocol = match p.protocol.as_str() {
+        "TCP" => Protocol::Tcp,
+        "UDP" => Protocol::Udp,
+        other => return Err(ImportWarningKind::UnsupportedProtocol { protocol: other.to_owned() }),
+    };
+    let Ok(number) = p.port.parse::<u16>() else {
+        return Err(ImportWarningKind::NamedPort { name: p.port.clone() });
+    };
+    let end = p.end_port.map(|e| u16::try_from(e).map_err(|_| ImportWarningKind::InvalidPort)).transpose()?;
+    match (number, end) {
+        (0, None) => Ok(PortRange::all(protocol)),
+        (0, Some(_)) => Err(ImportWarningKind::InvalidPort),
+        (first, end) => range(protocol, first, end),
+    }
+}
+
+/// The model's HTTP rule for a Cilium one, when it is one of the shapes the export
+/// writes (see the module docs).
+pub(super) fn http_rule(h: &HttpRuleSpec) -> Option<HttpRule> {
+    let method = match h.method.as_deref() {
+        None | Some("") => None,
+        Some(m) => {
+            validate_method(m).ok()?;
+            Some(m.to_owned())
+        }
+    };
+    let path = match h.path.as_deref() {
+        None | Some("") => HttpPath::Any,
+        Some(re) => {
+            let (literal, rest) = unescape_literal(re);
+            let path = match rest {
+                "" | r"(\?.*)?" => HttpPath::Exact(literal),
+                ".*" => HttpPath::Prefix(literal),
+                _ => return None,
+            };
+            match &path {
+                HttpPath::Exact(p) | HttpPath::Prefix(p) => validate_path(p).ok()?,
+                HttpPath::Any => {}
+            }
+            path
+        }
+    };
+    Some(HttpRule { method, path })
+}
+
+/// The literal prefix of a regular expression (escaped metacharacters unescaped) and
+/// the rest, from its first unescaped metacharacter on.
+fn unescape_literal(re: &str) -> (String, &str) {
+    let mut out = String::new();
+    let mut chars = re.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\\' => match chars.peek() {
+                Some(&(_, next)) if !next.is_ascii_alphanumeric() => {
+                    out.push(next);
+                    chars.next();
+                }
+                _ => return (out, &re[i..]),
+            },
+            '.' | '+' | '*' | '?' | '(' | ')' | '|' | '[' | ']' | '{' | '}' | '^' | '$' => return (out, &re[i..]),
+            c => out.push(c),
+        }
+    }
+    (out, "")
+}
+
+#[cfg(test)]
+pub(super) mod tests_support {
+    pub(in crate::export) use super::http_rule;
 }

@@ -39,11 +39,15 @@ use bulkhead_model::{
 use serde::Serialize;
 
 pub use cilium::{
-    CidrRule, CiliumNetworkPolicy, CiliumSpec, DnsRule, EgressRule, EndpointSelector, FqdnSelector, IngressRule,
-    L7Rules, PortProtocol, PortRule, Requirement, cilium_network_policy,
+    CidrRule, CiliumNetworkPolicy, CiliumSpec, DnsRule, EgressRule, EndpointSelector, FqdnSelector, HttpRuleSpec,
+    IngressRule, L7Rules, PortProtocol, PortRule, Requirement, cilium_network_policy, http_method_regex,
+    http_path_regex,
 };
-pub use import::{ImportError, ImportWarning, ImportWarningKind, PeerProblem, SelectorProblem, import_network_policy};
-pub use networkpolicy::network_policy;
+pub use import::{
+    ImportError, ImportWarning, ImportWarningKind, PeerProblem, SelectorProblem, import_cilium_network_policy,
+    import_network_policy,
+};
+pub use networkpolicy::{L7_DROPPED_ANNOTATION, network_policy};
 use validate::{SyntaxRule, shown};
 
 /// The label Kubernetes (≥ 1.21) puts on every namespace with the namespace's name:
@@ -218,6 +222,19 @@ pub enum ExportWarningKind {
     /// The policy uses `toFQDNs` but has no egress rule to port 53 where a DNS proxy
     /// rule could be attached, so Cilium never learns the names' addresses.
     FqdnWithoutDnsRule,
+    /// The rule's HTTP rules (L7) cannot be written here: its ports are exported for any
+    /// request, which is wider than the approved policy.
+    HttpRulesDropped { format: Format, reason: HttpDropReason },
+}
+
+/// Why a rule's HTTP rules were not exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpDropReason {
+    /// NetworkPolicy has no L7 at all.
+    NoL7,
+    /// Cilium applies HTTP rules to single TCP ports only (not UDP, ranges or "every
+    /// port").
+    NotSingleTcpPorts,
 }
 
 impl fmt::Display for ExportWarningKind {
@@ -257,6 +274,19 @@ impl fmt::Display for ExportWarningKind {
             ExportWarningKind::PortZero => write!(f, "port 0 cannot be expressed; left out, {LESS}"),
             ExportWarningKind::RuleDropped => {
                 write!(f, "no peer or port of the rule can be expressed; rule left out, {LESS}")
+            }
+            ExportWarningKind::HttpRulesDropped { format, reason } => {
+                let why = match reason {
+                    HttpDropReason::NoL7 => "cannot express HTTP (L7) rules",
+                    HttpDropReason::NotSingleTcpPorts => {
+                        "applies HTTP rules to single TCP ports only, and this rule has other ports"
+                    }
+                };
+                write!(
+                    f,
+                    "{format} {why}; exported the ports for any request, which is wider than the approved policy \
+                     (the Bulkhead enforcer and the CiliumNetworkPolicy export keep the HTTP rules)"
+                )
             }
             ExportWarningKind::FqdnWithoutDnsRule => f.write_str(
                 "toFQDNs rules only match once Cilium's DNS proxy has seen the names resolved, but the policy has \

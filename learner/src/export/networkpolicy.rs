@@ -26,6 +26,10 @@
 //! * ports: single → `port`, range → `port` + `endPort`, every port → protocol only.
 //!   (`endPort` needs Kubernetes ≥ 1.22; older API servers drop it, which narrows the
 //!   rule to its first port.)
+//! * HTTP (L7) rules cannot be expressed: the rule's ports are exported for any
+//!   request — wider than approved, so each such rule is warned about and the object
+//!   carries the annotation [`L7_DROPPED_ANNOTATION`] listing them, for whoever applies
+//!   it without reading the warnings.
 
 use std::net::IpAddr;
 
@@ -38,10 +42,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    Ctx, ExportError, ExportWarning, ExportWarningKind, Format, K8S_NAMESPACE_NAME_LABEL, KeyClass, MANAGED_BY_LABEL,
-    NotExpressible, PortSpec, Site, check_metadata, check_selectors, cidr_block, classify, describe_rule,
-    group_by_ports, insert_label, is_everyone, k8s_selector, own_selector, protocol_name, split,
+    Ctx, ExportError, ExportWarning, ExportWarningKind, Format, HttpDropReason, K8S_NAMESPACE_NAME_LABEL, KeyClass,
+    MANAGED_BY_LABEL, NotExpressible, PortSpec, Site, check_metadata, check_selectors, cidr_block, classify,
+    describe_rule, group_by_ports, insert_label, is_everyone, k8s_selector, own_selector, protocol_name, split,
 };
+
+/// Annotation on an exported NetworkPolicy whose policy had HTTP rules: what was not
+/// exported (`ingress from … on 80/tcp: POST /v1/request-landing; …`).
+pub const L7_DROPPED_ANNOTATION: &str = "bulkhead.io/http-rules-not-exported";
 
 /// One NetworkPolicy rule before it is typed by direction: `None` peers = everyone,
 /// `None` ports = every port.
@@ -85,11 +93,33 @@ pub fn network_policy(policy: &Policy) -> Result<(NetworkPolicy, Vec<ExportWarni
             .then(|| rules.into_iter().map(|(to, ports)| NetworkPolicyEgressRule { to, ports }).collect());
     }
 
+    let mut dropped = Vec::new();
+    for (dir, rules) in [(Direction::Ingress, &p.ingress), (Direction::Egress, &p.egress)] {
+        for rule in rules.iter().flatten().filter(|r| r.is_l7()) {
+            let kind =
+                ExportWarningKind::HttpRulesDropped { format: Format::NetworkPolicy, reason: HttpDropReason::NoL7 };
+            ctx.warn(Some(dir), Some(describe_rule(rule)), kind);
+            let http: Vec<String> = rule.http.iter().map(ToString::to_string).collect();
+            dropped.push(format!("{} {}: {}", dir.as_str(), describe_rule(rule), http.join(", ")));
+        }
+    }
+    let annotations = (!dropped.is_empty()).then(|| {
+        [(
+            L7_DROPPED_ANNOTATION.to_owned(),
+            format!(
+                "NetworkPolicy cannot express HTTP rules; these ports allow any request here: {}",
+                dropped.join("; ")
+            ),
+        )]
+        .into()
+    });
+
     let np = NetworkPolicy {
         metadata: ObjectMeta {
             name: Some(p.name.clone()),
             namespace: Some(ns.to_owned()),
             labels: Some([(MANAGED_BY_LABEL.0.to_owned(), MANAGED_BY_LABEL.1.to_owned())].into()),
+            annotations,
             ..ObjectMeta::default()
         },
         spec: Some(NetworkPolicySpec {

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use bulkhead_model::labels::NAMESPACE_KEY;
+use bulkhead_model::{HttpPath, HttpRule};
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
@@ -19,7 +20,7 @@ fn sel(pairs: &[(&str, &str)]) -> LabelSelector {
 }
 
 fn rule(peer: Peer, ports: &[PortRange]) -> Rule {
-    Rule { peer, ports: ports.to_vec() }
+    Rule::l4(peer, ports.to_vec())
 }
 
 fn workloads(pairs: &[(&str, &str)]) -> Peer {
@@ -756,7 +757,7 @@ fn expressible_policy() -> impl Strategy<Value = Policy> {
         prop_oneof![expressible_peer_selector().prop_map(|selector| Peer::Workloads { selector }), cidr_with_excepts()],
         expressible_ports(),
     )
-        .prop_map(|(peer, ports)| Rule { peer, ports });
+        .prop_map(|(peer, ports)| Rule::l4(peer, ports));
     let rules = prop::option::of(prop::collection::vec(rule, 0..4)).boxed();
     ("[a-z]([a-z0-9-]{0,10}[a-z0-9])?", namespace_name(), pod_terms(), rules.clone(), rules)
         .prop_filter("covers a direction", |(.., i, e)| i.is_some() || e.is_some())
@@ -809,7 +810,7 @@ fn arbitrary_policy() -> impl Strategy<Value = Policy> {
         any::<u16>(),
     )
         .prop_map(|(protocol, first, last)| PortRange { protocol, first, last });
-    let rule = (peer, prop::collection::vec(port, 0..3)).prop_map(|(peer, ports)| Rule { peer, ports });
+    let rule = (peer, prop::collection::vec(port, 0..3)).prop_map(|(peer, ports)| Rule::l4(peer, ports));
     let rules = prop_oneof![1 => Just(None), 3 => prop::collection::vec(rule, 0..4).prop_map(Some)].boxed();
     let namespace = prop_oneof![9 => Just(Some("default".to_owned())), 1 => prop::option::of(text())];
     (prop_oneof![9 => "[a-z]{1,8}", 1 => text()], namespace, selector, prop::bool::weighted(0.9), rules.clone(), rules)
@@ -980,5 +981,188 @@ proptest! {
                 prop_assert!(rule.ports.iter().all(|p| p.first <= p.last));
             }
         }
+    }
+}
+
+// === HTTP (L7) ===
+
+fn landing_policy(http: Vec<HttpRule>) -> Policy {
+    let mut p = deathstar();
+    p.ingress.as_mut().expect("ingress")[0].http = http;
+    p
+}
+
+#[test]
+fn cilium_writes_http_rules_as_anchored_regexes() {
+    let p = landing_policy(vec![
+        HttpRule::exact("POST", "/v1/request-landing"),
+        HttpRule::prefix("GET", "/v1/ships/"),
+        HttpRule { method: None, path: HttpPath::Exact("/a.b+c(d)[e]{f}|g^h$i*j\\k".into()) },
+        HttpRule { method: Some("DELETE".into()), path: HttpPath::Any },
+    ]);
+    let (cnp, warnings) = cilium_network_policy(&p).expect("exports");
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let ingress = cnp.spec.ingress.expect("ingress");
+    assert_eq!(ingress.len(), 1);
+    let to_ports = ingress[0].to_ports.as_ref().expect("toPorts");
+    assert_eq!(to_ports.len(), 1);
+    assert_eq!(to_ports[0].ports, vec![PortProtocol { port: "80".into(), end_port: None, protocol: "TCP".into() }]);
+    let http = to_ports[0].rules.as_ref().and_then(|r| r.http.clone()).expect("rules.http");
+    let got: Vec<(Option<&str>, Option<&str>)> =
+        http.iter().map(|h| (h.method.as_deref(), h.path.as_deref())).collect();
+    // Sorted as the model normalizes: by method (None first), then path.
+    assert_eq!(
+        got,
+        vec![
+            (None, Some(r"/a\.b\+c\(d\)\[e\]\{f\}\|g\^h\$i\*j\\k(\?.*)?")),
+            (Some("DELETE"), None),
+            (Some("GET"), Some(r"/v1/ships/.*")),
+            (Some("POST"), Some(r"/v1/request-landing(\?.*)?")),
+        ]
+    );
+    // Rules with the same ports but other (or no) HTTP rules stay apart.
+    let mut p = landing_policy(vec![HttpRule::exact("POST", "/v1/request-landing")]);
+    p.ingress
+        .as_mut()
+        .expect("ingress")
+        .push(rule(workloads(&[(NAMESPACE_KEY, "default"), ("class", "probe")]), &[tcp(80)]));
+    let (cnp, _) = cilium_network_policy(&p).expect("exports");
+    let ingress = cnp.spec.ingress.expect("ingress");
+    assert_eq!(ingress.len(), 2, "{ingress:#?}");
+    let l7: Vec<bool> = ingress.iter().map(|r| r.to_ports.as_ref().expect("ports")[0].rules.is_some()).collect();
+    assert_eq!(l7.iter().filter(|x| **x).count(), 1);
+}
+
+#[test]
+fn http_rules_on_ports_cilium_cannot_narrow_are_dropped_with_a_warning() {
+    let mut p = deathstar();
+    let r = &mut p.ingress.as_mut().expect("ingress")[0];
+    r.ports = vec![PortRange { protocol: Protocol::Tcp, first: 8000, last: 8080 }];
+    r.http = vec![HttpRule::exact("GET", "/")];
+    let (cnp, warnings) = cilium_network_policy(&p).expect("exports");
+    assert_eq!(
+        warnings.iter().map(|w| &w.kind).collect::<Vec<_>>(),
+        vec![&ExportWarningKind::HttpRulesDropped {
+            format: Format::CiliumNetworkPolicy,
+            reason: HttpDropReason::NotSingleTcpPorts
+        }]
+    );
+    assert!(warnings[0].to_string().contains("wider than the approved policy"), "{}", warnings[0]);
+    assert!(cnp.spec.ingress.expect("ingress")[0].to_ports.as_ref().expect("ports")[0].rules.is_none());
+}
+
+#[test]
+fn network_policy_exports_l4_and_says_the_http_rules_were_dropped() {
+    let p = landing_policy(vec![HttpRule::exact("POST", "/v1/request-landing")]);
+    let (np, warnings) = network_policy(&p).expect("exports");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(
+        warnings[0].kind,
+        ExportWarningKind::HttpRulesDropped { format: Format::NetworkPolicy, reason: HttpDropReason::NoL7 }
+    );
+    let text = warnings[0].to_string();
+    assert!(text.contains("NetworkPolicy cannot express HTTP (L7) rules") && text.contains("ingress rule"), "{text}");
+    let note = np.metadata.annotations.as_ref().and_then(|a| a.get(L7_DROPPED_ANNOTATION)).expect("annotation");
+    assert!(note.contains("POST /v1/request-landing") && note.contains("80/tcp"), "{note}");
+    // The L4 part is exactly the L4 policy's.
+    let (l4, _) = network_policy(&deathstar()).expect("exports");
+    assert_eq!(np.spec, l4.spec);
+    assert!(l4.metadata.annotations.is_none());
+}
+
+#[test]
+fn cilium_http_rules_import_back_and_other_regexes_are_left_out() {
+    let p = landing_policy(vec![HttpRule::exact("POST", "/v1/request-landing"), HttpRule::prefix("GET", "/v1/")]);
+    let (cnp, _) = cilium_network_policy(&p).expect("exports");
+    let (back, warnings) = import_cilium_network_policy(&cnp).expect("imports");
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let mut want = p.clone();
+    want.normalize();
+    assert_eq!(back, want);
+
+    // Hand-written rules: a bare literal path is exact, a real regex is not ours.
+    let mut cnp = cnp;
+    let http = vec![
+        HttpRuleSpec { method: Some("GET".into()), path: Some("/health".into()) },
+        HttpRuleSpec { method: Some("GET".into()), path: Some("/v1/ships/[0-9]+".into()) },
+    ];
+    let ingress = cnp.spec.ingress.as_mut().expect("ingress");
+    ingress[0].to_ports.as_mut().expect("ports")[0].rules = Some(L7Rules { dns: None, http: Some(http[..1].to_vec()) });
+    let (back, warnings) = import_cilium_network_policy(&cnp).expect("imports");
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(back.ingress.expect("ingress")[0].http, vec![HttpRule::exact("GET", "/health")]);
+    let ingress = cnp.spec.ingress.as_mut().expect("ingress");
+    ingress[0].to_ports.as_mut().expect("ports")[0].rules = Some(L7Rules { dns: None, http: Some(http) });
+    let (back, warnings) = import_cilium_network_policy(&cnp).expect("imports");
+    assert_eq!(back.ingress, Some(vec![]), "the port rule is left out: shown incompletely, never wider");
+    assert!(
+        matches!(&warnings[0].kind, ImportWarningKind::UnsupportedHttpRule { path: Some(p), .. } if p == "/v1/ships/[0-9]+")
+    );
+    assert!(
+        warnings[0].to_string().starts_with("CiliumNetworkPolicy default/bulkhead-deathstar: ingress rule 1:"),
+        "{}",
+        warnings[0]
+    );
+}
+
+/// Policies CiliumNetworkPolicy can express, HTTP rules included (on single TCP ports).
+fn cilium_expressible_policy() -> impl Strategy<Value = Policy> {
+    let entity = prop::sample::select(ReservedIdentity::ALL.to_vec()).prop_map(|entity| Peer::Entity { entity });
+    let peer = prop_oneof![
+        3 => expressible_peer_selector().prop_map(|selector| Peer::Workloads { selector }),
+        1 => entity,
+        1 => cidr_with_excepts(),
+    ];
+    let path = prop_oneof![
+        Just(HttpPath::Any),
+        "/[!-~&&[^?#]]{0,20}".prop_map(HttpPath::Exact),
+        "/([a-z0-9.+*()]{1,6}/){0,2}".prop_map(HttpPath::Prefix),
+    ];
+    let method =
+        prop::option::of(prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "PATCH"]).prop_map(String::from));
+    let http = prop::collection::vec((method, path).prop_map(|(method, path)| HttpRule { method, path }), 1..4);
+    let l7_rule = (peer.clone(), prop::collection::vec(1u16..=65535, 1..3), http)
+        .prop_map(|(peer, ports, http)| Rule { peer, ports: ports.into_iter().map(tcp).collect(), http })
+        .boxed();
+    let l4_rule = (peer, expressible_ports()).prop_map(|(peer, ports)| Rule::l4(peer, ports)).boxed();
+    let fqdn = ("[a-z]{1,8}\\.example", expressible_ports())
+        .prop_map(|(name, ports)| Rule::l4(Peer::Fqdn { name, addresses: vec![] }, ports));
+    let ingress = prop::option::of(prop::collection::vec(prop_oneof![l4_rule.clone(), l7_rule.clone()], 0..4));
+    let egress = prop::option::of(prop::collection::vec(prop_oneof![l4_rule, l7_rule, fqdn], 0..4));
+    ("[a-z]([a-z0-9-]{0,10}[a-z0-9])?", namespace_name(), pod_terms(), ingress, egress)
+        .prop_filter("covers a direction", |(.., i, e)| i.is_some() || e.is_some())
+        .prop_map(|(name, ns, mut selector, ingress, egress)| {
+            selector.match_labels.insert(NAMESPACE_KEY.to_owned(), ns.clone());
+            Policy { name, namespace: Some(ns), selector, ingress, egress }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// export → import gives the policy back for everything CiliumNetworkPolicy can say,
+    /// HTTP rules included.
+    #[test]
+    fn cilium_network_policy_round_trips(policy in cilium_expressible_policy()) {
+        let (cnp, warnings) = cilium_network_policy(&policy).expect("expressible policies export");
+        let dns_only = warnings.iter().all(|w| w.kind == ExportWarningKind::FqdnWithoutDnsRule);
+        prop_assert!(dns_only, "{:?}", warnings);
+        assert_cnp_sound(&cnp);
+        let yaml = serde_yaml_ng::to_string(&cnp).expect("renders");
+        let parsed: CiliumNetworkPolicy = serde_yaml_ng::from_str(&yaml).expect("parses");
+        let (back, warnings) = import_cilium_network_policy(&parsed).expect("own exports import");
+        prop_assert!(warnings.is_empty(), "{:?}", warnings);
+        let mut expected = policy.clone();
+        expected.normalize();
+        prop_assert_eq!(back, expected, "{}", yaml);
+    }
+
+    /// Every rule path survives the regex it is exported as.
+    #[test]
+    fn path_regexes_invert(path in "/[!-~&&[^?#]]{0,60}", prefix in any::<bool>()) {
+        let p = if prefix { HttpPath::Prefix(path) } else { HttpPath::Exact(path) };
+        let spec = HttpRuleSpec { method: http_method_regex(Some("GET")), path: http_path_regex(&p) };
+        let back = import::tests_support::http_rule(&spec).expect("own regexes import");
+        prop_assert_eq!(back, HttpRule { method: Some("GET".into()), path: p });
     }
 }

@@ -6,8 +6,9 @@
 //!   goes on — resending it would fail the same way;
 //! * a store failure ends the stream with `UNAVAILABLE` *without* an ack, so the agent
 //!   keeps the batch spooled and sends it again after reconnecting;
-//! * a stream that does not start with a Hello, or from a node that is not enrolled,
-//!   is refused with a status that says what to do.
+//! * a stream that does not start with a Hello, from a node that is not enrolled, or
+//!   (over mTLS) whose Hello names another node than the client certificate, is
+//!   refused with a status that says what to do.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -22,13 +23,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::grpc::tls::Peer;
 use crate::identity::{IdentityCache, Resolver, Subject};
 use crate::store::{IngestBatch, IngestOutcome, ResolvedEndpoint, ResolvedFlow, Store, StoreError};
 
 /// Whether unknown nodes may join by saying Hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Enrollment {
-    /// Any node that connects is registered (demo and lab use; mTLS will identify nodes).
+    /// Any node that connects is registered (with mTLS: any node holding a
+    /// certificate from the client CA).
     Open,
     /// Only nodes registered with `bulkhead-learner node add` may stream.
     Closed,
@@ -54,6 +57,7 @@ impl FlowIngest for IngestService {
         &self,
         request: Request<Streaming<v1::IngestRequest>>,
     ) -> Result<Response<Self::IngestStream>, Status> {
+        let peer = Peer::of(&request);
         let mut inbound = request.into_inner();
         let hello = match inbound.next().await {
             Some(Ok(v1::IngestRequest { msg: Some(ingest_request::Msg::Hello(h)) })) => h,
@@ -65,6 +69,9 @@ impl FlowIngest for IngestService {
         if node_id.is_empty() || node_id.len() > 253 || boot_id.is_empty() || boot_id.len() > 253 {
             return Err(Status::invalid_argument("Hello needs a node_id and boot_id of 1 to 253 bytes"));
         }
+        // Every batch must name this node too (`handle_batch`), so the stream cannot
+        // speak for another node later.
+        peer.authorize(&node_id, "flow ingest")?;
         let now = unix_ms();
         if !self.store.agent_known(&node_id).await.map_err(store_status)? {
             match self.enrollment {

@@ -1,3 +1,4 @@
 //! gRPC services the learner serves to agents.
 
 pub mod ingest;
+pub mod tls;

@@ -15,14 +15,23 @@
 //! An edge drawn between two groups (namespaces, or a workload and a namespace) folds
 //! many edges; it takes the most severe class among them and says how many of its
 //! port buckets are in each class.
+//!
+//! Whether the policy set allows an edge is decided here from label selectors, per
+//! (source, destination, port, protocol). [`CoverageCache`] remembers those decisions
+//! for as long as everything they depend on (the policies in force, the identities,
+//! which workloads enforce) is *equal* to what they were computed from, compared value
+//! by value on every use, so an approval or a rollout change is seen by the very next
+//! request. [`fold_edges`] then folds a range's edges into per-port buckets between
+//! groups in one pass.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use bulkhead_model::{Direction, Identity, Labels, ProposalStatus, Protocol, RolloutMode};
-use bulkhead_synth::{Connection, Evaluator, SideVerdict};
+use bulkhead_model::{Direction, Edge, EdgeKey, Identity, Labels, Policy, ProposalStatus, Protocol, RolloutMode};
+use bulkhead_synth::{Connection, Evaluator, IdentityInfo, SideVerdict};
 use serde::Serialize;
 
 /// Most nodes drawn; past it the graph falls back to a table.
@@ -197,6 +206,201 @@ fn external_rule_allows(ev: &Evaluator<'_>, local: Identity, dir: Direction, pro
         .filter_map(|p| p.rules(dir))
         .flatten()
         .any(|r| r.peer.is_external() && r.allows_port(protocol, port))
+}
+
+// === remembered coverage ===
+
+/// Decisions kept at most (edges plus verdict-event tuples); past it the cache starts
+/// over rather than grow without bound.
+const MAX_CACHED_DECISIONS: usize = 4_000_000;
+
+/// What [`coverage`] read besides the connection: the policies in force, every
+/// identity's facts (labels, kind, name: CIDR-group peers match by name), and the
+/// workloads that enforce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CoverageInputs {
+    policies: Vec<Policy>,
+    identities: Vec<IdentityInfo>,
+    enforcing: Vec<Identity>,
+}
+
+/// Coverage decisions for one set of inputs.
+#[derive(Debug)]
+pub struct CoverageGeneration {
+    inputs: CoverageInputs,
+    decided: RwLock<HashMap<EdgeKey, Coverage>>,
+}
+
+/// Coverage decisions shared by requests (see the module docs). Holds one generation:
+/// the inputs of the newest request that asked.
+#[derive(Debug, Default)]
+pub struct CoverageCache {
+    current: Mutex<Option<Arc<CoverageGeneration>>>,
+}
+
+impl CoverageCache {
+    /// The generation for exactly these inputs (`enforcing` in any order): the kept one
+    /// when every input is equal, else a new, empty one that replaces it.
+    pub fn generation(
+        &self,
+        policies: &[Policy],
+        identities: &[IdentityInfo],
+        enforcing: impl IntoIterator<Item = Identity>,
+    ) -> Arc<CoverageGeneration> {
+        let mut enforcing: Vec<Identity> = enforcing.into_iter().collect();
+        enforcing.sort_unstable();
+        enforcing.dedup();
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(g) = current.as_ref()
+            && g.inputs.policies == policies
+            && g.inputs.identities == identities
+            && g.inputs.enforcing == enforcing
+        {
+            return g.clone();
+        }
+        let g = Arc::new(CoverageGeneration {
+            inputs: CoverageInputs { policies: policies.to_vec(), identities: identities.to_vec(), enforcing },
+            decided: RwLock::new(HashMap::new()),
+        });
+        *current = Some(g.clone());
+        g
+    }
+}
+
+impl CoverageGeneration {
+    /// Runs `f` with a lookup that answers from the remembered decisions and asks
+    /// `decide` for the others (remembered when `f` returns). `decide` must be the
+    /// decision for this generation's inputs.
+    pub fn with<R>(
+        &self,
+        decide: impl Fn(&EdgeKey) -> Coverage,
+        f: impl FnOnce(&mut dyn FnMut(&EdgeKey) -> Coverage) -> R,
+    ) -> R {
+        let mut new: Vec<(EdgeKey, Coverage)> = Vec::new();
+        let out = {
+            let known = self.decided.read().unwrap_or_else(PoisonError::into_inner);
+            let mut lookup = |k: &EdgeKey| match known.get(k) {
+                Some(c) => *c,
+                None => {
+                    let c = decide(k);
+                    new.push((*k, c));
+                    c
+                }
+            };
+            f(&mut lookup)
+        };
+        if !new.is_empty() {
+            let mut decided = self.decided.write().unwrap_or_else(PoisonError::into_inner);
+            if decided.len() + new.len() > MAX_CACHED_DECISIONS {
+                decided.clear();
+            }
+            decided.extend(new);
+        }
+        out
+    }
+}
+
+// === folding edges into groups ===
+
+/// One identity's place in a grouping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member {
+    /// The caller's group number (an index into its own node list).
+    pub group: u32,
+    /// Edges *from* it need a policy decision (a policy covers its egress).
+    pub decide_src: bool,
+    /// Edges *to* it need a policy decision (a policy covers its ingress).
+    pub decide_dst: bool,
+    /// Scoped folds keep only edges with an in-scope member on either end.
+    pub in_scope: bool,
+}
+
+/// A port bucket between two groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BucketKey {
+    pub src_group: u32,
+    pub dst_group: u32,
+    pub protocol: Protocol,
+    pub dst_port: u16,
+}
+
+/// What [`fold_edges`] made of a range's edges.
+#[derive(Debug, Clone, Default)]
+pub struct Folded {
+    /// Per bucket: its traffic and the least permissive coverage among its edges.
+    pub buckets: HashMap<BucketKey, (Traffic, Coverage)>,
+    /// Distinct (source group, destination group) pairs with an edge.
+    pub pairs: u64,
+    /// Distinct groups on either end of those.
+    pub groups: u64,
+}
+
+/// Whether `e` is part of the grouping: both ends are members and, `scoped`, one of
+/// them is in scope. Returns the two members.
+fn members_of(e: &Edge, members: &HashMap<Identity, Member>, scoped: bool) -> Option<(Member, Member)> {
+    let s = *members.get(&e.key.src)?;
+    let d = *members.get(&e.key.dst)?;
+    (!scoped || s.in_scope || d.in_scope).then_some((s, d))
+}
+
+/// Folds `edges` into buckets between the groups of `members` (edges with an identity
+/// the grouping does not list are left out). `coverage` is asked only for edges with an
+/// end whose direction a policy covers (see [`Member`]); every other edge is
+/// [`Coverage::NotCovered`]. Counters add up saturating at i64::MAX, like stored ones.
+pub fn fold_edges(
+    edges: &[Edge],
+    members: &HashMap<Identity, Member>,
+    scoped: bool,
+    coverage: &mut dyn FnMut(&EdgeKey) -> Coverage,
+) -> Folded {
+    const CAP: u64 = i64::MAX as u64;
+    let mut buckets: HashMap<BucketKey, (Traffic, Coverage)> = HashMap::new();
+    for e in edges {
+        let Some((s, d)) = members_of(e, members, scoped) else { continue };
+        let c = if s.decide_src || d.decide_dst { coverage(&e.key) } else { Coverage::NotCovered };
+        let key =
+            BucketKey { src_group: s.group, dst_group: d.group, protocol: e.key.protocol, dst_port: e.key.dst_port };
+        let (t, worst) = buckets.entry(key).or_insert((
+            Traffic {
+                edges: 0,
+                connections: 0,
+                bytes: 0,
+                first_seen_unix_ms: e.first_seen_unix_ms,
+                last_seen_unix_ms: e.last_seen_unix_ms,
+            },
+            c,
+        ));
+        t.edges += 1;
+        t.connections = t.connections.saturating_add(e.connections).min(CAP);
+        t.bytes = t.bytes.saturating_add(e.bytes).min(CAP);
+        t.first_seen_unix_ms = t.first_seen_unix_ms.min(e.first_seen_unix_ms);
+        t.last_seen_unix_ms = t.last_seen_unix_ms.max(e.last_seen_unix_ms);
+        *worst = worst.worst(c);
+    }
+    let pairs: HashSet<(u32, u32)> = buckets.keys().map(|k| (k.src_group, k.dst_group)).collect();
+    let groups: HashSet<u32> = pairs.iter().flat_map(|&(s, d)| [s, d]).collect();
+    Folded { buckets, pairs: pairs.len() as u64, groups: groups.len() as u64 }
+}
+
+/// The `keep` busiest edges of the grouping (most connections, then most recent, then
+/// by key): what a graph too large to draw lists instead.
+pub fn top_edges(edges: &[Edge], members: &HashMap<Identity, Member>, scoped: bool, keep: usize) -> Vec<Edge> {
+    let order = |a: &Edge, b: &Edge| {
+        b.connections
+            .cmp(&a.connections)
+            .then(b.last_seen_unix_ms.cmp(&a.last_seen_unix_ms))
+            .then(a.key.src.cmp(&b.key.src))
+            .then(a.key.dst.cmp(&b.key.dst))
+            .then(a.key.dst_port.cmp(&b.key.dst_port))
+            .then(a.key.protocol.number().cmp(&b.key.protocol.number()))
+    };
+    let mut top: Vec<Edge> = edges.iter().filter(|e| members_of(e, members, scoped).is_some()).cloned().collect();
+    if top.len() > keep && keep > 0 {
+        top.select_nth_unstable_by(keep - 1, order);
+    }
+    top.truncate(keep);
+    top.sort_by(order);
+    top
 }
 
 // === levels and node keys ===
@@ -513,6 +717,13 @@ impl GraphBuilder {
         n
     }
 
+    /// Draws node `n` even without edges.
+    pub fn keep(&mut self, n: usize) {
+        if let Some(node) = self.nodes.get_mut(n) {
+            node.1 = true;
+        }
+    }
+
     /// The index of the node with this id.
     pub fn find(&self, id: &str) -> Option<usize> {
         self.index.get(id).copied()
@@ -782,6 +993,7 @@ mod tests {
                 ingress: Some(vec![Rule {
                     peer: Peer::Workloads { selector: LabelSelector::with_labels([("class", "tiefighter")]) },
                     ports: vec![PortRange::single(Protocol::Tcp, 80)],
+                    http: vec![],
                 }]),
                 egress: None,
             },
@@ -793,6 +1005,7 @@ mod tests {
                 egress: Some(vec![Rule {
                     peer: Peer::Cidr { cidr: "203.0.113.0/24".parse().expect("net"), except: vec![] },
                     ports: vec![PortRange::single(Protocol::Tcp, 443)],
+                    http: vec![],
                 }]),
             },
         ];

@@ -19,6 +19,7 @@ pub struct Inputs {
     pub external: Vec<ExternalObservation>,
     pub dns: Vec<DnsObservation>,
     pub active: Vec<ActivePolicy>,
+    pub http: Vec<bulkhead_model::EdgeHttp>,
 }
 
 impl Inputs {
@@ -29,6 +30,7 @@ impl Inputs {
             external: &self.external,
             dns: &self.dns,
             active: &self.active,
+            http: &self.http,
         }
     }
 }
@@ -96,7 +98,10 @@ pub async fn gather(
         }
     }
     let active = active.into_iter().map(|(target, (_, policy))| ActivePolicy { target, policy }).collect();
-    Ok(Inputs { identities, edges, external, dns, active })
+    // L7: the (method, path) pairs seen in the window, and each edge's opaque / overflow
+    // counts with when they were last seen (synthesis applies the window to those).
+    let http = store.edge_http(window.from_unix_ms).await?;
+    Ok(Inputs { identities, edges, external, dns, active, http })
 }
 
 /// Allocated identities with a human name and what kind of thing they are.

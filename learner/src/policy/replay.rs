@@ -4,11 +4,17 @@
 //! A connection is often recorded twice (the client's collector and the server's);
 //! results are per connection tuple, with how many flow records and connections
 //! stand behind it.
+//!
+//! L7: a connection a policy allows only through HTTP rules is checked request by
+//! request against the (method, path) pairs its edge carried in the range (the
+//! learner keeps those per edge, not per flow record); one the rules do not match
+//! makes the tuple a would-deny, listed in `requests`. Flows of an edge without HTTP
+//! facts are judged at L4 alone.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use bulkhead_model::{Direction, Identity, Policy, ProposalStatus, Protocol};
+use bulkhead_model::{Direction, EdgeHttp, EdgeKey, Identity, Policy, ProposalStatus, Protocol};
 use bulkhead_synth::{Connection, Decision, Evaluator, SideVerdict};
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +59,18 @@ pub struct WouldDeny {
     pub last_seen_unix_ms: i64,
     /// Which side denies: "egress of X by policy P", "ingress of Y by policy Q".
     pub reasons: Vec<String>,
+    /// HTTP requests of the edge the policies' HTTP rules would deny (the connection
+    /// itself passes at L4).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<DeniedRequest>,
+}
+
+/// An HTTP request an L7 rule would deny, with how often it was seen in the range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeniedRequest {
+    pub method: String,
+    pub path: String,
+    pub requests: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -78,6 +96,9 @@ impl PolicyService {
         let fqdn = fqdn_map(&inputs);
         let ev = Evaluator::new(&policies, &inputs.identities, &fqdn);
         let names: BTreeMap<Identity, &str> = inputs.identities.iter().map(|i| (i.id, i.name.as_str())).collect();
+        let http: BTreeMap<EdgeKey, &EdgeHttp> = inputs.http.iter().map(|h| (h.key, h)).collect();
+        // Requests denied at L7, per connection tuple (the same for all its flows).
+        let mut l7_cache: BTreeMap<Key, Vec<(DeniedRequest, Vec<String>)>> = BTreeMap::new();
 
         type Key = (Identity, Identity, IpAddr, IpAddr, u16, Protocol);
         let mut denied: BTreeMap<Key, (WouldDeny, BTreeSet<String>)> = BTreeMap::new();
@@ -111,9 +132,18 @@ impl PolicyService {
                 let key = (c.src, c.dst, f.src_addr, f.dst_addr, f.dst_port, f.protocol);
                 seen.insert(key);
                 let d = ev.decide(&c);
-                if d.allowed() {
-                    continue;
-                }
+                let denied_requests = if d.allowed() {
+                    let edge = EdgeKey { src: c.src, dst: c.dst, dst_port: c.dst_port, protocol: c.protocol };
+                    let found = l7_cache.entry(key).or_insert_with(|| {
+                        l7_denied(&ev, &c, http.get(&edge).copied(), req, &policies, &names)
+                    });
+                    if found.is_empty() {
+                        continue;
+                    }
+                    found.clone()
+                } else {
+                    Vec::new()
+                };
                 let entry = denied.entry(key).or_insert_with(|| {
                     let name = |id: Identity| names.get(&id).map_or_else(|| id.to_string(), |n| (*n).to_owned());
                     (
@@ -131,6 +161,7 @@ impl PolicyService {
                             first_seen_unix_ms: f.first_seen_unix_ms,
                             last_seen_unix_ms: f.last_seen_unix_ms,
                             reasons: Vec::new(),
+                            requests: Vec::new(),
                         },
                         BTreeSet::new(),
                     )
@@ -141,6 +172,12 @@ impl PolicyService {
                 w.first_seen_unix_ms = w.first_seen_unix_ms.min(f.first_seen_unix_ms);
                 w.last_seen_unix_ms = w.last_seen_unix_ms.max(f.last_seen_unix_ms);
                 entry.1.extend(reasons(&d, &c, &policies, &names));
+                if w.requests.is_empty() {
+                    for (r, why) in denied_requests {
+                        entry.1.extend(why);
+                        entry.0.requests.push(r);
+                    }
+                }
             }
             if evaluated >= MAX_REPLAY_FLOWS {
                 truncated = true;
@@ -209,6 +246,33 @@ fn fqdn_map(inputs: &Inputs) -> BTreeMap<String, Vec<IpAddr>> {
         m.entry(d.name.clone()).or_default().insert(d.addr);
     }
     m.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()
+}
+
+/// The requests of `edge` in the range the policies would deny on connection `c` (which
+/// passes at L4), each with the reasons.
+fn l7_denied(
+    ev: &Evaluator<'_>,
+    c: &Connection,
+    edge: Option<&EdgeHttp>,
+    req: &ReplayRequest,
+    policies: &[Policy],
+    names: &BTreeMap<Identity, &str>,
+) -> Vec<(DeniedRequest, Vec<String>)> {
+    let Some(edge) = edge else { return Vec::new() };
+    edge.requests
+        .iter()
+        .filter(|r| r.last_seen_unix_ms >= req.from_unix_ms && r.first_seen_unix_ms <= req.to_unix_ms)
+        .filter_map(|r| {
+            let d = ev.decide_request(c, &r.method, &r.path);
+            (!d.allowed()).then(|| {
+                let why = reasons(&d, c, policies, names)
+                    .into_iter()
+                    .map(|w| format!("{} {}: {w} (HTTP rules)", r.method, r.path))
+                    .collect();
+                (DeniedRequest { method: r.method.clone(), path: r.path.clone(), requests: r.requests }, why)
+            })
+        })
+        .collect()
 }
 
 fn reasons(d: &Decision, c: &Connection, policies: &[Policy], names: &BTreeMap<Identity, &str>) -> Vec<String> {

@@ -328,7 +328,7 @@ mod tests {
         ProposedRule {
             id: id.into(),
             direction,
-            rule: Rule { peer, ports: vec![PortRange::single(Protocol::Tcp, port)] },
+            rule: Rule::l4(peer, vec![PortRange::single(Protocol::Tcp, port)]),
             evidence: Evidence { peers: peers.iter().map(|p| Identity(*p)).collect(), ..Evidence::default() },
             flags: vec![],
             included: true,
@@ -419,7 +419,7 @@ mod tests {
         assert!(r.has(RiskKind::NewExternalEgress), "{r:?}");
         assert_eq!(r.score, points::NEW_EXTERNAL_EGRESS);
         let in_force = Policy {
-            egress: Some(vec![Rule { peer: world_peer(), ports: vec![PortRange::single(Protocol::Tcp, 443)] }]),
+            egress: Some(vec![Rule::l4(world_peer(), vec![PortRange::single(Protocol::Tcp, 443)])]),
             ..p.policy.clone()
         };
         let r = score(&p, &inputs(&w, Some(&in_force)));

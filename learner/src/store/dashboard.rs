@@ -722,6 +722,7 @@ mod tests {
                 verdict: Verdict::Forwarded,
                 first_seen_unix_ms: 1,
                 last_seen_unix_ms: 2,
+                http: Default::default(),
             },
             src_identity: a,
             dst_identity: b,

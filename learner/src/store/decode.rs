@@ -242,6 +242,7 @@ impl RawFlowColumns {
                 verdict: verdict_from_db(r.verdict)?,
                 first_seen_unix_ms: r.first_seen_unix_ms,
                 last_seen_unix_ms: r.last_seen_unix_ms,
+                http: Default::default(),
             },
         })
     }

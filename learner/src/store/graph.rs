@@ -1,21 +1,18 @@
-//! Service-graph aggregation for the analysts' graph (`/api/v1/graph`, issue 5): the
-//! edges of a time range folded in SQL into buckets between *groups* of identities
-//! (namespaces, workloads, whatever the caller chose), the verdict events of the range
-//! per edge, the flows of one workload per address pair (the endpoint view), and how
-//! widely each port is used (proposal risk).
+//! Service-graph reads for the analysts' graph (`/api/v1/graph`, issue 5): the edges of
+//! a time range (optionally only those touching a set of identities), the verdict events
+//! of the range per edge, the flows of one workload per address pair (the endpoint
+//! view), and how widely each port is used (proposal risk).
 //!
-//! The caller hands the grouping over as data: one [`GroupMember`] per identity, bound
-//! as a single JSON parameter and joined in the database, so a namespace view of 100k
-//! edges returns a few hundred rows. Members flagged [`GroupMember::detail_src`] /
-//! [`GroupMember::detail_dst`] (identities an active policy covers) keep their edges
-//! apart, one row per edge: whether a policy allows an edge is decided by the caller
-//! (policies are label selectors, which SQL cannot evaluate), and only those edges need
-//! it. Edges with an identity the grouping does not list (allocated after the caller
-//! read the identities) are left out until the next read.
+//! The edges come back as **one** JSON array built by the database (`[[src, dst, port,
+//! protocol, connections, bytes, first, last], …]`) and are folded in Rust
+//! (`policy::graph_view`). Both obvious alternatives are slower on SQLite at 100k edges:
+//! a row per edge costs the driver ~3 µs (300 ms), and folding in SQL sorts every edge
+//! row through a temporary B-tree for the GROUP BY (~100 ms), while the folding itself
+//! is a hash-map pass. One text value costs the database ~30 ms to build and this module
+//! a few to parse (a hand-written parser: the input is a fixed shape of integers).
 //!
-//! Counters are summed as high and low 32-bit halves (a stored counter may be saturated
-//! at i64::MAX, and a plain SUM of two overflows on both backends) and recombined here,
-//! saturating. Every value is a bound parameter; the SQL text is built from constants.
+//! Counters are each edge's max(egress side, ingress side) (see `Store`'s docs), stored
+//! saturated at i64::MAX. Every value is a bound parameter; the SQL text is constant.
 
 use std::net::IpAddr;
 
@@ -34,83 +31,20 @@ const T: &str = "edges";
 
 // === inputs and rows ===
 
-/// One identity's place in a grouping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct GroupMember {
-    pub identity: Identity,
-    /// The caller's group number (an index into its own node list).
-    pub group: u32,
-    /// Keep edges *from* this identity apart (its egress is covered by a policy).
-    pub detail_src: bool,
-    /// Keep edges *to* this identity apart (its ingress is covered by a policy).
-    pub detail_dst: bool,
-    /// With [`GraphQuery::scoped`]: only edges touching a scope member are read.
-    pub in_scope: bool,
-}
-
-impl GroupMember {
-    fn flags(&self) -> u8 {
-        u8::from(self.detail_src) | (u8::from(self.detail_dst) << 1) | (u8::from(self.in_scope) << 2)
-    }
-}
-
-/// Which edges to aggregate and how.
+/// Which edges [`Store::graph_edges`] reads.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct GraphQuery {
-    /// Every identity the caller knows, with its group.
-    pub members: Vec<GroupMember>,
+pub struct GraphEdgeQuery {
     /// Edges seen in `[since, until]` (`last_seen >= since`, `first_seen <= until`).
     pub since_unix_ms: Option<i64>,
     pub until_unix_ms: Option<i64>,
-    /// Only edges with a scope member on either end.
-    pub scoped: bool,
+    /// Only edges with one of these identities on either end (`None`: every edge).
+    pub scope: Option<Vec<Identity>>,
 }
 
-impl GraphQuery {
-    fn members_json(&self) -> String {
-        let mut s = String::with_capacity(self.members.len() * 16 + 2);
-        s.push('[');
-        for (i, m) in self.members.iter().enumerate() {
-            if i > 0 {
-                s.push(',');
-            }
-            s.push_str(&format!("[{},{},{}]", m.identity.0, m.group, m.flags()));
-        }
-        s.push(']');
-        s
-    }
-
+impl GraphEdgeQuery {
     fn range(&self) -> (i64, i64) {
         (self.since_unix_ms.unwrap_or(i64::MIN), self.until_unix_ms.unwrap_or(i64::MAX))
     }
-}
-
-/// Edges between two groups on one port and protocol, summed; or, where a detail flag
-/// applies, exactly one edge (`pair` names its identities).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct GraphBucketRow {
-    pub src_group: u32,
-    pub dst_group: u32,
-    /// `Some((src, dst))` for a detail row (one edge).
-    pub pair: Option<(Identity, Identity)>,
-    pub dst_port: u16,
-    pub protocol: Protocol,
-    /// Edges in the bucket.
-    pub edges: u64,
-    /// Sum over the edges of max(egress side, ingress side) (see `Store`'s docs).
-    pub connections: u64,
-    pub bytes: u64,
-    pub first_seen_unix_ms: i64,
-    pub last_seen_unix_ms: i64,
-}
-
-/// How big an aggregation would be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct GraphSize {
-    /// Distinct (source group, destination group) pairs with an edge.
-    pub pairs: u64,
-    /// Distinct groups on either end of those.
-    pub groups: u64,
 }
 
 /// Audit and deny events of a range for one connection tuple (addresses only when asked
@@ -160,41 +94,6 @@ pub struct PortUsageRow {
 // === raw rows ===
 
 #[derive(Debug, sqlx::FromRow)]
-struct RawBucket {
-    src_group: i64,
-    dst_group: i64,
-    src_identity: i64,
-    dst_identity: i64,
-    dst_port: i64,
-    protocol: i64,
-    edges: i64,
-    connections_hi: i64,
-    connections_lo: i64,
-    bytes_hi: i64,
-    bytes_lo: i64,
-    first_seen_unix_ms: i64,
-    last_seen_unix_ms: i64,
-}
-
-#[derive(Debug, sqlx::FromRow)]
-struct RawSize {
-    pairs: i64,
-    groups: i64,
-}
-
-#[derive(Debug, sqlx::FromRow)]
-struct RawTopEdge {
-    src_identity: i64,
-    dst_identity: i64,
-    dst_port: i64,
-    protocol: i64,
-    connections: i64,
-    bytes: i64,
-    first_seen_unix_ms: i64,
-    last_seen_unix_ms: i64,
-}
-
-#[derive(Debug, sqlx::FromRow)]
 struct RawEdgeVerdict {
     src_identity: i64,
     dst_identity: i64,
@@ -242,60 +141,12 @@ fn recombine(table: &'static str, column: &'static str, hi: i64, lo: i64) -> Res
     Ok(u64::try_from(v.min(i64::MAX as u128)).unwrap_or(i64::MAX as u64))
 }
 
-fn group(column: &'static str, v: i64) -> Result<u32, StoreError> {
-    u32::try_from(v).map_err(|_| StoreError::InvalidStoredValue { table: T, column, value: v.to_string() })
-}
-
 fn port_of(table: &'static str, v: i64) -> Result<u16, StoreError> {
     port(table, "dst_port", i32::try_from(v).unwrap_or(-1))
 }
 
 fn protocol_of(table: &'static str, v: i64) -> Result<Protocol, StoreError> {
     protocol_from_db(table, i32::try_from(v).unwrap_or(-1))
-}
-
-impl TryFrom<RawBucket> for GraphBucketRow {
-    type Error = StoreError;
-    fn try_from(r: RawBucket) -> Result<Self, StoreError> {
-        let pair = if r.src_identity >= 0 && r.dst_identity >= 0 {
-            Some((
-                decode::identity(T, "src_identity", r.src_identity)?,
-                decode::identity(T, "dst_identity", r.dst_identity)?,
-            ))
-        } else {
-            None
-        };
-        Ok(GraphBucketRow {
-            src_group: group("src group", r.src_group)?,
-            dst_group: group("dst group", r.dst_group)?,
-            pair,
-            dst_port: port_of(T, r.dst_port)?,
-            protocol: protocol_of(T, r.protocol)?,
-            edges: counter(T, "count", r.edges)?,
-            connections: recombine(T, "connections", r.connections_hi, r.connections_lo)?,
-            bytes: recombine(T, "bytes", r.bytes_hi, r.bytes_lo)?,
-            first_seen_unix_ms: r.first_seen_unix_ms,
-            last_seen_unix_ms: r.last_seen_unix_ms,
-        })
-    }
-}
-
-impl TryFrom<RawTopEdge> for Edge {
-    type Error = StoreError;
-    fn try_from(r: RawTopEdge) -> Result<Self, StoreError> {
-        Ok(Edge {
-            key: EdgeKey {
-                src: decode::identity(T, "src_identity", r.src_identity)?,
-                dst: decode::identity(T, "dst_identity", r.dst_identity)?,
-                dst_port: port_of(T, r.dst_port)?,
-                protocol: protocol_of(T, r.protocol)?,
-            },
-            first_seen_unix_ms: r.first_seen_unix_ms,
-            last_seen_unix_ms: r.last_seen_unix_ms,
-            connections: counter(T, "connections", r.connections)?,
-            bytes: counter(T, "bytes", r.bytes)?,
-        })
-    }
 }
 
 impl TryFrom<RawEdgeVerdict> for EdgeVerdictRow {
@@ -369,7 +220,7 @@ impl TryFrom<RawPortUsage> for PortUsageRow {
 
 // === statements ===
 
-/// What differs between the backends' SQL here: how a JSON parameter becomes rows, and
+/// What differs between the backends' SQL here: how a JSON array is built and read, and
 /// how a workload's flows are found (SQLite has no per-flow identity index; it walks
 /// `flow_blocks`, see migration 0001).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,22 +236,21 @@ macro_rules! side_max {
     };
 }
 
-impl Dialect {
-    /// The grouping `g(id, grp, flags)` from the JSON parameter `$1`.
-    fn groups_cte(self) -> &'static str {
-        match self {
-            Dialect::Sqlite => {
-                "g(id, grp, flags) AS MATERIALIZED (SELECT CAST(json_extract(value, '$[0]') AS INTEGER), \
-                 CAST(json_extract(value, '$[1]') AS INTEGER), CAST(json_extract(value, '$[2]') AS INTEGER) \
-                 FROM json_each($1))"
-            }
-            Dialect::Postgres => {
-                "g(id, grp, flags) AS MATERIALIZED (SELECT (x->>0)::bigint, (x->>1)::bigint, (x->>2)::bigint \
-                 FROM json_array_elements($1::json) AS x)"
-            }
-        }
-    }
+/// One edge as a JSON array, in the order [`parse_edges`] reads.
+macro_rules! edge_array {
+    ($array:literal) => {
+        concat!(
+            $array,
+            "(e.src_identity, e.dst_identity, e.dst_port, e.protocol, ",
+            side_max!("connections"),
+            ", ",
+            side_max!("bytes"),
+            ", e.first_seen_unix_ms, e.last_seen_unix_ms)"
+        )
+    };
+}
 
+impl Dialect {
     /// Identities from a JSON array parameter `$n`, as a subquery.
     fn id_list(self, n: u8) -> String {
         match self {
@@ -410,78 +260,30 @@ impl Dialect {
     }
 }
 
-/// Columns every joined edge row carries (`j` below).
-const JOINED_COLUMNS: &str = concat!(
-    "s.grp AS sg, s.flags AS sf, d.grp AS dg, d.flags AS df, e.src_identity AS src_identity, \
-     e.dst_identity AS dst_identity, CAST(e.dst_port AS BIGINT) AS dst_port, CAST(e.protocol AS BIGINT) AS protocol, ",
-    side_max!("connections"),
-    " AS connections, ",
-    side_max!("bytes"),
-    " AS bytes, e.first_seen_unix_ms AS first_seen_unix_ms, e.last_seen_unix_ms AS last_seen_unix_ms"
-);
-
-/// The edges of the range (`$2`, `$3`) joined to their groups. The grouping drives the
-/// join (CROSS JOIN pins SQLite's loop order; PostgreSQL plans it freely): one primary-key
-/// range per identity instead of a lookup per edge. Scoped: the scope members' edges
-/// through the primary key (outgoing) and the destination index (incoming).
-fn joined(scoped: bool) -> String {
-    const RANGE: &str = "e.last_seen_unix_ms >= $2 AND e.first_seen_unix_ms <= $3";
-    if scoped {
-        format!(
-            "SELECT {JOINED_COLUMNS} FROM g s CROSS JOIN edges e JOIN g d ON d.id = e.dst_identity \
-             WHERE (s.flags & 4) <> 0 AND e.src_identity = s.id AND {RANGE} \
-             UNION ALL \
-             SELECT {JOINED_COLUMNS} FROM g d CROSS JOIN edges e JOIN g s ON s.id = e.src_identity \
-             WHERE (d.flags & 4) <> 0 AND e.dst_identity = d.id AND (s.flags & 4) = 0 AND {RANGE}"
-        )
+/// The edges of the range (`$1`, `$2`) as one JSON text; scoped: only those with an
+/// identity of `$3` on either end (the primary key finds the outgoing ones, the
+/// destination index the incoming ones).
+fn edges_sql(d: Dialect, scoped: bool) -> String {
+    let scope = if scoped {
+        let ids = d.id_list(3);
+        format!(" AND (e.src_identity IN {ids} OR e.dst_identity IN {ids})")
     } else {
-        format!(
-            "SELECT {JOINED_COLUMNS} FROM g s CROSS JOIN edges e JOIN g d ON d.id = e.dst_identity \
-             WHERE e.src_identity = s.id AND {RANGE}"
-        )
-    }
-}
-
-/// A row is kept apart when its source's egress or its destination's ingress is covered.
-const DETAIL: &str = "((sf & 1) <> 0 OR (df & 2) <> 0)";
-
-fn buckets_sql(d: Dialect, scoped: bool) -> String {
+        String::new()
+    };
+    let (open, close) = match d {
+        Dialect::Sqlite => (concat!("json_group_array(", edge_array!("json_array"), ")"), ""),
+        Dialect::Postgres => (concat!("coalesce(json_agg(", edge_array!("json_build_array"), ")::text, '[]'"), ")"),
+    };
+    // SQLite has no statistics to tell a narrow range from a wide one and would walk
+    // `edges_last_seen` for any range, a table lookup per edge (twice the time of a
+    // scan over all of them): the unary `+` keeps it to one scan, whatever the range.
+    let last_seen = match d {
+        Dialect::Sqlite => "+e.last_seen_unix_ms",
+        Dialect::Postgres => "e.last_seen_unix_ms",
+    };
     format!(
-        "WITH {g}, j AS NOT MATERIALIZED ({j}) \
-         SELECT sg AS src_group, dg AS dst_group, CAST(-1 AS BIGINT) AS src_identity, \
-         CAST(-1 AS BIGINT) AS dst_identity, dst_port, protocol, CAST(count(*) AS BIGINT) AS edges, \
-         CAST(sum(connections >> 32) AS BIGINT) AS connections_hi, \
-         CAST(sum(connections & 4294967295) AS BIGINT) AS connections_lo, \
-         CAST(sum(bytes >> 32) AS BIGINT) AS bytes_hi, CAST(sum(bytes & 4294967295) AS BIGINT) AS bytes_lo, \
-         min(first_seen_unix_ms) AS first_seen_unix_ms, max(last_seen_unix_ms) AS last_seen_unix_ms \
-         FROM j WHERE NOT {DETAIL} GROUP BY sg, dg, dst_port, protocol \
-         UNION ALL \
-         SELECT sg, dg, src_identity, dst_identity, dst_port, protocol, CAST(1 AS BIGINT), \
-         connections >> 32, connections & 4294967295, bytes >> 32, bytes & 4294967295, \
-         first_seen_unix_ms, last_seen_unix_ms FROM j WHERE {DETAIL}",
-        g = d.groups_cte(),
-        j = joined(scoped),
-    )
-}
-
-fn size_sql(d: Dialect, scoped: bool) -> String {
-    format!(
-        "WITH {g}, j AS NOT MATERIALIZED ({j}), p AS MATERIALIZED (SELECT sg, dg FROM j GROUP BY sg, dg) \
-         SELECT CAST((SELECT count(*) FROM p) AS BIGINT) AS pairs, \
-         CAST((SELECT count(*) FROM (SELECT sg FROM p UNION SELECT dg FROM p) AS u) AS BIGINT) AS groups",
-        g = d.groups_cte(),
-        j = joined(scoped),
-    )
-}
-
-fn top_sql(d: Dialect, scoped: bool) -> String {
-    format!(
-        "WITH {g}, j AS NOT MATERIALIZED ({j}) \
-         SELECT src_identity, dst_identity, dst_port, protocol, connections, bytes, first_seen_unix_ms, \
-         last_seen_unix_ms FROM j ORDER BY connections DESC, last_seen_unix_ms DESC, src_identity, dst_identity, \
-         dst_port, protocol LIMIT $4",
-        g = d.groups_cte(),
-        j = joined(scoped),
+        "SELECT {open}{close} AS edges FROM edges e \
+         WHERE {last_seen} >= $1 AND e.first_seen_unix_ms <= $2{scope}"
     )
 }
 
@@ -564,58 +366,132 @@ where
     fetched.map_err(StoreError::db(op))?.into_iter().map(O::try_from).collect()
 }
 
+/// Identities as a JSON array parameter.
+fn id_json(ids: &[Identity]) -> String {
+    let mut s = String::with_capacity(ids.len() * 6 + 2);
+    s.push('[');
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&id.0.to_string());
+    }
+    s.push(']');
+    s
+}
+
+/// Values per edge in the JSON the edge statement builds.
+const EDGE_VALUES: usize = 8;
+
+/// Parses `[[i64 × 8], …]` (whitespace allowed between tokens: PostgreSQL adds some).
+/// Hand-written because it runs on every graph request over every edge, and the input
+/// has one fixed shape; anything else is a corrupt value, not a guess.
+fn parse_edges(text: &str) -> Result<Vec<[i64; EDGE_VALUES]>, StoreError> {
+    let corrupt = |at: usize| StoreError::InvalidStoredValue {
+        table: T,
+        column: "edge array",
+        value: format!("at byte {at}: {}", text.get(at..).unwrap_or("").chars().take(40).collect::<String>()),
+    };
+    let b = text.as_bytes();
+    let mut i = 0;
+    let skip = |i: &mut usize| {
+        while b.get(*i).is_some_and(u8::is_ascii_whitespace) {
+            *i += 1;
+        }
+    };
+    let expect = |i: &mut usize, c: u8| -> Result<(), StoreError> {
+        skip(i);
+        if b.get(*i) == Some(&c) {
+            *i += 1;
+            Ok(())
+        } else {
+            Err(corrupt(*i))
+        }
+    };
+    let number = |i: &mut usize| -> Result<i64, StoreError> {
+        skip(i);
+        let start = *i;
+        let negative = b.get(*i) == Some(&b'-');
+        if negative {
+            *i += 1;
+        }
+        let digits = *i;
+        let mut v: i64 = 0;
+        while let Some(d) = b.get(*i).filter(|c| c.is_ascii_digit()) {
+            // Accumulate negatively: i64::MIN has no positive counterpart.
+            v = v.checked_mul(10).and_then(|v| v.checked_sub(i64::from(d - b'0'))).ok_or_else(|| corrupt(start))?;
+            *i += 1;
+        }
+        if *i == digits {
+            return Err(corrupt(start));
+        }
+        if negative { Ok(v) } else { v.checked_neg().ok_or_else(|| corrupt(start)) }
+    };
+    let mut out = Vec::new();
+    expect(&mut i, b'[')?;
+    skip(&mut i);
+    if b.get(i) == Some(&b']') {
+        i += 1;
+    } else {
+        loop {
+            expect(&mut i, b'[')?;
+            let mut edge = [0; EDGE_VALUES];
+            for (n, v) in edge.iter_mut().enumerate() {
+                if n > 0 {
+                    expect(&mut i, b',')?;
+                }
+                *v = number(&mut i)?;
+            }
+            expect(&mut i, b']')?;
+            out.push(edge);
+            skip(&mut i);
+            match b.get(i) {
+                Some(b',') => i += 1,
+                Some(b']') => {
+                    i += 1;
+                    break;
+                }
+                _ => return Err(corrupt(i)),
+            }
+        }
+    }
+    skip(&mut i);
+    if i == b.len() { Ok(out) } else { Err(corrupt(i)) }
+}
+
+fn edge_from_array(v: [i64; EDGE_VALUES]) -> Result<Edge, StoreError> {
+    let [src, dst, dst_port, protocol, connections, bytes, first_seen_unix_ms, last_seen_unix_ms] = v;
+    Ok(Edge {
+        key: EdgeKey {
+            src: decode::identity(T, "src_identity", src)?,
+            dst: decode::identity(T, "dst_identity", dst)?,
+            dst_port: port_of(T, dst_port)?,
+            protocol: protocol_of(T, protocol)?,
+        },
+        first_seen_unix_ms,
+        last_seen_unix_ms,
+        connections: counter(T, "connections", connections)?,
+        bytes: counter(T, "bytes", bytes)?,
+    })
+}
+
 // === impl Store ===
 
 impl Store {
-    /// The edges of `q`'s range folded into buckets: per (source group, destination
-    /// group, port, protocol) for edges between uncovered identities, one row per edge
-    /// where a detail flag applies (see the module docs). Unordered.
-    pub async fn graph_buckets(&self, q: &GraphQuery) -> Result<Vec<GraphBucketRow>, StoreError> {
+    /// The edges of `q`'s range (see [`GraphEdgeQuery`]), in no particular order. Their
+    /// counters are max(egress side, ingress side).
+    pub async fn graph_edges(&self, q: &GraphEdgeQuery) -> Result<Vec<Edge>, StoreError> {
         let (since, until) = q.range();
-        let members = q.members_json();
-        on_reader!(self, |pool, d| {
-            let fetched = sqlx::query_as::<_, RawBucket>(AssertSqlSafe(buckets_sql(d, q.scoped)))
-                .bind(members)
-                .bind(since)
-                .bind(until)
-                .fetch_all(pool)
-                .await;
-            decode_all("graph_buckets", fetched)
-        })
-    }
-
-    /// How many group pairs and groups [`Store::graph_buckets`] would fold `q` into.
-    pub async fn graph_size(&self, q: &GraphQuery) -> Result<GraphSize, StoreError> {
-        let (since, until) = q.range();
-        let members = q.members_json();
-        let raw = on_reader!(self, |pool, d| {
-            sqlx::query_as::<_, RawSize>(AssertSqlSafe(size_sql(d, q.scoped)))
-                .bind(members)
-                .bind(since)
-                .bind(until)
-                .fetch_one(pool)
-                .await
-                .map_err(StoreError::db("graph_size"))?
+        let ids = q.scope.as_ref().map(|ids| id_json(ids));
+        let text: String = on_reader!(self, |pool, d| {
+            let sql = edges_sql(d, ids.is_some());
+            let mut query = sqlx::query_scalar(AssertSqlSafe(sql)).bind(since).bind(until);
+            if let Some(ids) = &ids {
+                query = query.bind(ids.clone());
+            }
+            query.fetch_one(pool).await.map_err(StoreError::db("graph_edges"))?
         });
-        Ok(GraphSize { pairs: counter(T, "count", raw.pairs)?, groups: counter(T, "count", raw.groups)? })
-    }
-
-    /// The `limit` busiest edges of `q` (most connections first), one per edge: what a
-    /// graph too large to draw falls back to.
-    pub async fn graph_top_edges(&self, q: &GraphQuery, limit: u32) -> Result<Vec<Edge>, StoreError> {
-        let (since, until) = q.range();
-        let members = q.members_json();
-        let limit = i64::from(limit.min(MAX_GRAPH_ROWS));
-        on_reader!(self, |pool, d| {
-            let fetched = sqlx::query_as::<_, RawTopEdge>(AssertSqlSafe(top_sql(d, q.scoped)))
-                .bind(members)
-                .bind(since)
-                .bind(until)
-                .bind(limit)
-                .fetch_all(pool)
-                .await;
-            decode_all("graph_top_edges", fetched)
-        })
+        parse_edges(&text)?.into_iter().map(edge_from_array).collect()
     }
 
     /// Audit and deny events that happened in `[since, until]`, per connection tuple
@@ -631,10 +507,7 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<EdgeVerdictRow>, StoreError> {
         let (since, until) = (since_unix_ms.unwrap_or(i64::MIN), until_unix_ms.unwrap_or(i64::MAX));
-        let ids = scope.map(|ids| {
-            let list: Vec<String> = ids.iter().map(|i| i.0.to_string()).collect();
-            format!("[{}]", list.join(","))
-        });
+        let ids = scope.map(id_json);
         let limit = i64::from(limit.min(MAX_GRAPH_ROWS));
         on_reader!(self, |pool, d| {
             let sql = verdicts_sql(d, ids.is_some(), by_address);
@@ -695,31 +568,48 @@ mod tests {
     }
 
     #[test]
-    fn members_are_bound_as_compact_json() {
-        let m = |id, group, detail_src, detail_dst, in_scope| GroupMember {
-            identity: Identity(id),
-            group,
-            detail_src,
-            detail_dst,
-            in_scope,
-        };
-        let q = GraphQuery {
-            members: vec![m(256, 0, false, false, false), m(257, 3, true, true, true), m(2, 1, false, true, false)],
-            ..Default::default()
-        };
-        assert_eq!(q.members_json(), "[[256,0,0],[257,3,7],[2,1,2]]");
-        assert_eq!(GraphQuery::default().members_json(), "[]");
-        assert_eq!(q.range(), (i64::MIN, i64::MAX));
+    fn edge_arrays_parse_in_both_spellings() {
+        let sqlite = "[[256,257,80,6,12,3400,1000,2000],[2,300,443,17,0,9223372036854775807,-5,7]]";
+        let pg = "[[256, 257, 80, 6, 12, 3400, 1000, 2000], \n [2, 300, 443, 17, 0, 9223372036854775807, -5, 7]]";
+        let want = vec![[256, 257, 80, 6, 12, 3400, 1000, 2000], [2, 300, 443, 17, 0, i64::MAX, -5, 7]];
+        assert_eq!(parse_edges(sqlite).expect("sqlite"), want);
+        assert_eq!(parse_edges(pg).expect("postgres"), want);
+        assert_eq!(parse_edges("[]").expect("empty"), Vec::<[i64; 8]>::new());
+        assert_eq!(parse_edges(" [ ] ").expect("spaced"), Vec::<[i64; 8]>::new());
+        assert_eq!(parse_edges("[[1,2,3,4,5,6,-9223372036854775808,8]]").expect("min")[0][6], i64::MIN);
+        for bad in [
+            "",
+            "[",
+            "[[1,2,3,4,5,6,7]]",
+            "[[1,2,3,4,5,6,7,8,9]]",
+            "[[1,2,3,4,5,6,7,8]",
+            "[[1,2,3,4,5,6,7,8]]x",
+            "[[1,2,3,4,5,6,7,1.5]]",
+            "[[1,2,3,4,5,6,7,9223372036854775808]]",
+            "[[1,2,3,4,5,6,7,-]]",
+            "[[1,2,3,4,5,6,7,\"8\"]]",
+            "[[1,2,3,4,5,6,7,8],]",
+        ] {
+            assert!(parse_edges(bad).is_err(), "{bad:?}");
+        }
+        let e = edge_from_array([256, 257, 80, 6, 12, 3400, 1000, 2000]).expect("edge");
+        assert_eq!(e.key, EdgeKey { src: Identity(256), dst: Identity(257), dst_port: 80, protocol: Protocol::Tcp });
+        assert_eq!((e.connections, e.bytes, e.first_seen_unix_ms, e.last_seen_unix_ms), (12, 3400, 1000, 2000));
+        assert!(edge_from_array([256, 257, 70_000, 6, 0, 0, 0, 0]).is_err(), "port out of range");
+        assert!(edge_from_array([256, 257, 80, 6, -1, 0, 0, 0]).is_err(), "negative counter");
+        assert!(edge_from_array([-1, 257, 80, 6, 0, 0, 0, 0]).is_err(), "negative identity");
+        assert_eq!(id_json(&[Identity(256), Identity(2)]), "[256,2]");
+        assert_eq!(id_json(&[]), "[]");
     }
 
     #[test]
     fn statements_bind_only_numbered_parameters() {
         for d in [Dialect::Sqlite, Dialect::Postgres] {
             for scoped in [false, true] {
-                for sql in [buckets_sql(d, scoped), size_sql(d, scoped), top_sql(d, scoped)] {
-                    assert!(!sql.contains('?'), "{sql}");
-                    assert!(sql.contains("$1") && sql.contains("$2") && sql.contains("$3"), "{sql}");
-                }
+                let sql = edges_sql(d, scoped);
+                assert!(!sql.contains('?'), "{sql}");
+                assert!(sql.contains("$1") && sql.contains("$2"), "{sql}");
+                assert_eq!(sql.contains("$3"), scoped, "{sql}");
                 assert_eq!(verdicts_sql(d, scoped, true).contains("$4"), scoped);
             }
             assert_eq!(endpoint_flows_sql(d).contains("$5"), d == Dialect::Sqlite);

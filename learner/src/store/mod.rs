@@ -36,6 +36,7 @@ mod audit;
 mod cluster_policies;
 mod dashboard;
 mod decode;
+mod edge_http;
 mod enforcement;
 mod error;
 mod external_peers;
@@ -74,9 +75,7 @@ pub use enforcement::{
 };
 pub use error::StoreError;
 pub use external_peers::ExternalPeerRow;
-pub use graph::{
-    EdgeVerdictRow, EndpointFlowRow, GraphBucketRow, GraphQuery, GraphSize, GroupMember, MAX_GRAPH_ROWS, PortUsageRow,
-};
+pub use graph::{EdgeVerdictRow, EndpointFlowRow, GraphEdgeQuery, MAX_GRAPH_ROWS, PortUsageRow};
 pub use proposals::{
     ActivePolicy, Decision, LEARNER_ACTOR, MAX_PROPOSAL_PAGE, ProposalQuery, ProposalRecord, ProposalSummary,
 };
@@ -255,6 +254,13 @@ impl Store {
     /// Recorded flows, newest first; page with [`FlowQuery::before_id`].
     pub async fn flows(&self, q: &FlowQuery) -> Result<Vec<FlowRow>, StoreError> {
         dispatch!(self, s => s.flows(q).await)
+    }
+
+    /// What each edge carried at L7 (HTTP): its (method, path) requests last seen at or
+    /// after `since_unix_ms`, and its opaque / overflow counts (whenever seen; their
+    /// last sighting says whether they fall in a window). Sorted by edge key.
+    pub async fn edge_http(&self, since_unix_ms: i64) -> Result<Vec<bulkhead_model::EdgeHttp>, StoreError> {
+        dispatch!(self, s => s.edge_http(since_unix_ms).await)
     }
 
     /// The latest endpoint snapshot of every node.

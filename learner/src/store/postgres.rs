@@ -387,7 +387,8 @@ async fn record_batch(conn: &mut PgConnection, p: &PreparedBatch<'_>) -> Result<
 }
 
 /// Everything but the dedupe record, in a fixed statement order (agents, boots, flows,
-/// edges, endpoints, DNS) so concurrent transactions take row locks in the same order.
+/// edges, edge HTTP facts, endpoints, DNS) so concurrent transactions take row locks in
+/// the same order.
 async fn write_batch(conn: &mut PgConnection, p: &PreparedBatch<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(UPSERT_AGENT_FROM_BATCH)
         .bind(p.node_id)
@@ -466,6 +467,7 @@ async fn write_batch(conn: &mut PgConnection, p: &PreparedBatch<'_>) -> Result<(
             .execute(&mut *conn)
             .await?;
     }
+    super::edge_http::write_postgres(&mut *conn, &p.http).await?;
 
     if let Some(eps) = &p.endpoints {
         sqlx::query(q::DELETE_NODE_ENDPOINTS).bind(p.node_id).execute(&mut *conn).await?;

@@ -123,6 +123,17 @@ impl FlowColumns {
     }
 }
 
+/// The L7 observations of one edge in a batch: what its ingress flows carried.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct EdgeHttpAgg {
+    /// (method, path) → (requests, first seen, last seen).
+    pub requests: BTreeMap<(String, String), (u64, i64, i64)>,
+    pub opaque_connections: u64,
+    pub opaque_last_seen_unix_ms: Option<i64>,
+    pub overflow_requests: u64,
+    pub overflow_last_seen_unix_ms: Option<i64>,
+}
+
 /// One endpoint row, JSON columns already encoded.
 #[derive(Debug)]
 pub(crate) struct EndpointValues {
@@ -157,6 +168,9 @@ pub(crate) struct PreparedBatch<'a> {
     /// Sorted by key: every transaction upserts edges in the same order, so two
     /// concurrent PostgreSQL ingests touching the same edges cannot deadlock.
     pub edges: Vec<(EdgeKey, EdgeAgg)>,
+    /// Edges whose ingress flows carried L7 observations, sorted by key (the same
+    /// lock order as `edges`).
+    pub http: Vec<(EdgeKey, EdgeHttpAgg)>,
     pub endpoints: Option<Vec<EndpointValues>>,
     pub dns: Vec<DnsValues>,
     /// ringbuf, queue, spool batches, spool flows, rejected.
@@ -189,6 +203,7 @@ impl<'a> PreparedBatch<'a> {
             last_seen_unix_ms: Vec::with_capacity(n),
         };
         let mut edges: BTreeMap<EdgeKey, EdgeAgg> = BTreeMap::new();
+        let mut http: BTreeMap<EdgeKey, EdgeHttpAgg> = BTreeMap::new();
         let mut comms: HashMap<&str, Arc<str>> = HashMap::new();
         for rf in &batch.flows {
             let f = &rf.flow;
@@ -221,6 +236,27 @@ impl<'a> PreparedBatch<'a> {
 
             let key =
                 EdgeKey { src: rf.src_identity, dst: rf.dst_identity, dst_port: f.dst_port, protocol: f.protocol };
+            if !f.http.is_empty() {
+                let h = http.entry(key).or_default();
+                for r in &f.http.requests {
+                    let e = h.requests.entry((r.method.clone(), r.path.clone())).or_insert((
+                        0,
+                        f.first_seen_unix_ms,
+                        f.last_seen_unix_ms,
+                    ));
+                    e.0 = e.0.saturating_add(r.requests);
+                    e.1 = e.1.min(f.first_seen_unix_ms);
+                    e.2 = e.2.max(f.last_seen_unix_ms);
+                }
+                if f.http.opaque_connections > 0 {
+                    h.opaque_connections = h.opaque_connections.saturating_add(f.http.opaque_connections);
+                    h.opaque_last_seen_unix_ms = h.opaque_last_seen_unix_ms.max(Some(f.last_seen_unix_ms));
+                }
+                if f.http.overflow_requests > 0 {
+                    h.overflow_requests = h.overflow_requests.saturating_add(f.http.overflow_requests);
+                    h.overflow_last_seen_unix_ms = h.overflow_last_seen_unix_ms.max(Some(f.last_seen_unix_ms));
+                }
+            }
             // Both ends of a connection count the same bytes (sent + received), so the
             // two sides' byte totals are comparable and max() is meaningful.
             let bytes = f.bytes_sent.saturating_add(f.bytes_received);
@@ -321,6 +357,7 @@ impl<'a> PreparedBatch<'a> {
             received_unix_ms: batch.received_unix_ms,
             flows,
             edges: edges.into_iter().collect(),
+            http: http.into_iter().collect(),
             endpoints,
             dns: dns.into_values().collect(),
             loss: [

@@ -156,6 +156,8 @@ fn normalized(rule: &Rule) -> Rule {
     }
     r.ports.sort();
     r.ports.dedup();
+    r.http.sort();
+    r.http.dedup();
     r
 }
 
@@ -579,6 +581,7 @@ mod tests {
         Rule {
             peer: Peer::Workloads { selector: LabelSelector::with_labels([("app", "web")]) },
             ports: vec![PortRange::single(Protocol::Tcp, port)],
+            http: vec![],
         }
     }
 
@@ -640,8 +643,7 @@ mod tests {
         p.rules[1].included = false;
         let mut approved = p.policy.clone();
         // Confirm the flagged 443, drop 80, add world.
-        approved.ingress =
-            Some(vec![rule(443), Rule { peer: Peer::Entity { entity: ReservedIdentity::World }, ports: vec![] }]);
+        approved.ingress = Some(vec![rule(443), Rule::l4(Peer::Entity { entity: ReservedIdentity::World }, vec![])]);
         let c = ApprovalChanges::new(&p, &approved);
         assert_eq!(c, ApprovalChanges { confirmed_flagged: 1, dropped: 1, added: 1 });
     }

@@ -268,7 +268,8 @@ pub(crate) async fn write_batch(conn: &mut SqliteConnection, p: &PreparedBatch<'
         }
         run(conn, sql, args).await?;
     }
-    Ok(())
+
+    super::edge_http::write_sqlite(conn, &p.http).await
 }
 
 /// What a stored batch reports.

@@ -16,8 +16,11 @@
 //! [`TRUNCATED_EDGES`] busiest edges, one per identity pair and port, and the page
 //! shows a table instead.
 //!
-//! The store does the heavy folding in SQL (`store::graph`); policy evaluation, which SQL
-//! cannot do, runs here only for edges an active policy covers.
+//! The store reads the range's edges (`store::graph`); they are folded here into
+//! buckets between groups, and the policy set is asked about the edges an active policy
+//! covers, through the state's [`CoverageCache`](crate::policy::graph_view::CoverageCache)
+//! (decisions are kept while the policies, identities and modes they came from are
+//! unchanged).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -26,7 +29,7 @@ use axum::extract::{Query, State};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use bulkhead_model::{Direction, Identity, Labels, Policy, Protocol, RolloutMode};
+use bulkhead_model::{Direction, Edge, EdgeKey, Identity, Labels, Policy, Protocol, RolloutMode};
 use bulkhead_synth::{Connection, Evaluator, IdentityInfo, IdentityKind};
 use serde::Deserialize;
 
@@ -35,13 +38,12 @@ use super::api::ApiError;
 use super::auth::Viewer;
 use crate::identity::inventory::CIDR_GROUP_KEY;
 use crate::policy::graph_view::{
-    Drill, GraphBuilder, GraphEdge, GraphLevel, GraphNode, GraphView, Limits, NodeKey, NodeKind, Observed, PolicyRef,
-    TRUNCATED_EDGES, Totals, Traffic, coverage, identity_name, namespace_key, truncate,
+    Coverage, CoverageGeneration, Drill, GraphBuilder, GraphEdge, GraphLevel, GraphNode, GraphView, Limits, Member,
+    NodeKey, NodeKind, Observed, PolicyRef, TRUNCATED_EDGES, Totals, Traffic, coverage, fold_edges, identity_name,
+    namespace_key, top_edges, truncate,
 };
 use crate::policy::inputs::SERVICE_ACCOUNT_KEY;
-use crate::store::{
-    EdgeVerdictRow, EndpointRow, GraphQuery, GroupMember, IdentityRow, MAX_PROPOSAL_PAGE, ProposalQuery,
-};
+use crate::store::{EdgeVerdictRow, EndpointRow, GraphEdgeQuery, IdentityRow, MAX_PROPOSAL_PAGE, ProposalQuery};
 
 /// Verdict-event tuples read per answer (most denies first).
 const MAX_EVENT_ROWS: u32 = 100_000;
@@ -256,6 +258,7 @@ pub async fn build(state: &AppState, p: &GraphParams) -> Result<GraphView, ApiEr
     }
     let started = std::time::Instant::now();
     let ctx = Context::load(state).await?;
+    eprintln!("PROF ctx {:?}", started.elapsed());
     let policies: Vec<Policy> = ctx.active.values().map(|(_, p)| p.clone()).collect();
     let mut view = GraphView {
         level,
@@ -281,7 +284,10 @@ pub async fn build(state: &AppState, p: &GraphParams) -> Result<GraphView, ApiEr
         _ => {
             let fqdn = BTreeMap::new();
             let ev = Evaluator::new(&policies, &ctx.infos, &fqdn);
-            grouped_level(state, &ctx, &ev, level, namespace.as_deref(), p, &mut view).await?;
+            let enforcing = ctx.modes.iter().filter(|(_, m)| **m == RolloutMode::Enforce).map(|(id, _)| *id);
+            let known = state.graph_coverage.generation(&policies, &ctx.infos, enforcing);
+            eprintln!("PROF gen {:?}", started.elapsed());
+            grouped_level(state, &ctx, &ev, &known, level, namespace.as_deref(), p, &mut view).await?;
         }
     }
     tracing::debug!(
@@ -308,22 +314,25 @@ async fn dns_map(state: &AppState, since: Option<i64>) -> Result<BTreeMap<String
     Ok(m)
 }
 
-/// The namespace and workload levels: a grouping, folded in SQL.
+/// The namespace and workload levels: a grouping of the range's edges.
+#[allow(clippy::too_many_arguments)]
 async fn grouped_level(
     state: &AppState,
     ctx: &Context,
     ev: &Evaluator<'_>,
+    known: &CoverageGeneration,
     level: GraphLevel,
     namespace: Option<&str>,
     p: &GraphParams,
     view: &mut GraphView,
 ) -> Result<(), ApiError> {
     let mut builder = GraphBuilder::new();
-    // Group number → builder node index; identity → group number.
+    // Group number → builder node index (and the identity, for a group of one);
+    // identity → its place.
     let mut group_nodes: Vec<usize> = Vec::new();
+    let mut group_identity: Vec<Option<Identity>> = Vec::new();
     let mut group_of_key: HashMap<NodeKey, u32> = HashMap::new();
-    let mut group_of: HashMap<Identity, u32> = HashMap::new();
-    let mut members = Vec::with_capacity(ctx.identities.len());
+    let mut members: HashMap<Identity, Member> = HashMap::with_capacity(ctx.identities.len());
     let mut ns_workloads: HashMap<NodeKey, u64> = HashMap::new();
     for row in &ctx.identities {
         if !row.id.is_reserved() && !ctx.is_external(row.id) {
@@ -336,98 +345,109 @@ async fn grouped_level(
         let ns_key = namespace_key(id, &row.labels, ctx.is_external(id));
         let own = matches!(ns_key, NodeKey::Namespace(_) | NodeKey::NoNamespace);
         let in_scope = scoped && row.labels.namespace() == namespace;
-        let (key, node, keep) = if level == GraphLevel::Workload && own && (!scoped || in_scope) {
+        let workloads = ns_workloads.get(&ns_key).copied().unwrap_or(0);
+        let (key, keep) = if level == GraphLevel::Workload && own && (!scoped || in_scope) {
             // A workload of its own, inside its namespace.
-            let mut n = ctx.identity_node(id, Some(&row.labels));
-            n.parent = Some(ns_key.id());
-            let parent = ctx.namespace_node(&ns_key, ns_workloads.get(&ns_key).copied().unwrap_or(0));
-            builder.node(parent, false);
-            let keep = in_scope && ctx.with_endpoints.contains(&id);
-            (NodeKey::Identity(id), n, keep)
+            if builder.find(&ns_key.id()).is_none() {
+                builder.node(ctx.namespace_node(&ns_key, workloads), false);
+            }
+            (NodeKey::Identity(id), in_scope && ctx.with_endpoints.contains(&id))
         } else {
-            let workloads = ns_workloads.get(&ns_key).copied().unwrap_or(0);
-            let keep = level == GraphLevel::Namespace && own && workloads > 0;
-            (ns_key.clone(), ctx.namespace_node(&ns_key, workloads), keep)
+            (ns_key.clone(), level == GraphLevel::Namespace && own && workloads > 0)
         };
         let group = match group_of_key.get(&key) {
-            Some(g) => *g,
+            Some(g) => {
+                if keep {
+                    builder.keep(group_nodes[*g as usize]);
+                }
+                *g
+            }
             None => {
+                let node = match &key {
+                    NodeKey::Identity(_) if own => {
+                        let mut n = ctx.identity_node(id, Some(&row.labels));
+                        n.parent = Some(ns_key.id());
+                        n
+                    }
+                    _ => ctx.namespace_node(&key, workloads),
+                };
                 let g = group_nodes.len() as u32;
                 group_nodes.push(builder.node(node, keep));
+                group_identity.push(match key {
+                    NodeKey::Identity(id) => Some(id),
+                    _ => None,
+                });
                 group_of_key.insert(key, g);
                 g
             }
         };
-        group_of.insert(id, group);
-        let (egress, ingress) = covered(ev, id);
-        members.push(GroupMember { identity: id, group, detail_src: egress, detail_dst: ingress, in_scope });
+        let (decide_src, decide_dst) = covered(ev, id);
+        members.insert(id, Member { group, decide_src, decide_dst, in_scope });
     }
-    let q = GraphQuery { members, since_unix_ms: p.since_ms, until_unix_ms: p.until_ms, scoped };
-    let groups = group_nodes.len();
-    let limits = view.limits;
-    // Only a grouping that could exceed the limits is measured first.
-    let too_big = if groups > limits.max_nodes || groups.saturating_mul(groups) > limits.max_edges {
-        let size = state.store.graph_size(&q).await?;
-        let too_big = size.groups as usize > limits.max_nodes || size.pairs as usize > limits.max_edges;
-        if too_big {
-            view.totals = Totals { nodes: size.groups, edges: size.pairs };
-        }
-        too_big
-    } else {
-        false
-    };
+    eprintln!("PROF members {:?}", std::time::Instant::now());
     let scope_ids: Option<Vec<Identity>> =
-        scoped.then(|| q.members.iter().filter(|m| m.in_scope).map(|m| m.identity).collect());
-    let events =
-        state.store.graph_verdicts(p.since_ms, p.until_ms, scope_ids.as_deref(), false, MAX_EVENT_ROWS).await?;
-    if too_big {
-        return truncated(state, ctx, ev, &q, &events, view).await;
-    }
+        scoped.then(|| members.iter().filter(|(_, m)| m.in_scope).map(|(id, _)| *id).collect());
+    let q = GraphEdgeQuery { since_unix_ms: p.since_ms, until_unix_ms: p.until_ms, scope: scope_ids.clone() };
+    let (edges, events) = tokio::try_join!(
+        state.store.graph_edges(&q),
+        state.store.graph_verdicts(p.since_ms, p.until_ms, scope_ids.as_deref(), false, MAX_EVENT_ROWS),
+    )?;
+    eprintln!("PROF fetched {:?}", std::time::Instant::now());
     let labels: HashMap<Identity, &Labels> = ctx.identities.iter().map(|r| (r.id, &r.labels)).collect();
-    let enforcing = |id: Identity| ctx.enforcing(id);
-    let buckets = state.store.graph_buckets(&q).await?;
-    let rows = buckets.len();
-    for b in buckets {
-        let (Some(&s), Some(&d)) = (group_nodes.get(b.src_group as usize), group_nodes.get(b.dst_group as usize))
-        else {
-            continue;
-        };
-        let t = Traffic {
-            edges: b.edges,
-            connections: b.connections,
-            bytes: b.bytes,
-            first_seen_unix_ms: b.first_seen_unix_ms,
-            last_seen_unix_ms: b.last_seen_unix_ms,
-        };
-        let c = b.pair.map(|(src, dst)| {
-            let conn = connection(src, dst, b.dst_port, b.protocol);
-            coverage(ev, &conn, ctx.is_external(src) || ctx.is_external(dst), enforcing)
-        });
-        builder.traffic(s, d, b.protocol, b.dst_port, t, c);
-        link(&mut builder, s, d, b.pair);
-    }
-    for e in &events {
-        let node = |builder: &mut GraphBuilder, id: Identity| match group_of.get(&id) {
-            Some(g) => group_nodes[*g as usize],
-            None => builder.node(ctx.identity_node(id, labels.get(&id).copied()), false),
-        };
-        let (s, d) = (node(&mut builder, e.src), node(&mut builder, e.dst));
-        let conn = connection(e.src, e.dst, e.dst_port, e.protocol);
-        let c = coverage(ev, &conn, ctx.is_external(e.src) || ctx.is_external(e.dst), enforcing);
-        builder.events(s, d, e.protocol, e.dst_port, Observed { audit: e.audit, denied: e.denied }, Some(c));
-    }
-    let (nodes, edges) = builder.finish();
-    tracing::debug!(rows, events = events.len(), nodes = nodes.len(), edges = edges.len(), "Folded the service graph.");
-    finish(view, nodes, edges);
+    let decide = |k: &EdgeKey| {
+        let conn = connection(k.src, k.dst, k.dst_port, k.protocol);
+        coverage(ev, &conn, ctx.is_external(k.src) || ctx.is_external(k.dst), |id| ctx.enforcing(id))
+    };
+    known.with(decide, |coverage_of| {
+        let folded = fold_edges(&edges, &members, scoped, coverage_of);
+        eprintln!("PROF folded {:?}", std::time::Instant::now());
+        let limits = view.limits;
+        if folded.groups as usize > limits.max_nodes || folded.pairs as usize > limits.max_edges {
+            view.totals = Totals { nodes: folded.groups, edges: folded.pairs };
+            let keep = TRUNCATED_EDGES.min(limits.max_edges);
+            let top = top_edges(&edges, &members, scoped, keep);
+            truncated(ctx, &labels, &top, &events, coverage_of, view);
+            return;
+        }
+        let rows = folded.buckets.len();
+        for (k, (t, c)) in folded.buckets {
+            let (Some(&s), Some(&d)) = (group_nodes.get(k.src_group as usize), group_nodes.get(k.dst_group as usize))
+            else {
+                continue;
+            };
+            builder.traffic(s, d, k.protocol, k.dst_port, t, Some(c));
+            if let Some(Some(src)) = group_identity.get(k.src_group as usize) {
+                link(&mut builder, s, d, *src);
+            }
+        }
+        for e in &events {
+            let node = |builder: &mut GraphBuilder, id: Identity| match members.get(&id) {
+                Some(m) => group_nodes[m.group as usize],
+                None => builder.node(ctx.identity_node(id, labels.get(&id).copied()), false),
+            };
+            let (s, d) = (node(&mut builder, e.src), node(&mut builder, e.dst));
+            let c = coverage_of(&EdgeKey { src: e.src, dst: e.dst, dst_port: e.dst_port, protocol: e.protocol });
+            builder.events(s, d, e.protocol, e.dst_port, Observed { audit: e.audit, denied: e.denied }, Some(c));
+        }
+        let (nodes, drawn) = builder.finish();
+        tracing::debug!(
+            edges = edges.len(),
+            rows,
+            events = events.len(),
+            nodes = nodes.len(),
+            drawn = drawn.len(),
+            "Folded the service graph."
+        );
+        finish(view, nodes, drawn);
+        eprintln!("PROF finished {:?}", std::time::Instant::now());
+    });
     Ok(())
 }
 
-/// A flows-page link for an edge between two identities' nodes: the initiator's flows
-/// (the flows page matches either end), on the edge's port when it has only one.
-fn link(builder: &mut GraphBuilder, s: usize, d: usize, pair: Option<(Identity, Identity)>) {
-    if let Some((src, _)) = pair {
-        builder.link(s, d, format!("/flows?workload={}", src.0));
-    }
+/// A flows-page link for an edge from one identity's node: the initiator's flows (the
+/// flows page matches either end), on the edge's port when it has only one.
+fn link(builder: &mut GraphBuilder, s: usize, d: usize, src: Identity) {
+    builder.link(s, d, format!("/flows?workload={}", src.0));
 }
 
 fn connection(src: Identity, dst: Identity, port: u16, protocol: Protocol) -> Connection {
@@ -450,29 +470,25 @@ fn finish(view: &mut GraphView, nodes: Vec<GraphNode>, edges: Vec<GraphEdge>) {
     }
 }
 
-/// Too large to draw: the busiest edges, one per identity pair and port.
-async fn truncated(
-    state: &AppState,
+/// Too large to draw: the busiest edges (`top`, busiest first), one per identity pair
+/// and port.
+fn truncated(
     ctx: &Context,
-    ev: &Evaluator<'_>,
-    q: &GraphQuery,
+    labels: &HashMap<Identity, &Labels>,
+    top: &[Edge],
     events: &[EdgeVerdictRow],
+    coverage_of: &mut dyn FnMut(&EdgeKey) -> Coverage,
     view: &mut GraphView,
-) -> Result<(), ApiError> {
-    let keep = TRUNCATED_EDGES.min(view.limits.max_edges);
-    let top = state.store.graph_top_edges(q, keep as u32).await?;
-    let labels: HashMap<Identity, &Labels> = ctx.identities.iter().map(|r| (r.id, &r.labels)).collect();
+) {
     let observed: HashMap<(Identity, Identity, u16, Protocol), Observed> = events
         .iter()
         .map(|e| ((e.src, e.dst, e.dst_port, e.protocol), Observed { audit: e.audit, denied: e.denied }))
         .collect();
     let mut builder = GraphBuilder::new();
-    for e in &top {
+    for e in top {
         let k = e.key;
         let s = builder.node(ctx.identity_node(k.src, labels.get(&k.src).copied()), false);
         let d = builder.node(ctx.identity_node(k.dst, labels.get(&k.dst).copied()), false);
-        let conn = connection(k.src, k.dst, k.dst_port, k.protocol);
-        let c = coverage(ev, &conn, ctx.is_external(k.src) || ctx.is_external(k.dst), |id| ctx.enforcing(id));
         let t = Traffic {
             edges: 1,
             connections: e.connections,
@@ -480,20 +496,18 @@ async fn truncated(
             first_seen_unix_ms: e.first_seen_unix_ms,
             last_seen_unix_ms: e.last_seen_unix_ms,
         };
-        builder.traffic(s, d, k.protocol, k.dst_port, t, Some(c));
+        builder.traffic(s, d, k.protocol, k.dst_port, t, Some(coverage_of(&k)));
         if let Some(o) = observed.get(&(k.src, k.dst, k.dst_port, k.protocol)) {
             builder.events(s, d, k.protocol, k.dst_port, *o, None);
         }
-        link(&mut builder, s, d, Some((k.src, k.dst)));
+        link(&mut builder, s, d, k.src);
     }
-    let (nodes, edges) = builder.finish();
-    // Identity pairs folded over ports: the busiest first, as the store returned them.
-    let mut edges = edges;
-    edges.truncate(keep);
+    let (nodes, mut edges) = builder.finish();
+    // Identity pairs folded over ports: the busiest first, as `top` was ordered.
+    edges.truncate(top.len());
     view.truncated = true;
     view.nodes = nodes;
     view.edges = edges;
-    Ok(())
 }
 
 /// One flow aggregate folded over the two reporting sides (max, not sum: both ends may
@@ -623,7 +637,7 @@ async fn endpoint_level(
             last_seen_unix_ms: s.last,
         };
         builder.traffic(a, b, protocol, port, t, Some(c));
-        link(&mut builder, a, b, Some((src, dst)));
+        link(&mut builder, a, b, src);
     }
     for e in &events {
         let a = node_for(&mut builder, e.src, e.src_addr);

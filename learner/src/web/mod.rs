@@ -23,6 +23,7 @@ use axum::routing::get;
 use tower_http::compression::CompressionLayer;
 
 use crate::policy::PolicyService;
+use crate::policy::graph_view::CoverageCache;
 use crate::store::Store;
 
 pub use auth::AuthConfig;
@@ -35,11 +36,19 @@ pub struct AppState {
     pub policy: PolicyService,
     pub auth: AuthConfig,
     pub login_throttle: Arc<LoginThrottle>,
+    /// The service graph's policy decisions, kept while their inputs are unchanged.
+    pub graph_coverage: Arc<CoverageCache>,
 }
 
 impl AppState {
     pub fn new(store: Store, policy: PolicyService, auth: AuthConfig) -> Self {
-        Self { store, policy, auth, login_throttle: Arc::new(LoginThrottle::default()) }
+        Self {
+            store,
+            policy,
+            auth,
+            login_throttle: Arc::new(LoginThrottle::default()),
+            graph_coverage: Arc::new(CoverageCache::default()),
+        }
     }
 
     /// State over `store` with default policy and auth settings and no inventory (tests).

@@ -5,6 +5,11 @@
 //! selecting that side covers the direction, or when any rule of any policy selecting it
 //! allows the peer and port (allow-list union). A connection is allowed when both its
 //! egress side (the initiator) and its ingress side (the responder) pass.
+//!
+//! L7: a rule with HTTP rules ([`Rule::http`]) allows the connection (its port and
+//! peer), and then only the requests its HTTP rules match. [`Evaluator::decide`] is
+//! the connection's verdict; [`Evaluator::decide_request`] one request's, where a side
+//! passes only through a rule that is L4 or matches the request.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -131,8 +136,19 @@ impl<'a> Evaluator<'a> {
 
     pub fn decide(&self, c: &Connection) -> Decision {
         Decision {
-            egress: self.side(c.src, Direction::Egress, c.dst, c.dst_addr, c),
-            ingress: self.side(c.dst, Direction::Ingress, c.src, c.src_addr, c),
+            egress: self.side(c.src, Direction::Egress, c.dst, c.dst_addr, c, None),
+            ingress: self.side(c.dst, Direction::Ingress, c.src, c.src_addr, c, None),
+        }
+    }
+
+    /// The verdict on one HTTP request (`path` without the query string) carried by
+    /// `c`. A side that allows the connection only through HTTP rules none of which
+    /// match is `DefaultDeny` here.
+    pub fn decide_request(&self, c: &Connection, method: &str, path: &str) -> Decision {
+        let request = Some((method, path));
+        Decision {
+            egress: self.side(c.src, Direction::Egress, c.dst, c.dst_addr, c, request),
+            ingress: self.side(c.dst, Direction::Ingress, c.src, c.src_addr, c, request),
         }
     }
 
@@ -143,13 +159,17 @@ impl<'a> Evaluator<'a> {
         peer: Identity,
         addr: Option<IpAddr>,
         c: &Connection,
+        request: Option<(&str, &str)>,
     ) -> SideVerdict {
         let selecting = self.selecting(local);
         let mut covering = Vec::new();
         for &n in selecting.iter() {
             let Some(rules) = self.policies[n].rules(dir) else { continue };
             for (r, rule) in rules.iter().enumerate() {
-                if rule.allows_port(c.protocol, c.dst_port) && self.peer_matches(&rule.peer, peer, addr) {
+                if rule.allows_port(c.protocol, c.dst_port)
+                    && self.peer_matches(&rule.peer, peer, addr)
+                    && request.is_none_or(|(m, p)| rule.allows_request(m, p))
+                {
                     return SideVerdict::Allowed { policy: n, rule: r };
                 }
             }
@@ -229,6 +249,7 @@ mod tests {
             ingress: Some(vec![Rule {
                 peer: Peer::Workloads { selector: LabelSelector::with_labels([("app", "a")]) },
                 ports: vec![PortRange::single(Protocol::Tcp, 80)],
+                http: vec![],
             }]),
             egress: None,
         }];
@@ -240,6 +261,47 @@ mod tests {
         assert_eq!(d.ingress, SideVerdict::DefaultDeny { policies: vec![0] });
         assert_eq!(d.egress, SideVerdict::NotCovered);
         assert!(ev.decide(&conn(257, 258, 5432)).allowed(), "b's egress and c's ingress are not covered");
+    }
+
+    #[test]
+    fn requests_pass_only_through_a_matching_http_rule_or_an_l4_rule() {
+        use bulkhead_model::HttpRule;
+        let ids = vec![
+            info(256, &[("app", "deathstar")]),
+            info(257, &[("app", "tiefighter")]),
+            info(258, &[("app", "probe")]),
+        ];
+        let peer = |app: &str| Peer::Workloads { selector: LabelSelector::with_labels([("app", app)]) };
+        let port = vec![PortRange::single(Protocol::Tcp, 80)];
+        let policies = vec![Policy {
+            name: "deathstar".into(),
+            namespace: None,
+            selector: LabelSelector::with_labels([("app", "deathstar")]),
+            ingress: Some(vec![
+                Rule {
+                    http: vec![HttpRule::exact("POST", "/v1/request-landing")],
+                    ..Rule::l4(peer("tiefighter"), port.clone())
+                },
+                Rule::l4(peer("probe"), port),
+            ]),
+            egress: None,
+        }];
+        let fqdn = BTreeMap::new();
+        let ev = Evaluator::new(&policies, &ids, &fqdn);
+        let tie = conn(257, 256, 80);
+        let table = [
+            (tie, "POST", "/v1/request-landing", true),
+            (tie, "PUT", "/v1/exhaust-port", false),
+            (tie, "POST", "/v1/request-landing/x", false),
+            (conn(258, 256, 80), "PUT", "/v1/exhaust-port", true),
+            (conn(257, 256, 81), "POST", "/v1/request-landing", false),
+        ];
+        for (c, m, p, want) in table {
+            assert_eq!(ev.decide_request(&c, m, p).allowed(), want, "{c:?} {m} {p}");
+        }
+        assert!(ev.decide(&tie).allowed(), "the connection itself passes the L7 rule");
+        let d = ev.decide_request(&tie, "PUT", "/v1/exhaust-port");
+        assert_eq!(d.ingress, SideVerdict::DefaultDeny { policies: vec![0] });
     }
 
     #[test]

@@ -52,6 +52,7 @@ impl Agg {
             bytes: self.bytes,
             first_seen_unix_ms: self.first_seen_unix_ms.unwrap_or(0),
             last_seen_unix_ms: self.last_seen_unix_ms.unwrap_or(0),
+            http: Vec::new(),
         }
     }
 }

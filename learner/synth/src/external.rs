@@ -109,7 +109,7 @@ fn group(peer: Peer, members: &[IpAddr], addrs: &BTreeMap<IpAddr, PeerPorts>) ->
         }
         agg.addresses.push(*a);
     }
-    GroupedRule { rule: Rule { peer, ports: ports.into_iter().collect() }, agg }
+    GroupedRule { rule: Rule::l4(peer, ports.into_iter().collect()), agg }
 }
 
 fn prefix(addr: IpAddr, cidr: &CidrOptions) -> IpNet {

@@ -1,9 +1,10 @@
 //! What synthesis is given: the identities, the service graph, external observations,
-//! DNS answers, the currently active policies, and the knobs ([`Options`]).
+//! DNS answers, the edges' HTTP facts, the currently active policies, and the knobs
+//! ([`Options`]).
 
 use std::net::IpAddr;
 
-use bulkhead_model::{Direction, Edge, Identity, Labels, Level, Policy, Protocol, Window};
+use bulkhead_model::{Direction, Edge, EdgeHttp, Identity, Labels, Level, Policy, Protocol, Window};
 use ipnet::IpNet;
 
 /// What kind of thing an allocated identity stands for.
@@ -89,6 +90,8 @@ pub struct Input<'a> {
     pub external: &'a [ExternalObservation],
     pub dns: &'a [DnsObservation],
     pub active: &'a [ActivePolicy],
+    /// What edges carried at L7 (at most one entry per edge key).
+    pub http: &'a [EdgeHttp],
 }
 
 /// How external addresses are grouped into CIDRs.
@@ -137,6 +140,14 @@ pub struct Options {
     /// Worker threads (0 = one per CPU). Targets are independent, so the work splits
     /// without changing the result.
     pub threads: usize,
+    /// Narrow ingress ports to HTTP rules where every connection was plaintext HTTP
+    /// (see [`crate::l7`]).
+    pub http_rules: bool,
+    /// More than this many distinct paths of one method under one parent path become
+    /// one prefix rule.
+    pub http_prefix_after: usize,
+    /// A port needing more HTTP rules than this (after prefixes) stays L4.
+    pub http_max_rules: usize,
 }
 
 impl Default for Options {
@@ -154,6 +165,9 @@ impl Default for Options {
             max_widening_examples: 20,
             targets: None,
             threads: 0,
+            http_rules: true,
+            http_prefix_after: 8,
+            http_max_rules: 32,
         }
     }
 }

@@ -11,7 +11,8 @@
 //!   that as `widens`.
 //!
 //! Modules follow the pipeline: [`input`] → [`synthesize`] (with [`peers`] for workload
-//! selectors, [`external`] for CIDR / FQDN peers, [`hygiene`], [`lint`]) → proposals;
+//! selectors, [`external`] for CIDR / FQDN peers, [`l7`] for HTTP rules, [`hygiene`],
+//! [`lint`]) → proposals;
 //! [`approve`] turns a reviewed proposal into the approved policy, [`diff`] compares
 //! versions, [`evaluate`] replays connections against any policy set.
 #![forbid(unsafe_code)]
@@ -24,6 +25,7 @@ pub mod external;
 pub mod hygiene;
 pub mod index;
 pub mod input;
+pub mod l7;
 pub mod lint;
 pub mod naming;
 pub mod peers;

@@ -86,7 +86,7 @@ pub fn workload_rules(
             for a in ports.values() {
                 agg.merge(a);
             }
-            GroupedRule { rule: Rule { peer: Peer::Workloads { selector }, ports: ports.into_keys().collect() }, agg }
+            GroupedRule { rule: Rule::l4(Peer::Workloads { selector }, ports.into_keys().collect()), agg }
         })
         .collect()
 }

@@ -9,15 +9,17 @@
 //! 4. with an active policy: its rules are carried over (drift adds, it never silently
 //!    removes), unused ones are suggested for removal, and new external egress is
 //!    flagged;
-//! 5. every rule gets its evidence and what it widens; the proposal its lints and
+//! 5. ingress ports where every connection was plaintext HTTP are narrowed to the
+//!    observed requests ([`crate::l7`]);
+//! 6. every rule gets its evidence and what it widens; the proposal its lints and
 //!    convergence.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use bulkhead_model::{
-    Convergence, Direction, Edge, EdgeKey, HygieneFlag, Identity, Peer, Policy, PortRange, Proposal, ProposedRule,
-    RemovalSuggestion, ReservedIdentity, Rule, WidenedPair,
+    Convergence, Direction, Edge, EdgeHttp, EdgeKey, HttpEvidence, HygieneFlag, Identity, Lint, LintCode, Peer, Policy,
+    PortRange, Proposal, ProposedRule, Protocol, RemovalSuggestion, ReservedIdentity, Rule, Severity, WidenedPair,
 };
 
 use crate::evaluate::Evaluator;
@@ -26,6 +28,7 @@ use crate::external::{DnsIndex, external_rules};
 use crate::hygiene;
 use crate::index::LabelIndex;
 use crate::input::{ExternalObservation, IdentityInfo, IdentityKind, Input, Options};
+use crate::l7;
 use crate::lint;
 use crate::naming::policy_name;
 use crate::peers::{GroupedRule, PeerPorts, workload_rules};
@@ -59,6 +62,8 @@ pub fn synthesize(input: &Input<'_>, opts: &Options) -> Vec<Proposal> {
     }
     let ctx = Ctx {
         opts,
+        http: input.http.iter().map(|h| (h.key, h)).collect(),
+        edges_by_key: input.edges.iter().map(|e| (e.key, e)).collect(),
         index: &index,
         evaluator: &evaluator,
         dns: DnsIndex::new(input.dns, opts.dns_grace_ms),
@@ -105,6 +110,8 @@ fn dedupe_names(proposals: &mut [Proposal]) {
 
 struct Ctx<'a> {
     opts: &'a Options,
+    http: HashMap<EdgeKey, &'a EdgeHttp>,
+    edges_by_key: HashMap<EdgeKey, &'a Edge>,
     index: &'a LabelIndex<'a>,
     /// Over the active policies (index = position in `Input::active`).
     evaluator: &'a Evaluator<'a>,
@@ -123,6 +130,8 @@ struct Candidate {
     rule: Rule,
     agg: Agg,
     flags: BTreeSet<HygieneFlag>,
+    /// Evidence of `rule.http`, in the same (sorted) order.
+    http: Vec<HttpEvidence>,
 }
 
 /// Everything observed for one target in one direction.
@@ -155,6 +164,7 @@ impl Ctx<'_> {
         let mut candidates = Vec::new();
         let mut observed_any = false;
         let mut pairs_by_dir: HashMap<Direction, HashSet<(Identity, PortRange)>> = HashMap::new();
+        let mut l7_lints = Vec::new();
         for (dir, covered) in [(Direction::Ingress, opts.cover_ingress), (Direction::Egress, opts.cover_egress)] {
             if !covered {
                 continue;
@@ -162,6 +172,9 @@ impl Ctx<'_> {
             let obs = self.observe(t.id, dir);
             observed_any |= !obs.is_empty();
             let mut fresh = self.direction_candidates(t, dir, &obs);
+            if dir == Direction::Ingress && opts.http_rules {
+                fresh = self.narrow_http(fresh, &mut l7_lints);
+            }
             if let Some((n, policy)) = active {
                 self.merge_active(t.id, dir, n, policy, &mut fresh);
             }
@@ -182,13 +195,15 @@ impl Ctx<'_> {
                 Some(pairs) => self.widening(&c.rule, pairs),
                 None => (Vec::new(), 0),
             };
+            let mut evidence = c.agg.finish();
+            evidence.http = c.http;
             rules.push(ProposedRule {
                 id,
                 direction: c.direction,
                 included: c.flags.is_empty(),
                 flags: c.flags.into_iter().collect(),
                 rule: c.rule,
-                evidence: c.agg.finish(),
+                evidence,
                 widens,
                 widens_total,
             });
@@ -213,7 +228,8 @@ impl Ctx<'_> {
 
         let removals = active.map(|(_, p)| self.removals(t.id, p)).unwrap_or_default();
         let convergence = self.convergence(t.id);
-        let lints = self.lint.lints(t, &policy, &rules, observed_any, self.dns_clients.contains(&t.id));
+        let mut lints = self.lint.lints(t, &policy, &rules, observed_any, self.dns_clients.contains(&t.id));
+        lints.extend(l7_lints);
         Proposal {
             target: t.id,
             workload: t.name.clone(),
@@ -285,6 +301,7 @@ impl Ctx<'_> {
             rule: g.rule,
             agg: g.agg,
             flags,
+            http: Vec::new(),
         };
 
         // Workload peers: scans are held back per peer, the rest generalized.
@@ -377,7 +394,9 @@ impl Ctx<'_> {
         out
     }
 
-    /// Whether active policy `n` already allows every observation behind `c`.
+    /// Whether active policy `n` already allows every observation behind `c`: each
+    /// peer, address and port, and at L7 each of its HTTP rules (an L4 candidate needs
+    /// an L4 active rule; an HTTP rule needs an active rule that is L4 or covers it).
     fn active_allows_all(&self, n: usize, dir: Direction, c: &Candidate) -> bool {
         let Some(rules) = self.evaluator.policies()[n].rules(dir) else { return true };
         let addrs: Vec<Option<IpAddr>> =
@@ -386,10 +405,139 @@ impl Ctx<'_> {
         c.rule.ports.iter().all(|port| {
             peers.iter().all(|peer| {
                 addrs.iter().all(|addr| {
-                    rules.iter().any(|r| self.evaluator.rule_allows(r, *peer, *addr, port.protocol, port.first))
+                    let allowing = |r: &&Rule| self.evaluator.rule_allows(r, *peer, *addr, port.protocol, port.first);
+                    if c.rule.http.is_empty() {
+                        return rules.iter().filter(allowing).any(|r| r.http.is_empty());
+                    }
+                    // Each HTTP rule may be covered by a different active rule.
+                    c.rule.http.iter().all(|h| {
+                        rules.iter().filter(allowing).any(|r| r.http.is_empty() || r.http.iter().any(|a| a.covers(h)))
+                    })
                 })
             })
         })
+    }
+
+    /// Narrows ingress candidates to HTTP rules port by port ([`l7::narrow`]). A
+    /// candidate whose ports decide differently is split: each narrowed port becomes a
+    /// rule of its own (with its own requests), the rest stays one L4 rule. Only
+    /// workload and in-cluster entity peers: their evidence is per edge, which is what
+    /// the HTTP facts are kept by.
+    fn narrow_http(&self, candidates: Vec<Candidate>, lints: &mut Vec<Lint>) -> Vec<Candidate> {
+        let mut out = Vec::with_capacity(candidates.len());
+        for mut c in candidates {
+            let eligible = match &c.rule.peer {
+                Peer::Workloads { .. } => true,
+                Peer::Entity { entity } => *entity != ReservedIdentity::World,
+                _ => false,
+            };
+            if !eligible || !c.rule.http.is_empty() {
+                out.push(c);
+                continue;
+            }
+            let mut narrowed: Vec<(PortRange, Vec<HttpEvidence>)> = Vec::new();
+            for port in c.rule.ports.iter().filter(|p| p.protocol == Protocol::Tcp && p.is_single()) {
+                let edges: Vec<(EdgeKey, Option<&EdgeHttp>)> = c
+                    .agg
+                    .edges
+                    .iter()
+                    .filter(|k| k.protocol == port.protocol && k.dst_port == port.first)
+                    .map(|k| (*k, self.http.get(k).copied()))
+                    .collect();
+                match l7::narrow(&edges, self.opts.window, self.opts) {
+                    l7::Outcome::NoData => {}
+                    l7::Outcome::Narrow(ev) => narrowed.push((*port, ev)),
+                    l7::Outcome::Stays(reason) => lints.push(Lint {
+                        code: LintCode::HttpNotNarrowed,
+                        severity: Severity::Info,
+                        message: format!(
+                            "Ingress from {} on {port} stays L4 (any request) although HTTP was seen: {}.",
+                            c.rule.peer,
+                            reason.describe()
+                        ),
+                    }),
+                }
+            }
+            if narrowed.is_empty() {
+                out.push(c);
+                continue;
+            }
+            if narrowed.len() == 1 && c.rule.ports.len() == 1 {
+                let (_, ev) = narrowed.remove(0);
+                c.rule.http = ev.iter().map(|e| e.rule.clone()).collect();
+                c.http = ev;
+                out.push(c);
+                continue;
+            }
+            let split: HashSet<PortRange> = narrowed.iter().map(|(p, _)| *p).collect();
+            let on = |k: &EdgeKey, p: &PortRange| k.protocol == p.protocol && k.dst_port == p.first;
+            for (port, ev) in narrowed {
+                out.push(Candidate {
+                    direction: c.direction,
+                    rule: Rule {
+                        peer: c.rule.peer.clone(),
+                        ports: vec![port],
+                        http: ev.iter().map(|e| e.rule.clone()).collect(),
+                    },
+                    agg: self.agg_of(&c.agg, |k| on(k, &port)),
+                    flags: c.flags.clone(),
+                    http: ev,
+                });
+            }
+            let rest: Vec<PortRange> = c.rule.ports.iter().filter(|p| !split.contains(p)).copied().collect();
+            if !rest.is_empty() {
+                let agg = self.agg_of(&c.agg, |k| !split.iter().any(|p| on(k, p)));
+                out.push(Candidate { rule: Rule::l4(c.rule.peer.clone(), rest), agg, ..c });
+            }
+        }
+        out
+    }
+
+    /// Evidence for the HTTP rules of an existing (active) rule: the window's requests
+    /// on the edges in `agg` that each of them matches.
+    fn http_evidence(&self, rule: &Rule, agg: &Agg) -> Vec<HttpEvidence> {
+        let w = self.opts.window;
+        rule.http
+            .iter()
+            .map(|h| {
+                let mut ev = HttpEvidence {
+                    rule: h.clone(),
+                    requests: 0,
+                    first_seen_unix_ms: 0,
+                    last_seen_unix_ms: 0,
+                    paths: 0,
+                    generalized: !matches!(h.path, bulkhead_model::HttpPath::Exact(_)),
+                };
+                let seen = agg.edges.iter().filter_map(|k| self.http.get(k)).flat_map(|e| &e.requests);
+                let in_window = |r: &&bulkhead_model::EdgeHttpRequest| {
+                    r.last_seen_unix_ms >= w.from_unix_ms && r.first_seen_unix_ms <= w.to_unix_ms
+                };
+                let mut paths = BTreeSet::new();
+                for r in seen.filter(in_window).filter(|r| h.matches(&r.method, &r.path)) {
+                    let first = if paths.is_empty() { r.first_seen_unix_ms } else { ev.first_seen_unix_ms };
+                    ev.first_seen_unix_ms = first.min(r.first_seen_unix_ms);
+                    ev.last_seen_unix_ms = ev.last_seen_unix_ms.max(r.last_seen_unix_ms);
+                    ev.requests = ev.requests.saturating_add(r.requests);
+                    paths.insert((&r.method, &r.path));
+                }
+                ev.paths = paths.len() as u64;
+                ev
+            })
+            .collect()
+    }
+
+    /// The evidence of the ingress edges in `agg` that `keep` selects, rebuilt from the
+    /// edges themselves.
+    fn agg_of(&self, agg: &Agg, keep: impl Fn(&EdgeKey) -> bool) -> Agg {
+        let mut out = Agg::default();
+        for k in agg.edges.iter().filter(|k| keep(k)) {
+            if let Some(e) = self.edges_by_key.get(k) {
+                out.add(e.connections, e.bytes, e.first_seen_unix_ms, e.last_seen_unix_ms);
+                out.edges.push(*k);
+                out.peers.push(k.src);
+            }
+        }
+        out
     }
 
     /// Drift: rules of the active policy stay (with evidence), new candidates that the
@@ -417,7 +565,8 @@ impl Ctx<'_> {
                     agg.peers.push(Identity::WORLD);
                 }
             }
-            fresh.push(Candidate { direction: dir, rule: rule.clone(), agg, flags: BTreeSet::new() });
+            let http = self.http_evidence(rule, &agg);
+            fresh.push(Candidate { direction: dir, rule: rule.clone(), agg, flags: BTreeSet::new(), http });
         }
     }
 
@@ -496,5 +645,5 @@ fn grouped(peer: Peer, ports: &PeerPorts) -> GroupedRule {
     for a in ports.values() {
         agg.merge(a);
     }
-    GroupedRule { rule: Rule { peer, ports: ports.keys().copied().collect() }, agg }
+    GroupedRule { rule: Rule::l4(peer, ports.keys().copied().collect()), agg }
 }

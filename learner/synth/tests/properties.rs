@@ -102,6 +102,55 @@ proptest! {
     }
 
     #[test]
+    fn every_observed_http_request_is_allowed(
+        seed in any::<u64>(),
+        level in level_strategy(),
+        prefix_after in 1usize..6,
+    ) {
+        let g = generated(seed, 80, 320, &PORTS);
+        // HTTP facts on most port-80 edges: paths from a small tree (so prefixes form),
+        // some edges also opaque (those ports must stay L4).
+        let mut rng = common::Rng::new(seed ^ 0x7);
+        let methods = ["GET", "POST", "PUT"];
+        let mut facts = Vec::new();
+        let mut observed = Vec::new();
+        for e in g.edges.iter().filter(|e| e.key.dst_port == 80 && e.key.src != Identity::WORLD) {
+            if rng.below(5) == 0 {
+                continue;
+            }
+            let n = 1 + rng.below(6);
+            let reqs: Vec<(String, String, u64)> = (0..n)
+                .map(|_| {
+                    let m = methods[rng.below(3) as usize].to_owned();
+                    let p = format!("/v{}/{}/{}", rng.below(2), ["a", "b", "c"][rng.below(3) as usize], rng.below(12));
+                    (m, p, 1 + rng.below(9))
+                })
+                .collect();
+            let refs: Vec<(&str, &str, u64)> = reqs.iter().map(|(m, p, n)| (m.as_str(), p.as_str(), *n)).collect();
+            let mut h = http(e.key.src.0, e.key.dst.0, 80, &refs);
+            h.key = e.key;
+            if rng.below(6) == 0 {
+                (h.opaque_connections, h.opaque_last_seen_unix_ms) = (1, Some(e.last_seen_unix_ms));
+            }
+            observed.extend(reqs.into_iter().map(|(m, p, _)| (e.key, m, p)));
+            facts.push(h);
+        }
+        let opts = bulkhead_synth::Options { http_prefix_after: prefix_after, ..options(level) };
+        let input = Input { identities: &g.identities, edges: &g.edges, external: &g.external, http: &facts, ..Default::default() };
+        let ps = synthesize(&input, &opts);
+        let set = confirmed_set(&ps);
+        let fqdn = BTreeMap::new();
+        let ev = Evaluator::new(&set, &g.identities, &fqdn);
+        for (key, m, p) in &observed {
+            let c = Connection { src: key.src, dst: key.dst, src_addr: None, dst_addr: None, dst_port: key.dst_port, protocol: key.protocol };
+            let d = ev.decide_request(&c, m, p);
+            prop_assert!(d.allowed(), "observed {m} {p} on {key:?} denied: {d:?}");
+        }
+        // Some port did get narrowed, or the property checked little.
+        prop_assert!(facts.is_empty() || set.iter().flat_map(|p| p.ingress.iter().flatten()).any(|r| r.is_l7()));
+    }
+
+    #[test]
     fn output_is_deterministic_and_independent_of_input_order(seed in any::<u64>(), level in level_strategy()) {
         let g = generated(seed, 120, 500, &PORTS);
         let opts = options(level);

@@ -3,7 +3,9 @@
 //! Data flow: the `sock/inet_sock_set_state` tracepoint (TCP) and the cgroup_skb
 //! programs (UDP) write [`SockEventRaw`] records into [`FLOW_EVENTS`]; the
 //! cgroup_skb ingress program copies DNS answers into [`DNS_EVENTS`] as
-//! [`DnsEventRaw`]; UDP byte counters are aggregated per 5-tuple in [`UDP_FLOWS`]
+//! [`DnsEventRaw`]; the same program copies the start of every ingress TCP segment
+//! that begins like an HTTP/1.x request line into [`HTTP_EVENTS`] as
+//! [`HttpEventRaw`]; UDP byte counters are aggregated per 5-tuple in [`UDP_FLOWS`]
 //! and drained by user space. Every ring-buffer reservation that fails is counted
 //! in [`COUNTERS`] so loss is reported, never silent.
 
@@ -13,6 +15,8 @@
 pub const FLOW_EVENTS: &str = "FLOW_EVENTS_V1";
 /// Ring buffer of [`DnsEventRaw`].
 pub const DNS_EVENTS: &str = "DNS_EVENTS_V1";
+/// Ring buffer of [`HttpEventRaw`].
+pub const HTTP_EVENTS: &str = "HTTP_EVENTS_V1";
 /// Hash: network-namespace inode (u64) → u8 (1). Meaning set by [`CollectorConfig::netns_mode`].
 pub const NETNS_FILTER: &str = "NETNS_FILTER_V1";
 /// Array[1] of [`CollectorConfig`]: settings user space may change at run time.
@@ -26,9 +30,14 @@ pub const SOCK_OWNER: &str = "SOCK_OWNER_V1";
 /// Name of the read-only global holding [`KernelOffsets`] (set with
 /// `EbpfLoader::override_global` before load, so the verifier sees constants).
 pub const KERNEL_OFFSETS_GLOBAL: &str = "BH_KOFFSETS";
+/// Name of the read-only global (u32) that turns HTTP request capture on (1) or off
+/// (0). Set before load like [`KERNEL_OFFSETS_GLOBAL`]: with capture off the verifier
+/// prunes the whole branch, so it costs nothing per packet.
+pub const CAPTURE_HTTP_GLOBAL: &str = "BH_CAPTURE_HTTP";
 
 /// Every map name, for tests and for pinning/cleanup code that must know them all.
-pub const MAP_NAMES: [&str; 7] = [FLOW_EVENTS, DNS_EVENTS, NETNS_FILTER, CONFIG, COUNTERS, UDP_FLOWS, SOCK_OWNER];
+pub const MAP_NAMES: [&str; 8] =
+    [FLOW_EVENTS, DNS_EVENTS, HTTP_EVENTS, NETNS_FILTER, CONFIG, COUNTERS, UDP_FLOWS, SOCK_OWNER];
 const _: () = {
     let mut i = 0;
     while i < MAP_NAMES.len() {
@@ -47,6 +56,8 @@ pub const PROG_SKB_EGRESS: &str = "udp_egress";
 
 pub const DEFAULT_FLOW_EVENTS_BYTES: u32 = 8 << 20;
 pub const DEFAULT_DNS_EVENTS_BYTES: u32 = 1 << 18;
+/// 4 MiB: about 12k request records, i.e. 1.2 s of 10k requests/s between two polls.
+pub const DEFAULT_HTTP_EVENTS_BYTES: u32 = 1 << 22;
 pub const DEFAULT_UDP_FLOWS: u32 = 16384;
 pub const DEFAULT_SOCK_OWNER: u32 = 16384;
 pub const NETNS_FILTER_MAX: u32 = 4096;
@@ -62,7 +73,9 @@ pub const COUNTER_DNS_LOST: u32 = 1;
 pub const COUNTER_READ_FAILED: u32 = 2;
 /// Inserting into `UDP_FLOWS` failed for a reason other than a racing insert.
 pub const COUNTER_UDP_INSERT_FAILED: u32 = 3;
-pub const COUNTER_COUNT: u32 = 4;
+/// `HTTP_EVENTS` reservation failed: an HTTP request line was lost.
+pub const COUNTER_HTTP_LOST: u32 = 4;
+pub const COUNTER_COUNT: u32 = 5;
 
 // === Event kinds (never reuse a value) ===
 
@@ -86,6 +99,8 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// IPPROTO_TCP as it appears in an IP header's protocol / next-header byte.
+pub const IPPROTO_TCP_U8: u8 = 6;
 pub const TCP_ESTABLISHED: i32 = 1;
 pub const TCP_SYN_SENT: i32 = 2;
 pub const TCP_SYN_RECV: i32 = 3;
@@ -94,7 +109,25 @@ pub const TCP_LISTEN: i32 = 10;
 /// Bytes of DNS payload copied to user space (classic DNS-over-UDP limit without
 /// EDNS0; larger answers are truncated and parsed as far as they go).
 pub const DNS_PAYLOAD_MAX: usize = 512;
+/// Bytes of an HTTP request's first segment copied to user space: the request line
+/// of a path at the 128-byte limit rules can express, with the method, a query
+/// string of about 100 bytes and ` HTTP/1.1\r\n`. A power of two, so the kernel can
+/// bound the copy with a mask the verifier follows.
+pub const HTTP_PAYLOAD_MAX: usize = 256;
 pub const COMM_LEN: usize = 16;
+
+/// The first four bytes of every request line the kernel copies, as big-endian u32s:
+/// `GET `, `PUT `, `POST`, `HEAD`, `DELE`(TE), `PATC`(H), `OPTI`(ONS). One 4-byte load
+/// and these compares decide for every other segment; user space parses the rest.
+pub const HTTP_METHOD_PREFIXES: [u32; 7] = [
+    u32::from_be_bytes(*b"GET "),
+    u32::from_be_bytes(*b"PUT "),
+    u32::from_be_bytes(*b"POST"),
+    u32::from_be_bytes(*b"HEAD"),
+    u32::from_be_bytes(*b"DELE"),
+    u32::from_be_bytes(*b"PATC"),
+    u32::from_be_bytes(*b"OPTI"),
+];
 
 /// One socket event as the kernel writes it into `FLOW_EVENTS`.
 ///
@@ -175,6 +208,33 @@ pub struct DnsEventRaw {
     pub payload: [u8; DNS_PAYLOAD_MAX],
 }
 const _: () = assert!(size_of::<DnsEventRaw>() == 32 + 32 + 8 + DNS_PAYLOAD_MAX);
+
+/// The start of an ingress TCP segment that begins with an HTTP method
+/// ([`HTTP_METHOD_PREFIXES`]), received by a socket of an observed namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpEventRaw {
+    pub ts_ns: u64,
+    pub netns_ino: u64,
+    /// cgroup v2 id of the receiving socket (the server's).
+    pub cgroup_id: u64,
+    /// Socket cookie of the receiving socket. Not used to match connections: a
+    /// request carried by the handshake's final ACK is filtered with the listener.
+    pub sock: u64,
+    /// The client's address (packet source).
+    pub saddr: [u8; 16],
+    /// The server's address (packet destination).
+    pub daddr: [u8; 16],
+    pub family: u16,
+    /// Host byte order: the client's port.
+    pub sport: u16,
+    /// Host byte order: the server's port.
+    pub dport: u16,
+    /// Bytes valid in `payload` (≤ HTTP_PAYLOAD_MAX).
+    pub payload_len: u16,
+    pub payload: [u8; HTTP_PAYLOAD_MAX],
+}
+const _: () = assert!(size_of::<HttpEventRaw>() == 32 + 32 + 8 + HTTP_PAYLOAD_MAX);
 
 /// Aggregation key of one UDP flow as seen by one local socket's namespace.
 /// IPv4 addresses occupy the first four bytes.

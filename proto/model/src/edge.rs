@@ -33,3 +33,34 @@ impl Edge {
         self.bytes = self.bytes.saturating_add(bytes);
     }
 }
+
+/// Most distinct (method, path) pairs the learner keeps per edge. Beyond it, requests
+/// of new pairs are only counted ([`EdgeHttp::overflow_requests`]): the path set is
+/// then known to be incomplete, and synthesis does not narrow the edge to HTTP rules.
+pub const MAX_HTTP_PATHS_PER_EDGE: usize = 200;
+
+/// Requests of one method and path on an edge.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EdgeHttpRequest {
+    pub method: String,
+    pub path: String,
+    pub requests: u64,
+    pub first_seen_unix_ms: i64,
+    pub last_seen_unix_ms: i64,
+}
+
+/// What an edge carried at L7, as the learner keeps it: the HTTP requests its server
+/// side received, and what says the list is not the whole story.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeHttp {
+    pub key: EdgeKey,
+    /// Sorted by (method, path); at most [`MAX_HTTP_PATHS_PER_EDGE`].
+    pub requests: Vec<EdgeHttpRequest>,
+    /// Connections that carried payload but no HTTP request line (TLS, other protocols).
+    pub opaque_connections: u64,
+    /// When the last of those closed.
+    pub opaque_last_seen_unix_ms: Option<i64>,
+    /// Requests whose (method, path) was not kept (collector or learner bound).
+    pub overflow_requests: u64,
+    pub overflow_last_seen_unix_ms: Option<i64>,
+}

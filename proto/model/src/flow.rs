@@ -91,6 +91,53 @@ pub struct Flow {
     pub verdict: Verdict,
     pub first_seen_unix_ms: i64,
     pub last_seen_unix_ms: i64,
+    /// What the flow's connections carried at L7 (ingress TCP flows only).
+    #[serde(default, skip_serializing_if = "FlowHttp::is_empty")]
+    pub http: FlowHttp,
+}
+
+/// Most distinct (method, path) pairs one flow itemizes; further requests are counted
+/// in [`FlowHttp::overflow_requests`].
+pub const MAX_HTTP_PER_FLOW: usize = 64;
+
+/// How many requests of one method and path a flow carried.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct HttpRequestCount {
+    /// Upper-case token (`GET`, `POST`, …).
+    pub method: String,
+    /// The request target's path: starts with `/`, never the query string.
+    pub path: String,
+    pub requests: u64,
+}
+
+/// The L7 view of an ingress TCP flow, as the collector saw the request lines its
+/// connections received. Synthesis narrows a rule to HTTP only where every connection
+/// was plaintext HTTP and every path is known: `opaque_connections` and
+/// `overflow_requests` are what says otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowHttp {
+    /// Distinct (method, path) pairs with their counts, sorted, at most
+    /// [`MAX_HTTP_PER_FLOW`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<HttpRequestCount>,
+    /// Requests not itemized because the flow already listed [`MAX_HTTP_PER_FLOW`] pairs.
+    #[serde(default)]
+    pub overflow_requests: u64,
+    /// Accepted connections that carried payload but never an HTTP request line (TLS,
+    /// other protocols, a request line too long or malformed to parse).
+    #[serde(default)]
+    pub opaque_connections: u64,
+}
+
+impl FlowHttp {
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_empty() && self.overflow_requests == 0 && self.opaque_connections == 0
+    }
+
+    /// Total requests seen, itemized or not.
+    pub fn total_requests(&self) -> u64 {
+        self.requests.iter().fold(self.overflow_requests, |n, r| n.saturating_add(r.requests))
+    }
 }
 
 impl Flow {

@@ -17,9 +17,12 @@ pub mod proposal;
 #[cfg(feature = "proto")]
 pub mod proto;
 
-pub use edge::{Edge, EdgeKey};
+pub use edge::{Edge, EdgeHttp, EdgeHttpRequest, EdgeKey, MAX_HTTP_PATHS_PER_EDGE};
 pub use endpoint::{CgroupFact, EndpointFact, InterfaceAddress};
-pub use flow::{Direction, DnsAnswer, Flow, FlowBatch, LossCounters, Protocol, Verdict};
+pub use flow::{
+    Direction, DnsAnswer, Flow, FlowBatch, FlowHttp, HttpRequestCount, LossCounters, MAX_HTTP_PER_FLOW, Protocol,
+    Verdict,
+};
 pub use identity::{Identity, ReservedIdentity};
 pub use labels::{LabelError, Labels};
 pub use node_policy::{
@@ -27,9 +30,12 @@ pub use node_policy::{
     PolicyAck, PolicyAckStatus, PolicyEndpoint, RuleCounter, RuleKey, RuleRef, RuleVerdict, VerdictEvent,
     VerdictReport,
 };
-pub use policy::{LabelSelector, Peer, Policy, PortRange, RolloutMode, Rule, SelectorOperator, SelectorRequirement};
+pub use policy::{
+    HttpPath, HttpRule, HttpRuleError, LabelSelector, MAX_HTTP_METHOD_LEN, MAX_HTTP_PATH_LEN, Peer, Policy, PortRange,
+    RolloutMode, Rule, SelectorOperator, SelectorRequirement,
+};
 pub use policy_delta::{DeltaError, NodePolicyDelta, PolicyUpdate};
 pub use proposal::{
-    Convergence, Evidence, HygieneFlag, Level, Lint, LintCode, Proposal, ProposalStatus, ProposedRule,
+    Convergence, Evidence, HttpEvidence, HygieneFlag, Level, Lint, LintCode, Proposal, ProposalStatus, ProposedRule,
     RemovalSuggestion, Severity, WidenedPair, Window,
 };

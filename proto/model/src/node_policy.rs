@@ -27,7 +27,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::{Direction, Identity, Protocol, ReservedIdentity, RolloutMode};
+use crate::{Direction, HttpRule, HttpRuleError, Identity, Protocol, ReservedIdentity, RolloutMode};
 
 /// First node-policy-local identity (Cilium's local CIDR identity range starts here
 /// too). The learner allocates label-set identities upwards from 256; it would need
@@ -43,6 +43,8 @@ pub const MAX_CGROUPS_PER_ENDPOINT: usize = 1024;
 /// Most rule entries in one snapshot (the `POLICY` hash capacity; the benchmark runs
 /// 100k).
 pub const MAX_RULES: usize = 1 << 20;
+/// Most HTTP rules on one entry (a workload's API surface, not a URL list).
+pub const MAX_HTTP_RULES_PER_ENTRY: usize = 1024;
 /// Most rule references in one snapshot.
 pub const MAX_RULE_REFS: usize = 1 << 18;
 /// Longest cgroup path (`PATH_MAX`).
@@ -123,13 +125,28 @@ pub struct RuleKey {
 }
 
 /// One allow entry and the approved rule it comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct NodeRule {
     pub key: RuleKey,
     /// Names the rule in verdicts and hit counters; see [`NodePolicy::rule_refs`].
     /// Several entries share one id (a selector expands to many peers). Never 0:
     /// verdict reports use 0 for "default deny".
     pub rule_id: u32,
+    /// Empty: the entry allows the connection (L4). Otherwise the connection is
+    /// allowed, but each HTTP request on it must match one of these (L7; ingress TCP
+    /// entries only — the enforcer reads request lines arriving at the server). This
+    /// is already the union over every approved rule that allows the key *and* every
+    /// wildcard entry that covers it (the compiler resolves it), because the datapath
+    /// stops at the first entry its probes find. Sorted, deduplicated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<HttpRule>,
+}
+
+impl NodeRule {
+    /// An L4 entry.
+    pub fn l4(key: RuleKey, rule_id: u32) -> NodeRule {
+        NodeRule { key, rule_id, http: Vec::new() }
+    }
 }
 
 /// The approved rule behind a `rule_id`.
@@ -187,6 +204,10 @@ pub enum NodePolicyError {
     DuplicateRule { index: usize, first: usize },
     #[error("rule_refs[{index}]: rule_id {rule_id} is listed twice")]
     DuplicateRuleRef { index: usize, rule_id: u32 },
+    #[error("rules[{index}]: HTTP rules need an ingress TCP entry (they judge requests arriving at the server)")]
+    HttpNotIngressTcp { index: usize },
+    #[error("rules[{index}].http[{rule}]: {error}")]
+    InvalidHttpRule { index: usize, rule: usize, error: HttpRuleError },
 }
 
 /// How one direction of a new connection decided.
@@ -331,6 +352,15 @@ impl NodePolicy {
             }
             if !ref_ids.contains(&r.rule_id) {
                 return Err(NodePolicyError::UnknownRuleId { index, rule_id: r.rule_id });
+            }
+            if !r.http.is_empty() {
+                if k.direction != Direction::Ingress || k.protocol.is_some_and(|p| p != Protocol::Tcp) {
+                    return Err(NodePolicyError::HttpNotIngressTcp { index });
+                }
+                too_many("rules[].http", r.http.len(), MAX_HTTP_RULES_PER_ENTRY)?;
+                for (rule, h) in r.http.iter().enumerate() {
+                    h.validate().map_err(|error| NodePolicyError::InvalidHttpRule { index, rule, error })?;
+                }
             }
             if let Some(first) = keys.insert(*k, index) {
                 return Err(NodePolicyError::DuplicateRule { index, first });
@@ -550,6 +580,7 @@ mod tests {
                     protocol: Some(Protocol::Tcp),
                 },
                 rule_id: 1,
+                http: Vec::new(),
             }],
             rule_refs: vec![RuleRef {
                 rule_id: 1,
@@ -612,7 +643,7 @@ mod tests {
             (
                 "duplicate rule",
                 |p| {
-                    let r = p.rules[0];
+                    let r = p.rules[0].clone();
                     p.rules.push(r);
                 },
                 NodePolicyError::DuplicateRule { index: 1, first: 0 },
@@ -672,7 +703,7 @@ mod tests {
         p.ipcache[0].prefix = net("10.1.2.3/8");
         assert!(matches!(p.validate(), Err(NodePolicyError::NonCanonicalPrefix { index: 0, .. })));
         let mut p = sample();
-        p.rules = vec![p.rules[0]; MAX_RULES + 1];
+        p.rules = vec![p.rules[0].clone(); MAX_RULES + 1];
         assert_eq!(p.validate(), Err(NodePolicyError::TooMany { field: "rules", len: MAX_RULES + 1, max: MAX_RULES }));
     }
 

@@ -47,7 +47,7 @@ pub struct NodePolicyDelta {
     pub ipcache_remove: Vec<IpNet>,
     /// The complete new endpoint list, when it changed.
     pub endpoints: Option<Vec<PolicyEndpoint>>,
-    /// New rules, and rules whose rule id changed.
+    /// New rules, and rules whose rule id or HTTP rules changed.
     pub rules_upsert: Vec<NodeRule>,
     /// Rules that are gone.
     pub rules_remove: Vec<RuleKey>,
@@ -71,8 +71,8 @@ impl NodePolicyDelta {
     pub fn between(old: &NodePolicy, new: &NodePolicy) -> NodePolicyDelta {
         let old_ip: BTreeMap<IpNet, Identity> = old.ipcache.iter().map(|e| (e.prefix, e.identity)).collect();
         let new_ip: BTreeMap<IpNet, Identity> = new.ipcache.iter().map(|e| (e.prefix, e.identity)).collect();
-        let old_rules: BTreeMap<RuleKey, u32> = old.rules.iter().map(|r| (r.key, r.rule_id)).collect();
-        let new_rules: BTreeMap<RuleKey, u32> = new.rules.iter().map(|r| (r.key, r.rule_id)).collect();
+        let old_rules: BTreeMap<RuleKey, &NodeRule> = old.rules.iter().map(|r| (r.key, r)).collect();
+        let new_rules: BTreeMap<RuleKey, &NodeRule> = new.rules.iter().map(|r| (r.key, r)).collect();
         let old_refs: BTreeMap<u32, &RuleRef> = old.rule_refs.iter().map(|r| (r.rule_id, r)).collect();
         let new_refs: BTreeMap<u32, &RuleRef> = new.rule_refs.iter().map(|r| (r.rule_id, r)).collect();
         NodePolicyDelta {
@@ -87,8 +87,8 @@ impl NodePolicyDelta {
             endpoints: (old.endpoints != new.endpoints).then(|| new.endpoints.clone()),
             rules_upsert: new_rules
                 .iter()
-                .filter(|(k, id)| old_rules.get(*k) != Some(*id))
-                .map(|(k, id)| NodeRule { key: *k, rule_id: *id })
+                .filter(|(k, r)| old_rules.get(*k) != Some(*r))
+                .map(|(_, r)| (*r).clone())
                 .collect(),
             rules_remove: old_rules.keys().filter(|k| !new_rules.contains_key(*k)).copied().collect(),
             rule_refs_upsert: new_refs
@@ -114,11 +114,11 @@ impl NodePolicyDelta {
             ip.remove(p);
         }
         ip.extend(self.ipcache_upsert.iter().map(|e| (e.prefix, e.identity)));
-        let mut rules: BTreeMap<RuleKey, u32> = base.rules.iter().map(|r| (r.key, r.rule_id)).collect();
+        let mut rules: BTreeMap<RuleKey, NodeRule> = base.rules.iter().map(|r| (r.key, r.clone())).collect();
         for k in &self.rules_remove {
             rules.remove(k);
         }
-        rules.extend(self.rules_upsert.iter().map(|r| (r.key, r.rule_id)));
+        rules.extend(self.rules_upsert.iter().map(|r| (r.key, r.clone())));
         let mut refs: BTreeMap<u32, RuleRef> = base.rule_refs.iter().map(|r| (r.rule_id, r.clone())).collect();
         for id in &self.rule_refs_remove {
             refs.remove(id);
@@ -128,7 +128,7 @@ impl NodePolicyDelta {
             version: self.version,
             ipcache: ip.into_iter().map(|(prefix, identity)| IpcacheEntry { prefix, identity }).collect(),
             endpoints: self.endpoints.clone().unwrap_or_else(|| base.endpoints.clone()),
-            rules: rules.into_iter().map(|(key, rule_id)| NodeRule { key, rule_id }).collect(),
+            rules: rules.into_values().collect(),
             rule_refs: refs.into_values().collect(),
         };
         policy.validate()?;
@@ -203,6 +203,7 @@ mod tests {
                 },
                 // Ids move with the version: a rule whose id changes is an upsert.
                 rule_id: bit + 1 + (version % 2) as u32,
+                http: Vec::new(),
             });
         }
         node_rules.sort_by_key(|r| r.key);
@@ -269,6 +270,7 @@ mod tests {
                 protocol: Some(Protocol::Udp),
             },
             rule_id: 999,
+            http: Vec::new(),
         });
         assert!(matches!(bad.apply(&old), Err(DeltaError::Invalid(_))));
     }

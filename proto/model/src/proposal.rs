@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Direction, EdgeKey, Identity, Policy, PortRange, Rule};
+use crate::{Direction, EdgeKey, HttpRule, Identity, Policy, PortRange, Rule};
 
 /// How far synthesis may generalize peers beyond the identities observed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -72,6 +72,24 @@ pub struct Evidence {
     pub bytes: u64,
     pub first_seen_unix_ms: i64,
     pub last_seen_unix_ms: i64,
+    /// One entry per HTTP rule of an L7 rule ([`Rule::http`]), in the same order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<HttpEvidence>,
+}
+
+/// What backs one HTTP rule: the requests it stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpEvidence {
+    pub rule: HttpRule,
+    pub requests: u64,
+    pub first_seen_unix_ms: i64,
+    pub last_seen_unix_ms: i64,
+    /// Distinct observed paths the rule covers (1 for an exact path).
+    pub paths: u64,
+    /// The rule is a prefix generalized from `paths` observed paths sharing it: it
+    /// also allows paths under it that were never seen.
+    #[serde(default)]
+    pub generalized: bool,
 }
 
 /// Why a rule was held back for explicit confirmation (learning hygiene).
@@ -164,6 +182,9 @@ pub enum LintCode {
     NoTraffic,
     /// Some rules are held back for confirmation.
     RulesNeedConfirmation,
+    /// An HTTP port stays L4: what was seen there cannot be narrowed to HTTP rules
+    /// (TLS or other protocols, too many paths, an incomplete path list).
+    HttpNotNarrowed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

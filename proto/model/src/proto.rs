@@ -9,11 +9,13 @@ use bulkhead_proto::v1;
 
 use ipnet::IpNet;
 
+use crate::policy::{HttpRuleError, validate_method, validate_path};
+use crate::{HttpPath, HttpRule};
 use crate::{
     CgroupFact, Direction, DnsAnswer, EndpointCgroup, EndpointFact, EnforcerHello, EnforcerLoss, EnforcerMessage, Flow,
-    FlowBatch, Identity, InterfaceAddress, IpcacheEntry, LossCounters, NodePolicy, NodePolicyDelta, NodeRule,
-    PolicyAck, PolicyAckStatus, PolicyEndpoint, PolicyUpdate, Protocol, RolloutMode, RuleCounter, RuleKey, RuleRef,
-    Verdict, VerdictEvent, VerdictReport,
+    FlowBatch, FlowHttp, HttpRequestCount, Identity, InterfaceAddress, IpcacheEntry, LossCounters, MAX_HTTP_PER_FLOW,
+    NodePolicy, NodePolicyDelta, NodeRule, PolicyAck, PolicyAckStatus, PolicyEndpoint, PolicyUpdate, Protocol,
+    RolloutMode, RuleCounter, RuleKey, RuleRef, Verdict, VerdictEvent, VerdictReport,
 };
 
 /// Longest node or boot id accepted.
@@ -59,6 +61,16 @@ pub enum InvalidFlow {
     CommTooLong { len: usize, max: usize },
     #[error("last_seen ({last}) is before first_seen ({first})")]
     TimeOrder { first: i64, last: i64 },
+    #[error("HTTP data on an {direction} {protocol} flow; only ingress TCP flows carry it")]
+    HttpNotIngressTcp { direction: &'static str, protocol: &'static str },
+    #[error("http lists {len} entries, at most {max} allowed")]
+    TooManyHttp { len: usize, max: usize },
+    #[error("http[{index}]: {source}")]
+    HttpRequest { index: usize, source: HttpRuleError },
+    #[error("http[{index}]: requests is 0")]
+    HttpZeroRequests { index: usize },
+    #[error("http[{index}]: {method} {path} is listed twice")]
+    HttpDuplicate { index: usize, method: String, path: String },
 }
 
 /// Decodes an address of 4 or 16 bytes.
@@ -114,6 +126,9 @@ impl TryFrom<v1::Flow> for Flow {
             verdict,
             first_seen_unix_ms,
             last_seen_unix_ms,
+            http,
+            opaque_connections,
+            http_overflow_requests,
         } = w;
         let protocol = match v1::Protocol::try_from(protocol) {
             Ok(v1::Protocol::Tcp) => Protocol::Tcp,
@@ -137,6 +152,7 @@ impl TryFrom<v1::Flow> for Flow {
         if last_seen_unix_ms < first_seen_unix_ms {
             return Err(InvalidFlow::TimeOrder { first: first_seen_unix_ms, last: last_seen_unix_ms });
         }
+        let http = decode_http(direction, protocol, http, opaque_connections, http_overflow_requests)?;
         Ok(Flow {
             src_addr: addr_from_bytes("src_addr", &src_addr)?,
             src_port: port("src_port", src_port)?,
@@ -155,8 +171,47 @@ impl TryFrom<v1::Flow> for Flow {
             verdict,
             first_seen_unix_ms,
             last_seen_unix_ms,
+            http,
         })
     }
+}
+
+/// Validates a flow's L7 part: only ingress TCP flows carry one; every entry names a
+/// method and path a rule could be written for (so whatever is stored can become a
+/// policy), at most [`MAX_HTTP_PER_FLOW`] distinct entries with a non-zero count.
+fn decode_http(
+    direction: Direction,
+    protocol: Protocol,
+    wire: Vec<v1::HttpRequestCount>,
+    opaque_connections: u64,
+    overflow_requests: u64,
+) -> Result<FlowHttp, InvalidFlow> {
+    let http = FlowHttp { requests: Vec::new(), overflow_requests, opaque_connections };
+    if wire.is_empty() && http.is_empty() {
+        return Ok(http);
+    }
+    if direction != Direction::Ingress || protocol != Protocol::Tcp {
+        return Err(InvalidFlow::HttpNotIngressTcp { direction: direction.as_str(), protocol: protocol.as_str() });
+    }
+    if wire.len() > MAX_HTTP_PER_FLOW {
+        return Err(InvalidFlow::TooManyHttp { len: wire.len(), max: MAX_HTTP_PER_FLOW });
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut requests = Vec::with_capacity(wire.len());
+    for (index, r) in wire.into_iter().enumerate() {
+        let v1::HttpRequestCount { method, path, requests: n } = r;
+        validate_method(&method).map_err(|source| InvalidFlow::HttpRequest { index, source })?;
+        validate_path(&path).map_err(|source| InvalidFlow::HttpRequest { index, source })?;
+        if n == 0 {
+            return Err(InvalidFlow::HttpZeroRequests { index });
+        }
+        if !seen.insert((method.clone(), path.clone())) {
+            return Err(InvalidFlow::HttpDuplicate { index, method, path });
+        }
+        requests.push(HttpRequestCount { method, path, requests: n });
+    }
+    requests.sort();
+    Ok(FlowHttp { requests, ..http })
 }
 
 impl From<&Flow> for v1::Flow {
@@ -189,6 +244,14 @@ impl From<&Flow> for v1::Flow {
             } as i32,
             first_seen_unix_ms: f.first_seen_unix_ms,
             last_seen_unix_ms: f.last_seen_unix_ms,
+            http: f
+                .http
+                .requests
+                .iter()
+                .map(|r| v1::HttpRequestCount { method: r.method.clone(), path: r.path.clone(), requests: r.requests })
+                .collect(),
+            opaque_connections: f.http.opaque_connections,
+            http_overflow_requests: f.http.overflow_requests,
         }
     }
 }
@@ -424,6 +487,8 @@ pub enum InvalidNodePolicy {
     TooMany { field: String, len: usize, max: usize },
     #[error("{field} is missing")]
     Missing { field: String },
+    #[error("{field}: {source}")]
+    Http { field: String, source: crate::HttpRuleError },
     /// Decoded, but not a policy an enforcer can apply.
     #[error(transparent)]
     Invalid(#[from] crate::NodePolicyError),
@@ -547,7 +612,13 @@ fn decode_endpoint(field: &str, e: v1::PolicyEndpoint) -> Result<PolicyEndpoint,
 }
 
 fn decode_rule(field: &str, r: v1::NodeRule) -> Result<NodeRule, InvalidNodePolicy> {
-    let v1::NodeRule { rule_id, local_identity, direction, peer_identity, port, protocol } = r;
+    let v1::NodeRule { rule_id, local_identity, direction, peer_identity, port, protocol, http } = r;
+    np_count(&format!("{field}.http"), http.len(), crate::node_policy::MAX_HTTP_RULES_PER_ENTRY)?;
+    let http = http
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| decode_http_rule(&format!("{field}.http[{i}]"), h))
+        .collect::<Result<Vec<_>, _>>()?;
     let protocol = match v1::Protocol::try_from(protocol) {
         Ok(v1::Protocol::Unspecified) => None,
         Ok(v1::Protocol::Tcp) => Some(Protocol::Tcp),
@@ -574,7 +645,38 @@ fn decode_rule(field: &str, r: v1::NodeRule) -> Result<NodeRule, InvalidNodePoli
             protocol,
         },
         rule_id,
+        http,
     })
+}
+
+fn decode_http_rule(field: &str, h: v1::NodeHttpRule) -> Result<HttpRule, InvalidNodePolicy> {
+    let v1::NodeHttpRule { method, path_match, path } = h;
+    np_text(|| format!("{field}.method"), &method, crate::MAX_HTTP_METHOD_LEN)?;
+    np_text(|| format!("{field}.path"), &path, crate::MAX_HTTP_PATH_LEN)?;
+    let path = match v1::HttpPathMatch::try_from(path_match) {
+        Ok(v1::HttpPathMatch::Any) if path.is_empty() => HttpPath::Any,
+        Ok(v1::HttpPathMatch::Exact) => HttpPath::Exact(path),
+        Ok(v1::HttpPathMatch::Prefix) => HttpPath::Prefix(path),
+        _ => {
+            return Err(InvalidNodePolicy::Enum {
+                field: format!("{field}.path_match"),
+                what: "HTTP path match (ANY without a path, EXACT or PREFIX)",
+                value: path_match,
+            });
+        }
+    };
+    let rule = HttpRule { method: (!method.is_empty()).then_some(method), path };
+    rule.validate().map_err(|source| InvalidNodePolicy::Http { field: field.to_owned(), source })?;
+    Ok(rule)
+}
+
+fn encode_http_rule(h: &HttpRule) -> v1::NodeHttpRule {
+    let (path_match, path) = match &h.path {
+        HttpPath::Any => (v1::HttpPathMatch::Any, String::new()),
+        HttpPath::Exact(p) => (v1::HttpPathMatch::Exact, p.clone()),
+        HttpPath::Prefix(p) => (v1::HttpPathMatch::Prefix, p.clone()),
+    };
+    v1::NodeHttpRule { method: h.method.clone().unwrap_or_default(), path_match: path_match as i32, path }
 }
 
 fn decode_rule_ref(field: &str, r: v1::RuleRef) -> Result<RuleRef, InvalidNodePolicy> {
@@ -625,6 +727,7 @@ fn encode_rule(r: &NodeRule) -> v1::NodeRule {
         peer_identity: r.key.peer.map_or(0, |i| i.0),
         port: r.key.port.map_or(0, u32::from),
         protocol: protocol_to_wire(r.key.protocol),
+        http: r.http.iter().map(encode_http_rule).collect(),
     }
 }
 
@@ -716,7 +819,7 @@ impl From<&NodePolicyDelta> for v1::NodePolicyDelta {
             endpoints_changed: d.endpoints.is_some(),
             endpoints: d.endpoints.iter().flatten().map(encode_endpoint).collect(),
             rules_upsert: d.rules_upsert.iter().map(encode_rule).collect(),
-            rules_remove: d.rules_remove.iter().map(|k| encode_rule(&NodeRule { key: *k, rule_id: 0 })).collect(),
+            rules_remove: d.rules_remove.iter().map(|k| encode_rule(&NodeRule::l4(*k, 0))).collect(),
             rule_refs_upsert: d.rule_refs_upsert.iter().map(encode_rule_ref).collect(),
             rule_refs_remove: d.rule_refs_remove.clone(),
         }
@@ -1027,6 +1130,62 @@ mod tests {
         }
     }
 
+    fn http_flow(http: Vec<v1::HttpRequestCount>) -> v1::Flow {
+        v1::Flow { direction: v1::Direction::Ingress as i32, http, ..wire_flow() }
+    }
+
+    fn req(method: &str, path: &str, requests: u64) -> v1::HttpRequestCount {
+        v1::HttpRequestCount { method: method.into(), path: path.into(), requests }
+    }
+
+    #[test]
+    fn http_counts_round_trip_sorted() {
+        let wire = v1::Flow {
+            opaque_connections: 2,
+            http_overflow_requests: 5,
+            ..http_flow(vec![req("PUT", "/v1/exhaust-port", 1), req("POST", "/v1/request-landing", 7)])
+        };
+        let b = FlowBatch::try_from(wire_batch(vec![wire])).expect("valid");
+        let h = &b.flows[0].http;
+        assert_eq!(
+            h.requests[0],
+            HttpRequestCount { method: "POST".into(), path: "/v1/request-landing".into(), requests: 7 }
+        );
+        assert_eq!((h.opaque_connections, h.overflow_requests, h.total_requests()), (2, 5, 13));
+        let again = FlowBatch::try_from(v1::FlowBatch::from(&b)).expect("valid");
+        assert_eq!(again, b);
+    }
+
+    #[test]
+    fn malformed_http_is_refused_with_the_field_named() {
+        let too_many: Vec<_> = (0..=MAX_HTTP_PER_FLOW).map(|i| req("GET", &format!("/{i}"), 1)).collect();
+        let cases: Vec<(v1::Flow, &str)> = vec![
+            (http_flow(vec![req("get", "/", 1)]), "flows[0]: http[0]: HTTP method \"get\""),
+            (
+                http_flow(vec![req("GET", "/ok", 1), req("GET", "x", 1)]),
+                "flows[0]: http[1]: HTTP path \"x\" must start",
+            ),
+            (http_flow(vec![req("GET", "/a'; DROP TABLE edges;--", 1)]), "flows[0]: http[0]: HTTP path"),
+            (
+                http_flow(vec![req("GET", &format!("/{}", "a".repeat(200)), 1)]),
+                "flows[0]: http[0]: HTTP path is 201 bytes",
+            ),
+            (http_flow(vec![req("GET", "/\u{0}", 1)]), "flows[0]: http[0]: HTTP path"),
+            (http_flow(vec![req("GET", "/", 0)]), "flows[0]: http[0]: requests is 0"),
+            (http_flow(vec![req("GET", "/", 1), req("GET", "/", 2)]), "flows[0]: http[1]: GET / is listed twice"),
+            (http_flow(too_many), "flows[0]: http lists 65 entries"),
+            (v1::Flow { http: vec![req("GET", "/", 1)], ..wire_flow() }, "flows[0]: HTTP data on an egress tcp flow"),
+            (
+                v1::Flow { protocol: v1::Protocol::Udp as i32, opaque_connections: 1, ..http_flow(vec![]) },
+                "flows[0]: HTTP data on an ingress udp flow",
+            ),
+        ];
+        for (flow, want) in cases {
+            let err = FlowBatch::try_from(wire_batch(vec![flow])).expect_err("must be rejected").to_string();
+            assert!(err.starts_with(want), "{err:?} should start with {want:?}");
+        }
+    }
+
     #[test]
     fn batch_header_is_checked() {
         let b = v1::FlowBatch { node_id: String::new(), ..wire_batch(vec![]) };
@@ -1105,7 +1264,7 @@ mod node_policy_tests {
                 version,
                 ipcache,
                 endpoints,
-                rules: rules.into_iter().map(|(key, rule_id)| NodeRule { key, rule_id }).collect(),
+                rules: rules.into_iter().map(|(key, rule_id)| NodeRule::l4(key, rule_id)).collect(),
                 rule_refs: (1..4)
                     .map(|id| RuleRef {
                         rule_id: id,
@@ -1263,6 +1422,7 @@ mod node_policy_tests {
                     protocol: Some(Protocol::Udp),
                 },
                 rule_id: 7,
+                http: Vec::new(),
             }],
             rules_remove: vec![RuleKey {
                 local: Identity(300),

@@ -1,6 +1,7 @@
 //! `bulkhead`: the operator CLI. Talks to a running learner's `/api/v1` JSON API, so
 //! it works from any machine that can reach the learner and never touches its store.
 
+mod certs;
 mod policy;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -124,6 +125,10 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Mint the mTLS material between agents and the learner: a CA, the learner's
+    /// certificate, node certificates (works offline; no learner needed).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +156,9 @@ struct IdentityView {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Command::Certs(cmd) = args.command {
+        return certs::run(cmd);
+    }
     let token = api_token(args.token.clone(), args.token_file.as_deref())?;
     let api = Api { base: args.server.trim_end_matches('/').to_owned(), client: reqwest::Client::new(), token };
     match args.command {
@@ -262,6 +270,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Verdicts { identity, verdict, limit } => {
             policy::verdicts(&api, args.json, identity, verdict, limit).await?
         }
+        Command::Certs(_) => unreachable!("handled before the API client is made"),
     }
     Ok(())
 }

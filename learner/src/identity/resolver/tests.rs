@@ -57,6 +57,7 @@ fn flow(ino: u64, dir: Direction, local: &str, peer: &str, comm: &str) -> Flow {
         verdict: Verdict::Forwarded,
         first_seen_unix_ms: 0,
         last_seen_unix_ms: 0,
+        http: Default::default(),
     }
 }
 

@@ -18,7 +18,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use bulkhead_model::{Direction, Identity, Labels, Peer, ProposalStatus, Protocol, Severity};
+use bulkhead_model::{Direction, HttpPath, Identity, Labels, Peer, ProposalStatus, Protocol, Severity};
 use serde::Deserialize;
 
 use super::graph::{Choice, TimeRange, fmt_bytes, fmt_opt_time, fmt_time};
@@ -293,6 +293,20 @@ struct RuleView {
     widens_total: u64,
     examples: Vec<ExampleFlow>,
     hits: Option<u64>,
+    /// HTTP rules (L7): empty for a rule that allows any request on its ports.
+    http: Vec<HttpView>,
+}
+
+/// One HTTP rule of a rule, with the requests behind it.
+#[derive(Debug, Clone)]
+struct HttpView {
+    method: String,
+    path: String,
+    /// Empty when the proposal carries no evidence for it (an imported rule).
+    requests: String,
+    first_seen: String,
+    last_seen: String,
+    note: String,
 }
 
 #[derive(Debug, Clone)]
@@ -672,6 +686,40 @@ fn rule_views(view: &ProposalView, world: &RiskWorld, flows: &[FlowRow]) -> Vec<
                 widens_total: r.widens_total,
                 examples,
                 hits,
+                http: http_views(r),
+            }
+        })
+        .collect()
+}
+
+/// The HTTP rules of a proposed rule with their evidence (matched by rule, so a
+/// missing or reordered evidence list never shows the wrong numbers).
+fn http_views(r: &bulkhead_model::ProposedRule) -> Vec<HttpView> {
+    r.rule
+        .http
+        .iter()
+        .map(|h| {
+            let ev = r.evidence.http.iter().find(|e| &e.rule == h);
+            let (path, kind) = match &h.path {
+                HttpPath::Any => ("any path".to_owned(), "any"),
+                HttpPath::Exact(p) => (p.clone(), "exact"),
+                HttpPath::Prefix(p) => (format!("{p}*"), "prefix"),
+            };
+            let note = match ev {
+                Some(e) if e.generalized && kind == "prefix" => {
+                    format!("prefix generalized from {} observed paths; also allows paths never seen", e.paths)
+                }
+                Some(e) if e.paths > 1 => format!("{} observed paths", e.paths),
+                Some(_) => String::new(),
+                None => "no requests observed in the window".to_owned(),
+            };
+            HttpView {
+                method: h.method.clone().unwrap_or_else(|| "any method".to_owned()),
+                path,
+                requests: ev.map(|e| e.requests.to_string()).unwrap_or_default(),
+                first_seen: ev.map(|e| fmt_time(e.first_seen_unix_ms)).unwrap_or_default(),
+                last_seen: ev.map(|e| fmt_time(e.last_seen_unix_ms)).unwrap_or_default(),
+                note,
             }
         })
         .collect()

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use bulkhead_model::labels::NAMESPACE_KEY;
-use bulkhead_model::{Edge, EdgeKey, Identity, Labels, Level, Protocol, Window};
+use bulkhead_model::{Edge, EdgeHttp, EdgeHttpRequest, EdgeKey, Identity, Labels, Level, Protocol, Window};
 use bulkhead_synth::{ExternalObservation, IdentityInfo, Options};
 
 pub const HOUR: i64 = 3600 * 1000;
@@ -73,6 +73,34 @@ pub fn reference() -> Reference {
         // Learning: tiefighter lands, again and again. xwing never shows up.
         edges: vec![edge(TIEFIGHTER, DEATHSTAR, 80, 42)],
     }
+}
+
+/// HTTP facts of the edge `src` → `dst`:`port`: these (method, path, requests), seen
+/// with the edge's times, and nothing opaque.
+pub fn http(src: u32, dst: u32, port: u16, requests: &[(&str, &str, u64)]) -> EdgeHttp {
+    let e = edge(src, dst, port, 0);
+    EdgeHttp {
+        key: e.key,
+        requests: requests
+            .iter()
+            .map(|(m, p, n)| EdgeHttpRequest {
+                method: (*m).into(),
+                path: (*p).into(),
+                requests: *n,
+                first_seen_unix_ms: e.first_seen_unix_ms,
+                last_seen_unix_ms: e.last_seen_unix_ms,
+            })
+            .collect(),
+        opaque_connections: 0,
+        opaque_last_seen_unix_ms: None,
+        overflow_requests: 0,
+        overflow_last_seen_unix_ms: None,
+    }
+}
+
+/// The reference scenario's L7 facts: tiefighter only ever lands.
+pub fn reference_http() -> Vec<EdgeHttp> {
+    vec![http(TIEFIGHTER, DEATHSTAR, 80, &[("POST", "/v1/request-landing", 42)])]
 }
 
 /// Deterministic pseudo-random scenario (xorshift), so failures reproduce by seed.
