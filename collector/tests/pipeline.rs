@@ -22,6 +22,7 @@ use bulkhead_testkit::{assert_eventually_async, dns};
 
 const WAIT: Duration = Duration::from_secs(60);
 const TCP_PORT: u16 = 8080;
+const HTTP_PORT: u16 = 8081;
 const UDP_PORT: u16 = 5353;
 
 /// The workloads: hosts[0] client, hosts[1] web server, hosts[2] UDP service.
@@ -155,6 +156,40 @@ fn tcp_connections(net: &TestNet, from: usize, to: usize, n: usize) {
     });
 }
 
+/// A minimal HTTP/1.1 server in `host`: reads a request (headers only) and answers 200.
+fn serve_http(net: &TestNet, host: usize, stop: Arc<AtomicBool>) {
+    let listener = net.hosts()[host].netns.run(|| TcpListener::bind(("0.0.0.0", HTTP_PORT)).expect("bind http"));
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let mut buf = [0u8; 512];
+                    let _ = s.read(&mut buf);
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    });
+}
+
+/// `n` HTTP requests (one per connection) from `from` to `to`.
+fn http_requests(net: &TestNet, from: usize, to: usize, n: usize) {
+    let dst = SocketAddr::new(IpAddr::V4(net.hosts()[to].ipv4), HTTP_PORT);
+    net.hosts()[from].netns.run(move || {
+        for _ in 0..n {
+            let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).expect("http connect");
+            s.write_all(b"POST /v1/request-landing HTTP/1.1\r\nHost: web\r\nContent-Length: 0\r\n\r\n")
+                .expect("write request");
+            let mut answer = Vec::new();
+            s.read_to_end(&mut answer).expect("read answer");
+            assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+        }
+    });
+}
+
 /// `sockets` UDP sockets from `from`, each sending three datagrams to `to`.
 fn udp_flows(net: &TestNet, from: usize, to: usize, sockets: usize) -> UdpSocket {
     let server = net.hosts()[to].netns.run(|| UdpSocket::bind(("0.0.0.0", UDP_PORT)).expect("bind udp"));
@@ -230,7 +265,9 @@ async fn learns_exact_edges(db_url: String) {
 
     let stop = Arc::new(AtomicBool::new(false));
     serve_tcp(&net, 1, stop.clone());
+    serve_http(&net, 1, stop.clone());
     tcp_connections(&net, 0, 1, 5);
+    http_requests(&net, 0, 1, 3);
     let _udp_server = udp_flows(&net, 0, 2, 2);
     resolve_through(&net, 0, 2, "db.e2e.test");
 
@@ -259,6 +296,28 @@ async fn learns_exact_edges(db_url: String) {
         "the client's DNS answer is stored; have {:?}",
         store.dns_answers(0).await
     );
+    // L7: the HTTP port's requests, by method and path; the line protocol on 8080 is
+    // not HTTP, so its connections are opaque (they keep that edge at L4).
+    let http_facts = async || {
+        let (c, w) = (identity_of(&store, "client").await?, identity_of(&store, "web").await?);
+        let all = store.edge_http(0).await.ok()?;
+        let on = |port: u16| all.iter().find(|h| h.key.src == c && h.key.dst == w && h.key.dst_port == port).cloned();
+        Some((on(HTTP_PORT), on(TCP_PORT)))
+    };
+    assert_eventually_async!(
+        WAIT,
+        async || http_facts().await.is_some_and(|(http, line)| {
+            http.is_some_and(|h| {
+                h.opaque_connections == 0
+                    && h.requests.len() == 1
+                    && h.requests[0].method == "POST"
+                    && h.requests[0].path == "/v1/request-landing"
+                    && h.requests[0].requests == 3
+            }) && line.is_some_and(|l| l.requests.is_empty() && l.opaque_connections == 5)
+        }),
+        "client→web:{HTTP_PORT} carried 3 POST /v1/request-landing, :{TCP_PORT} 5 opaque connections; have {:?}",
+        http_facts().await
+    );
     stop.store(true, Ordering::Relaxed);
 
     // Exactly these edges among the three workloads: nothing invented, nothing reversed.
@@ -279,6 +338,7 @@ async fn learns_exact_edges(db_url: String) {
     among.sort();
     let mut want = vec![
         (ids[0].0, ids[1].0, TCP_PORT, Protocol::Tcp),
+        (ids[0].0, ids[1].0, HTTP_PORT, Protocol::Tcp),
         (ids[0].0, ids[2].0, 53, Protocol::Udp),
         (ids[0].0, ids[2].0, UDP_PORT, Protocol::Udp),
     ];

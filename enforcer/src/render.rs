@@ -27,7 +27,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use bulkhead_abi::enforcer::{
     self as abi, EndpointKey, EndpointSlot, EndpointValue, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue,
 };
-use bulkhead_model::{Direction, Identity, NodePolicy, Protocol, RolloutMode};
+use bulkhead_model::{Direction, HttpPath, HttpRule, Identity, NodePolicy, Protocol, RolloutMode};
 use ipnet::{IpNet, Ipv6Net};
 
 /// How many entries the kernel maps hold; [`render_with`] refuses more.
@@ -40,6 +40,8 @@ pub struct Capacity {
     /// `POLICY_V1` entries of one generation: the map holds two while a new one is
     /// written, so this is half the map's capacity.
     pub policy_per_generation: usize,
+    /// `HTTP_RULES_V1` entries of one generation (half the map, as for rules).
+    pub http_per_generation: usize,
 }
 
 impl Capacity {
@@ -48,6 +50,7 @@ impl Capacity {
         ipcache: abi::DEFAULT_IPCACHE_ENTRIES as usize,
         endpoints: abi::DEFAULT_ENDPOINTS as usize,
         policy_per_generation: (abi::DEFAULT_POLICY_ENTRIES / 2) as usize,
+        http_per_generation: (abi::DEFAULT_HTTP_RULES / 2) as usize,
     };
 }
 
@@ -107,6 +110,21 @@ impl fmt::Display for IpcachePrefix {
     }
 }
 
+/// One `HTTP_RULES_V1` key: its prefix length in bits and its data, which carries
+/// the generation and the HTTP rule set ([`abi::http_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HttpEntry {
+    pub prefixlen: u32,
+    pub data: abi::HttpKeyData,
+}
+
+impl HttpEntry {
+    /// The generation the entry belongs to.
+    pub fn generation(&self) -> u32 {
+        u32::from_ne_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
+    }
+}
+
 /// `::ffff:0:0/96`, where the kernel keeps IPv4.
 const V4_MAPPED: IpcachePrefix = IpcachePrefix { prefixlen: 96, addr: abi::v4_mapped([0; 4]) };
 
@@ -130,6 +148,9 @@ pub struct MapState {
     pub endpoints: BTreeMap<EndpointKey, EndpointSlot>,
     /// `POLICY_V1` entries of `generation` (every key has `generation` in it).
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
+    /// `HTTP_RULES_V1` entries of `generation`: the requests of the L7 entries'
+    /// HTTP rule sets ([`PolicyValue::http_set`]).
+    pub http: BTreeSet<HttpEntry>,
     /// Kernel entries whose two slots differ (or whose slot of `generation` is
     /// absent); empty in a rendered state.
     pub unsettled: Unsettled,
@@ -185,6 +206,12 @@ pub enum MapOp {
     UpsertPolicy { key: PolicyKey, value: PolicyValue },
     /// Delete one entry of the active generation (see [`MapOp::UpsertPolicy`]).
     DeletePolicy { key: PolicyKey },
+    /// Insert HTTP rule entries (of a generation not active yet, or — patching in
+    /// place — of a set no active rule entry names yet).
+    WriteHttp { entries: Vec<HttpEntry> },
+    /// Delete HTTP rule entries (of an inactive generation, or of sets no rule
+    /// entry names any more).
+    DeleteHttp { entries: Vec<HttpEntry> },
     /// Stop managing a cgroup.
     DeleteEndpoint { key: EndpointKey },
     /// Forget an ipcache prefix.
@@ -226,6 +253,10 @@ pub enum RenderError {
     ConflictingRule { index: usize },
     #[error("{map} needs {len} entries, its capacity is {capacity}")]
     TooMany { map: &'static str, len: usize, capacity: usize },
+    #[error("rules[{index}].http[{rule}]: method or path longer than the datapath matches")]
+    HttpRuleTooLong { index: usize, rule: usize },
+    #[error("rules[{index}]: HTTP rules on an entry that is not ingress TCP")]
+    HttpNotIngressTcp { index: usize },
 }
 
 /// [`render_with`] for the ABI's default capacities.
@@ -318,6 +349,8 @@ pub fn render_resolved(
     }
     too_many(abi::ENDPOINTS, state.endpoints.len(), capacity.endpoints)?;
 
+    // Identical HTTP rule lists share one set (numbered from 1 per generation).
+    let mut sets: BTreeMap<&Vec<HttpRule>, usize> = BTreeMap::new();
     for (index, r) in policy.rules.iter().enumerate() {
         let k = &r.key;
         if k.local.0 == abi::IDENTITY_ANY {
@@ -336,7 +369,26 @@ pub fn render_resolved(
             return Err(RenderError::ZeroRuleId { index });
         }
         let key = policy_key(generation, k.local, k.direction, k.peer, k.port, k.protocol);
-        let value = PolicyValue { rule_id: r.rule_id, action: abi::ACTION_ALLOW, _pad: [0; 3] };
+        let http_set = if r.http.is_empty() {
+            0
+        } else {
+            if k.direction != Direction::Ingress || k.protocol.is_some_and(|p| p != Protocol::Tcp) {
+                return Err(RenderError::HttpNotIngressTcp { index });
+            }
+            let next = sets.len() + 1;
+            let set = *sets.entry(&r.http).or_insert(next);
+            let set = u16::try_from(set).map_err(|_| RenderError::TooMany {
+                map: "HTTP rule sets",
+                len: set,
+                capacity: usize::from(u16::MAX),
+            })?;
+            for (rule, h) in r.http.iter().enumerate() {
+                let entry = http_entry(generation, set, h).ok_or(RenderError::HttpRuleTooLong { index, rule })?;
+                state.http.insert(entry);
+            }
+            set
+        };
+        let value = PolicyValue { rule_id: r.rule_id, action: abi::ACTION_ALLOW, _pad: 0, http_set };
         if let Some(first) = state.policy.insert(key, value)
             && first != value
         {
@@ -344,7 +396,20 @@ pub fn render_resolved(
         }
     }
     too_many(abi::POLICY, state.policy.len(), capacity.policy_per_generation)?;
+    too_many(abi::HTTP_RULES, state.http.len(), capacity.http_per_generation)?;
     Ok(state)
+}
+
+/// The `HTTP_RULES_V1` entry of one HTTP rule of set `set`.
+fn http_entry(generation: u32, set: u16, rule: &HttpRule) -> Option<HttpEntry> {
+    let method = rule.method.as_deref().unwrap_or("").as_bytes();
+    let path = match &rule.path {
+        HttpPath::Any => abi::HttpKeyPath::Any,
+        HttpPath::Exact(p) => abi::HttpKeyPath::Exact(p.as_bytes()),
+        HttpPath::Prefix(p) => abi::HttpKeyPath::Prefix(p.as_bytes()),
+    };
+    let (prefixlen, data) = abi::http_key(generation, set, method, path)?;
+    Some(HttpEntry { prefixlen, data })
 }
 
 /// The network namespaces whose keys [`render_resolved`] needs: (`netns_name`,
@@ -447,6 +512,12 @@ pub fn diff(from: &MapState, to: &MapState) -> Vec<MapOp> {
     if from.generation != to.generation {
         push_generation_flip(&mut ops, from, to);
     } else {
+        // New HTTP entries before the rule entries that name their sets, removed
+        // ones after the rule entries stopped naming them.
+        let added: Vec<HttpEntry> = to.http.difference(&from.http).copied().collect();
+        if !added.is_empty() {
+            ops.push(MapOp::WriteHttp { entries: added });
+        }
         for (key, value) in &to.policy {
             if from.policy.get(key) != Some(value) {
                 ops.push(MapOp::UpsertPolicy { key: *key, value: *value });
@@ -454,6 +525,10 @@ pub fn diff(from: &MapState, to: &MapState) -> Vec<MapOp> {
         }
         for key in from.policy.keys().filter(|k| !to.policy.contains_key(k)) {
             ops.push(MapOp::DeletePolicy { key: *key });
+        }
+        let removed: Vec<HttpEntry> = from.http.difference(&to.http).copied().collect();
+        if !removed.is_empty() {
+            ops.push(MapOp::DeleteHttp { entries: removed });
         }
     }
     let old_endpoints: BTreeSet<&EndpointKey> = from.endpoints.keys().chain(&from.unsettled.endpoints).collect();
@@ -525,9 +600,15 @@ fn diff_flip(from: &MapState, to: &MapState) -> Vec<MapOp> {
 fn push_generation_flip(ops: &mut Vec<MapOp>, from: &MapState, to: &MapState) {
     let entries = to.policy.iter().map(|(k, v)| (*k, *v)).collect();
     ops.push(MapOp::WriteGeneration { generation: to.generation, entries });
+    if !to.http.is_empty() {
+        ops.push(MapOp::WriteHttp { entries: to.http.iter().copied().collect() });
+    }
     ops.push(MapOp::Activate { generation: to.generation });
     let keys = from.policy.keys().copied().collect();
     ops.push(MapOp::DeleteGenerationKeys { generation: from.generation, keys });
+    if !from.http.is_empty() {
+        ops.push(MapOp::DeleteHttp { entries: from.http.iter().copied().collect() });
+    }
 }
 
 /// Longest-prefix match over one state's ipcache, as the kernel's trie answers.
@@ -669,7 +750,10 @@ mod tests {
             direction: abi::DIR_INGRESS,
         };
         let any = PolicyKey { peer_identity: 0, port: 0, protocol: abi::IPPROTO_UDP, ..exact };
-        assert_eq!(s.policy.get(&exact), Some(&PolicyValue { rule_id: 1, action: abi::ACTION_ALLOW, _pad: [0; 3] }));
+        assert_eq!(
+            s.policy.get(&exact),
+            Some(&PolicyValue { rule_id: 1, action: abi::ACTION_ALLOW, _pad: 0, http_set: 0 })
+        );
         assert_eq!(s.policy.get(&any).map(|v| v.rule_id), Some(2));
         assert_eq!(s.policy.len(), 2);
 

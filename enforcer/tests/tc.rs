@@ -27,8 +27,8 @@ use bulkhead_enforcer::datapath::{
 };
 use bulkhead_enforcer::render::{Capacity, diff, render_resolved};
 use bulkhead_model::{
-    Direction as ModelDirection, Identity, IpcacheEntry, NodePolicy, NodeRule, PolicyEndpoint, Protocol, RolloutMode,
-    RuleKey,
+    Direction as ModelDirection, HttpRule, Identity, IpcacheEntry, NodePolicy, NodeRule, PolicyEndpoint, Protocol,
+    RolloutMode, RuleKey,
 };
 use bulkhead_testkit::assert_eventually;
 use bulkhead_testkit::cgroup::TestCgroup;
@@ -511,4 +511,83 @@ fn without_tcx_the_programs_attach_as_clsact_filters_replaced_in_place() {
     assert_eq!(w.dp().detach_netns(ns.cookie, Some(&ns)).expect("detach"), 2);
     assert_eq!((filters("ingress"), filters("egress")), (0, 0));
     w.agent(c).tcp_ok(b80);
+}
+
+// === L7: HTTP request lines ===
+
+const LANDING: &str = "POST_/v1/request-landing_HTTP/1.1~Host:_deathstar~~";
+const EXHAUST: &str = "PUT_/v1/exhaust-port_HTTP/1.1~Host:_deathstar~~";
+
+/// `policy` with B's ingress rule from A narrowed to `POST /v1/request-landing` and
+/// `GET /status/…` (A's egress rule stays L4, as the compiler makes it).
+fn l7_policy(w: &World, mode_b: RolloutMode) -> NodePolicy {
+    let mut p = w.policy(RolloutMode::Enforce, mode_b);
+    for r in &mut p.rules {
+        if r.rule_id == RULE_B_INGRESS_HTTP {
+            r.http = vec![HttpRule::exact("POST", "/v1/request-landing"), HttpRule::prefix("GET", "/status/")];
+        }
+    }
+    p
+}
+
+#[test]
+fn enforce_judges_each_http_request_line_against_the_rule() {
+    let mut w = World::new();
+    w.apply(&l7_policy(&w, RolloutMode::Enforce));
+    let (a, b, c) = (0, 1, 2);
+    let fail = |r: Result<(), String>, what: &str| assert!(r.is_err(), "{what} must be dropped");
+    for b80 in [w.v4(b, HTTP), w.v6(b, HTTP)] {
+        let ok = |w: &mut World, segs: &[&str], what: &str| {
+            w.agent(a).http(b80, OK_TIMEOUT_MS, segs).unwrap_or_else(|e| panic!("{what} → {b80} must pass: {e}"))
+        };
+        ok(&mut w, &[LANDING], "POST /v1/request-landing");
+        ok(&mut w, &["POST_/v1/request-landing?fuel=full_HTTP/1.1~~"], "a query string is not part of the path");
+        ok(&mut w, &["GET_/status/shields_HTTP/1.1~~"], "a path under the prefix");
+        // A request's body (later segments) passes once its request line did.
+        ok(&mut w, &["POST_/v1/request-landing_HTTP/1.1~Content-Length:_4~~", "ship"], "a body");
+        fail(w.agent(a).http(b80, FAIL_TIMEOUT_MS, &[EXHAUST]), "PUT /v1/exhaust-port");
+        fail(w.agent(a).http(b80, FAIL_TIMEOUT_MS, &["POST_/v1/request-landing-now_HTTP/1.1~~"]), "a longer path");
+        fail(w.agent(a).http(b80, FAIL_TIMEOUT_MS, &["GET_/v1/request-landing_HTTP/1.1~~"]), "another method");
+        fail(w.agent(a).http(b80, FAIL_TIMEOUT_MS, &["GET_/statusx_HTTP/1.1~~"]), "outside the prefix");
+        // A first request line split across segments is judged, not waved through.
+        fail(w.agent(a).http(b80, FAIL_TIMEOUT_MS, &["PUT", "_/v1/exhaust-port_HTTP/1.1~~"]), "a split PUT");
+        // Keep-alive: the second request on the connection is judged too.
+        fail(w.agent(a).http(b80, FAIL_TIMEOUT_MS, &[LANDING, EXHAUST]), "a second request (PUT)");
+        // Not allowed at L4 at all.
+        fail(w.agent(c).http(b80, FAIL_TIMEOUT_MS, &[LANDING]), "C's landing");
+    }
+    let b_key = w.key(b);
+    let mut seen = Vec::new();
+    w.wait_events(&mut seen, 1, |e| e.cgroup_id == b_key && e.reason == abi::REASON_HTTP);
+    let ev = seen.iter().find(|e| e.reason == abi::REASON_HTTP).expect("an HTTP event");
+    assert_eq!(
+        (ev.verdict, ev.rule_id, ev.direction, ev.mode, ev.local_identity, ev.peer_identity),
+        (abi::VERDICT_DENIED, RULE_B_INGRESS_HTTP, Direction::Ingress, Mode::Enforce, ID_B, ID_A)
+    );
+    // The connection itself was allowed: replies of allowed requests came back by
+    // conntrack and the L4 rule counted its hits.
+    let used = w.dp().rule_use().get(&RULE_B_INGRESS_HTTP).copied().unwrap_or_default();
+    assert!(used.hits >= 8, "{used:?}");
+}
+
+#[test]
+fn monitor_reports_would_be_denied_requests_and_drops_nothing() {
+    let mut w = World::new();
+    w.apply(&l7_policy(&w, RolloutMode::Monitor));
+    let (a, b) = (0, 1);
+    let b80 = w.v4(b, HTTP);
+    w.agent(a).http(b80, OK_TIMEOUT_MS, &[EXHAUST]).unwrap_or_else(|e| panic!("monitor drops nothing: {e}"));
+    w.agent(a).http(b80, OK_TIMEOUT_MS, &[LANDING]).unwrap_or_else(|e| panic!("landing: {e}"));
+    let b_key = w.key(b);
+    let is_http_audit = move |e: &VerdictRecord| {
+        e.cgroup_id == b_key && e.reason == abi::REASON_HTTP && e.verdict == abi::VERDICT_AUDIT
+    };
+    let mut seen = Vec::new();
+    w.wait_events(&mut seen, 1, is_http_audit);
+    // Exactly the PUT: one request, one event.
+    assert_eq!(seen.iter().filter(|e| is_http_audit(e)).count(), 1, "{seen:#?}");
+    // Promote by one map update: the same request is dropped now, landing passes.
+    w.dp().set_mode(b_key, Mode::Enforce).expect("mode");
+    assert!(w.agent(a).http(b80, FAIL_TIMEOUT_MS, &[EXHAUST]).is_err(), "PUT must be dropped in enforce");
+    w.agent(a).http(b80, OK_TIMEOUT_MS, &[LANDING]).unwrap_or_else(|e| panic!("landing in enforce: {e}"));
 }

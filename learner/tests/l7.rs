@@ -168,11 +168,11 @@ async fn journey(mut s: Scenario) {
     assert!(reason.starts_with("PUT /v1/exhaust-port: ingress of ") && reason.ends_with("(HTTP rules)"), "{replay}");
 
     // Exports: Cilium keeps the HTTP rules, NetworkPolicy says it cannot.
-    let (status, cnp) = s.api("GET", "/api/v1/export?format=cilium&namespace=default", None).await;
+    let (status, cnp) = s.api("GET", &format!("/api/v1/export?format=cilium&proposal={id}"), None).await;
     assert_eq!(status, StatusCode::OK, "{cnp}");
     let yaml = cnp["yaml"].as_str().expect("yaml");
     assert!(yaml.contains("method: POST") && yaml.contains(r"path: /v1/request-landing(\?.*)?"), "{yaml}");
-    let (_, np) = s.api("GET", "/api/v1/export?format=networkpolicy&namespace=default", None).await;
+    let (_, np) = s.api("GET", &format!("/api/v1/export?format=networkpolicy&proposal={id}"), None).await;
     let yaml = np["yaml"].as_str().expect("yaml");
     assert!(yaml.contains("bulkhead.io/http-rules-not-exported"), "{yaml}");
     assert!(np.to_string().contains("cannot express HTTP (L7) rules"), "{np}");

@@ -37,7 +37,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let path = setup.path_env()?;
     let root = repo_root()?;
 
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| root.join("target"));
     let bins = match &args.bins {
         Some(dir) => dir.clone(),
         None => {

@@ -192,7 +192,10 @@ impl Drop for Scenario {
         // what keeps enforcement across restarts); the run's own instance goes.
         let _ = std::fs::remove_dir_all(self.names.pins());
         let _ = std::fs::remove_dir(&self.cgroup);
-        println!("[scenario] removed its namespaces, cgroup and pins; logs and database stay in {}", self.dir.display());
+        println!(
+            "[scenario] removed its namespaces, cgroup and pins; logs and database stay in {}",
+            self.dir.display()
+        );
     }
 }
 
@@ -223,7 +226,8 @@ impl Scenario {
         step("creating the workloads as network namespaces on a private bridge");
         remove_namespaces(&opts.names);
         let _ = std::fs::remove_dir_all(opts.names.pins());
-        let cgroup2 = setup::cgroup2_mounts()?.into_iter().next().context("no cgroup2 mount (`cargo xtask setup` makes one)")?;
+        let cgroup2 =
+            setup::cgroup2_mounts()?.into_iter().next().context("no cgroup2 mount (`cargo xtask setup` makes one)")?;
         let sc = Scenario {
             names: opts.names.clone(),
             children: Vec::new(),
@@ -275,7 +279,10 @@ impl Scenario {
         }
 
         step(&format!("approving proposal {proposal} (`bulkhead proposals approve`)"));
-        print!("{}", self.cli(&["proposals", "approve", &proposal.to_string(), "--comment", "scenario: landing only"])?);
+        print!(
+            "{}",
+            self.cli(&["proposals", "approve", &proposal.to_string(), "--comment", "scenario: landing only"])?
+        );
 
         step("monitor: deathstar's policy is installed in audit mode (`bulkhead rollout set --mode monitor`)");
         let before = self.enforcer_versions()?.0;
@@ -492,11 +499,12 @@ impl Scenario {
     /// One HTTP request from a ship to the deathstar (then a UDP log line); its answer
     /// or `request failed: …`.
     fn ship(&self, workload: &str, method: &str, path: &str, timeout_secs: Option<&str>) -> Result<String> {
-        let out = util::capture(
-            self.netns_cmd(workload, "python3")
-                .arg(self.dir.join("ship.py"))
-                .args([&deathstar_addr(), method, path, timeout_secs.unwrap_or("5")]),
-        )?;
+        let out = util::capture(self.netns_cmd(workload, "python3").arg(self.dir.join("ship.py")).args([
+            &deathstar_addr(),
+            method,
+            path,
+            timeout_secs.unwrap_or("5"),
+        ]))?;
         Ok(out.trim().to_owned())
     }
 
@@ -539,7 +547,9 @@ impl Scenario {
     /// depends on it, so a synthesis regression fails here, named.
     fn check_proposal(&self, proposal: i64) -> Result<()> {
         let p = self.cli_json(&["proposals", "show", &proposal.to_string()])?;
-        let ingress = p["proposal"]["policy"]["ingress"].as_array().with_context(|| format!("proposal without ingress rules: {p}"))?;
+        let ingress = p["proposal"]["policy"]["ingress"]
+            .as_array()
+            .with_context(|| format!("proposal without ingress rules: {p}"))?;
         let text = ingress.iter().map(Value::to_string).collect::<Vec<_>>().join("\n");
         if !text.contains("tiefighter") || text.contains("xwing") || text.contains("alliance") {
             bail!("deathstar's proposal should admit the tie fighter only; its ingress rules are:\n{text}");
@@ -583,12 +593,7 @@ impl Scenario {
             let Ok(v) = sc.cli_json(&["verdicts", "--identity", &deathstar.to_string(), "--verdict", verdict]) else {
                 return false;
             };
-            seen = v
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|e| e["peer"].as_i64() == Some(xwing))
-                .count();
+            seen = v.as_array().into_iter().flatten().filter(|e| e["peer"].as_i64() == Some(xwing)).count();
             seen > 0
         })?;
         Ok(seen)

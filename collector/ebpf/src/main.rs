@@ -554,10 +554,13 @@ fn dns_answer(ctx: &SkBuffContext, key: &UdpFlowKey, offset: usize, now: u64) {
 
 /// Reads `N` bytes at `offset` of the packet: straight from the linear data when they
 /// lie within it (a bounds check the verifier follows, a few ns), else through
-/// `bpf_skb_load_bytes` (tens of ns). `offset` must be bounded (≤ 255) so the verifier
-/// can track the pointer.
+/// `bpf_skb_load_bytes` (tens of ns). Offsets past 255 always take the helper: the
+/// in-place read needs a small bound the verifier can track the pointer with.
 #[inline(always)]
 fn peek<const N: usize>(ctx: &SkBuffContext, offset: usize) -> Result<[u8; N], i32> {
+    if offset > 0xff {
+        return ctx.load(offset).map_err(|e| e as i32);
+    }
     // SAFETY: reading the context's data pointers; the verifier checks the access.
     let (data, end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
     let at = data + (offset & 0xff);

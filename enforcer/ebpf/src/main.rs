@@ -47,7 +47,8 @@ use aya_ebpf::{
     },
     btf_maps::SkStorage,
     helpers::generated::{
-        bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id, bpf_skb_load_bytes_relative,
+        bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id, bpf_skb_load_bytes,
+        bpf_skb_load_bytes_relative, bpf_skb_pull_data,
     },
     macros::{btf_map, cgroup_skb, classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
@@ -57,12 +58,13 @@ use bulkhead_abi::enforcer::{
     ACTION_ALLOW, AF_INET, AF_INET6, COUNTER_ALLOWED, COUNTER_AUDIT, COUNTER_COUNT, COUNTER_CT_HIT,
     COUNTER_CT_INSERT_FAILED, COUNTER_DENIED, COUNTER_EVENTS_LIMITED, COUNTER_EVENTS_LOST, COUNTER_FAIL,
     COUNTER_FAST_PATH, COUNTER_OTHER_PROTO, COUNTER_UNMANAGED, CtKey, CtValue, DEFAULT_CONNTRACK_ENTRIES,
-    DEFAULT_ENDPOINTS, DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_RULE_STATS,
+    DEFAULT_ENDPOINTS, DEFAULT_HTTP_RULES, DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_RULE_STATS,
     DEFAULT_VERDICT_EVENTS_BYTES, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_COVERED, EP_INGRESS_COVERED, EndpointKey,
-    EndpointSlot, EndpointValue, EnforcerConfig, FAIL_CLOSED, FAIL_OPEN, IDENTITY_ANY, IDENTITY_WORLD, IPPROTO_TCP,
-    IPPROTO_UDP, IpcacheValue, MODE_ENFORCE, MODE_MONITOR, PolicyKey, PolicyValue, REASON_DEFAULT_DENY,
-    REASON_NOT_COVERED, REASON_RULE, RateState, RuleStats, SockVerdict, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED,
-    VerdictEvent, v4_mapped,
+    EndpointSlot, EndpointValue, EnforcerConfig, FAIL_CLOSED, FAIL_OPEN, HTTP_KEY_DATA, HTTP_KEY_METHOD, HTTP_KEY_PATH,
+    HTTP_METHOD_BYTES, HTTP_PATH_BYTES, HTTP_STATE_REQUEST_SEEN, HttpKeyData, IDENTITY_ANY, IDENTITY_WORLD,
+    IPPROTO_TCP, IPPROTO_UDP, IpcacheValue, MODE_ENFORCE, MODE_MONITOR, PolicyKey, PolicyValue, REASON_DEFAULT_DENY,
+    REASON_HTTP, REASON_NOT_COVERED, REASON_RULE, RateState, RuleStats, SockVerdict, VERDICT_ALLOWED, VERDICT_AUDIT,
+    VERDICT_DENIED, VerdictEvent, v4_mapped,
 };
 
 /// Verdict of the shared decision code: let the packet through. Equal to the
@@ -122,6 +124,26 @@ static ENF_CONFIG_V1: Array<EnforcerConfig> = Array::with_max_entries(1, 0);
 static EVENT_RATE_V1: PerCpuArray<RateState> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static RULE_STATS_V1: LruPerCpuHashMap<u32, RuleStats> = LruPerCpuHashMap::with_max_entries(DEFAULT_RULE_STATS, 0);
+#[map]
+static HTTP_RULES_V1: LpmTrie<HttpKeyData, u32> = LpmTrie::with_max_entries(DEFAULT_HTTP_RULES, 0);
+/// Per-CPU scratch for [`http_check`]: the request line's first bytes and the
+/// lookup key are too big for the 512-byte stack.
+#[map]
+static HTTP_SCRATCH: PerCpuArray<HttpScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bytes of a segment [`http_check`] reads: a 16-byte method, a space, a 128-byte
+/// path and its terminator. [`HTTP_RAW`] is the power of two the verifier-friendly
+/// length mask needs.
+const HTTP_READ: usize = HTTP_METHOD_BYTES + 1 + HTTP_PATH_BYTES;
+const HTTP_RAW: usize = 256;
+const _: () = assert!(HTTP_READ <= HTTP_RAW && HTTP_RAW.is_power_of_two());
+
+#[repr(C)]
+struct HttpScratch {
+    raw: [u8; HTTP_RAW],
+    key: Key<HttpKeyData>,
+}
+
 /// `bulkhead_abi::enforcer::SOCK_VERDICT`: socket storage needs BTF for its key
 /// and value, hence a BTF map next to the legacy ones.
 #[btf_map]
@@ -164,6 +186,9 @@ trait PacketSource {
     /// The packet's socket (`skb->sk`, possibly a request or time-wait socket),
     /// if its verdict may be cached; null otherwise.
     fn socket(&self) -> *mut bpf_sock;
+    /// Copies `len` bytes at `offset` from the start of the IP header to `dst`;
+    /// 0 on success.
+    fn load_bytes(&self, offset: usize, dst: *mut u8, len: u32) -> i64;
 }
 
 /// A cgroup_skb packet: starts at the IP header, belongs to a socket's cgroup.
@@ -205,6 +230,13 @@ impl PacketSource for CgroupPacket<'_> {
         // SAFETY: `sk` is a context field the verifier rewrites into a checked
         // load (a `sock_common` pointer or null).
         unsafe { core::ptr::read_volatile(&raw const (*self.0.skb.skb).__bindgen_anon_2.sk) }
+    }
+
+    #[inline(always)]
+    fn load_bytes(&self, offset: usize, dst: *mut u8, len: u32) -> i64 {
+        // SAFETY: the helper writes at most `len` bytes to `dst`, which the caller
+        // sized; cgroup_skb packets start at the IP header.
+        unsafe { bpf_skb_load_bytes(self.0.skb.skb as *const _, offset as u32, dst as *mut _, len) }
     }
 }
 
@@ -254,6 +286,29 @@ impl PacketSource for TcPacket<'_> {
         // tc ingress runs before the socket lookup (no socket yet), and egress
         // is judged as before: no socket cache for namespace workloads.
         core::ptr::null_mut()
+    }
+
+    /// Relative to the network header, which reads the linear area only; a payload
+    /// in page fragments (common on veth) is pulled in first — only for the
+    /// request lines of L7 connections, never on the per-packet path.
+    #[inline(always)]
+    fn load_bytes(&self, offset: usize, dst: *mut u8, len: u32) -> i64 {
+        let skb = self.0.skb.skb;
+        // SAFETY: as for cgroup_skb; the helpers take the program's own skb, and no
+        // packet pointer is held across the pull.
+        unsafe {
+            let ret =
+                bpf_skb_load_bytes_relative(skb as *const _, offset as u32, dst as *mut _, len, BPF_HDR_START_NET);
+            if ret == 0 {
+                return 0;
+            }
+            // Length 0 would only make the linear part writable; the whole packet
+            // (from the link-layer header) is what must become linear.
+            if bpf_skb_pull_data(skb, self.0.skb.len()) != 0 {
+                return ret;
+            }
+            bpf_skb_load_bytes_relative(skb as *const _, offset as u32, dst as *mut _, len, BPF_HDR_START_NET)
+        }
     }
 }
 
@@ -312,6 +367,8 @@ struct Packet {
     remote_addr: [u8; 16],
     local_port: u16,
     remote_port: u16,
+    /// Offset of the TCP/UDP header from the start of the IP header.
+    l4: usize,
 }
 
 /// Parses IPv4/IPv6 + TCP/UDP. `Ok(None)`: another protocol (passes).
@@ -361,9 +418,9 @@ fn parse<P: PacketSource>(ctx: &P, dir: u8) -> Result<Option<Packet>, i64> {
     let sport = u16::from_be_bytes([ports[0], ports[1]]);
     let dport = u16::from_be_bytes([ports[2], ports[3]]);
     Ok(Some(if dir == DIR_EGRESS {
-        Packet { family, protocol, local_addr: src, remote_addr: dst, local_port: sport, remote_port: dport }
+        Packet { family, protocol, local_addr: src, remote_addr: dst, local_port: sport, remote_port: dport, l4 }
     } else {
-        Packet { family, protocol, local_addr: dst, remote_addr: src, local_port: dport, remote_port: sport }
+        Packet { family, protocol, local_addr: dst, remote_addr: src, local_port: dport, remote_port: sport, l4 }
     }))
 }
 
@@ -373,6 +430,8 @@ struct Decision {
     reason: u8,
     rule_id: u32,
     peer_identity: u32,
+    /// The allowing entry's HTTP rule set (0: L4).
+    http_set: u16,
 }
 
 /// The verdict for one packet of the workload `ctx` belongs to, the same for
@@ -453,9 +512,46 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
             }
             count(COUNTER_CT_HIT);
             // (The conntrack entry does not keep the peer's identity.)
-            let known = Decision { verdict: ct_verdict, reason: 0, rule_id: 0, peer_identity: 0 };
-            remember(sk, &pkt, cgroup_id, &ep, &cfg, &known, ct_origin);
-            return Ok(PASS);
+            // SAFETY: as above.
+            let (http_set, http_state, ct_rule) = unsafe { ((*ct).http_set, (*ct).http_state, (*ct).rule_id) };
+            if http_set == 0 || ct_verdict != VERDICT_ALLOWED {
+                let known = Decision { verdict: ct_verdict, reason: 0, rule_id: 0, peer_identity: 0, http_set: 0 };
+                remember(sk, &pkt, cgroup_id, &ep, &cfg, &known, ct_origin);
+                return Ok(PASS);
+            }
+            // An L7 connection: never cached on its socket (every request is
+            // judged here); requests arrive at the server.
+            if dir != DIR_INGRESS || ct_origin != DIR_INGRESS || pkt.protocol != IPPROTO_TCP {
+                return Ok(PASS);
+            }
+            let seen = http_state & HTTP_STATE_REQUEST_SEEN != 0;
+            return match http_check(ctx, &pkt, generation, http_set, seen) {
+                HttpVerdict::NoRequest => Ok(PASS),
+                HttpVerdict::Allowed => {
+                    // SAFETY: as above.
+                    unsafe { (*ct).http_state = http_state | HTTP_STATE_REQUEST_SEEN };
+                    Ok(PASS)
+                }
+                HttpVerdict::Denied => {
+                    let d = Decision {
+                        verdict: if ep.mode == MODE_MONITOR { VERDICT_AUDIT } else { VERDICT_DENIED },
+                        reason: REASON_HTTP,
+                        rule_id: ct_rule,
+                        peer_identity: peer_identity_of(&pkt, generation),
+                        http_set,
+                    };
+                    report(&cfg, &ep, &pkt, cgroup_id, dir, &d, now);
+                    if ep.mode == MODE_MONITOR {
+                        count(COUNTER_AUDIT);
+                        // SAFETY: as above. Judged: later segments are its body.
+                        unsafe { (*ct).http_state = http_state | HTTP_STATE_REQUEST_SEEN };
+                        Ok(PASS)
+                    } else {
+                        count(COUNTER_DENIED);
+                        Ok(DROP)
+                    }
+                }
+            };
         }
         // Made under another generation, or audited and now enforced: judge the
         // connection again, in the direction it was opened.
@@ -478,7 +574,8 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
         // conntrack entry: that socket carries every later packet and reply (an
         // LRU insert, and later an eviction, saved per connection). Listeners,
         // request sockets, UDP and tc (no socket) are tracked as before.
-        if !remember(sk, &pkt, cgroup_id, &ep, &cfg, &d, origin) {
+        // An L7 connection stays in conntrack (its requests are judged there).
+        if d.http_set != 0 || !remember(sk, &pkt, cgroup_id, &ep, &cfg, &d, origin) {
             track(&key, created_ns, now, generation, &d, origin);
         }
         return Ok(PASS);
@@ -688,26 +785,190 @@ fn endpoint_slot(v: &EndpointValue, odd: bool) -> EndpointSlot {
 fn decide(ep: &EndpointSlot, pkt: &Packet, origin: u8, generation: u32) -> Decision {
     let covered = if origin == DIR_INGRESS { EP_INGRESS_COVERED } else { EP_EGRESS_COVERED };
     if ep.flags & covered == 0 {
-        return Decision { verdict: VERDICT_ALLOWED, reason: REASON_NOT_COVERED, rule_id: 0, peer_identity: 0 };
+        return Decision {
+            verdict: VERDICT_ALLOWED,
+            reason: REASON_NOT_COVERED,
+            rule_id: 0,
+            peer_identity: 0,
+            http_set: 0,
+        };
     }
-    let lpm = Key::new(128, pkt.remote_addr);
-    // The slot of the same generation as the endpoint's and the policy's.
-    let peer = match IPCACHE_V2.get(lpm) {
-        Some(v) if generation & 1 != 0 => v.identity[1],
-        Some(v) => v.identity[0],
-        None => IDENTITY_WORLD,
-    };
+    let peer = peer_identity_of(pkt, generation);
     // The server's port: the remote one for connections we opened.
     let port = if origin == DIR_EGRESS { pkt.remote_port } else { pkt.local_port };
     match lookup_policy(generation, ep.identity, peer, port, pkt.protocol, origin) {
-        Some(rule) if rule.action == ACTION_ALLOW => {
-            Decision { verdict: VERDICT_ALLOWED, reason: REASON_RULE, rule_id: rule.rule_id, peer_identity: peer }
-        }
-        Some(rule) => {
-            Decision { verdict: VERDICT_DENIED, reason: REASON_RULE, rule_id: rule.rule_id, peer_identity: peer }
-        }
-        None => Decision { verdict: VERDICT_DENIED, reason: REASON_DEFAULT_DENY, rule_id: 0, peer_identity: peer },
+        Some(rule) if rule.action == ACTION_ALLOW => Decision {
+            verdict: VERDICT_ALLOWED,
+            reason: REASON_RULE,
+            rule_id: rule.rule_id,
+            peer_identity: peer,
+            http_set: rule.http_set,
+        },
+        Some(rule) => Decision {
+            verdict: VERDICT_DENIED,
+            reason: REASON_RULE,
+            rule_id: rule.rule_id,
+            peer_identity: peer,
+            http_set: 0,
+        },
+        None => Decision {
+            verdict: VERDICT_DENIED,
+            reason: REASON_DEFAULT_DENY,
+            rule_id: 0,
+            peer_identity: peer,
+            http_set: 0,
+        },
     }
+}
+
+/// Sets the first [`HTTP_READ`] bytes (rounded up to words) of `raw` to 0xff.
+#[inline(always)]
+fn fill_ff(raw: &mut [u8; HTTP_RAW]) {
+    let words = raw.as_mut_ptr() as *mut u64;
+    for i in 0..HTTP_READ.div_ceil(8) {
+        // SAFETY: within `raw` (HTTP_READ <= HTTP_RAW); unaligned stores are fine.
+        unsafe { words.add(i).write_unaligned(u64::MAX) };
+    }
+}
+
+/// Loads `want` (1..=HTTP_RAW, and at most what the packet has there) bytes at
+/// `offset` into `raw`, with a length the verifier can bound.
+#[inline(always)]
+fn load_masked<P: PacketSource>(ctx: &P, offset: usize, raw: &mut [u8; HTTP_RAW], want: usize) -> Result<(), ()> {
+    if want == 0 {
+        return Ok(());
+    }
+    let n = (core::hint::black_box((want as u32).wrapping_sub(1)) & (HTTP_RAW as u32 - 1)) + 1;
+    if ctx.load_bytes(offset, raw.as_mut_ptr(), n) == 0 { Ok(()) } else { Err(()) }
+}
+
+/// The remote address's identity under `generation` (its ipcache slot), else world.
+#[inline(always)]
+fn peer_identity_of(pkt: &Packet, generation: u32) -> u32 {
+    match IPCACHE_V2.get(Key::new(128, pkt.remote_addr)) {
+        Some(v) if generation & 1 != 0 => v.identity[1],
+        Some(v) => v.identity[0],
+        None => IDENTITY_WORLD,
+    }
+}
+
+/// What [`http_check`] found in a segment.
+enum HttpVerdict {
+    /// No payload, or a continuation of an already judged request.
+    NoRequest,
+    Allowed,
+    Denied,
+}
+
+/// What a segment [`http_check`] could not read a request line from counts as: a
+/// continuation once a request was judged, else a request that matches nothing.
+#[inline(always)]
+fn unjudged(seen: bool) -> HttpVerdict {
+    if seen { HttpVerdict::NoRequest } else { HttpVerdict::Denied }
+}
+
+/// Judges the request line a TCP segment arriving at an L7 server starts with,
+/// against HTTP rule set `set` of `generation`: two LPM lookups (the method, then
+/// "any method"), each finding exact paths, path prefixes and "any path" at once.
+///
+/// A segment that does not start with `METHOD SP` is a continuation (a body, or the
+/// rest of a request) once a request on the connection was judged (`seen`); before
+/// that it is judged as a request matching nothing, so a first request line split
+/// across segments cannot slip past. A path cut off by the segment's end (or longer
+/// than 129 bytes) never matches an exact path: its key is padded with 0xff, which
+/// no rule byte equals, while its prefix can still match a prefix rule.
+#[inline(always)]
+fn http_check<P: PacketSource>(ctx: &P, pkt: &Packet, generation: u32, set: u16, seen: bool) -> HttpVerdict {
+    // Data offset and IP total length: where the payload starts and how long it is.
+    // Two bytes, not one: see `parse` on one-byte bounds checks.
+    let Ok([doff, _]) = ctx.load::<[u8; 2]>(pkt.l4 + 12) else { return unjudged(seen) };
+    let payload = pkt.l4 + usize::from(doff >> 4) * 4;
+    let total = if pkt.family == AF_INET {
+        match ctx.load::<[u8; 2]>(2) {
+            Ok(b) => usize::from(u16::from_be_bytes(b)),
+            Err(_) => return unjudged(seen),
+        }
+    } else {
+        match ctx.load::<[u8; 2]>(4) {
+            Ok(b) => 40 + usize::from(u16::from_be_bytes(b)),
+            Err(_) => return unjudged(seen),
+        }
+    };
+    if total <= payload {
+        // A bare ACK (or FIN): nothing to judge, whatever came before.
+        return HttpVerdict::NoRequest;
+    }
+    let avail = total - payload;
+    let Some(sc) = HTTP_SCRATCH.get_ptr_mut(0) else { return unjudged(seen) };
+    // SAFETY: `sc` points at this CPU's scratch value, alive while the program runs.
+    let raw = unsafe { &mut (*sc).raw };
+    // The method: upper-case letters up to the first space, in the first 17 bytes.
+    // Bytes past the segment read as 0xff (never a letter, a space or a '?').
+    fill_ff(raw);
+    let want = if avail < HTTP_METHOD_BYTES + 1 { avail } else { HTTP_METHOD_BYTES + 1 };
+    if load_masked(ctx, payload, raw, want).is_err() {
+        return unjudged(seen);
+    }
+    let mut mlen = 0usize;
+    let mut found = false;
+    for i in 0..=HTTP_METHOD_BYTES {
+        let c = raw[i];
+        if c == b' ' {
+            mlen = i;
+            found = true;
+            break;
+        }
+        if !c.is_ascii_uppercase() {
+            break;
+        }
+    }
+    if !found || mlen == 0 {
+        return unjudged(seen);
+    }
+    // SAFETY: as above; the key lives in the same scratch value.
+    let key = unsafe { &mut (*sc).key };
+    key.prefix_len = (HTTP_KEY_DATA * 8) as u32;
+    key.data[..4].copy_from_slice(&generation.to_ne_bytes());
+    key.data[4..6].copy_from_slice(&set.to_ne_bytes());
+    for j in 0..HTTP_METHOD_BYTES {
+        key.data[HTTP_KEY_METHOD + j] = if j < mlen { raw[j] } else { 0 };
+    }
+    // The path, read afresh from just after the space, so the loop below indexes
+    // constants only (the verifier then walks it once, not once per method length).
+    let path_at = payload + mlen + 1;
+    fill_ff(raw);
+    if avail > mlen + 1 {
+        let left = avail - (mlen + 1);
+        let want = if left < HTTP_PATH_BYTES { left } else { HTTP_PATH_BYTES };
+        if load_masked(ctx, path_at, raw, want).is_err() {
+            return unjudged(seen);
+        }
+    }
+    // Up to a space or '?' (which becomes the 0 terminator, zeros after it); a path
+    // cut off by the segment keeps its 0xff padding, so it matches no exact path.
+    let mut terminated = false;
+    for j in 0..HTTP_PATH_BYTES {
+        let c = raw[j];
+        let b = if terminated {
+            0
+        } else if c == b' ' || c == b'?' {
+            terminated = true;
+            0
+        } else {
+            c
+        };
+        key.data[HTTP_KEY_PATH + j] = b;
+    }
+    if HTTP_RULES_V1.get(&*key).is_some() {
+        return HttpVerdict::Allowed;
+    }
+    for j in 0..HTTP_METHOD_BYTES {
+        key.data[HTTP_KEY_METHOD + j] = 0;
+    }
+    if HTTP_RULES_V1.get(&*key).is_some() {
+        return HttpVerdict::Allowed;
+    }
+    HttpVerdict::Denied
 }
 
 /// The six wildcard probes of `bulkhead_abi::enforcer::POLICY_PROBES`, in order.
@@ -747,8 +1008,17 @@ fn lookup_policy(generation: u32, local: u32, peer: u32, port: u16, protocol: u8
 /// Records a connection so its other packets (and replies) skip the policy.
 #[inline(always)]
 fn track(key: &CtKey, created_ns: u64, now: u64, generation: u32, d: &Decision, origin: u8) {
-    let value =
-        CtValue { created_ns, last_ns: now, generation, rule_id: d.rule_id, verdict: d.verdict, origin, _pad: [0; 6] };
+    let value = CtValue {
+        created_ns,
+        last_ns: now,
+        generation,
+        rule_id: d.rule_id,
+        verdict: d.verdict,
+        origin,
+        http_set: d.http_set,
+        http_state: 0,
+        _pad: [0; 3],
+    };
     if CONNTRACK_V1.insert(key, value, 0).is_err() {
         count(COUNTER_CT_INSERT_FAILED);
     }

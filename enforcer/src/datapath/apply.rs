@@ -10,7 +10,7 @@ use aya::maps::MapError;
 use bulkhead_abi::enforcer::{self as abi, EndpointValue, IpcacheValue, PolicyKey};
 
 use super::{Datapath, DatapathError, ignore_missing};
-use crate::render::{IpcachePrefix, MapOp, MapState};
+use crate::render::{HttpEntry, IpcachePrefix, MapOp, MapState};
 
 /// What the pinned maps hold, as [`Datapath::read_state`] found it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -71,6 +71,20 @@ impl Datapath {
                 Ok((key, _)) => stale.push(key.generation),
                 Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(DatapathError::map(abi::POLICY)(e)),
+            }
+        }
+        for entry in self.http.keys() {
+            match entry {
+                Ok(key) => {
+                    let e = HttpEntry { prefixlen: key.prefix_len(), data: key.data() };
+                    if e.generation() == generation {
+                        state.http.insert(e);
+                    } else {
+                        stale.push(e.generation());
+                    }
+                }
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(DatapathError::map(abi::HTTP_RULES)(e)),
             }
         }
         stale.sort_unstable();
@@ -139,6 +153,19 @@ impl Datapath {
                 self.policy.insert(*key, *value, 0).map_err(DatapathError::map(abi::POLICY))
             }
             MapOp::DeletePolicy { key } => ignore_missing(self.policy.remove(key), abi::POLICY),
+            MapOp::WriteHttp { entries } => {
+                for e in entries {
+                    self.note_policy_generation(e.generation());
+                    self.http.insert(&http_key(e), 1, 0).map_err(DatapathError::map(abi::HTTP_RULES))?;
+                }
+                Ok(())
+            }
+            MapOp::DeleteHttp { entries } => {
+                for e in entries {
+                    ignore_missing(self.http.remove(&http_key(e)), abi::HTTP_RULES)?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -150,6 +177,10 @@ pub struct ApplyError {
     pub applied: usize,
     #[source]
     pub source: DatapathError,
+}
+
+fn http_key(e: &HttpEntry) -> aya::maps::lpm_trie::Key<abi::HttpKeyData> {
+    aya::maps::lpm_trie::Key::new(e.prefixlen, e.data)
 }
 
 fn prefix_key(p: &IpcachePrefix) -> aya::maps::lpm_trie::Key<[u8; 16]> {

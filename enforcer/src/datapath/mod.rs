@@ -330,6 +330,7 @@ pub struct Datapath {
     config: Array<MapData, EnforcerConfig>,
     counters: PerCpuArray<MapData, u64>,
     rule_stats: PerCpuHashMap<MapData, u32, RuleStats>,
+    http: LpmTrie<MapData, abi::HttpKeyData, u32>,
     events: RingBuf<MapData>,
     decode_errors: u64,
     /// Every generation `POLICY_V1` may hold entries of, when this process knows
@@ -371,6 +372,7 @@ fn expected_sizes(name: &str) -> (u32, u32) {
         abi::CONFIG => (4, sz::<EnforcerConfig>()),
         abi::EVENT_RATE => (4, sz::<RateState>()),
         abi::RULE_STATS => (4, sz::<RuleStats>()),
+        abi::HTTP_RULES => (4 + sz::<abi::HttpKeyData>(), 4),
         // Ring buffers have neither.
         _ => (0, 0),
     }
@@ -483,6 +485,8 @@ impl Datapath {
             .map_err(DatapathError::map(abi::RULE_STATS))?;
         let events = RingBuf::try_from(take_map(&mut ebpf, abi::VERDICT_EVENTS)?)
             .map_err(DatapathError::map(abi::VERDICT_EVENTS))?;
+        let http =
+            LpmTrie::try_from(take_map(&mut ebpf, abi::HTTP_RULES)?).map_err(DatapathError::map(abi::HTTP_RULES))?;
 
         tracing::info!(
             pin_dir = %pin_dir.display(),
@@ -501,6 +505,7 @@ impl Datapath {
             config,
             counters,
             rule_stats,
+            http,
             events,
             decode_errors: 0,
             policy_generations,
@@ -612,7 +617,7 @@ impl Datapath {
                 direction: r.direction.to_abi(),
             };
             let action = if r.allow { abi::ACTION_ALLOW } else { abi::ACTION_DENY };
-            let value = PolicyValue { rule_id: r.rule_id, action, _pad: [0; 3] };
+            let value = PolicyValue { rule_id: r.rule_id, action, _pad: 0, http_set: 0 };
             self.policy.insert(key, value, 0).map_err(DatapathError::map(abi::POLICY))?;
         }
         Ok(())
@@ -645,6 +650,23 @@ impl Datapath {
         for key in keys.iter().filter(|k| k.generation == generation) {
             if remove_counted(self.policy.remove(key), abi::POLICY)? {
                 removed += 1;
+            }
+        }
+        // The generation's HTTP rule entries go with it.
+        let http: Vec<aya::maps::lpm_trie::Key<abi::HttpKeyData>> = self
+            .http
+            .keys()
+            .filter_map(|k| match k {
+                Ok(k) => Some(Ok(k)),
+                Err(MapError::KeyNotFound) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(DatapathError::map(abi::HTTP_RULES))?;
+        for key in http {
+            let entry = crate::render::HttpEntry { prefixlen: key.prefix_len(), data: key.data() };
+            if entry.generation() == generation {
+                ignore_missing(self.http.remove(&key), abi::HTTP_RULES)?;
             }
         }
         if let Some(known) = &mut self.policy_generations {

@@ -71,6 +71,7 @@ pub fn workload_main() {
                 },
                 _ => "err bad arguments".to_owned(),
             },
+            ["http", addr, ms, segments @ ..] => agent_http(addr, ms, segments),
             ["loop", "tcp", addr, ms] => agent_loop_tcp(addr, ms),
             ["listen", "tcp", addr] => agent_listen_tcp(addr),
             ["listen", "udp", addr] => agent_listen_udp(addr),
@@ -131,6 +132,38 @@ fn agent_connect_tcp(addr: &str, ms: &str) -> String {
     };
     let timeout = Duration::from_millis(ms);
     let result = TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| echo(&mut s, timeout));
+    match result {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => format!("err {e}"),
+    }
+}
+
+/// Sends `segments` as separate TCP segments (Nagle off, a pause between them) on one
+/// connection and waits for all of it to come back from the echo server: `_` is a
+/// space and `~` a CRLF, so a request line fits in one word. For L7 tests.
+fn agent_http(addr: &str, ms: &str, segments: &[&str]) -> String {
+    let (Ok(addr), Ok(ms)) = (addr.parse::<SocketAddr>(), ms.parse::<u64>()) else {
+        return "err bad arguments".to_owned();
+    };
+    let timeout = Duration::from_millis(ms);
+    let result = (|| -> std::io::Result<()> {
+        let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(timeout))?;
+        for (i, seg) in segments.iter().enumerate() {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            let bytes = seg.replace('_', " ").replace('~', "\r\n").into_bytes();
+            s.write_all(&bytes)?;
+            let mut back = vec![0u8; bytes.len()];
+            s.read_exact(&mut back)?;
+            if back != bytes {
+                return Err(std::io::Error::other("wrong echo"));
+            }
+        }
+        Ok(())
+    })();
     match result {
         Ok(()) => "ok".to_owned(),
         Err(e) => format!("err {e}"),
@@ -242,6 +275,11 @@ impl Agent {
         if let Err(e) = self.tcp(to, OK_TIMEOUT_MS) {
             panic!("{} → {to}/tcp must succeed: {e}", self.name);
         }
+    }
+
+    /// `agent_http`: segments on one connection, each echoed back in time.
+    pub fn http(&mut self, to: SocketAddr, timeout_ms: u64, segments: &[&str]) -> Result<(), String> {
+        self.ask(&format!("http {to} {timeout_ms} {}", segments.join(" ")))
     }
 
     pub fn tcp_fails(&mut self, to: SocketAddr) {

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use bulkhead_model::node_policy::LOCAL_IDENTITY_FIRST;
 use bulkhead_model::HttpRule;
+use bulkhead_model::node_policy::LOCAL_IDENTITY_FIRST;
 use bulkhead_model::{
     CgroupFact, Direction, EndpointFact, Identity, InterfaceAddress, LabelSelector, Labels, NodePolicy, Peer, Policy,
     PortRange, Protocol, ReservedIdentity, RolloutMode, Rule, RuleVerdict,
@@ -533,8 +533,10 @@ fn l4_wins_and_http_rules_add_up_on_a_shared_entry() {
     assert_eq!(http_of(&nodes["node-a"], DEATHSTAR, DEATHSTAR, Some(80)), Some(vec![landing()]));
 
     // An L4 rule for the same entry: the connection is allowed whole.
-    s.policies[0].policy.ingress =
-        Some(vec![l7_rule(empire(), 80, vec![landing()]), rule(tiefighter(), vec![PortRange::single(Protocol::Tcp, 80)])]);
+    s.policies[0].policy.ingress = Some(vec![
+        l7_rule(empire(), 80, vec![landing()]),
+        rule(tiefighter(), vec![PortRange::single(Protocol::Tcp, 80)]),
+    ]);
     let nodes = compile_scenario(&s, &BTreeMap::new());
     assert_eq!(http_of(&nodes["node-a"], DEATHSTAR, TIEFIGHTER, Some(80)), Some(vec![]));
 
@@ -557,7 +559,11 @@ fn http_rules_outside_ingress_tcp_are_enforced_at_l4() {
             namespace: None,
             selector: sel(&[("class", "tiefighter")]),
             ingress: None,
-            egress: Some(vec![l7_rule(Peer::Workloads { selector: sel(&[("class", "deathstar")]) }, 80, vec![landing()])]),
+            egress: Some(vec![l7_rule(
+                Peer::Workloads { selector: sel(&[("class", "deathstar")]) },
+                80,
+                vec![landing()],
+            )]),
         },
     });
     let nodes = compile_scenario(&s, &BTreeMap::new());

@@ -412,7 +412,7 @@ pub fn import_cilium_network_policy(cnp: &CiliumNetworkPolicy) -> Result<(Policy
     let ns = cnp.metadata.namespace.clone().ok_or_else(|| ImportError::MissingNamespace { name: shown(&name) })?;
     let id = format!("{}/{}", shown(&ns), shown(&name));
     let mut selector = cilium_selector(&cnp.spec.endpoint_selector)
-        .and_then(|s| pod_keys_only(s))
+        .and_then(pod_keys_only)
         .map_err(|problem| ImportError::EndpointSelector { policy: id.clone(), problem })?;
     insert_label(&mut selector, NAMESPACE_KEY, &ns);
     let mut ctx =

@@ -1108,11 +1108,14 @@ fn cilium_http_rules_import_back_and_other_regexes_are_left_out() {
 /// Policies CiliumNetworkPolicy can express, HTTP rules included (on single TCP ports).
 fn cilium_expressible_policy() -> impl Strategy<Value = Policy> {
     let entity = prop::sample::select(ReservedIdentity::ALL.to_vec()).prop_map(|entity| Peer::Entity { entity });
-    let peer = prop_oneof![
-        3 => expressible_peer_selector().prop_map(|selector| Peer::Workloads { selector }),
-        1 => entity,
-        1 => cidr_with_excepts(),
-    ];
+    // `io.kubernetes.pod.namespace Exists` alone is how the export writes "any
+    // namespace", so a model selector holding exactly that term comes back without it.
+    let any_namespace =
+        SelectorRequirement { key: NAMESPACE_KEY.to_owned(), operator: SelectorOperator::Exists, values: vec![] };
+    let workload = expressible_peer_selector()
+        .prop_filter("not the export's own any-namespace term", move |s| !s.match_expressions.contains(&any_namespace))
+        .prop_map(|selector| Peer::Workloads { selector });
+    let peer = prop_oneof![3 => workload, 1 => entity, 1 => cidr_with_excepts()];
     let path = prop_oneof![
         Just(HttpPath::Any),
         "/[!-~&&[^?#]]{0,20}".prop_map(HttpPath::Exact),

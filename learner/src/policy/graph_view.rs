@@ -315,6 +315,45 @@ pub struct Member {
     pub in_scope: bool,
 }
 
+/// Identities' places in a grouping. Looked up twice per edge, so by index where
+/// identity numbers are dense (allocated ones count up from 256), hashed above that.
+#[derive(Debug, Clone, Default)]
+pub struct Members {
+    dense: Vec<Option<Member>>,
+    sparse: HashMap<Identity, Member>,
+}
+
+/// Identity numbers below this are looked up by index (at most 16 MiB of slots).
+const DENSE_IDENTITIES: u32 = 1 << 20;
+
+impl Members {
+    pub fn insert(&mut self, id: Identity, m: Member) {
+        if id.0 < DENSE_IDENTITIES {
+            let i = id.0 as usize;
+            if self.dense.len() <= i {
+                self.dense.resize(i + 1, None);
+            }
+            self.dense[i] = Some(m);
+        } else {
+            self.sparse.insert(id, m);
+        }
+    }
+
+    pub fn get(&self, id: Identity) -> Option<Member> {
+        match self.dense.get(id.0 as usize) {
+            Some(m) => *m,
+            None if id.0 < DENSE_IDENTITIES => None,
+            None => self.sparse.get(&id).copied(),
+        }
+    }
+
+    /// Every member, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (Identity, Member)> + '_ {
+        let dense = self.dense.iter().enumerate().filter_map(|(i, m)| m.map(|m| (Identity(i as u32), m)));
+        dense.chain(self.sparse.iter().map(|(id, m)| (*id, *m)))
+    }
+}
+
 /// A port bucket between two groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BucketKey {
@@ -324,11 +363,12 @@ pub struct BucketKey {
     pub dst_port: u16,
 }
 
-/// What [`fold_edges`] made of a range's edges.
-#[derive(Debug, Clone, Default)]
-pub struct Folded {
-    /// Per bucket: its traffic and the least permissive coverage among its edges.
-    pub buckets: HashMap<BucketKey, (Traffic, Coverage)>,
+/// Per bucket: its traffic and the least permissive coverage among its edges.
+pub type Buckets = HashMap<BucketKey, (Traffic, Coverage)>;
+
+/// How many drawn edges and nodes a grouping of a range's edges makes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupedSize {
     /// Distinct (source group, destination group) pairs with an edge.
     pub pairs: u64,
     /// Distinct groups on either end of those.
@@ -337,10 +377,26 @@ pub struct Folded {
 
 /// Whether `e` is part of the grouping: both ends are members and, `scoped`, one of
 /// them is in scope. Returns the two members.
-fn members_of(e: &Edge, members: &HashMap<Identity, Member>, scoped: bool) -> Option<(Member, Member)> {
-    let s = *members.get(&e.key.src)?;
-    let d = *members.get(&e.key.dst)?;
+fn members_of(e: &Edge, members: &Members, scoped: bool) -> Option<(Member, Member)> {
+    let s = members.get(e.key.src)?;
+    let d = members.get(e.key.dst)?;
     (!scoped || s.in_scope || d.in_scope).then_some((s, d))
+}
+
+/// Measures the grouping of `edges` without folding it (sorts instead of hashing: at
+/// the workload level every edge is its own pair).
+pub fn grouped_size(edges: &[Edge], members: &Members, scoped: bool) -> GroupedSize {
+    let mut pairs: Vec<u64> = edges
+        .iter()
+        .filter_map(|e| members_of(e, members, scoped))
+        .map(|(s, d)| (u64::from(s.group) << 32) | u64::from(d.group))
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let mut groups: Vec<u32> = pairs.iter().flat_map(|&p| [(p >> 32) as u32, p as u32]).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    GroupedSize { pairs: pairs.len() as u64, groups: groups.len() as u64 }
 }
 
 /// Folds `edges` into buckets between the groups of `members` (edges with an identity
@@ -349,12 +405,12 @@ fn members_of(e: &Edge, members: &HashMap<Identity, Member>, scoped: bool) -> Op
 /// [`Coverage::NotCovered`]. Counters add up saturating at i64::MAX, like stored ones.
 pub fn fold_edges(
     edges: &[Edge],
-    members: &HashMap<Identity, Member>,
+    members: &Members,
     scoped: bool,
     coverage: &mut dyn FnMut(&EdgeKey) -> Coverage,
-) -> Folded {
+) -> Buckets {
     const CAP: u64 = i64::MAX as u64;
-    let mut buckets: HashMap<BucketKey, (Traffic, Coverage)> = HashMap::new();
+    let mut buckets = Buckets::new();
     for e in edges {
         let Some((s, d)) = members_of(e, members, scoped) else { continue };
         let c = if s.decide_src || d.decide_dst { coverage(&e.key) } else { Coverage::NotCovered };
@@ -377,14 +433,12 @@ pub fn fold_edges(
         t.last_seen_unix_ms = t.last_seen_unix_ms.max(e.last_seen_unix_ms);
         *worst = worst.worst(c);
     }
-    let pairs: HashSet<(u32, u32)> = buckets.keys().map(|k| (k.src_group, k.dst_group)).collect();
-    let groups: HashSet<u32> = pairs.iter().flat_map(|&(s, d)| [s, d]).collect();
-    Folded { buckets, pairs: pairs.len() as u64, groups: groups.len() as u64 }
+    buckets
 }
 
 /// The `keep` busiest edges of the grouping (most connections, then most recent, then
 /// by key): what a graph too large to draw lists instead.
-pub fn top_edges(edges: &[Edge], members: &HashMap<Identity, Member>, scoped: bool, keep: usize) -> Vec<Edge> {
+pub fn top_edges(edges: &[Edge], members: &Members, scoped: bool, keep: usize) -> Vec<Edge> {
     let order = |a: &Edge, b: &Edge| {
         b.connections
             .cmp(&a.connections)
@@ -394,13 +448,13 @@ pub fn top_edges(edges: &[Edge], members: &HashMap<Identity, Member>, scoped: bo
             .then(a.key.dst_port.cmp(&b.key.dst_port))
             .then(a.key.protocol.number().cmp(&b.key.protocol.number()))
     };
-    let mut top: Vec<Edge> = edges.iter().filter(|e| members_of(e, members, scoped).is_some()).cloned().collect();
+    let mut top: Vec<&Edge> = edges.iter().filter(|e| members_of(e, members, scoped).is_some()).collect();
     if top.len() > keep && keep > 0 {
-        top.select_nth_unstable_by(keep - 1, order);
+        top.select_nth_unstable_by(keep - 1, |a, b| order(a, b));
     }
     top.truncate(keep);
-    top.sort_by(order);
-    top
+    top.sort_by(|a, b| order(a, b));
+    top.into_iter().cloned().collect()
 }
 
 // === levels and node keys ===
@@ -924,6 +978,8 @@ pub struct GraphView {
 mod tests {
     use std::collections::BTreeMap as Map;
 
+    use std::cell::Cell;
+
     use bulkhead_model::{LabelSelector, Peer, Policy, PortRange, Rule};
     use bulkhead_synth::IdentityInfo;
 
@@ -1140,5 +1196,152 @@ mod tests {
         let mut ids: Vec<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
         ids.sort_unstable();
         assert_eq!(ids, ["id:302", "id:303", "id:304", "ns:p"]);
+    }
+
+    fn key(src: u32, dst: u32, port: u16) -> EdgeKey {
+        EdgeKey { src: Identity(src), dst: Identity(dst), dst_port: port, protocol: Protocol::Tcp }
+    }
+
+    fn edge(src: u32, dst: u32, port: u16, connections: u64, last: i64) -> Edge {
+        Edge {
+            key: key(src, dst, port),
+            first_seen_unix_ms: last - 10,
+            last_seen_unix_ms: last,
+            connections,
+            bytes: connections.saturating_mul(100),
+        }
+    }
+
+    fn member(group: u32, decide_src: bool, decide_dst: bool, in_scope: bool) -> Member {
+        Member { group, decide_src, decide_dst, in_scope }
+    }
+
+    #[test]
+    fn coverage_is_remembered_only_for_equal_inputs() {
+        let ids = vec![IdentityInfo::workload(Identity(256), "a", labels(&[("app", "a")]))];
+        let policy = Policy {
+            name: "a".into(),
+            namespace: None,
+            selector: LabelSelector::with_labels([("app", "a")]),
+            ingress: Some(vec![]),
+            egress: None,
+        };
+        let cache = CoverageCache::default();
+        let asked = Cell::new(0);
+        let decide = |_: &EdgeKey| {
+            asked.set(asked.get() + 1);
+            Coverage::Allowed
+        };
+        let g = cache.generation(std::slice::from_ref(&policy), &ids, [Identity(256)]);
+        let first = g.with(decide, |c| (c(&key(2, 256, 80)), c(&key(2, 256, 80))));
+        assert_eq!(first, (Coverage::Allowed, Coverage::Allowed));
+        assert_eq!(asked.get(), 2, "not remembered before the lookup returns");
+        g.with(decide, |c| c(&key(2, 256, 80)));
+        assert_eq!(asked.get(), 2, "remembered afterwards");
+        let same = cache.generation(std::slice::from_ref(&policy), &ids, [Identity(256), Identity(256)]);
+        assert!(Arc::ptr_eq(&g, &same), "equal inputs keep the generation");
+        same.with(decide, |c| c(&key(2, 256, 80)));
+        assert_eq!(asked.get(), 2);
+        // Any input that differs starts over: an approval, a mode change, a new identity.
+        let mut approved = policy.clone();
+        approved.ingress =
+            Some(vec![Rule::l4(Peer::Entity { entity: bulkhead_model::ReservedIdentity::World }, vec![])]);
+        let mut more = ids.clone();
+        more.push(IdentityInfo::workload(Identity(257), "b", labels(&[("app", "b")])));
+        for g2 in [
+            cache.generation(std::slice::from_ref(&approved), &ids, [Identity(256)]),
+            cache.generation(std::slice::from_ref(&policy), &ids, []),
+            cache.generation(std::slice::from_ref(&policy), &more, [Identity(256)]),
+        ] {
+            assert!(!Arc::ptr_eq(&g, &g2));
+            let before = asked.get();
+            g2.with(decide, |c| c(&key(2, 256, 80)));
+            assert_eq!(asked.get(), before + 1, "decided again");
+        }
+    }
+
+    #[test]
+    fn members_are_found_dense_and_sparse() {
+        let mut m = Members::default();
+        m.insert(Identity(2), member(0, false, false, false));
+        m.insert(Identity(300), member(1, true, false, false));
+        m.insert(Identity(DENSE_IDENTITIES + 5), member(2, false, true, true));
+        assert_eq!(m.get(Identity(300)), Some(member(1, true, false, false)));
+        assert_eq!(m.get(Identity(DENSE_IDENTITIES + 5)), Some(member(2, false, true, true)));
+        assert_eq!(m.get(Identity(299)), None);
+        assert_eq!(m.get(Identity(100_000)), None, "past the dense slots, below the limit");
+        assert_eq!(m.get(Identity(DENSE_IDENTITIES + 6)), None);
+        let mut all: Vec<u32> = m.iter().map(|(id, _)| id.0).collect();
+        all.sort_unstable();
+        assert_eq!(all, [2, 300, DENSE_IDENTITIES + 5]);
+    }
+
+    #[test]
+    fn edges_fold_into_group_buckets() {
+        let mut m = Members::default();
+        // Group 0: 256 and 257 (a policy covers 257's ingress); group 1: 258; group 2: world.
+        m.insert(Identity(256), member(0, false, false, true));
+        m.insert(Identity(257), member(0, false, true, false));
+        m.insert(Identity(258), member(1, false, false, false));
+        m.insert(Identity::WORLD, member(2, false, false, false));
+        let edges = vec![
+            edge(258, 256, 80, 5, 100),
+            edge(258, 257, 80, 7, 300),
+            edge(258, 257, 81, i64::MAX as u64, 50),
+            edge(258, 256, 81, 10, 60),
+            edge(2, 258, 443, 1, 10),
+            edge(999, 256, 80, 1, 10),
+        ];
+        let asked = Cell::new(Vec::new());
+        let mut coverage = |k: &EdgeKey| {
+            let mut a = asked.take();
+            a.push(*k);
+            asked.set(a);
+            if k.dst_port == 80 { Coverage::Allowed } else { Coverage::DefaultDeny { enforced: false } }
+        };
+        let b = fold_edges(&edges, &m, false, &mut coverage);
+        assert_eq!(asked.take(), [key(258, 257, 80), key(258, 257, 81)], "only covered edges are decided");
+        let k = |s, d, port| BucketKey { src_group: s, dst_group: d, protocol: Protocol::Tcp, dst_port: port };
+        assert_eq!(b.len(), 3, "999 is not in the grouping: {b:?}");
+        let (t, c) = b[&k(1, 0, 80)];
+        assert_eq!((t.edges, t.connections, t.bytes), (2, 12, 1200));
+        assert_eq!((t.first_seen_unix_ms, t.last_seen_unix_ms), (90, 300));
+        assert_eq!(c, Coverage::NotCovered, "an uncovered edge makes the bucket uncovered");
+        let (t, c) = b[&k(1, 0, 81)];
+        assert_eq!((t.edges, t.connections), (2, i64::MAX as u64), "sums saturate like stored counters");
+        assert_eq!(c, Coverage::DefaultDeny { enforced: false }, "the worst wins");
+        assert_eq!(b[&k(2, 1, 443)].1, Coverage::NotCovered);
+        assert_eq!(grouped_size(&edges, &m, false), GroupedSize { pairs: 2, groups: 3 });
+        // Scoped: only edges with an in-scope end (256).
+        let scoped = fold_edges(&edges, &m, true, &mut |_| Coverage::Allowed);
+        assert_eq!(scoped.len(), 2);
+        assert_eq!(scoped[&k(1, 0, 80)].0.edges, 1);
+        assert_eq!(grouped_size(&edges, &m, true), GroupedSize { pairs: 1, groups: 2 });
+        assert_eq!(grouped_size(&[], &m, false), GroupedSize::default());
+    }
+
+    #[test]
+    fn the_busiest_edges_come_first() {
+        let mut m = Members::default();
+        for id in [256, 257, 258] {
+            m.insert(Identity(id), member(id - 256, false, false, false));
+        }
+        let edges = vec![
+            edge(256, 257, 80, 5, 100),
+            edge(256, 258, 80, 9, 100),
+            edge(257, 258, 80, 5, 200),
+            edge(256, 257, 22, 5, 100),
+            edge(999, 257, 80, 1_000, 100),
+            edge(258, 256, 80, 1, 100),
+        ];
+        let top = top_edges(&edges, &m, false, 4);
+        let keys: Vec<EdgeKey> = top.iter().map(|e| e.key).collect();
+        assert_eq!(
+            keys,
+            [key(256, 258, 80), key(257, 258, 80), key(256, 257, 22), key(256, 257, 80)],
+            "connections, then the most recent, then the key; unknown identities left out"
+        );
+        assert_eq!(top_edges(&edges, &m, false, 100).len(), 5);
+        assert!(top_edges(&edges, &m, false, 0).is_empty());
     }
 }

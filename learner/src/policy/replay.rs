@@ -134,9 +134,9 @@ impl PolicyService {
                 let d = ev.decide(&c);
                 let denied_requests = if d.allowed() {
                     let edge = EdgeKey { src: c.src, dst: c.dst, dst_port: c.dst_port, protocol: c.protocol };
-                    let found = l7_cache.entry(key).or_insert_with(|| {
-                        l7_denied(&ev, &c, http.get(&edge).copied(), req, &policies, &names)
-                    });
+                    let found = l7_cache
+                        .entry(key)
+                        .or_insert_with(|| l7_denied(&ev, &c, http.get(&edge).copied(), req, &policies, &names));
                     if found.is_empty() {
                         continue;
                     }

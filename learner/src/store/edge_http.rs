@@ -96,6 +96,10 @@ impl Dialect {
 
 /// An edge key as stored.
 type RawKey = (i64, i64, i32, i32);
+/// (method, path) of one request shape.
+type MethodPath = (String, String);
+/// (requests, first seen, last seen) of one request shape in a batch.
+type Seen = (u64, i64, i64);
 
 fn raw_key(k: &EdgeKey) -> RawKey {
     (i64::from(k.src.0), i64::from(k.dst.0), i32::from(k.dst_port), i32::from(k.protocol.number()))
@@ -123,7 +127,7 @@ fn admit<'a>(
         let key = raw_key(k);
         let known = existing.get(&key);
         let mut room = MAX_HTTP_PATHS_PER_EDGE.saturating_sub(known.map_or(0, HashSet::len));
-        let mut fresh: Vec<(&(String, String), &(u64, i64, i64))> = Vec::new();
+        let mut fresh: Vec<(&MethodPath, &Seen)> = Vec::new();
         for (mp, v) in &h.requests {
             if known.is_some_and(|s| s.contains(mp)) {
                 rows.push(row(key, mp, v));
@@ -150,7 +154,7 @@ fn admit<'a>(
     (rows, overflow)
 }
 
-fn row<'a>(key: RawKey, (method, path): &'a (String, String), &(requests, first, last): &(u64, i64, i64)) -> Row<'a> {
+fn row<'a>(key: RawKey, (method, path): &'a MethodPath, &(requests, first, last): &Seen) -> Row<'a> {
     Row { key, method, path, requests: sat(requests), first, last }
 }
 

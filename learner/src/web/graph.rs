@@ -39,8 +39,8 @@ use super::auth::Viewer;
 use crate::identity::inventory::CIDR_GROUP_KEY;
 use crate::policy::graph_view::{
     Coverage, CoverageGeneration, Drill, GraphBuilder, GraphEdge, GraphLevel, GraphNode, GraphView, Limits, Member,
-    NodeKey, NodeKind, Observed, PolicyRef, TRUNCATED_EDGES, Totals, Traffic, coverage, fold_edges, identity_name,
-    namespace_key, top_edges, truncate,
+    Members, NodeKey, NodeKind, Observed, PolicyRef, TRUNCATED_EDGES, Totals, Traffic, coverage, fold_edges,
+    grouped_size, identity_name, namespace_key, top_edges, truncate,
 };
 use crate::policy::inputs::SERVICE_ACCOUNT_KEY;
 use crate::store::{EdgeVerdictRow, EndpointRow, GraphEdgeQuery, IdentityRow, MAX_PROPOSAL_PAGE, ProposalQuery};
@@ -258,7 +258,6 @@ pub async fn build(state: &AppState, p: &GraphParams) -> Result<GraphView, ApiEr
     }
     let started = std::time::Instant::now();
     let ctx = Context::load(state).await?;
-    eprintln!("PROF ctx {:?}", started.elapsed());
     let policies: Vec<Policy> = ctx.active.values().map(|(_, p)| p.clone()).collect();
     let mut view = GraphView {
         level,
@@ -286,7 +285,6 @@ pub async fn build(state: &AppState, p: &GraphParams) -> Result<GraphView, ApiEr
             let ev = Evaluator::new(&policies, &ctx.infos, &fqdn);
             let enforcing = ctx.modes.iter().filter(|(_, m)| **m == RolloutMode::Enforce).map(|(id, _)| *id);
             let known = state.graph_coverage.generation(&policies, &ctx.infos, enforcing);
-            eprintln!("PROF gen {:?}", started.elapsed());
             grouped_level(state, &ctx, &ev, &known, level, namespace.as_deref(), p, &mut view).await?;
         }
     }
@@ -332,7 +330,7 @@ async fn grouped_level(
     let mut group_nodes: Vec<usize> = Vec::new();
     let mut group_identity: Vec<Option<Identity>> = Vec::new();
     let mut group_of_key: HashMap<NodeKey, u32> = HashMap::new();
-    let mut members: HashMap<Identity, Member> = HashMap::with_capacity(ctx.identities.len());
+    let mut members = Members::default();
     let mut ns_workloads: HashMap<NodeKey, u64> = HashMap::new();
     for row in &ctx.identities {
         if !row.id.is_reserved() && !ctx.is_external(row.id) {
@@ -384,33 +382,33 @@ async fn grouped_level(
         let (decide_src, decide_dst) = covered(ev, id);
         members.insert(id, Member { group, decide_src, decide_dst, in_scope });
     }
-    eprintln!("PROF members {:?}", std::time::Instant::now());
     let scope_ids: Option<Vec<Identity>> =
-        scoped.then(|| members.iter().filter(|(_, m)| m.in_scope).map(|(id, _)| *id).collect());
+        scoped.then(|| members.iter().filter(|(_, m)| m.in_scope).map(|(id, _)| id).collect());
     let q = GraphEdgeQuery { since_unix_ms: p.since_ms, until_unix_ms: p.until_ms, scope: scope_ids.clone() };
     let (edges, events) = tokio::try_join!(
         state.store.graph_edges(&q),
         state.store.graph_verdicts(p.since_ms, p.until_ms, scope_ids.as_deref(), false, MAX_EVENT_ROWS),
     )?;
-    eprintln!("PROF fetched {:?}", std::time::Instant::now());
     let labels: HashMap<Identity, &Labels> = ctx.identities.iter().map(|r| (r.id, &r.labels)).collect();
     let decide = |k: &EdgeKey| {
         let conn = connection(k.src, k.dst, k.dst_port, k.protocol);
         coverage(ev, &conn, ctx.is_external(k.src) || ctx.is_external(k.dst), |id| ctx.enforcing(id))
     };
     known.with(decide, |coverage_of| {
-        let folded = fold_edges(&edges, &members, scoped, coverage_of);
-        eprintln!("PROF folded {:?}", std::time::Instant::now());
-        let limits = view.limits;
-        if folded.groups as usize > limits.max_nodes || folded.pairs as usize > limits.max_edges {
-            view.totals = Totals { nodes: folded.groups, edges: folded.pairs };
-            let keep = TRUNCATED_EDGES.min(limits.max_edges);
-            let top = top_edges(&edges, &members, scoped, keep);
-            truncated(ctx, &labels, &top, &events, coverage_of, view);
-            return;
+        // Only a grouping that could exceed the limits is measured first.
+        let (groups, limits) = (group_nodes.len(), view.limits);
+        if groups > limits.max_nodes || groups.saturating_mul(groups) > limits.max_edges {
+            let size = grouped_size(&edges, &members, scoped);
+            if size.groups as usize > limits.max_nodes || size.pairs as usize > limits.max_edges {
+                view.totals = Totals { nodes: size.groups, edges: size.pairs };
+                let top = top_edges(&edges, &members, scoped, TRUNCATED_EDGES.min(limits.max_edges));
+                truncated(ctx, &labels, &top, &events, coverage_of, view);
+                return;
+            }
         }
-        let rows = folded.buckets.len();
-        for (k, (t, c)) in folded.buckets {
+        let buckets = fold_edges(&edges, &members, scoped, coverage_of);
+        let rows = buckets.len();
+        for (k, (t, c)) in buckets {
             let (Some(&s), Some(&d)) = (group_nodes.get(k.src_group as usize), group_nodes.get(k.dst_group as usize))
             else {
                 continue;
@@ -421,7 +419,7 @@ async fn grouped_level(
             }
         }
         for e in &events {
-            let node = |builder: &mut GraphBuilder, id: Identity| match members.get(&id) {
+            let node = |builder: &mut GraphBuilder, id: Identity| match members.get(id) {
                 Some(m) => group_nodes[m.group as usize],
                 None => builder.node(ctx.identity_node(id, labels.get(&id).copied()), false),
             };
@@ -439,7 +437,6 @@ async fn grouped_level(
             "Folded the service graph."
         );
         finish(view, nodes, drawn);
-        eprintln!("PROF finished {:?}", std::time::Instant::now());
     });
     Ok(())
 }

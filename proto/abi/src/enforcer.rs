@@ -71,6 +71,10 @@ pub const EVENT_RATE: &str = "EVENT_RATE_V1";
 /// LRU per-CPU hash: rule id (u32) → [`RuleStats`]; user space sums the CPUs.
 pub const RULE_STATS: &str = "RULE_STATS_V1";
 
+/// LPM trie over [`HttpKeyData`] → u32 (1): the HTTP requests L7 entries allow,
+/// per generation and HTTP rule set ([`PolicyValue::http_set`]).
+pub const HTTP_RULES: &str = "HTTP_RULES_V1";
+
 /// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`) → [`SockVerdict`]: the verdict
 /// of an established TCP connection cached on its socket. A BTF map, never
 /// pinned: each loaded copy of the programs has its own (an empty cache only
@@ -78,8 +82,8 @@ pub const RULE_STATS: &str = "RULE_STATS_V1";
 pub const SOCK_VERDICT: &str = "SOCK_VERDICT_V1";
 
 /// Every map name, for pinning and cleanup code that must know them all.
-pub const MAP_NAMES: [&str; 9] =
-    [IPCACHE, POLICY, ENDPOINTS, CONNTRACK, VERDICT_EVENTS, COUNTERS, CONFIG, EVENT_RATE, RULE_STATS];
+pub const MAP_NAMES: [&str; 10] =
+    [IPCACHE, POLICY, ENDPOINTS, CONNTRACK, VERDICT_EVENTS, COUNTERS, CONFIG, EVENT_RATE, RULE_STATS, HTTP_RULES];
 const _: () = {
     let mut i = 0;
     while i < MAP_NAMES.len() {
@@ -196,6 +200,9 @@ pub const REASON_DEFAULT_DENY: u8 = 2;
 pub const REASON_NOT_COVERED: u8 = 3;
 /// A lookup that must succeed failed; the mode's fail action decided.
 pub const REASON_FAIL: u8 = 4;
+/// An HTTP request on a connection that an L7 entry allows matched none of the
+/// entry's HTTP rules (`rule_id` names the connection's rule).
+pub const REASON_HTTP: u8 = 5;
 
 // === Fail actions (EnforcerConfig::fail_*) ===
 
@@ -323,7 +330,13 @@ pub struct PolicyValue {
     pub rule_id: u32,
     /// [`ACTION_ALLOW`] or [`ACTION_DENY`].
     pub action: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// 0: the entry allows the connection (L4). Otherwise the connection is
+    /// allowed and every HTTP request arriving on it must match an entry of this
+    /// set in [`HTTP_RULES`] (L7; ingress TCP entries only). Numbered per
+    /// generation by user space. In what used to be padding, so the map layout
+    /// (and pins of earlier builds) stays compatible: old entries read as L4.
+    pub http_set: u16,
 }
 const _: () = assert!(size_of::<PolicyValue>() == 8);
 
@@ -417,8 +430,19 @@ pub struct CtValue {
     pub verdict: u8,
     /// Direction of the connection's first packet ([`DIR_INGRESS`] / [`DIR_EGRESS`]).
     pub origin: u8,
-    pub _pad: [u8; 6],
+    /// [`PolicyValue::http_set`] of the entry that allowed it: its requests are
+    /// checked against [`HTTP_RULES`] (0: L4, nothing to check). In former padding.
+    pub http_set: u16,
+    /// [`HTTP_STATE_REQUEST_SEEN`] once a request on it was judged.
+    pub http_state: u8,
+    pub _pad: [u8; 3],
 }
+
+/// [`CtValue::http_state`]: the connection's first request line was judged; later
+/// payload that does not start a request is its body or a later request's
+/// continuation. Before it, payload that is not a whole request line is judged as a
+/// request that matches nothing (a split first request line cannot slip through).
+pub const HTTP_STATE_REQUEST_SEEN: u8 = 1;
 const _: () = assert!(size_of::<CtValue>() == 32);
 
 /// The verdict of an established TCP connection, cached on its socket
@@ -549,6 +573,62 @@ impl Default for EnforcerConfig {
     fn default() -> Self {
         Self::DEFAULT
     }
+}
+
+// === HTTP (L7) request matching ===
+
+/// Bytes of an [`HTTP_RULES`] key after its prefix length: generation (4, native
+/// order), HTTP rule set (2, native order), method (16, zero-padded; all zero =
+/// any method), path ([`HTTP_PATH_BYTES`]). One LPM trie gives exact paths (the
+/// path bytes and a 0 terminator are in the prefix), path prefixes (only the
+/// prefix bytes are) and any path (no path byte is), longest match first.
+pub const HTTP_KEY_DATA: usize = 152;
+/// Offset of the method in [`HttpKeyData`].
+pub const HTTP_KEY_METHOD: usize = 6;
+/// Longest method token the datapath recognises (the model's limit).
+pub const HTTP_METHOD_BYTES: usize = 16;
+/// Offset of the path in [`HttpKeyData`].
+pub const HTTP_KEY_PATH: usize = HTTP_KEY_METHOD + HTTP_METHOD_BYTES;
+/// Path bytes in a key: 128 path bytes (the model's `MAX_HTTP_PATH_LEN`) and the
+/// terminator of an exact path.
+pub const HTTP_PATH_BYTES: usize = HTTP_KEY_DATA - HTTP_KEY_PATH;
+const _: () = assert!(HTTP_PATH_BYTES == 130);
+/// Capacity of [`HTTP_RULES`] (both generations while one is written).
+pub const DEFAULT_HTTP_RULES: u32 = 1 << 16;
+
+/// The data of an [`HTTP_RULES`] key (the LPM trie key is its prefix length in
+/// bits followed by this).
+pub type HttpKeyData = [u8; HTTP_KEY_DATA];
+
+/// How an HTTP rule's path matches, for [`http_key`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpKeyPath<'a> {
+    Any,
+    Exact(&'a [u8]),
+    Prefix(&'a [u8]),
+}
+
+/// The LPM key (prefix length in bits, data) of one HTTP rule: `method` empty for
+/// any method. `None` when the method or path is longer than a key holds.
+pub fn http_key(generation: u32, set: u16, method: &[u8], path: HttpKeyPath<'_>) -> Option<(u32, HttpKeyData)> {
+    if method.len() > HTTP_METHOD_BYTES {
+        return None;
+    }
+    let mut data = [0u8; HTTP_KEY_DATA];
+    data[..4].copy_from_slice(&generation.to_ne_bytes());
+    data[4..6].copy_from_slice(&set.to_ne_bytes());
+    data[HTTP_KEY_METHOD..HTTP_KEY_METHOD + method.len()].copy_from_slice(method);
+    let path_len = match path {
+        HttpKeyPath::Any => 0,
+        // The terminator (0) is already there.
+        HttpKeyPath::Exact(p) if p.len() < HTTP_PATH_BYTES => p.len() + 1,
+        HttpKeyPath::Prefix(p) if p.len() <= HTTP_PATH_BYTES => p.len(),
+        _ => return None,
+    };
+    if let HttpKeyPath::Exact(p) | HttpKeyPath::Prefix(p) = path {
+        data[HTTP_KEY_PATH..HTTP_KEY_PATH + p.len()].copy_from_slice(p);
+    }
+    Some((((HTTP_KEY_PATH + path_len) * 8) as u32, data))
 }
 
 /// Per-CPU token bucket as a GCRA: the next event is allowed once

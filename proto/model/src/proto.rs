@@ -10,13 +10,13 @@ use bulkhead_proto::v1;
 use ipnet::IpNet;
 
 use crate::policy::{HttpRuleError, validate_method, validate_path};
-use crate::{HttpPath, HttpRule};
 use crate::{
     CgroupFact, Direction, DnsAnswer, EndpointCgroup, EndpointFact, EnforcerHello, EnforcerLoss, EnforcerMessage, Flow,
     FlowBatch, FlowHttp, HttpRequestCount, Identity, InterfaceAddress, IpcacheEntry, LossCounters, MAX_HTTP_PER_FLOW,
     NodePolicy, NodePolicyDelta, NodeRule, PolicyAck, PolicyAckStatus, PolicyEndpoint, PolicyUpdate, Protocol,
     RolloutMode, RuleCounter, RuleKey, RuleRef, Verdict, VerdictEvent, VerdictReport,
 };
+use crate::{HttpPath, HttpRule};
 
 /// Longest node or boot id accepted.
 pub const MAX_ID_LEN: usize = 253;
