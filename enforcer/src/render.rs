@@ -860,7 +860,7 @@ mod tests {
     #[test]
     fn capacities_are_enforced() {
         let p = sample();
-        let cap = Capacity { ipcache: 3, endpoints: 2, policy_per_generation: 2 };
+        let cap = Capacity { ipcache: 3, endpoints: 2, policy_per_generation: 2, http_per_generation: 2 };
         assert!(render_with(&p, 1, &cap).is_ok());
         for (cap, map, len) in [
             (Capacity { ipcache: 2, ..cap }, abi::IPCACHE, 3),
@@ -941,6 +941,58 @@ mod tests {
             render_resolved(&p, 3, &small, &keys),
             Err(RenderError::TooMany { map: abi::ENDPOINTS, len: 3, capacity: 2 })
         );
+    }
+
+    fn with_http(mut p: NodePolicy, rules: Vec<HttpRule>) -> NodePolicy {
+        p.rules[0].http = rules;
+        p
+    }
+
+    #[test]
+    fn http_rules_render_as_lpm_entries_of_the_generation() {
+        let landing = HttpRule::exact("POST", "/v1/request-landing");
+        let status = HttpRule { method: None, path: HttpPath::Prefix("/status/".into()) };
+        let p = with_http(sample(), vec![landing.clone(), status]);
+        let s = render(&p, 7).expect("renders");
+        let entry = s.policy.values().find(|v| v.rule_id == 1).expect("rule 1");
+        assert_eq!(entry.http_set, 1);
+        assert!(s.policy.values().filter(|v| v.rule_id != 1).all(|v| v.http_set == 0));
+        let exact = abi::http_key(7, 1, b"POST", abi::HttpKeyPath::Exact(b"/v1/request-landing")).expect("key");
+        let prefix = abi::http_key(7, 1, b"", abi::HttpKeyPath::Prefix(b"/status/")).expect("key");
+        let want: BTreeSet<HttpEntry> = [exact, prefix]
+            .into_iter()
+            .map(|(prefixlen, data)| HttpEntry { prefixlen, data })
+            .collect();
+        assert_eq!(s.http, want);
+        assert!(s.http.iter().all(|e| e.generation() == 7));
+        // The exact path's terminator is part of the prefix, the prefix's is not.
+        assert_eq!(exact.0, ((abi::HTTP_KEY_PATH + "/v1/request-landing".len() + 1) * 8) as u32);
+        assert_eq!(prefix.0, ((abi::HTTP_KEY_PATH + "/status/".len()) * 8) as u32);
+
+        // An HTTP rule on an entry the datapath cannot judge requests on is refused.
+        let mut bad = with_http(sample(), vec![landing]);
+        bad.rules[0].key.direction = Direction::Egress;
+        assert_eq!(render(&bad, 1), Err(RenderError::HttpNotIngressTcp { index: 0 }));
+    }
+
+    #[test]
+    fn http_entries_flip_with_their_generation() {
+        let landing = HttpRule::exact("POST", "/v1/request-landing");
+        let from = render(&with_http(sample(), vec![landing.clone()]), 1).expect("from");
+        let to = render(&with_http(sample(), vec![HttpRule::exact("PUT", "/v1/exhaust-port")]), 2).expect("to");
+        let ops = diff(&from, &to);
+        let pos = |f: &dyn Fn(&MapOp) -> bool| ops.iter().position(|o| f(o)).expect("op present");
+        let write = pos(&|o| matches!(o, MapOp::WriteHttp { entries } if entries.iter().all(|e| e.generation() == 2)));
+        let activate = pos(&|o| matches!(o, MapOp::Activate { generation: 2 }));
+        let delete = pos(&|o| matches!(o, MapOp::DeleteHttp { entries } if entries.iter().all(|e| e.generation() == 1)));
+        assert!(write < activate && activate < delete, "{ops:?}");
+
+        // Patching in place (same generation): new entries before the rules, stale after.
+        let same = render(&with_http(sample(), vec![landing, HttpRule::exact("GET", "/")]), 1).expect("same");
+        let ops = diff(&from, &same);
+        assert!(matches!(ops.first(), Some(MapOp::WriteHttp { entries }) if entries.len() == 1), "{ops:?}");
+        assert!(!ops.iter().any(|o| matches!(o, MapOp::DeleteHttp { .. })), "{ops:?}");
+        assert!(diff(&same, &same).is_empty());
     }
 
     #[test]
@@ -1026,6 +1078,7 @@ mod tests {
         ipcache: BTreeMap<IpcachePrefix, IpcacheValue>,
         endpoints: BTreeMap<EndpointKey, EndpointValue>,
         policy: BTreeMap<PolicyKey, PolicyValue>,
+        http: BTreeSet<HttpEntry>,
     }
 
     impl KernelMaps {
@@ -1037,6 +1090,7 @@ mod tests {
                 ipcache: s.ipcache.iter().map(|(p, id)| (*p, IpcacheValue::both(*id))).collect(),
                 endpoints: s.endpoints.iter().map(|(k, v)| (*k, EndpointValue::both(*v))).collect(),
                 policy: s.policy.clone(),
+                http: s.http.clone(),
             }
         }
 
@@ -1077,6 +1131,7 @@ mod tests {
                 MapOp::DeleteGeneration { generation } => {
                     assert_ne!(*generation, self.active, "deleting the active generation");
                     self.policy.retain(|k, _| k.generation != *generation);
+                    self.http.retain(|e| e.generation() != *generation);
                 }
                 MapOp::DeleteGenerationKeys { generation, keys } => {
                     assert_ne!(*generation, self.active, "deleting the active generation");
@@ -1091,6 +1146,12 @@ mod tests {
                 MapOp::DeletePolicy { key } => {
                     self.policy.remove(key);
                 }
+                MapOp::WriteHttp { entries } => self.http.extend(entries.iter().copied()),
+                MapOp::DeleteHttp { entries } => {
+                    for e in entries {
+                        self.http.remove(e);
+                    }
+                }
             }
         }
 
@@ -1102,7 +1163,12 @@ mod tests {
         /// What `Datapath::read_state` reads back.
         fn state(&self) -> MapState {
             let slot = abi::slot_of(self.active);
-            let mut state = MapState { generation: self.active, policy: self.active_policy(), ..MapState::default() };
+            let mut state = MapState {
+                generation: self.active,
+                policy: self.active_policy(),
+                http: self.http.iter().filter(|e| e.generation() == self.active).copied().collect(),
+                ..MapState::default()
+            };
             for (prefix, v) in &self.ipcache {
                 state.ipcache.insert(*prefix, v.identity[slot]);
                 if v.identity[0] != v.identity[1] {
@@ -1365,15 +1431,17 @@ mod tests {
                 let flip = ops.iter().position(|op| matches!(op, MapOp::Activate { .. })).expect("a flip");
                 for (i, op) in ops.iter().enumerate() {
                     match op {
-                        MapOp::BridgeIpcache { .. } | MapOp::BridgeEndpoint { .. } | MapOp::WriteGeneration { .. } => {
-                            prop_assert!(i < flip)
-                        }
+                        MapOp::BridgeIpcache { .. }
+                        | MapOp::BridgeEndpoint { .. }
+                        | MapOp::WriteGeneration { .. }
+                        | MapOp::WriteHttp { .. } => prop_assert!(i < flip),
                         MapOp::DeleteGeneration { .. }
                         | MapOp::DeleteGenerationKeys { .. }
                         | MapOp::UpsertIpcache { .. }
                         | MapOp::UpsertEndpoint { .. }
                         | MapOp::DeleteEndpoint { .. }
-                        | MapOp::DeleteIpcache { .. } => prop_assert!(i > flip),
+                        | MapOp::DeleteIpcache { .. }
+                        | MapOp::DeleteHttp { .. } => prop_assert!(i > flip),
                         MapOp::Activate { .. } => {}
                         MapOp::UpsertPolicy { .. } | MapOp::DeletePolicy { .. } => prop_assert!(false, "{:?}", op),
                     }

@@ -551,6 +551,65 @@ async fn graph_truncation_postgres() {
     graph_truncates_to_the_busiest_edges(Scenario::postgres().await).await;
 }
 
+/// One router (one state: the graph keeps policy decisions between requests) sees an
+/// approval and a rollout change on the very next request.
+async fn graph_verdicts_follow_approvals_and_rollouts(s: Scenario) {
+    let (tf, dns) = (s.tiefighter.0, s.coredns.0);
+    let app = router(s.state());
+    let get = |uri: String| {
+        let app = app.clone();
+        let token = s.token.clone();
+        async move {
+            let req = Request::get(uri).header("authorization", format!("Bearer {token}"));
+            let resp = app.oneshot(req.body(Body::empty()).expect("request")).await.expect("response");
+            assert_eq!(resp.status(), StatusCode::OK);
+            let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+            let g: Value = serde_json::from_slice(&bytes).expect("json");
+            (verdicts(&g), g)
+        }
+    };
+    let dns_edge = format!("id:{tf}->id:{dns}");
+    let outward = "ns:default->ns:kube-system";
+    let (v, _) = get("/api/v1/graph?level=workload".into()).await;
+    assert_eq!(v[&dns_edge], "nopolicy");
+    assert_eq!(get("/api/v1/graph".into()).await.0[outward], "nopolicy");
+
+    // coredns gets a policy that admits xwing only: tiefighter's lookups would be denied.
+    let p = proposal(
+        s.coredns,
+        "kube-system",
+        "coredns",
+        ("k8s-app", "kube-dns"),
+        vec![rule("ingress-0", Direction::Ingress, class("xwing"), 53, Protocol::Udp, &[s.xwing])],
+    );
+    let rec = s.store.put_proposal(&p, T0).await.expect("proposal");
+    let policy = rec.proposal.policy.clone();
+    s.store.decide_proposal(rec.summary.id, Decision::Approve { policy }, "alice", None, T0).await.expect("approve");
+    let (v, g) = get("/api/v1/graph?level=workload".into()).await;
+    assert_eq!(v[&dns_edge], "audit", "{g}");
+    assert_eq!(edge(&g, &dns_edge)["basis"], "policy");
+    assert_eq!(get("/api/v1/graph".into()).await.0[outward], "audit");
+
+    // Enforcing it: the same lookups are dropped.
+    s.store.set_rollout_mode(s.coredns, RolloutMode::Enforce, "alice", "test", T0).await.expect("enforce");
+    let (v, _) = get("/api/v1/graph?level=workload".into()).await;
+    assert_eq!(v[&dns_edge], "denied");
+    let (v, _) = get("/api/v1/graph?level=workload&namespace=kube-system".into()).await;
+    assert_eq!(v[&format!("ns:default->id:{dns}")], "denied");
+    assert_eq!(get("/api/v1/graph".into()).await.0[outward], "denied");
+    s.store.close().await;
+}
+
+#[tokio::test]
+async fn graph_follows_changes_sqlite() {
+    graph_verdicts_follow_approvals_and_rollouts(Scenario::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn graph_follows_changes_postgres() {
+    graph_verdicts_follow_approvals_and_rollouts(Scenario::postgres().await).await;
+}
+
 // === pages ===
 
 /// Pending proposals for the ranking: what each should score.

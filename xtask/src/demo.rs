@@ -59,13 +59,16 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         scenario::step("done");
         println!(
             "[demo] first landing → approvable proposal: {:.1} s; monitor: xwing {:?} ({} audit event(s)); \
-             enforce: tiefighter {:?}, xwing {:?} ({} denied event(s))",
+             enforce: tiefighter {:?}, xwing {:?} ({} denied event(s)); L7: PUT /v1/exhaust-port {:?} in monitor, \
+             {:?} in enforce",
             report.first_connection_to_proposal.as_secs_f64(),
             report.monitor_xwing,
             report.audit_events,
             report.enforce_tiefighter,
             report.enforce_xwing,
-            report.denied_events
+            report.denied_events,
+            report.monitor_exhaust,
+            report.enforce_exhaust
         );
     }
     Ok(())

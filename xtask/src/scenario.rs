@@ -150,6 +150,12 @@ pub struct Report {
     pub enforce_xwing: String,
     /// Audit verdicts reported for xwing → deathstar while in monitor mode.
     pub audit_events: usize,
+    /// L7: what the tie fighter's `PUT /v1/exhaust-port` got in monitor and in
+    /// enforce mode, and the HTTP verdicts reported for it.
+    pub monitor_exhaust: String,
+    pub enforce_exhaust: String,
+    pub http_audit_events: usize,
+    pub http_denied_events: usize,
     /// Denied verdicts reported for xwing → deathstar while in enforce mode.
     pub denied_events: usize,
     /// Whether the run stopped after learning.
@@ -304,6 +310,13 @@ impl Scenario {
         say(format!("xwing: {}", report.monitor_xwing));
         expect_landed("xwing in monitor mode (nothing is dropped)", &report.monitor_xwing)?;
         report.audit_events = self.wait_verdicts(deathstar, "audit", "xwing's landing reported as audit")?;
+        // L7: the tie fighter may land, not fire at the exhaust port.
+        report.monitor_exhaust = self.ship("tiefighter", "PUT", "/v1/exhaust-port", None)?;
+        say(format!("tiefighter PUT /v1/exhaust-port: {}", report.monitor_exhaust));
+        if !report.monitor_exhaust.starts_with("HTTP 503") {
+            bail!("monitor mode must let the request through: {}", report.monitor_exhaust);
+        }
+        report.http_audit_events = self.wait_http_verdicts(deathstar, "audit")?;
         print!("{}", self.cli(&["verdicts", "--identity", &deathstar.to_string(), "--verdict", "audit"])?);
 
         step("enforce: would-deny traffic is now dropped (`bulkhead rollout set --mode enforce`)");
@@ -331,6 +344,14 @@ impl Scenario {
             bail!("xwing reached the deathstar in enforce mode: {}", report.enforce_xwing);
         }
         report.denied_events = self.wait_verdicts(deathstar, "denied", "xwing's attempt reported as denied")?;
+        report.enforce_exhaust = self.ship("tiefighter", "PUT", "/v1/exhaust-port", Some(DROPPED_TIMEOUT_SECS))?;
+        say(format!("tiefighter PUT /v1/exhaust-port: {}", report.enforce_exhaust));
+        if !report.enforce_exhaust.starts_with("request failed") {
+            bail!("the exhaust port was hit in enforce mode: {}", report.enforce_exhaust);
+        }
+        let landed = self.ship("tiefighter", "POST", "/v1/request-landing", None)?;
+        expect_landed("tiefighter after its PUT was dropped", &landed)?;
+        report.http_denied_events = self.wait_http_verdicts(deathstar, "denied")?;
         print!("{}", self.cli(&["verdicts", "--identity", &deathstar.to_string(), "--verdict", "denied"])?);
 
         step("the audit log (`bulkhead audit`)");
@@ -554,6 +575,19 @@ impl Scenario {
         if !text.contains("tiefighter") || text.contains("xwing") || text.contains("alliance") {
             bail!("deathstar's proposal should admit the tie fighter only; its ingress rules are:\n{text}");
         }
+        // L7: port 80 is narrowed to the one request the tie fighter made.
+        let landing = ingress.iter().any(|r| {
+            r["ports"].as_array().is_some_and(|p| p.iter().any(|p| p["first"] == 80))
+                && r["http"].as_array().is_some_and(|h| {
+                    h.len() == 1
+                        && h[0]["method"] == "POST"
+                        && h[0]["path"]["match"] == "exact"
+                        && h[0]["path"]["value"] == "/v1/request-landing"
+                })
+        });
+        if !landing {
+            bail!("deathstar's port 80 should be narrowed to POST /v1/request-landing; its ingress rules are:\n{text}");
+        }
         Ok(())
     }
 
@@ -596,6 +630,27 @@ impl Scenario {
             seen = v.as_array().into_iter().flatten().filter(|e| e["peer"].as_i64() == Some(xwing)).count();
             seen > 0
         })?;
+        Ok(seen)
+    }
+
+    /// Waits for the tie fighter's HTTP verdicts of `verdict` against deathstar: an
+    /// event naming an allow rule is a request that rule's HTTP rules did not match.
+    fn wait_http_verdicts(&mut self, deathstar: i64, verdict: &str) -> Result<usize> {
+        let tiefighter = self.identity_of("tiefighter")?;
+        let mut seen = 0;
+        self.wait_for(Duration::from_secs(30), &format!("the PUT reported as {verdict} (HTTP)"), |sc| {
+            let Ok(v) = sc.cli_json(&["verdicts", "--identity", &deathstar.to_string(), "--verdict", verdict]) else {
+                return false;
+            };
+            seen = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["peer"].as_i64() == Some(tiefighter) && !e["rule"].is_null())
+                .count();
+            seen > 0
+        })?;
+        print!("{}", self.cli(&["verdicts", "--identity", &deathstar.to_string(), "--verdict", verdict])?);
         Ok(seen)
     }
 

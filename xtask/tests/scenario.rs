@@ -44,6 +44,11 @@ fn reference_scenario_learn_propose_approve_monitor_enforce() {
     assert_eq!(report.enforce_tiefighter, "Ship landed", "the allowed ship still lands when enforcing");
     assert!(report.enforce_xwing.starts_with("request failed"), "xwing is dropped: {}", report.enforce_xwing);
     assert!(report.denied_events >= 1, "xwing's attempt is reported as denied");
+    // L7: the tie fighter's PUT passes (and is audited) in monitor, is dropped in enforce.
+    assert!(report.monitor_exhaust.starts_with("HTTP 503"), "{}", report.monitor_exhaust);
+    assert!(report.http_audit_events >= 1);
+    assert!(report.enforce_exhaust.starts_with("request failed"), "{}", report.enforce_exhaust);
+    assert!(report.http_denied_events >= 1);
     println!("first connection → approvable proposal: {:?}", report.first_connection_to_proposal);
     let _ = std::fs::remove_dir_all(&opts.dir);
 }

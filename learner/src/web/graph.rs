@@ -43,7 +43,9 @@ use crate::policy::graph_view::{
     grouped_size, identity_name, namespace_key, top_edges, truncate,
 };
 use crate::policy::inputs::SERVICE_ACCOUNT_KEY;
-use crate::store::{EdgeVerdictRow, EndpointRow, GraphEdgeQuery, IdentityRow, MAX_PROPOSAL_PAGE, ProposalQuery};
+use crate::store::{
+    EdgeVerdictRow, EndpointRow, GraphEdgeQuery, IdentityRow, MAX_PROPOSAL_PAGE, ProposalQuery, StoreError,
+};
 
 /// Verdict-event tuples read per answer (most denies first).
 const MAX_EVENT_ROWS: u32 = 100_000;
@@ -95,9 +97,37 @@ struct Context {
 impl Context {
     async fn load(state: &AppState) -> Result<Context, ApiError> {
         let store = &state.store;
+        // Newest first: the first version seen per target is its latest.
+        let proposals = async {
+            let mut latest = HashMap::new();
+            let mut proposal_names: HashMap<Identity, String> = HashMap::new();
+            let mut before_id = None;
+            for _ in 0..MAX_PROPOSAL_PAGES {
+                let q = ProposalQuery { limit: MAX_PROPOSAL_PAGE, before_id, ..Default::default() };
+                let page = store.proposals(&q).await?;
+                for s in &page {
+                    latest.entry(s.target).or_insert(PolicyRef {
+                        proposal_id: s.id,
+                        version: s.version,
+                        status: s.status,
+                    });
+                    proposal_names.entry(s.target).or_insert_with(|| s.workload.clone());
+                }
+                if page.len() < MAX_PROPOSAL_PAGE as usize {
+                    break;
+                }
+                before_id = page.last().map(|s| s.id);
+            }
+            Ok::<_, StoreError>((latest, proposal_names))
+        };
         // Independent reads, at once (the store's readers are a pool).
-        let (identities, endpoints, modes, active_rows) =
-            tokio::try_join!(store.identities(), store.endpoints(), store.rollout_modes(), store.active_policies(),)?;
+        let (identities, endpoints, modes, active_rows, (latest, proposal_names)) = tokio::try_join!(
+            store.identities(),
+            store.endpoints(),
+            store.rollout_modes(),
+            store.active_policies(),
+            proposals
+        )?;
         let modes = modes.into_iter().map(|r| (r.target, r.mode)).collect();
         let mut active: BTreeMap<Identity, (PolicyRef, Policy)> = BTreeMap::new();
         for a in active_rows {
@@ -108,22 +138,6 @@ impl Context {
                     active.insert(a.target, (r, a.policy));
                 }
             }
-        }
-        // Newest first: the first version seen per target is its latest.
-        let mut latest = HashMap::new();
-        let mut proposal_names: HashMap<Identity, String> = HashMap::new();
-        let mut before_id = None;
-        for _ in 0..MAX_PROPOSAL_PAGES {
-            let q = ProposalQuery { limit: MAX_PROPOSAL_PAGE, before_id, ..Default::default() };
-            let page = store.proposals(&q).await?;
-            for s in &page {
-                latest.entry(s.target).or_insert(PolicyRef { proposal_id: s.id, version: s.version, status: s.status });
-                proposal_names.entry(s.target).or_insert_with(|| s.workload.clone());
-            }
-            if page.len() < MAX_PROPOSAL_PAGE as usize {
-                break;
-            }
-            before_id = page.last().map(|s| s.id);
         }
         let mut given: HashMap<Identity, &str> = HashMap::new();
         for e in &endpoints {

@@ -498,7 +498,9 @@ pub struct VerdictEvent {
     pub protocol: Protocol,
     pub direction: Direction,
     pub verdict: crate::Verdict,
-    /// The allowing rule; `None` = default deny of the covered direction.
+    /// The deciding rule; `None` = default deny of the covered direction. On an
+    /// audit or denied event it is an L7 rule that allowed the connection but none of
+    /// whose HTTP rules matched a request on it (allow rules never deny otherwise).
     pub rule_id: Option<u32>,
     /// Further events of the same kind the kernel's rate limit folded into this one.
     pub suppressed: u64,

@@ -596,13 +596,26 @@ pub async fn verdicts(
     }
     let rows = table_rows(&raw, |e| {
         let s = |k: &str| e[k].as_str().map(printable).unwrap_or_else(|| e[k].to_string());
+        let s_of = |v: &serde_json::Value| v.as_str().map(printable).unwrap_or_else(|| v.to_string());
         vec![
             s("node_id"),
             s("verdict"),
             format!("{} ({})", e["local"], s("direction")),
             e["peer"].to_string(),
             format!("{} -> {}:{}/{}", s("src_addr"), s("dst_addr"), e["dst_port"], s("protocol")),
-            if e["rule"].is_null() { "default deny".into() } else { e["rule"].to_string() },
+            // An allow rule on a would-deny event is an L7 rule whose HTTP rules the
+            // request did not match (NodePolicy's VerdictEvent).
+            if e["rule"].is_null() {
+                "default deny".into()
+            } else {
+                let r = &e["rule"];
+                format!(
+                    "HTTP request not in proposal {} {} rule {}",
+                    r["proposal_id"],
+                    s_of(&r["direction"]),
+                    r["rule_index"]
+                )
+            },
             e["at_unix_ms"].as_i64().map(ago).unwrap_or_default(),
         ]
     });

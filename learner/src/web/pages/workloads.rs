@@ -390,7 +390,7 @@ pub async fn detail(caller: Viewer, State(state): State<AppState>, Path(id): Pat
                         || "default deny".to_owned(),
                         |rule| {
                             format!(
-                                "proposal {} {} rule {}",
+                                "HTTP request not allowed by proposal {} {} rule {}",
                                 rule.proposal_id,
                                 rule.direction.as_str(),
                                 rule.rule_index
