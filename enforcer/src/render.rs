@@ -959,10 +959,8 @@ mod tests {
         assert!(s.policy.values().filter(|v| v.rule_id != 1).all(|v| v.http_set == 0));
         let exact = abi::http_key(7, 1, b"POST", abi::HttpKeyPath::Exact(b"/v1/request-landing")).expect("key");
         let prefix = abi::http_key(7, 1, b"", abi::HttpKeyPath::Prefix(b"/status/")).expect("key");
-        let want: BTreeSet<HttpEntry> = [exact, prefix]
-            .into_iter()
-            .map(|(prefixlen, data)| HttpEntry { prefixlen, data })
-            .collect();
+        let want: BTreeSet<HttpEntry> =
+            [exact, prefix].into_iter().map(|(prefixlen, data)| HttpEntry { prefixlen, data }).collect();
         assert_eq!(s.http, want);
         assert!(s.http.iter().all(|e| e.generation() == 7));
         // The exact path's terminator is part of the prefix, the prefix's is not.
@@ -981,10 +979,11 @@ mod tests {
         let from = render(&with_http(sample(), vec![landing.clone()]), 1).expect("from");
         let to = render(&with_http(sample(), vec![HttpRule::exact("PUT", "/v1/exhaust-port")]), 2).expect("to");
         let ops = diff(&from, &to);
-        let pos = |f: &dyn Fn(&MapOp) -> bool| ops.iter().position(|o| f(o)).expect("op present");
+        let pos = |f: &dyn Fn(&MapOp) -> bool| ops.iter().position(f).expect("op present");
         let write = pos(&|o| matches!(o, MapOp::WriteHttp { entries } if entries.iter().all(|e| e.generation() == 2)));
         let activate = pos(&|o| matches!(o, MapOp::Activate { generation: 2 }));
-        let delete = pos(&|o| matches!(o, MapOp::DeleteHttp { entries } if entries.iter().all(|e| e.generation() == 1)));
+        let delete =
+            pos(&|o| matches!(o, MapOp::DeleteHttp { entries } if entries.iter().all(|e| e.generation() == 1)));
         assert!(write < activate && activate < delete, "{ops:?}");
 
         // Patching in place (same generation): new entries before the rules, stale after.
