@@ -291,50 +291,24 @@ impl Scenario {
         );
 
         step("monitor: deathstar's policy is installed in audit mode (`bulkhead rollout set --mode monitor`)");
-        let before = self.enforcer_versions()?.0;
-        print!(
-            "{}",
-            self.cli(&[
-                "rollout",
-                "set",
-                "--target",
-                &deathstar.to_string(),
-                "--mode",
-                "monitor",
-                "--reason",
-                "scenario"
-            ])?
-        );
-        self.wait_applied(before, "monitor")?;
+        self.rollout(deathstar, "monitor", "scenario")?;
         report.monitor_xwing = self.ship("xwing", "POST", "/v1/request-landing", None)?;
         say(format!("xwing: {}", report.monitor_xwing));
         expect_landed("xwing in monitor mode (nothing is dropped)", &report.monitor_xwing)?;
-        report.audit_events = self.wait_verdicts(deathstar, "audit", "xwing's landing reported as audit")?;
+        report.audit_events =
+            self.wait_verdicts(deathstar, "xwing", "audit", false, "xwing's landing reported as audit")?;
         // L7: the tie fighter may land, not fire at the exhaust port.
         report.monitor_exhaust = self.ship("tiefighter", "PUT", "/v1/exhaust-port", None)?;
         say(format!("tiefighter PUT /v1/exhaust-port: {}", report.monitor_exhaust));
         if !report.monitor_exhaust.starts_with("HTTP 503") {
             bail!("monitor mode must let the request through: {}", report.monitor_exhaust);
         }
-        report.http_audit_events = self.wait_http_verdicts(deathstar, "audit")?;
+        report.http_audit_events =
+            self.wait_verdicts(deathstar, "tiefighter", "audit", true, "the PUT reported as audit")?;
         print!("{}", self.cli(&["verdicts", "--identity", &deathstar.to_string(), "--verdict", "audit"])?);
 
         step("enforce: would-deny traffic is now dropped (`bulkhead rollout set --mode enforce`)");
-        let before = self.enforcer_versions()?.0;
-        print!(
-            "{}",
-            self.cli(&[
-                "rollout",
-                "set",
-                "--target",
-                &deathstar.to_string(),
-                "--mode",
-                "enforce",
-                "--reason",
-                "scenario: monitor showed only xwing"
-            ])?
-        );
-        self.wait_applied(before, "enforce")?;
+        self.rollout(deathstar, "enforce", "scenario: monitor showed only xwing")?;
         report.enforce_tiefighter = self.ship("tiefighter", "POST", "/v1/request-landing", None)?;
         say(format!("tiefighter: {}", report.enforce_tiefighter));
         expect_landed("tiefighter in enforce mode", &report.enforce_tiefighter)?;
@@ -343,7 +317,8 @@ impl Scenario {
         if !report.enforce_xwing.starts_with("request failed") {
             bail!("xwing reached the deathstar in enforce mode: {}", report.enforce_xwing);
         }
-        report.denied_events = self.wait_verdicts(deathstar, "denied", "xwing's attempt reported as denied")?;
+        report.denied_events =
+            self.wait_verdicts(deathstar, "xwing", "denied", false, "xwing's attempt reported as denied")?;
         report.enforce_exhaust = self.ship("tiefighter", "PUT", "/v1/exhaust-port", Some(DROPPED_TIMEOUT_SECS))?;
         say(format!("tiefighter PUT /v1/exhaust-port: {}", report.enforce_exhaust));
         if !report.enforce_exhaust.starts_with("request failed") {
@@ -351,7 +326,8 @@ impl Scenario {
         }
         let landed = self.ship("tiefighter", "POST", "/v1/request-landing", None)?;
         expect_landed("tiefighter after its PUT was dropped", &landed)?;
-        report.http_denied_events = self.wait_http_verdicts(deathstar, "denied")?;
+        report.http_denied_events =
+            self.wait_verdicts(deathstar, "tiefighter", "denied", true, "the PUT reported as denied")?;
         print!("{}", self.cli(&["verdicts", "--identity", &deathstar.to_string(), "--verdict", "denied"])?);
 
         step("the audit log (`bulkhead audit`)");
@@ -591,6 +567,14 @@ impl Scenario {
         Ok(())
     }
 
+    /// `bulkhead rollout set` for deathstar, then waits until its enforcer applied it.
+    fn rollout(&mut self, deathstar: i64, mode: &str, reason: &str) -> Result<()> {
+        let before = self.enforcer_versions()?.0;
+        let target = deathstar.to_string();
+        print!("{}", self.cli(&["rollout", "set", "--target", &target, "--mode", mode, "--reason", reason])?);
+        self.wait_applied(before, mode)
+    }
+
     /// The policy version the learner wants on the scenario's node and the one its
     /// enforcer acked.
     fn enforcer_versions(&self) -> Result<(Option<u64>, Option<u64>)> {
@@ -619,38 +603,20 @@ impl Scenario {
         Ok(())
     }
 
-    /// Waits for xwing's verdict events of `verdict` against deathstar; their count.
-    fn wait_verdicts(&mut self, deathstar: i64, verdict: &str, what: &str) -> Result<usize> {
-        let xwing = self.identity_of("xwing")?;
+    /// Waits for verdict events of `verdict` against deathstar from the workload of
+    /// class `peer` — L4 ones (default deny) or, with `http`, ones naming the allow
+    /// rule whose HTTP rules a request did not match; their count.
+    fn wait_verdicts(&mut self, deathstar: i64, peer: &str, verdict: &str, http: bool, what: &str) -> Result<usize> {
+        let peer = self.identity_of(peer)?;
         let mut seen = 0;
         self.wait_for(Duration::from_secs(30), what, |sc| {
             let Ok(v) = sc.cli_json(&["verdicts", "--identity", &deathstar.to_string(), "--verdict", verdict]) else {
                 return false;
             };
-            seen = v.as_array().into_iter().flatten().filter(|e| e["peer"].as_i64() == Some(xwing)).count();
+            let matching = |e: &&Value| e["peer"].as_i64() == Some(peer) && e["rule"].is_null() != http;
+            seen = v.as_array().into_iter().flatten().filter(matching).count();
             seen > 0
         })?;
-        Ok(seen)
-    }
-
-    /// Waits for the tie fighter's HTTP verdicts of `verdict` against deathstar: an
-    /// event naming an allow rule is a request that rule's HTTP rules did not match.
-    fn wait_http_verdicts(&mut self, deathstar: i64, verdict: &str) -> Result<usize> {
-        let tiefighter = self.identity_of("tiefighter")?;
-        let mut seen = 0;
-        self.wait_for(Duration::from_secs(30), &format!("the PUT reported as {verdict} (HTTP)"), |sc| {
-            let Ok(v) = sc.cli_json(&["verdicts", "--identity", &deathstar.to_string(), "--verdict", verdict]) else {
-                return false;
-            };
-            seen = v
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|e| e["peer"].as_i64() == Some(tiefighter) && !e["rule"].is_null())
-                .count();
-            seen > 0
-        })?;
-        print!("{}", self.cli(&["verdicts", "--identity", &deathstar.to_string(), "--verdict", verdict])?);
         Ok(seen)
     }
 
