@@ -878,6 +878,10 @@ fn unjudged(seen: bool) -> HttpVerdict {
 /// than 129 bytes) never matches an exact path: its key is padded with 0xff, which
 /// no rule byte equals, while its prefix can still match a prefix rule.
 #[inline(always)]
+#[expect(
+    clippy::needless_range_loop,
+    reason = "index loops over constants: the verifier walks each iteration with a known offset into the map value"
+)]
 fn http_check<P: PacketSource>(ctx: &P, pkt: &Packet, generation: u32, set: u16, seen: bool) -> HttpVerdict {
     // Data offset and IP total length: where the payload starts and how long it is.
     // Two bytes, not one: see `parse` on one-byte bounds checks.
