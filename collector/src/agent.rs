@@ -272,6 +272,8 @@ impl BatchCutter {
                     endpoints: eps.iter().flatten().map(v1::EndpointFact::from).collect(),
                     dns_answers: dns_answers.take().unwrap_or_default().iter().map(v1::DnsAnswer::from).collect(),
                     loss: Some(loss),
+                    // Stamped by the shipper on each send.
+                    sent_unix_ms: 0,
                 }
             })
             .collect()

@@ -128,7 +128,12 @@ async fn stream_once(
             }
             out
         };
-        for (entry, batch) in to_send {
+        for (entry, mut batch) in to_send {
+            // The learner measures this node's clock skew from it (and corrects the
+            // flows' times); a resent batch carries the time of this send.
+            batch.sent_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
             tx.send(v1::IngestRequest { msg: Some(ingest_request::Msg::Batch(batch)) })
                 .await
                 .map_err(|_| StreamError::Closed)?;

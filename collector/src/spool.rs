@@ -110,7 +110,32 @@ impl Spool {
             f.sync_data()?;
             fs::rename(&tmp, &path)
         };
-        write().map_err(|source| SpoolError::Write { path: path.clone(), source })?;
+        // A full file system (the spool shares it, or its limit is set above what the
+        // disk has) is treated like a full spool: the oldest batches make room for the
+        // newest, and each one thrown away is counted. Only when nothing is left to
+        // evict is the batch itself lost (the caller counts it).
+        loop {
+            match write() {
+                Ok(()) => break,
+                Err(source) => {
+                    let _ = fs::remove_file(&tmp);
+                    let oldest = self.entries.first().cloned();
+                    let Some(old) = oldest.filter(|_| disk_full(&source)) else {
+                        return Err(SpoolError::Write { path: path.clone(), source });
+                    };
+                    self.remove(&old)?;
+                    evicted.batches += 1;
+                    evicted.flows += old.flows;
+                    tracing::warn!(
+                        dir = %self.dir.display(),
+                        error = %source,
+                        seq = old.seq,
+                        flows = old.flows,
+                        "Spool disk full: evicted the oldest batch to make room."
+                    );
+                }
+            }
+        }
         let entry = SpoolEntry {
             name,
             boot_id: batch.boot_id.clone(),
@@ -158,6 +183,11 @@ impl Spool {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// No space (or quota) left where the spool lives.
+fn disk_full(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
 }
 
 /// Boot ids are UUIDs we make ourselves, but the file name must never escape the dir.
@@ -231,6 +261,45 @@ mod tests {
         let s = Spool::open(dir.path(), 1 << 20).expect("open");
         assert!(s.entries().is_empty());
         assert_eq!(fs::read_dir(dir.path()).expect("dir").count(), 0);
+    }
+
+    /// A real ENOSPC (a 64 KiB tmpfs, far below the spool's own limit): the oldest
+    /// batches make room for the newest, every eviction is counted, no partial file is
+    /// left, and what is indexed is what a reopen finds.
+    #[test]
+    fn a_full_disk_evicts_the_oldest_batches_and_counts_them() {
+        let fs = bulkhead_testkit::tmpfs::Tmpfs::mount(64 << 10);
+        let mut s = Spool::open(fs.path(), 1 << 30).expect("open");
+        let mut evicted = Evicted::default();
+        const PUSHED: u64 = 60;
+        for seq in 1..=PUSHED {
+            let (_, e) = s.push(&batch(seq, 10, "b")).expect("a full disk still takes the newest batch");
+            evicted.batches += e.batches;
+            evicted.flows += e.flows;
+        }
+        assert!(evicted.batches > 0, "64 KiB cannot hold {PUSHED} files: something was evicted");
+        assert_eq!(evicted.flows, evicted.batches * 10);
+        let seqs: Vec<u64> = s.entries().iter().map(|e| e.seq).collect();
+        let expected: Vec<u64> = (evicted.batches + 1..=PUSHED).collect();
+        assert_eq!(seqs, expected, "the newest batches stay, in order");
+        let names: Vec<String> = fs::read_dir(fs.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "no partial writes left: {names:?}");
+        let reopened = Spool::open(fs.path(), 1 << 30).expect("reopen");
+        assert_eq!(reopened.entries(), s.entries());
+    }
+
+    #[test]
+    fn a_write_error_other_than_a_full_disk_evicts_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Spool::open(dir.path(), 1 << 20).expect("open");
+        s.push(&batch(1, 2, "b")).expect("push");
+        // The spool directory vanished (an operator cleaned up): an error, nothing evicted.
+        fs::remove_dir_all(dir.path()).expect("remove");
+        assert!(matches!(s.push(&batch(2, 2, "b")), Err(SpoolError::Write { .. })));
+        assert_eq!(s.entries().len(), 1);
     }
 
     #[test]

@@ -288,7 +288,11 @@ async fn send_reports(
     reports: Vec<VerdictReport>,
 ) -> anyhow::Result<()> {
     let mut queue: std::collections::VecDeque<VerdictReport> = reports.into_iter().flat_map(split_report).collect();
-    while let Some(r) = queue.pop_front() {
+    while let Some(mut r) = queue.pop_front() {
+        // The learner measures this node's clock skew from it (and corrects the times).
+        r.sent_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let msg: v1::EnforcerMessage = (&EnforcerMessage::Report(r.clone())).into();
         if tx.send(msg).await.is_err() {
             queue.push_front(r);

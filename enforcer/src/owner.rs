@@ -461,6 +461,8 @@ impl MapOwner {
                 events: self.events.remove(&v).unwrap_or_default(),
                 rule_counters: self.counters.remove(&v).unwrap_or_default(),
                 loss,
+                // Stamped when it is actually sent (`agent`).
+                sent_unix_ms: 0,
             })
             .collect();
         self.pending_events = 0;

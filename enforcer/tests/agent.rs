@@ -1049,6 +1049,7 @@ async fn report_as_collector(url: &str, w: &World) {
         endpoints: Some(endpoints),
         dns_answers: Vec::new(),
         loss: LossCounters::default(),
+        sent_unix_ms: now,
     };
     let mut client = FlowIngestClient::connect(url.to_owned()).await.expect("connect");
     let (tx, rx) = tokio::sync::mpsc::channel(4);

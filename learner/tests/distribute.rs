@@ -374,6 +374,7 @@ async fn hello_acks_and_reports_are_recorded_in_the_store() {
         events: vec![event],
         rule_counters: vec![bulkhead_model::node_policy::RuleCounter { rule_id, hits: 7, last_hit_unix_ms: 6_100 }],
         loss: Default::default(),
+        sent_unix_ms: 0,
     });
     tx.send((&report).into()).await.expect("report");
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bulkhead_learner::grpc::ingest::Enrollment;
 use bulkhead_learner::server::{self, Running, ServerConfig};
-use bulkhead_learner::store::EdgeQuery;
+use bulkhead_learner::store::{EdgeQuery, FlowQuery};
 use bulkhead_proto::v1::{self, flow_ingest_client::FlowIngestClient, ingest_request, ingest_response};
 use bytes::{Buf, BufMut};
 use prost::Message;
@@ -171,6 +171,70 @@ async fn stores_once_and_dedupes_on_sqlite() {
 async fn stores_once_and_dedupes_on_postgres() {
     let db = bulkhead_testkit::postgres::fresh_database().await;
     stores_once_and_dedupes(db.url().to_owned()).await;
+}
+
+fn now_ms() -> i64 {
+    bulkhead_learner::grpc::ingest::unix_ms()
+}
+
+/// A node whose clock is an hour behind (then one two minutes ahead): its flows land at
+/// the learner's time, not an hour in the past, and the node's skew is on record.
+async fn skewed_clocks_are_measured_and_corrected(db_url: String) {
+    const HOUR: i64 = 3_600_000;
+    let (r, _dir) = learner(db_url, Enrollment::Open, 4 << 20).await;
+    let mut agent = Agent::connect(&r, NODE).await.expect("stream");
+    let node_now = now_ms() - HOUR;
+    let skewed = v1::Flow { first_seen_unix_ms: node_now - 500, last_seen_unix_ms: node_now, ..flow(1) };
+    let b = v1::FlowBatch { sent_unix_ms: node_now, ..batch(1, vec![skewed]) };
+    assert_eq!(status(&agent.send(b).await.expect("ack")), v1::AckStatus::Stored);
+
+    let flows = r.store.flows(&FlowQuery { limit: 100, ..Default::default() }).await.expect("flows");
+    let stored = &flows.first().expect("one flow").flow;
+    let learner_now = now_ms();
+    assert!(
+        (learner_now - stored.last_seen_unix_ms).abs() < 10_000,
+        "last_seen {} is on the learner's clock ({learner_now})",
+        stored.last_seen_unix_ms
+    );
+    assert_eq!(stored.last_seen_unix_ms - stored.first_seen_unix_ms, 500, "durations are kept");
+    let agents = r.store.agents().await.expect("agents");
+    let skew = agents.iter().find(|a| a.node_id == NODE).and_then(|a| a.clock_skew_ms).expect("skew recorded");
+    assert!((HOUR..HOUR + 10_000).contains(&skew), "skew {skew}");
+
+    // A clock within the tolerance is taken as it is (a new stream measures anew).
+    drop(agent);
+    let mut agent = Agent::connect(&r, NODE).await.expect("stream");
+    let exact = v1::Flow { first_seen_unix_ms: 1_000, last_seen_unix_ms: 2_000, ..flow(1) };
+    let b = v1::FlowBatch { sent_unix_ms: now_ms(), ..batch(2, vec![exact]) };
+    assert_eq!(status(&agent.send(b).await.expect("ack")), v1::AckStatus::Stored);
+    let flows = r.store.flows(&FlowQuery { limit: 100, ..Default::default() }).await.expect("flows");
+    assert!(flows.iter().any(|f| f.flow.last_seen_unix_ms == 2_000), "untouched times: {flows:?}");
+    let agents = r.store.agents().await.expect("agents");
+    let skew = agents.iter().find(|a| a.node_id == NODE).and_then(|a| a.clock_skew_ms).expect("skew recorded");
+    assert!(skew.abs() < 10_000, "re-measured skew {skew}");
+
+    // Ahead by two minutes: corrected backwards.
+    drop(agent);
+    let mut agent = Agent::connect(&r, NODE).await.expect("stream");
+    let node_now = now_ms() + 120_000;
+    let ahead = v1::Flow { first_seen_unix_ms: node_now, last_seen_unix_ms: node_now, dst_port: 8443, ..flow(1) };
+    let b = v1::FlowBatch { sent_unix_ms: node_now, ..batch(3, vec![ahead]) };
+    assert_eq!(status(&agent.send(b).await.expect("ack")), v1::AckStatus::Stored);
+    let flows = r.store.flows(&FlowQuery { limit: 100, ..Default::default() }).await.expect("flows");
+    let f = flows.iter().find(|f| f.flow.dst_port == 8443).expect("the third flow");
+    assert!(f.flow.last_seen_unix_ms <= now_ms(), "not in the future: {}", f.flow.last_seen_unix_ms);
+}
+
+#[tokio::test]
+async fn skewed_clocks_are_measured_and_corrected_on_sqlite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    skewed_clocks_are_measured_and_corrected(sqlite_url(&dir)).await;
+}
+
+#[tokio::test]
+async fn skewed_clocks_are_measured_and_corrected_on_postgres() {
+    let db = bulkhead_testkit::postgres::fresh_database().await;
+    skewed_clocks_are_measured_and_corrected(db.url().to_owned()).await;
 }
 
 #[tokio::test]

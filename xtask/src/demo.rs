@@ -54,6 +54,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         landings: args.landings,
         pause_after_learning: args.stop_after_learning,
         keep: args.keep,
+        overrides: Default::default(),
     })?;
     if !report.paused {
         scenario::step("done");

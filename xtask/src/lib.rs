@@ -15,7 +15,8 @@
 //! - `browser-setup`: only the browser-test part of `setup` (apt packages, Node.js,
 //!   playwright-core), then `export` lines for `cargo test -p bulkhead-learner --test
 //!   browser`: `eval "$(cargo xtask browser-setup)"`.
-//! - `demo`: the whole pipeline on this host (see `demo.rs`).
+//! - `demo`: the whole pipeline on this host (see `demo.rs`); `faults.rs` runs the same
+//!   pipeline with one fault injected, for the fault tests.
 //!
 //! Everything is plain `std::process::Command`: each step prints what it runs.
 
@@ -23,6 +24,7 @@
 
 pub mod browser;
 pub mod demo;
+pub mod faults;
 pub mod kube;
 pub mod postgres;
 pub mod scenario;

@@ -41,7 +41,7 @@ pub const WORKLOADS: [(&str, u8, &str); 3] = [
 ];
 
 /// The node name of the scenario's collector and enforcer (and of their certificate).
-const NODE: &str = "scenario-node";
+pub(crate) const NODE: &str = "scenario-node";
 
 /// How long a ship waits for the deathstar when its attempt is expected to be dropped.
 const DROPPED_TIMEOUT_SECS: &str = "2";
@@ -133,6 +133,20 @@ pub struct Options {
     pub pause_after_learning: bool,
     /// After the automatic run, keep everything running until Enter is pressed.
     pub keep: bool,
+    /// What the fault tests change about the pipeline (`faults.rs`); default: nothing.
+    pub overrides: Overrides,
+}
+
+/// Departures from the default pipeline, for the fault tests.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// The learner's database instead of the run's SQLite file (e.g. a PostgreSQL one).
+    pub db_url: Option<String>,
+    /// The collector's spool directory (e.g. on a small tmpfs) instead of `<dir>/spool`.
+    pub spool_dir: Option<PathBuf>,
+    /// Extra environment of the collector and the enforcer (e.g. libfaketime's, to put
+    /// the node's clock off).
+    pub agent_env: Vec<(String, String)>,
 }
 
 /// What one run measured and saw.
@@ -174,9 +188,12 @@ pub fn run(opts: &Options) -> Result<Report> {
 }
 
 /// One running scenario: its processes and kernel objects, removed on drop.
-struct Scenario {
+pub(crate) struct Scenario {
     names: Names,
     children: Vec<(String, Child)>,
+    /// How each process was started, so a fault test can start it again.
+    recipes: Vec<(String, Recipe)>,
+    overrides: Overrides,
     dir: PathBuf,
     bins: PathBuf,
     ports: Ports,
@@ -184,6 +201,30 @@ struct Scenario {
     admin_password: String,
     /// The enforcer's own (empty) cgroup.
     cgroup: PathBuf,
+}
+
+/// A process's command line and environment additions.
+#[derive(Debug, Clone)]
+struct Recipe {
+    program: std::ffi::OsString,
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+}
+
+impl Recipe {
+    fn of(cmd: &Command) -> Recipe {
+        Recipe {
+            program: cmd.get_program().to_owned(),
+            args: cmd.get_args().map(ToOwned::to_owned).collect(),
+            env: cmd.get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))).collect(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.program);
+        c.args(&self.args).envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
 }
 
 impl Drop for Scenario {
@@ -214,7 +255,7 @@ fn say(what: impl std::fmt::Display) {
 }
 
 impl Scenario {
-    fn start(opts: &Options) -> Result<Scenario> {
+    pub(crate) fn start(opts: &Options) -> Result<Scenario> {
         for bin in ["bulkhead-learner", "bulkhead-collector", "bulkhead-enforcer", "bulkhead"] {
             let path = opts.bins.join(bin);
             if !path.is_file() {
@@ -237,6 +278,8 @@ impl Scenario {
         let sc = Scenario {
             names: opts.names.clone(),
             children: Vec::new(),
+            recipes: Vec::new(),
+            overrides: opts.overrides.clone(),
             dir: opts.dir.clone(),
             bins: opts.bins.clone(),
             ports: opts.ports,
@@ -338,6 +381,15 @@ impl Scenario {
         Ok(report)
     }
 
+    pub(crate) fn ports(&self) -> Ports {
+        self.ports
+    }
+
+    /// The log file of a process the scenario started.
+    pub(crate) fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.log"))
+    }
+
     fn bin(&self, name: &str) -> PathBuf {
         self.bins.join(name)
     }
@@ -351,6 +403,8 @@ impl Scenario {
     }
 
     fn spawn(&mut self, name: &str, cmd: &mut Command) -> Result<()> {
+        self.recipes.retain(|(n, _)| n != name);
+        self.recipes.push((name.to_owned(), Recipe::of(cmd)));
         let log = self.log(&format!("{name}.log"))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -362,9 +416,29 @@ impl Scenario {
         Ok(())
     }
 
+    /// `kill -9` of one of the scenario's processes (a crash: no shutdown path runs).
+    pub(crate) fn kill(&mut self, name: &str) -> Result<()> {
+        let pos =
+            self.children.iter().position(|(n, _)| n == name).with_context(|| format!("{name} is not running"))?;
+        let (_, mut child) = self.children.remove(pos);
+        child.kill().with_context(|| format!("killing {name}"))?;
+        child.wait().with_context(|| format!("reaping {name}"))?;
+        say(format!("killed {name} (SIGKILL)"));
+        Ok(())
+    }
+
+    /// Starts a killed process again, exactly as it was started the first time.
+    pub(crate) fn restart(&mut self, name: &str) -> Result<()> {
+        let recipe = self.recipes.iter().find(|(n, _)| n == name).map(|(_, r)| r.clone());
+        let recipe = recipe.with_context(|| format!("{name} was never started"))?;
+        self.spawn(name, &mut recipe.command())?;
+        say(format!("restarted {name}"));
+        Ok(())
+    }
+
     /// Fails when a process the scenario started has exited: a dead agent would
     /// otherwise only show up as a timeout much later.
-    fn check_alive(&mut self) -> Result<()> {
+    pub(crate) fn check_alive(&mut self) -> Result<()> {
         for (name, child) in &mut self.children {
             if let Some(status) = child.try_wait().context("polling a child")? {
                 bail!("{name} exited ({status}); see {}", self.dir.join(format!("{name}.log")).display());
@@ -374,10 +448,13 @@ impl Scenario {
     }
 
     fn db_url(&self) -> String {
-        format!("sqlite://{}", self.dir.join("learner.db").display())
+        match &self.overrides.db_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.dir.join("learner.db").display()),
+        }
     }
 
-    fn start_pipeline(&mut self) -> Result<()> {
+    pub(crate) fn start_pipeline(&mut self) -> Result<()> {
         step("starting the learner (SQLite), the collector and the enforcer (eBPF)");
         let inventory = self.dir.join("inventory.yaml");
         std::fs::write(&inventory, inventory_yaml(&self.names)).context("writing the inventory")?;
@@ -439,9 +516,10 @@ impl Scenario {
             .args(["--learner", &learner_url, "--node-id", NODE])
             .args(["--metrics-listen", &self.ports.collector_metrics.to_string()])
             .arg("--spool-dir")
-            .arg(self.dir.join("spool"))
+            .arg(self.overrides.spool_dir.clone().unwrap_or_else(|| self.dir.join("spool")))
             .args(["--flush-interval", "500ms", "--endpoint-interval", "1s", "--netns", &names.join(",")]);
         agent_tls(&mut collector);
+        collector.envs(self.overrides.agent_env.iter().map(|(k, v)| (k, v)));
         self.spawn("collector", &mut collector)?;
 
         let mut enforcer = Command::new(self.bin("bulkhead-enforcer"));
@@ -454,6 +532,7 @@ impl Scenario {
             .arg(self.dir.join("enforcer-state"))
             .args(["--metrics-listen", &self.ports.enforcer_metrics.to_string(), "--report-interval", "500ms"]);
         agent_tls(&mut enforcer);
+        enforcer.envs(self.overrides.agent_env.iter().map(|(k, v)| (k, v)));
         self.spawn("enforcer", &mut enforcer)?;
 
         self.wait_for(Duration::from_secs(60), "the collector's first endpoint report", |sc| {
@@ -475,7 +554,7 @@ impl Scenario {
         Ok(())
     }
 
-    fn start_deathstar(&mut self) -> Result<()> {
+    pub(crate) fn start_deathstar(&mut self) -> Result<()> {
         step("deathstar opens its HTTP port 80 and UDP log sink 514");
         let server = self.dir.join("deathstar.py");
         std::fs::write(&server, DEATHSTAR_PY).context("writing the deathstar server")?;
@@ -495,7 +574,7 @@ impl Scenario {
 
     /// One HTTP request from a ship to the deathstar (then a UDP log line); its answer
     /// or `request failed: …`.
-    fn ship(&self, workload: &str, method: &str, path: &str, timeout_secs: Option<&str>) -> Result<String> {
+    pub(crate) fn ship(&self, workload: &str, method: &str, path: &str, timeout_secs: Option<&str>) -> Result<String> {
         let out = util::capture(self.netns_cmd(workload, "python3").arg(self.dir.join("ship.py")).args([
             &deathstar_addr(),
             method,
@@ -505,7 +584,7 @@ impl Scenario {
         Ok(out.trim().to_owned())
     }
 
-    fn wait_for_landings(&mut self, landings: u32) -> Result<()> {
+    pub(crate) fn wait_for_landings(&mut self, landings: u32) -> Result<()> {
         step("waiting for the learner to see every landing");
         self.wait_for(Duration::from_secs(60), "the tiefighter → deathstar:80 edge", |sc| {
             sc.cli_json(&["graph"]).ok().and_then(|v| v.as_array().cloned()).is_some_and(|edges| {
@@ -518,7 +597,7 @@ impl Scenario {
         })
     }
 
-    fn identity_of(&self, class: &str) -> Result<i64> {
+    pub(crate) fn identity_of(&self, class: &str) -> Result<i64> {
         let ids = self.cli_json(&["identities"])?;
         ids.as_array()
             .into_iter()
@@ -529,7 +608,7 @@ impl Scenario {
     }
 
     /// Synthesizes and returns the id of deathstar's newest proposal.
-    fn proposal_for(&self, deathstar: i64) -> Result<i64> {
+    pub(crate) fn proposal_for(&self, deathstar: i64) -> Result<i64> {
         print!("{}", self.cli(&["proposals", "synthesize"])?);
         let list = self.cli_json(&["proposals", "list", "--status", "proposed", "--target", &deathstar.to_string()])?;
         list.as_array()
@@ -542,7 +621,7 @@ impl Scenario {
 
     /// The proposal must let the tie fighter land and nothing else in: the story
     /// depends on it, so a synthesis regression fails here, named.
-    fn check_proposal(&self, proposal: i64) -> Result<()> {
+    pub(crate) fn check_proposal(&self, proposal: i64) -> Result<()> {
         let p = self.cli_json(&["proposals", "show", &proposal.to_string()])?;
         let ingress = p["proposal"]["policy"]["ingress"]
             .as_array()
@@ -568,7 +647,7 @@ impl Scenario {
     }
 
     /// `bulkhead rollout set` for deathstar, then waits until its enforcer applied it.
-    fn rollout(&mut self, deathstar: i64, mode: &str, reason: &str) -> Result<()> {
+    pub(crate) fn rollout(&mut self, deathstar: i64, mode: &str, reason: &str) -> Result<()> {
         let before = self.enforcer_versions()?.0;
         let target = deathstar.to_string();
         print!("{}", self.cli(&["rollout", "set", "--target", &target, "--mode", mode, "--reason", reason])?);
@@ -577,7 +656,7 @@ impl Scenario {
 
     /// The policy version the learner wants on the scenario's node and the one its
     /// enforcer acked.
-    fn enforcer_versions(&self) -> Result<(Option<u64>, Option<u64>)> {
+    pub(crate) fn enforcer_versions(&self) -> Result<(Option<u64>, Option<u64>)> {
         let rows = self.cli_json(&["enforcers"])?;
         let row = rows.as_array().into_iter().flatten().find(|r| r["node_id"] == NODE);
         Ok(row.map_or((None, None), |r| (r["desired_version"].as_u64(), r["applied_version"].as_u64())))
@@ -585,7 +664,7 @@ impl Scenario {
 
     /// Waits until the enforcer applied a policy version newer than `before` (the one
     /// wanted before a rollout change) and the learner shows deathstar in `mode`.
-    fn wait_applied(&mut self, before: Option<u64>, mode: &str) -> Result<()> {
+    pub(crate) fn wait_applied(&mut self, before: Option<u64>, mode: &str) -> Result<()> {
         self.wait_for(Duration::from_secs(30), &format!("the enforcer to apply deathstar's {mode} policy"), |sc| {
             sc.enforcer_versions().is_ok_and(|(desired, applied)| desired > before && applied == desired)
         })?;
@@ -606,7 +685,14 @@ impl Scenario {
     /// Waits for verdict events of `verdict` against deathstar from the workload of
     /// class `peer` — L4 ones (default deny) or, with `http`, ones naming the allow
     /// rule whose HTTP rules a request did not match; their count.
-    fn wait_verdicts(&mut self, deathstar: i64, peer: &str, verdict: &str, http: bool, what: &str) -> Result<usize> {
+    pub(crate) fn wait_verdicts(
+        &mut self,
+        deathstar: i64,
+        peer: &str,
+        verdict: &str,
+        http: bool,
+        what: &str,
+    ) -> Result<usize> {
         let peer = self.identity_of(peer)?;
         let mut seen = 0;
         self.wait_for(Duration::from_secs(30), what, |sc| {
@@ -645,7 +731,7 @@ impl Scenario {
         let _ = std::io::stdin().lock().lines().next();
     }
 
-    fn cli(&self, args: &[&str]) -> Result<String> {
+    pub(crate) fn cli(&self, args: &[&str]) -> Result<String> {
         util::capture(
             Command::new(self.bin("bulkhead"))
                 .args(["--server", &format!("http://{}", self.ports.http)])
@@ -655,7 +741,7 @@ impl Scenario {
         )
     }
 
-    fn cli_json(&self, args: &[&str]) -> Result<Value> {
+    pub(crate) fn cli_json(&self, args: &[&str]) -> Result<Value> {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
         let out = self.cli(&all)?;
@@ -669,7 +755,12 @@ impl Scenario {
         c
     }
 
-    fn wait_for(&mut self, timeout: Duration, what: &str, mut ready: impl FnMut(&mut Self) -> bool) -> Result<()> {
+    pub(crate) fn wait_for(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut ready: impl FnMut(&mut Self) -> bool,
+    ) -> Result<()> {
         let start = Instant::now();
         while start.elapsed() < timeout {
             self.check_alive()?;

@@ -32,6 +32,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("nftables", "enforcer benchmark baseline"),
     ("chromium", "the browser tests (driven by playwright-core, see browser.rs)"),
     ("fonts-dejavu-core", "legible text in the browser tests' screenshots"),
+    ("faketime", "the clock-skew fault test (libfaketime puts the agents' clock off)"),
 ];
 
 /// rustup components: the eBPF build needs `rust-src` (`-Z build-std=core`).

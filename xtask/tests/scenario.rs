@@ -33,6 +33,7 @@ fn reference_scenario_learn_propose_approve_monitor_enforce() {
         landings: 3,
         pause_after_learning: false,
         keep: false,
+        overrides: Default::default(),
     };
     let report = scenario::run(&opts).unwrap_or_else(|e| panic!("the reference scenario failed: {e:#}"));
 

@@ -4,18 +4,19 @@
 //!
 //! Recording failures are logged and do not end the stream: the enforcer keeps
 //! enforcing whatever the store's state, and its next Hello/Ack/report brings the
-//! store up to date again. Admission is the exception: a node that is not enrolled
+//! store up to date again. Verdict events and rule hits exist only in their report, so
+//! a failed write keeps them in the stream's [`ReportBacklog`] until the store is back. Admission is the exception: a node that is not enrolled
 //! (closed enrollment) is refused at its Hello, as on the flow stream — policy
 //! names workloads and addresses, which only enrolled nodes may learn.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 
 use bulkhead_model::node_policy::{EnforcerHello, PolicyAck, PolicyAckStatus, VerdictReport};
 use bulkhead_model::{Direction, ProposalStatus};
 
 use super::Distributor;
 use crate::grpc::ingest::{Enrollment, unix_ms};
-use crate::store::{AckOutcome, RuleHits, RuleRef, Store, StoreError, VerdictEventRow};
+use crate::store::{AckOutcome, ClockOf, RuleHits, RuleRef, Store, StoreError, VerdictEventRow};
 
 /// Writes enforcer messages to the store.
 #[derive(Debug, Clone)]
@@ -105,7 +106,16 @@ impl Recorder {
 
     /// Events keep the initiator/responder orientation of flows: egress means the
     /// local workload initiated.
-    pub async fn report(&self, node: &str, r: &VerdictReport) {
+    /// Stores the node's clock skew as measured on its stream.
+    pub async fn clock_skew(&self, node: &str, skew_ms: i64) {
+        if let Err(err) = self.store.record_clock_skew(ClockOf::Enforcer, node, skew_ms).await {
+            tracing::warn!(node = %node, error = %err, "Recording the node's clock skew failed.");
+        }
+    }
+
+    /// Records a report: loss counters now (the newest replace the old), events and
+    /// rule hits through `backlog` (kept while the store refuses them).
+    pub async fn report(&self, node: &str, r: &VerdictReport, backlog: &mut ReportBacklog) {
         let rule_ref = |rule_id: u32| {
             self.distributor.rule_ref(node, r.policy_version, rule_id).map(|x| RuleRef {
                 proposal_id: x.proposal_id,
@@ -136,11 +146,6 @@ impl Recorder {
                 }
             })
             .collect();
-        if !events.is_empty()
-            && let Err(err) = self.store.insert_verdict_events(node, &events, unix_ms()).await
-        {
-            tracing::warn!(node = %node, events = events.len(), error = %err, "Recording verdict events failed.");
-        }
         if let Err(err) = self.store.enforcer_loss(node, &r.loss, unix_ms()).await {
             tracing::warn!(node = %node, error = %err, "Recording enforcer loss counters failed.");
         }
@@ -151,10 +156,92 @@ impl Recorder {
                 Some(RuleHits { rule: rule_ref(c.rule_id)?, hits: c.hits, last_hit_unix_ms: c.last_hit_unix_ms })
             })
             .collect();
-        if !hits.is_empty()
-            && let Err(err) = self.store.add_rule_hits(node, &hits).await
-        {
-            tracing::warn!(node = %node, error = %err, "Recording rule hits failed.");
+        backlog.push(events, hits);
+        self.flush(node, backlog).await;
+    }
+
+    /// Writes what `backlog` holds, oldest first, until the store refuses; the rest
+    /// waits for the next report of the stream.
+    pub async fn flush(&self, node: &str, backlog: &mut ReportBacklog) {
+        while let Some(write) = backlog.writes.front() {
+            let done = match write {
+                Write::Events(events) => self.store.insert_verdict_events(node, events, unix_ms()).await.map(|_| ()),
+                Write::Hits(hits) => self.store.add_rule_hits(node, hits).await,
+            };
+            match done {
+                Ok(()) => {
+                    if let Some(w) = backlog.writes.pop_front() {
+                        backlog.rows -= w.rows();
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        node = %node,
+                        waiting_rows = backlog.rows,
+                        error = %err,
+                        "Recording verdict events or rule hits failed; kept for the next report."
+                    );
+                    return;
+                }
+            }
         }
+    }
+}
+
+/// Verdict events and rule-hit deltas of one enforcer stream that the store has not
+/// taken yet (it was unavailable). Reports are not acked on the wire, so the learner
+/// holds on to them rather than drop them; bounded, and what the bound throws away is
+/// counted and logged as lost. Loss counters need no backlog: each report carries the
+/// node's cumulative values.
+#[derive(Debug, Default)]
+pub struct ReportBacklog {
+    writes: VecDeque<Write>,
+    rows: usize,
+    /// Rows thrown away because the backlog was full.
+    pub dropped_rows: u64,
+}
+
+#[derive(Debug)]
+enum Write {
+    Events(Vec<VerdictEventRow>),
+    Hits(Vec<RuleHits>),
+}
+
+impl Write {
+    fn rows(&self) -> usize {
+        match self {
+            Write::Events(e) => e.len(),
+            Write::Hits(h) => h.len(),
+        }
+    }
+}
+
+/// Most rows one stream's backlog holds (a few MiB).
+pub const MAX_BACKLOG_ROWS: usize = 50_000;
+
+impl ReportBacklog {
+    fn push(&mut self, events: Vec<VerdictEventRow>, hits: Vec<RuleHits>) {
+        for w in [Write::Events(events), Write::Hits(hits)] {
+            if w.rows() == 0 {
+                continue;
+            }
+            self.rows += w.rows();
+            self.writes.push_back(w);
+        }
+        while self.rows > MAX_BACKLOG_ROWS {
+            let Some(old) = self.writes.pop_front() else { break };
+            self.rows -= old.rows();
+            self.dropped_rows += old.rows() as u64;
+            tracing::error!(
+                rows = old.rows(),
+                dropped_rows = self.dropped_rows,
+                "The store has been unavailable too long: dropped the oldest verdict events or rule hits."
+            );
+        }
+    }
+
+    /// Rows waiting for the store.
+    pub fn rows(&self) -> usize {
+        self.rows
     }
 }

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use bulkhead_model::{
     EnforcerHello, EnforcerMessage, Identity, NodePolicy, NodePolicyDelta, PolicyAck, PolicyAckStatus, PolicyUpdate,
-    RolloutMode, RuleRef,
+    RolloutMode, RuleRef, VerdictReport,
 };
 use bulkhead_proto::v1::{self, policy_stream_server::PolicyStream};
 use bulkhead_synth::{IdentityInfo, IdentityKind};
@@ -38,6 +38,7 @@ use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::compile::{CompileError, CompileInput, SourcePolicy, compile};
+use crate::grpc::clock::{SkewEstimator, corrected};
 use crate::identity::Resolver;
 use crate::identity::inventory::{CIDR_GROUP_KEY, Inventory};
 use crate::store::{EndpointRow, Store, StoreError};
@@ -385,6 +386,8 @@ impl PolicyStream for PolicyStreamService {
         // its stream to resynchronize waits for that, so its last acks get out.
         let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
+            let mut clock = SkewEstimator::default();
+            let mut backlog = super::record::ReportBacklog::default();
             loop {
                 match inbound.message().await {
                     Ok(Some(m)) => match EnforcerMessage::try_from(m) {
@@ -403,9 +406,23 @@ impl PolicyStream for PolicyStreamService {
                                 s.last_ack = Some(ack);
                             });
                         }
-                        Ok(EnforcerMessage::Report(r)) => {
+                        Ok(EnforcerMessage::Report(mut r)) => {
+                            let before = clock.correction_ms();
+                            clock.observe(r.sent_unix_ms, crate::grpc::ingest::unix_ms());
+                            let correction = clock.correction_ms();
+                            if correction != 0 && before == 0 {
+                                tracing::warn!(
+                                    node = %node,
+                                    skew_ms = correction,
+                                    "The node's clock is off; its verdict times are corrected by the measured skew. Fix its time sync (NTP)."
+                                );
+                            }
+                            correct_times(&mut r, correction);
                             if let Some(rec) = &recorder {
-                                rec.report(&node, &r).await;
+                                if let Some(skew) = clock.skew_to_record() {
+                                    rec.clock_skew(&node, skew).await;
+                                }
+                                rec.report(&node, &r, &mut backlog).await;
                             }
                             dist.update(&node, |s| {
                                 s.reports += 1;
@@ -423,6 +440,16 @@ impl PolicyStream for PolicyStreamService {
                         break;
                     }
                 }
+            }
+            if let Some(rec) = &recorder {
+                rec.flush(&node, &mut backlog).await;
+            }
+            if backlog.rows() > 0 {
+                tracing::error!(
+                    node = %node,
+                    rows = backlog.rows(),
+                    "The stream ended while the store was unavailable: these verdict events and rule hits are lost."
+                );
             }
             dist.update(&node, |s| s.connected = false);
             tracing::info!(node = %node, "Enforcer disconnected.");
@@ -468,5 +495,18 @@ impl Sent {
         };
         self.last = Some(policy);
         update
+    }
+}
+
+/// Puts a report's node timestamps on the learner's clock (see [`crate::grpc::clock`]).
+fn correct_times(r: &mut VerdictReport, correction_ms: i64) {
+    if correction_ms == 0 {
+        return;
+    }
+    for e in &mut r.events {
+        e.time_unix_ms = corrected(e.time_unix_ms, correction_ms);
+    }
+    for c in &mut r.rule_counters {
+        c.last_hit_unix_ms = corrected(c.last_hit_unix_ms, correction_ms);
     }
 }

@@ -23,9 +23,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::grpc::clock::{SkewEstimator, corrected};
 use crate::grpc::tls::Peer;
 use crate::identity::{IdentityCache, Resolver, Subject};
-use crate::store::{IngestBatch, IngestOutcome, ResolvedEndpoint, ResolvedFlow, Store, StoreError};
+use crate::store::{ClockOf, IngestBatch, IngestOutcome, ResolvedEndpoint, ResolvedFlow, Store, StoreError};
 
 /// Whether unknown nodes may join by saying Hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -93,10 +94,11 @@ impl FlowIngest for IngestService {
         let _ = tx.send(Ok(v1::IngestResponse { msg: Some(ingest_response::Msg::Welcome(welcome)) })).await;
         let svc = self.clone();
         tokio::spawn(async move {
+            let mut clock = SkewEstimator::default();
             while let Some(msg) = inbound.next().await {
                 let reply = match msg {
                     Ok(v1::IngestRequest { msg: Some(ingest_request::Msg::Batch(b)) }) => {
-                        svc.handle_batch(&node_id, b).await
+                        svc.handle_batch(&node_id, b, &mut clock).await
                     }
                     Ok(_) => Err(Status::invalid_argument("only FlowBatch messages may follow the Hello")),
                     Err(status) => {
@@ -117,15 +119,34 @@ impl FlowIngest for IngestService {
 }
 
 impl IngestService {
-    async fn handle_batch(&self, node: &str, wire: v1::FlowBatch) -> Result<v1::BatchAck, Status> {
+    async fn handle_batch(
+        &self,
+        node: &str,
+        wire: v1::FlowBatch,
+        clock: &mut SkewEstimator,
+    ) -> Result<v1::BatchAck, Status> {
         let seq = wire.seq;
-        let batch = match FlowBatch::try_from(wire) {
+        let mut batch = match FlowBatch::try_from(wire) {
             Ok(b) => b,
             Err(e) => return Ok(reject(node, seq, e.to_string())),
         };
         if batch.node_id != node {
             let reason = format!("batch names node {:?} but the stream belongs to {node:?}", batch.node_id);
             return Ok(reject(node, seq, reason));
+        }
+        let before = clock.correction_ms();
+        clock.observe(batch.sent_unix_ms, unix_ms());
+        let correction = clock.correction_ms();
+        if correction != 0 && before == 0 {
+            tracing::warn!(
+                node,
+                skew_ms = correction,
+                "The node's clock is off; its flow times are corrected by the measured skew. Fix its time sync (NTP)."
+            );
+        }
+        correct_times(&mut batch, correction);
+        if let Some(skew) = clock.skew_to_record() {
+            self.store.record_clock_skew(ClockOf::Collector, node, skew).await.map_err(store_status)?;
         }
         let ingest = self.resolve(batch).await.map_err(store_status)?;
         let flows = ingest.flows.len();
@@ -230,6 +251,21 @@ impl IngestService {
         memo.insert(s.clone(), id);
         Ok(id)
     }
+}
+
+/// Puts a batch's agent timestamps on the learner's clock (see [`crate::grpc::clock`]).
+fn correct_times(batch: &mut FlowBatch, correction_ms: i64) {
+    if correction_ms == 0 {
+        return;
+    }
+    for f in &mut batch.flows {
+        f.first_seen_unix_ms = corrected(f.first_seen_unix_ms, correction_ms);
+        f.last_seen_unix_ms = corrected(f.last_seen_unix_ms, correction_ms);
+    }
+    for d in &mut batch.dns_answers {
+        d.seen_unix_ms = corrected(d.seen_unix_ms, correction_ms);
+    }
+    batch.created_unix_ms = corrected(batch.created_unix_ms, correction_ms);
 }
 
 fn reject(node: &str, seq: u64, error: String) -> v1::BatchAck {

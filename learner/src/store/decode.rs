@@ -72,6 +72,7 @@ pub(crate) struct RawAgent {
     pub loss_spool_evicted_batches: Option<i64>,
     pub loss_spool_evicted_flows: Option<i64>,
     pub loss_rejected_batches: Option<i64>,
+    pub clock_skew_ms: Option<i64>,
 }
 
 impl TryFrom<RawAgent> for AgentRow {
@@ -93,6 +94,7 @@ impl TryFrom<RawAgent> for AgentRow {
             registered_unix_ms: r.registered_unix_ms,
             first_seen_unix_ms: r.first_seen_unix_ms,
             last_seen_unix_ms: r.last_seen_unix_ms,
+            clock_skew_ms: r.clock_skew_ms,
         })
     }
 }

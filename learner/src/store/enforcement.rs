@@ -68,6 +68,8 @@ pub struct EnforcerRow {
     pub loss: EnforcerLoss,
     /// Last verdict report; `None` before the first.
     pub last_report_unix_ms: Option<i64>,
+    /// The node's clock skew as last measured (`learner − node`, ms); `None` = not yet.
+    pub clock_skew_ms: Option<i64>,
 }
 
 impl EnforcerRow {
@@ -112,6 +114,7 @@ pub(crate) struct RawEnforcer {
     pub queue_dropped: i64,
     pub conntrack_full: i64,
     pub last_report_unix_ms: Option<i64>,
+    pub clock_skew_ms: Option<i64>,
 }
 
 impl TryFrom<RawEnforcer> for EnforcerRow {
@@ -135,6 +138,7 @@ impl TryFrom<RawEnforcer> for EnforcerRow {
                 conntrack_full: decode::counter("enforcers", "conntrack_full", r.conntrack_full)?,
             },
             last_report_unix_ms: r.last_report_unix_ms,
+            clock_skew_ms: r.clock_skew_ms,
         })
     }
 }
@@ -529,7 +533,7 @@ pub(crate) const SET_DESIRED: &str = "INSERT INTO enforcers (node_id, desired_ve
 
 pub(crate) const SELECT_ENFORCERS: &str = "SELECT node_id, boot_id, agent_version, desired_version, \
      desired_unix_ms, applied_version, applied_unix_ms, rejected_version, last_error, last_seen_unix_ms, \
-     ringbuf_dropped, queue_dropped, conntrack_full, last_report_unix_ms \
+     ringbuf_dropped, queue_dropped, conntrack_full, last_report_unix_ms, clock_skew_ms \
      FROM enforcers ORDER BY node_id";
 
 /// A verdict report's loss counters: the newest values replace the old (they are

@@ -33,6 +33,7 @@
 //!   the applied version alone (the node keeps enforcing it). See `enforcement`.
 
 mod audit;
+mod clock;
 mod cluster_policies;
 mod dashboard;
 mod decode;
@@ -63,6 +64,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 pub use audit::{AuditEntry, AuditQuery, AuditRow, ChainBreak, MAX_AUDIT_PAGE, actions};
+pub use clock::ClockOf;
 pub use cluster_policies::{ClusterPolicyImport, ClusterPolicyRow};
 pub use dashboard::{
     DashboardTotals, FLOW_SCAN_BUDGET, FLOW_SCAN_WINDOW, FlowFilter, FlowPage, FlowTail, KeepAdmin,

@@ -126,7 +126,7 @@ pub(crate) const AGENT_KNOWN: &str = "SELECT node_id FROM agents WHERE node_id =
 pub(crate) const SELECT_AGENTS: &str = "SELECT a.node_id, a.boot_id, a.agent_version, a.registered_unix_ms, \
      a.first_seen_unix_ms, a.last_seen_unix_ms, a.batches_stored, \
      b.loss_ringbuf_dropped, b.loss_queue_dropped, b.loss_spool_evicted_batches, \
-     b.loss_spool_evicted_flows, b.loss_rejected_batches \
+     b.loss_spool_evicted_flows, b.loss_rejected_batches, a.clock_skew_ms \
      FROM agents a LEFT JOIN agent_boots b ON b.node_id = a.node_id AND b.boot_id = a.boot_id \
      ORDER BY a.node_id";
 

@@ -125,6 +125,8 @@ pub struct AgentRow {
     pub loss: LossCounters,
     /// Batches stored from this node over all boots.
     pub batches_stored: u64,
+    /// The node's clock skew as last measured (`learner − node`, ms); `None` = not yet.
+    pub clock_skew_ms: Option<i64>,
 }
 
 /// A service-graph edge with its endpoints' labels and per-side counters.

@@ -185,6 +185,9 @@ pub struct FlowBatch {
     pub boot_id: String,
     pub seq: u64,
     pub created_unix_ms: i64,
+    /// When the agent sent it (agent clock; 0 = unknown): the learner's clock-skew
+    /// measurement.
+    pub sent_unix_ms: i64,
     pub flows: Vec<Flow>,
     /// `Some` when the batch carries a full endpoint snapshot of the node.
     pub endpoints: Option<Vec<EndpointFact>>,

@@ -531,6 +531,9 @@ pub struct VerdictReport {
     pub events: Vec<VerdictEvent>,
     pub rule_counters: Vec<RuleCounter>,
     pub loss: EnforcerLoss,
+    /// When the enforcer sent it (its clock; 0 = unknown): the learner's clock-skew
+    /// measurement.
+    pub sent_unix_ms: i64,
 }
 
 /// One message of an enforcer on its `PolicyStream`.

@@ -406,6 +406,7 @@ impl TryFrom<v1::FlowBatch> for FlowBatch {
             dns_answers,
             loss,
             endpoints_snapshot,
+            sent_unix_ms,
         } = w;
         if node_id.is_empty() {
             return Err(InvalidBatch::EmptyNodeId);
@@ -438,6 +439,7 @@ impl TryFrom<v1::FlowBatch> for FlowBatch {
             boot_id,
             seq,
             created_unix_ms,
+            sent_unix_ms,
             flows,
             endpoints: (endpoints_snapshot || !endpoints.is_empty()).then_some(endpoints),
             dns_answers,
@@ -458,6 +460,7 @@ impl From<&FlowBatch> for v1::FlowBatch {
             dns_answers: b.dns_answers.iter().map(v1::DnsAnswer::from).collect(),
             loss: Some(b.loss.into()),
             endpoints_snapshot: b.endpoints.is_some(),
+            sent_unix_ms: b.sent_unix_ms,
         }
     }
 }
@@ -947,7 +950,7 @@ impl TryFrom<v1::VerdictReport> for VerdictReport {
     type Error = InvalidNodePolicy;
 
     fn try_from(w: v1::VerdictReport) -> Result<Self, Self::Error> {
-        let v1::VerdictReport { policy_version, events, rule_counters, loss } = w;
+        let v1::VerdictReport { policy_version, events, rule_counters, loss, sent_unix_ms } = w;
         np_count("report.events", events.len(), MAX_VERDICT_EVENTS)?;
         np_count("report.rule_counters", rule_counters.len(), MAX_RULE_COUNTERS)?;
         let events = events
@@ -1035,7 +1038,7 @@ impl TryFrom<v1::VerdictReport> for VerdictReport {
                 EnforcerLoss { ringbuf_dropped, queue_dropped, conntrack_full }
             })
             .unwrap_or_default();
-        Ok(VerdictReport { policy_version, events, rule_counters, loss })
+        Ok(VerdictReport { policy_version, events, rule_counters, loss, sent_unix_ms })
     }
 }
 
@@ -1077,6 +1080,7 @@ impl From<&VerdictReport> for v1::VerdictReport {
                 queue_dropped: r.loss.queue_dropped,
                 conntrack_full: r.loss.conntrack_full,
             }),
+            sent_unix_ms: r.sent_unix_ms,
         }
     }
 }
@@ -1324,6 +1328,7 @@ mod node_policy_tests {
                 events: vec![event(), VerdictEvent { rule_id: Some(2), verdict: Verdict::Forwarded, ..event() }],
                 rule_counters: vec![RuleCounter { rule_id: 2, hits: 10, last_hit_unix_ms: 99 }],
                 loss: EnforcerLoss { ringbuf_dropped: 1, queue_dropped: 2, conntrack_full: 3 },
+                sent_unix_ms: 1_700_000_000_000,
             }),
         ];
         for m in msgs {

@@ -83,6 +83,24 @@ pub async fn fresh_database() -> PgTestDb {
     PgTestDb { name, url: url.into(), admin_url }
 }
 
+/// [`fresh_database`] for tests without an async runtime of their own (the fault
+/// tests drive real binaries from plain threads).
+pub fn fresh_database_blocking() -> PgTestDb {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("a runtime for creating the test database: {e}"));
+    rt.block_on(fresh_database())
+}
+
+/// The admin URL the database was created with (a role that owns it: it may lock it
+/// out and let it back in).
+impl PgTestDb {
+    pub fn admin_url(&self) -> &str {
+        &self.admin_url
+    }
+}
+
 async fn connect(admin_url: &str) -> PgConnection {
     let options = PgConnectOptions::from_str(admin_url)
         .unwrap_or_else(|e| panic!("{URL_ENV} is not a valid PostgreSQL URL: {e}"))

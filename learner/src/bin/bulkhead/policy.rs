@@ -569,9 +569,14 @@ pub async fn enforcers(api: &Api, json: bool) -> anyhow::Result<()> {
             ),
             e["last_error"].as_str().map(printable).unwrap_or_default(),
             e["last_seen_unix_ms"].as_i64().map(ago).unwrap_or_default(),
+            // learner − node: positive = the node is behind. Its times are corrected.
+            e["clock_skew_ms"].as_i64().map_or_else(|| "-".to_owned(), |s| format!("{:+.1}s", s as f64 / 1000.0)),
         ]
     });
-    print_table(&["NODE", "DESIRED", "APPLIED", "IN SYNC", "LOST RING/QUEUE/CT", "LAST ERROR", "SEEN"], &rows);
+    print_table(
+        &["NODE", "DESIRED", "APPLIED", "IN SYNC", "LOST RING/QUEUE/CT", "LAST ERROR", "SEEN", "CLOCK SKEW"],
+        &rows,
+    );
     Ok(())
 }
 

@@ -113,6 +113,7 @@ struct Collector {
     batches: String,
     /// Non-zero loss counters as `name: n`.
     loss: Vec<String>,
+    clock: Clock,
 }
 
 struct Enforcer {
@@ -129,6 +130,32 @@ struct Enforcer {
     stale: bool,
     last_report_ago: String,
     loss: Vec<String>,
+    clock: Clock,
+}
+
+/// A node's clock as the learner measured it.
+struct Clock {
+    text: String,
+    /// Beyond the tolerance: the node's times are being corrected.
+    off: bool,
+}
+
+impl Clock {
+    fn of(skew_ms: Option<i64>) -> Clock {
+        match skew_ms {
+            None => Clock { text: "—".into(), off: false },
+            Some(s) => {
+                let off = s.abs() > crate::grpc::clock::TOLERANCE_MS;
+                let secs = s.unsigned_abs() as f64 / 1000.0;
+                let text = match (off, s > 0) {
+                    (false, _) => "in sync".into(),
+                    (true, true) => format!("{secs:.1} s behind"),
+                    (true, false) => format!("{secs:.1} s ahead"),
+                };
+                Clock { text, off }
+            }
+        }
+    }
 }
 
 // === the chart ===
@@ -293,6 +320,7 @@ fn collector(now: i64, a: AgentRow) -> Collector {
         version: a.agent_version.unwrap_or_else(|| "—".into()),
         boot: a.boot_id.map(|b| b.chars().take(12).collect()).unwrap_or_else(|| "—".into()),
         batches: show::count(a.batches_stored),
+        clock: Clock::of(a.clock_skew_ms),
         node: a.node_id,
     }
 }
@@ -333,6 +361,7 @@ fn enforcer(now: i64, e: EnforcerRow) -> Enforcer {
         last_seen_ago: show::ago_opt(now, e.last_seen_unix_ms),
         last_report_ago: show::ago_opt(now, e.last_report_unix_ms),
         loss,
+        clock: Clock::of(e.clock_skew_ms),
         node: e.node_id,
     }
 }
