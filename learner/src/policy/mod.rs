@@ -10,6 +10,7 @@
 //! * [`replay`] — "what would this block?" over any time range;
 //! * [`rollout`] — learn → monitor → enforce with its gates.
 
+pub mod explain;
 pub mod graph_view;
 pub mod inputs;
 pub mod replay;

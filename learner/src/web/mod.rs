@@ -8,6 +8,7 @@
 pub mod api;
 pub mod assets;
 pub mod auth;
+pub mod explain;
 pub mod graph;
 pub mod pages;
 pub mod policy;
@@ -60,7 +61,7 @@ impl AppState {
 
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
-        .nest("/api/v1", api::routes().merge(policy::routes()).merge(graph::routes()))
+        .nest("/api/v1", api::routes().merge(policy::routes()).merge(graph::routes()).merge(explain::routes()))
         .merge(pages::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::authenticate));
     Router::new()

@@ -2,6 +2,7 @@
 //! it works from any machine that can reach the learner and never touches its store.
 
 mod certs;
+mod explain;
 mod policy;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -106,6 +107,10 @@ enum Command {
     Rollout(policy::RolloutCommand),
     /// Enforcers per node: the policy version wanted there and the one applied.
     Enforcers,
+    /// Why a flow was (or would be) allowed, audited or dropped: both ends' identities,
+    /// the policy and mode deciding each direction, the enforcers' versions, recent
+    /// verdict events and a pending proposal that would change the answer.
+    Explain(explain::ExplainArgs),
     /// Recent audit (would-deny) and deny events reported by enforcers.
     Verdicts {
         /// Only this workload (identity number).
@@ -141,6 +146,7 @@ struct EdgeView {
 
 #[derive(Debug, Deserialize)]
 struct FlowView {
+    id: i64,
     node_id: String,
     flow: Flow,
     src_identity: Identity,
@@ -211,6 +217,7 @@ async fn main() -> anyhow::Result<()> {
                 .iter()
                 .map(|f| {
                     vec![
+                        f.id.to_string(),
                         f.node_id.clone(),
                         f.flow.direction.as_str().to_owned(),
                         format!("{} {}", f.src_identity, f.flow.src_addr),
@@ -223,7 +230,10 @@ async fn main() -> anyhow::Result<()> {
                     ]
                 })
                 .collect();
-            print_table(&["NODE", "DIR", "SOURCE", "DESTINATION", "PROTO", "PROCESS", "CONNS", "BYTES", "SEEN"], &rows);
+            print_table(
+                &["ID", "NODE", "DIR", "SOURCE", "DESTINATION", "PROTO", "PROCESS", "CONNS", "BYTES", "SEEN"],
+                &rows,
+            );
         }
         Command::Identities => {
             let raw = api.get("identities", &[]).await?;
@@ -270,6 +280,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Verdicts { identity, verdict, limit } => {
             policy::verdicts(&api, args.json, identity, verdict, limit).await?
         }
+        Command::Explain(a) => explain::run(&api, args.json, a).await?,
         Command::Certs(_) => unreachable!("handled before the API client is made"),
     }
     Ok(())
