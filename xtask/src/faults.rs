@@ -124,18 +124,7 @@ impl<'a> Story<'a> {
 
         step("fault: the learner is killed right after a rollout change");
         let (deathstar, _) = self.learn_and_approve()?;
-        self.sc.rollout(deathstar, "monitor", "fault test")?;
-        let monitor = self.applied()?;
-        self.sc.cli(&[
-            "rollout",
-            "set",
-            "--target",
-            &deathstar.to_string(),
-            "--mode",
-            "enforce",
-            "--reason",
-            "fault",
-        ])?;
+        let monitor = self.monitor_then_ask_for_enforce(deathstar)?;
         self.sc.kill("learner")?;
         // Whichever version the enforcer holds now, the kernel enforces exactly it.
         let held = self.applied()?;
@@ -160,18 +149,7 @@ impl<'a> Story<'a> {
         step("fault: the enforcer is killed right after a rollout change reached it");
         self.land(3)?;
         let (deathstar, _) = self.learn_and_approve()?;
-        self.sc.rollout(deathstar, "monitor", "fault test")?;
-        let monitor = self.applied()?;
-        self.sc.cli(&[
-            "rollout",
-            "set",
-            "--target",
-            &deathstar.to_string(),
-            "--mode",
-            "enforce",
-            "--reason",
-            "fault",
-        ])?;
+        let monitor = self.monitor_then_ask_for_enforce(deathstar)?;
         self.sc.kill("enforcer")?;
         // Its pinned programs and maps keep judging: connections allowed by both
         // versions pass, xwing meets whichever version was applied last.
@@ -202,11 +180,7 @@ impl<'a> Story<'a> {
         let (deathstar, _) = self.learn_and_approve()?;
         self.sc.rollout(deathstar, "monitor", "fault test")?;
         self.sc.rollout(deathstar, "enforce", "fault test")?;
-        let applied = self.sc.enforcer_versions()?.1.context("an applied version")?;
-        let metrics = self.enforcer_metrics;
-        self.wait_metric(metrics, "bulkhead_enforcer_applied_version", "the enforce version in the kernel", |v| {
-            v as u64 == applied
-        })?;
+        let applied = self.kernel_version()?;
         let outage_from = unix_ms();
         psql(admin_url, &format!("ALTER DATABASE \"{database}\" WITH ALLOW_CONNECTIONS false"))?;
         psql(
@@ -380,6 +354,27 @@ impl<'a> Story<'a> {
         self.sc.check_proposal(proposal)?;
         self.sc.cli(&["proposals", "approve", &proposal.to_string(), "--comment", "fault test"])?;
         Ok((deathstar, proposal))
+    }
+
+    /// Puts deathstar in monitor mode (applied in the kernel), then asks for enforce
+    /// without waiting: the moment a fault strikes. The monitor version.
+    fn monitor_then_ask_for_enforce(&mut self, deathstar: i64) -> Result<u64> {
+        self.sc.rollout(deathstar, "monitor", "fault test")?;
+        let monitor = self.kernel_version()?;
+        let target = deathstar.to_string();
+        self.sc.cli(&["rollout", "set", "--target", &target, "--mode", "enforce", "--reason", "fault"])?;
+        Ok(monitor)
+    }
+
+    /// The version the enforcer acked to the learner, once its metrics show the kernel
+    /// holds it too (they are updated a moment after the ack).
+    fn kernel_version(&mut self) -> Result<u64> {
+        let acked = self.sc.enforcer_versions()?.1.context("the enforcer acked no version")?;
+        let metrics = self.enforcer_metrics;
+        self.wait_metric(metrics, "bulkhead_enforcer_applied_version", "the acked version in the kernel", |v| {
+            v as u64 == acked
+        })?;
+        Ok(acked)
     }
 
     /// Enforce mode as the scenario promises it: the tie fighter lands, xwing does not.
