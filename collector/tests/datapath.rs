@@ -219,6 +219,11 @@ impl Observer {
             Err(err) => panic!("Datapath::load: {}", error_chain(&err)),
         };
         dp.set_netns_filter(&filter).expect("set filter");
+        // A new datapath observes every namespace until its filter is set (by design:
+        // too much for a moment rather than too little). Whatever other processes on
+        // the host did in that moment is not this test's traffic: drop it.
+        let (mut events, mut dns, mut http) = (Vec::new(), Vec::new(), Vec::new());
+        dp.drain(&mut events, &mut dns, &mut http).expect("drain");
         Observer { dp, events: Vec::new(), dns: Vec::new(), http: Vec::new() }
     }
 
