@@ -1082,6 +1082,31 @@ pub fn abi_addr(ip: IpAddr) -> [u8; 16] {
     }
 }
 
+/// cgroup_skb programs attach to cgroup v2 directories only; on a hybrid host
+/// `/sys/fs/cgroup` is a tmpfs of v1 controllers and the kernel's answer would be a bare
+/// EBADF. Says so, naming where cgroup2 is mounted.
+fn require_cgroup2(path: &Path) -> Result<(), DatapathError> {
+    use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+    let fs = statfs(path).map_err(|e| DatapathError::Cgroup { path: path.to_owned(), source: e.into() })?;
+    if fs.filesystem_type() == CGROUP2_SUPER_MAGIC {
+        return Ok(());
+    }
+    let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right.starts_with("cgroup2 ").then(|| left.split(' ').nth(4).map(str::to_owned))?
+        })
+        .collect();
+    let hint = if mounts.is_empty() {
+        "; no cgroup2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)".to_owned()
+    } else {
+        format!("; cgroup2 is mounted at {} (pass it with --cgroup)", mounts.join(", "))
+    };
+    Err(DatapathError::NotCgroup2 { path: path.to_owned(), hint })
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -1169,29 +1194,4 @@ mod tests {
             assert_eq!(k == 0 && v == 0, name == abi::VERDICT_EVENTS, "{name}");
         }
     }
-}
-
-/// cgroup_skb programs attach to cgroup v2 directories only; on a hybrid host
-/// `/sys/fs/cgroup` is a tmpfs of v1 controllers and the kernel's answer would be a bare
-/// EBADF. Says so, naming where cgroup2 is mounted.
-fn require_cgroup2(path: &Path) -> Result<(), DatapathError> {
-    use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
-    let fs = statfs(path).map_err(|e| DatapathError::Cgroup { path: path.to_owned(), source: e.into() })?;
-    if fs.filesystem_type() == CGROUP2_SUPER_MAGIC {
-        return Ok(());
-    }
-    let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            right.starts_with("cgroup2 ").then(|| left.split(' ').nth(4).map(str::to_owned))?
-        })
-        .collect();
-    let hint = if mounts.is_empty() {
-        "; no cgroup2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)".to_owned()
-    } else {
-        format!("; cgroup2 is mounted at {} (pass it with --cgroup)", mounts.join(", "))
-    };
-    Err(DatapathError::NotCgroup2 { path: path.to_owned(), hint })
 }
