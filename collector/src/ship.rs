@@ -109,6 +109,7 @@ async fn stream_once(
         for e in &done {
             s.remove(e)?;
         }
+        s.release_unacked();
     }
 
     let mut in_flight: VecDeque<SpoolEntry> = VecDeque::new();
@@ -121,7 +122,7 @@ async fn stream_once(
                 if in_flight.len() + out.len() >= cfg.window {
                     break;
                 }
-                if in_flight.contains(e) {
+                if s.is_unacked(e) {
                     continue;
                 }
                 out.push((e.clone(), s.read(e)?));
@@ -137,6 +138,7 @@ async fn stream_once(
             tx.send(v1::IngestRequest { msg: Some(ingest_request::Msg::Batch(batch)) })
                 .await
                 .map_err(|_| StreamError::Closed)?;
+            lock(spool).sent(&entry);
             in_flight.push_back(entry);
         }
 

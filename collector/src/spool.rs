@@ -10,6 +10,7 @@
 //! `{created_ms:016x}-{seq:016x}-{flows}.{boot_id}.pb`. Writes go to a temporary name,
 //! are fsynced and renamed, so a crash never leaves a torn batch behind.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,11 @@ pub struct Spool {
     max_bytes: u64,
     entries: Vec<SpoolEntry>,
     bytes: u64,
+    /// Batches sent to the learner whose ack has not come back. They are never
+    /// evicted: the learner may already have stored one, so counting it as lost would
+    /// count a flow twice (stored and lost); and if it was not stored, it is sent
+    /// again. Only the next Welcome (what the learner has) releases them.
+    unacked: BTreeSet<String>,
 }
 
 impl Spool {
@@ -77,7 +83,7 @@ impl Spool {
         }
         entries.sort();
         let bytes = entries.iter().map(|e| e.bytes).sum();
-        Ok(Self { dir, max_bytes, entries, bytes })
+        Ok(Self { dir, max_bytes, entries, bytes, unacked: BTreeSet::new() })
     }
 
     /// Adds a batch, evicting the oldest ones if needed.
@@ -88,8 +94,10 @@ impl Spool {
             return Err(SpoolError::TooLarge { size, max: self.max_bytes });
         }
         let mut evicted = Evicted::default();
+        // Batches awaiting an ack are not evictable, so the limit can be passed by at
+        // most the shipper's window of batches: better than losing a new one.
         while self.bytes + size > self.max_bytes {
-            let Some(old) = self.entries.first().cloned() else { break };
+            let Some(old) = self.oldest_evictable() else { break };
             self.remove(&old)?;
             evicted.batches += 1;
             evicted.flows += old.flows;
@@ -119,7 +127,7 @@ impl Spool {
                 Ok(()) => break,
                 Err(source) => {
                     let _ = fs::remove_file(&tmp);
-                    let oldest = self.entries.first().cloned();
+                    let oldest = self.oldest_evictable();
                     let Some(old) = oldest.filter(|_| disk_full(&source)) else {
                         return Err(SpoolError::Write { path: path.clone(), source });
                     };
@@ -165,6 +173,27 @@ impl Spool {
             .map_err(|err| SpoolError::Read { path, source: std::io::Error::new(std::io::ErrorKind::InvalidData, err) })
     }
 
+    /// The oldest batch not awaiting an ack.
+    fn oldest_evictable(&self) -> Option<SpoolEntry> {
+        self.entries.iter().find(|e| !self.unacked.contains(&e.name)).cloned()
+    }
+
+    /// Marks a batch as sent: it stays (unevictable) until acked or released.
+    pub fn sent(&mut self, e: &SpoolEntry) {
+        self.unacked.insert(e.name.clone());
+    }
+
+    /// Whether a batch was sent and its ack has not come back.
+    pub fn is_unacked(&self, e: &SpoolEntry) -> bool {
+        self.unacked.contains(&e.name)
+    }
+
+    /// Forgets which batches were sent: called once a new stream's Welcome said what
+    /// the learner has, so everything still spooled is known to need sending.
+    pub fn release_unacked(&mut self) {
+        self.unacked.clear();
+    }
+
     /// Removes a delivered (or rejected) batch. Removing one that is already gone is fine.
     pub fn remove(&mut self, e: &SpoolEntry) -> Result<(), SpoolError> {
         let path = self.dir.join(&e.name);
@@ -173,6 +202,7 @@ impl Spool {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(SpoolError::Write { path, source }),
         }
+        self.unacked.remove(&e.name);
         if let Some(pos) = self.entries.iter().position(|x| x == e) {
             self.bytes -= self.entries[pos].bytes;
             self.entries.remove(pos);
@@ -253,6 +283,39 @@ mod tests {
         assert!(s.bytes() <= one * 3);
     }
 
+    /// A batch the learner may already have stored is never counted as lost: it stays
+    /// until its ack (or the next Welcome) settles it, and eviction takes the next one.
+    #[test]
+    fn batches_awaiting_an_ack_are_never_evicted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let one = batch(1, 10, "b").encode_to_vec().len() as u64;
+        let mut s = Spool::open(dir.path(), one * 3).expect("open");
+        for seq in 1..=3 {
+            s.push(&batch(seq, 10, "b")).expect("push");
+        }
+        let first = s.entries()[0].clone();
+        s.sent(&first);
+        assert!(s.is_unacked(&first));
+        let (_, e) = s.push(&batch(4, 10, "b")).expect("push");
+        assert_eq!(e, Evicted { batches: 1, flows: 10 });
+        let seqs: Vec<u64> = s.entries().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![1, 3, 4], "the unacked batch 1 stays, batch 2 made room");
+
+        // Acked: removed like any delivered batch, and no longer tracked.
+        s.remove(&first).expect("remove");
+        assert!(!s.is_unacked(&first));
+        // Released by a new stream's Welcome: evictable again.
+        let third = s.entries()[0].clone();
+        s.sent(&third);
+        s.release_unacked();
+        let (_, e) = s.push(&batch(5, 10, "b")).expect("push");
+        assert_eq!(e, Evicted::default(), "room was left by the acked batch");
+        let (_, e) = s.push(&batch(6, 10, "b")).expect("push");
+        assert_eq!(e, Evicted { batches: 1, flows: 10 });
+        let seqs: Vec<u64> = s.entries().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![4, 5, 6]);
+    }
+
     #[test]
     fn torn_writes_are_discarded_on_open() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -276,12 +339,17 @@ mod tests {
             let (_, e) = s.push(&batch(seq, 10, "b")).expect("a full disk still takes the newest batch");
             evicted.batches += e.batches;
             evicted.flows += e.flows;
+            if seq == 1 {
+                // Sent, ack outstanding: the learner may have it, so it must stay.
+                let first = s.entries()[0].clone();
+                s.sent(&first);
+            }
         }
         assert!(evicted.batches > 0, "64 KiB cannot hold {PUSHED} files: something was evicted");
         assert_eq!(evicted.flows, evicted.batches * 10);
         let seqs: Vec<u64> = s.entries().iter().map(|e| e.seq).collect();
-        let expected: Vec<u64> = (evicted.batches + 1..=PUSHED).collect();
-        assert_eq!(seqs, expected, "the newest batches stay, in order");
+        let expected: Vec<u64> = std::iter::once(1).chain(evicted.batches + 2..=PUSHED).collect();
+        assert_eq!(seqs, expected, "the unacked batch and the newest batches stay, in order");
         let names: Vec<String> = fs::read_dir(fs.path())
             .expect("dir")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into())

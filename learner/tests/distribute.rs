@@ -172,13 +172,22 @@ async fn hello_must_come_first_and_versions_never_go_back() {
     };
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
 
-    // An unknown node gets an empty policy, stamped above what it says it applied
-    // (e.g. from before a learner restart whose clock went back).
+    // Before the learner compiled anything (it just restarted), a connecting enforcer
+    // is sent nothing: it keeps what it enforces.
     let (tx, rx) = mpsc::channel(8);
     tx.send(hello("node-new", 500)).await.expect("send hello");
     let mut updates = client.subscribe(ReceiverStream::new(rx)).await.expect("subscribes").into_inner();
+    assert_eventually_async!(
+        Duration::from_secs(10),
+        async || distributor.status().get("node-new").is_some_and(|s| s.connected),
+        "the stream is registered"
+    );
+    assert_eq!(distributor.status()["node-new"].published_version, 0, "nothing published for it yet");
+    // The first compilation has nothing for the node: now an empty policy, stamped
+    // above what it says it applied (e.g. from before a restart whose clock went back).
+    assert_eq!(distributor.publish(BTreeMap::new()), ["node-new"]);
     let snap = NodePolicy::try_from(updates.message().await.expect("ok").expect("snapshot")).expect("valid");
-    assert_eq!(snap.version, 501);
+    assert_eq!(snap.version, 501, "the first message is the compiled one: {snap:?}");
     assert!(snap.endpoints.is_empty() && snap.rules.is_empty());
 }
 

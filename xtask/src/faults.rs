@@ -142,6 +142,30 @@ impl<'a> Story<'a> {
         let changes = self.sc.cli_json(&["audit", "--action", "rollout.mode"])?;
         let to_enforce = changes.as_array().into_iter().flatten().filter(|e| e["detail"]["to"] == "enforce").count();
         expect(to_enforce == 1, format!("the change to enforce is in the audit log exactly once: {changes}"))?;
+
+        step("fault: the learner is killed while the enforcer enforces; it resyncs on restart");
+        let held = self.kernel_version()?;
+        let log = self.sc.log_path("enforcer");
+        let before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        self.sc.kill("learner")?;
+        self.sc.restart("learner")?;
+        self.wait_learner()?;
+        self.sc.wait_for(Duration::from_secs(30), "the enforcer to ack the restarted learner's version", |sc| {
+            sc.enforcer_versions().is_ok_and(|(desired, applied)| desired > Some(held) && applied == desired)
+        })?;
+        // Nothing changed, so the resync must not touch the kernel: a restarted learner
+        // that offered anything before its first compile (an empty policy) would have
+        // unmanaged deathstar for a moment.
+        let applies = log_since(&log, before)?
+            .lines()
+            .filter(|l| l.contains("Applied a policy"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        expect(
+            !applies.is_empty() && applies.iter().all(|l| l.contains("unchanged content")),
+            format!("the resync applied the same policy without map writes: {applies:#?}"),
+        )?;
+        self.expect_enforced()?;
         self.expect_all_landings_counted_once()
     }
 
@@ -458,6 +482,13 @@ fn scrape(at: SocketAddr) -> Result<HashMap<String, f64>> {
             Some((name.to_owned(), value.parse().ok()?))
         })
         .collect())
+}
+
+/// What a log file got since it was `offset` bytes long.
+fn log_since(path: &std::path::Path, offset: u64) -> Result<String> {
+    let all = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let from = usize::try_from(offset).unwrap_or(usize::MAX).min(all.len());
+    Ok(String::from_utf8_lossy(&all[from..]).into_owned())
 }
 
 fn psql(admin_url: &str, sql: &str) -> Result<()> {

@@ -111,7 +111,16 @@ impl NodeChannel {
 #[derive(Debug, Default)]
 struct State {
     nodes: BTreeMap<String, NodeChannel>,
+    /// A compilation has been published since this process started. Before it, the
+    /// learner does not know what any node should enforce, and an enforcer that
+    /// connects (typically right after a learner restart) is sent nothing: it keeps
+    /// the policy it holds. An empty policy here would unmanage every workload of
+    /// the node until the compilation arrived.
+    compiled: bool,
 }
+
+/// The version of a node's placeholder snapshot: "nothing known yet", never sent.
+const UNKNOWN_VERSION: u64 = 0;
 
 /// Per-node snapshots and enforcer state. Cheap to clone.
 #[derive(Debug, Clone, Default)]
@@ -139,15 +148,20 @@ impl Distributor {
         for node in state.nodes.keys() {
             compiled.entry(node.clone()).or_insert_with(|| NodePolicy { version: floor, ..NodePolicy::default() });
         }
+        state.compiled = true;
         let mut changed = Vec::new();
         for (node, mut policy) in compiled {
             match state.nodes.get_mut(&node) {
                 Some(ch) => {
                     let current = ch.tx.borrow().clone();
-                    if current.content_eq(&policy) {
+                    // A placeholder is always replaced: its node is waiting for this.
+                    if current.version != UNKNOWN_VERSION && current.content_eq(&policy) {
                         continue;
                     }
-                    policy.version = policy.version.max(current.version.saturating_add(1));
+                    // Above what the node enforces too: its versions may come from before a
+                    // restart whose clock went back (a placeholder has none of its own).
+                    let applied = ch.status.applied_version.unwrap_or(0);
+                    policy.version = policy.version.max(current.version.max(applied).saturating_add(1));
                     ch.send(policy);
                 }
                 None => {
@@ -186,15 +200,17 @@ impl Distributor {
     }
 
     /// Registers an enforcer connection and returns its node's channel. A node nothing
-    /// was compiled for yet gets an empty policy.
+    /// was compiled for gets an empty policy — once a compilation has run; before that,
+    /// a placeholder the stream does not send (see `State::compiled`).
     fn connect(&self, hello: &EnforcerHello) -> watch::Receiver<Arc<NodePolicy>> {
         let mut state = self.lock();
+        let first = if state.compiled { 1 } else { UNKNOWN_VERSION };
         let ch = state
             .nodes
             .entry(hello.node_id.clone())
-            .or_insert_with(|| NodeChannel::new(NodePolicy { version: 1, ..NodePolicy::default() }));
+            .or_insert_with(|| NodeChannel::new(NodePolicy { version: first, ..NodePolicy::default() }));
         let current = ch.tx.borrow().clone();
-        if hello.applied_version > current.version {
+        if current.version != UNKNOWN_VERSION && hello.applied_version > current.version {
             // Our versions are behind the enforcer's (clock went back, or the node was
             // served by another learner): re-stamp so the snapshot is not refused.
             ch.send(NodePolicy { version: hello.applied_version.saturating_add(1), ..(*current).clone() });
@@ -457,6 +473,7 @@ impl PolicyStream for PolicyStreamService {
         });
 
         let out = WatchStream::new(rx)
+            .filter(|p| std::future::ready(p.version != UNKNOWN_VERSION))
             .map(move |p| {
                 let update = sent.lock().unwrap_or_else(PoisonError::into_inner).next(p);
                 Ok(v1::PolicyUpdate::from(&update))
