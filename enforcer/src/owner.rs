@@ -592,6 +592,7 @@ pub fn to_event(rec: &VerdictRecord, netns_ino: u64, clock: &BootClock) -> Optio
         verdict,
         rule_id: (rec.rule_id != 0).then_some(rec.rule_id),
         suppressed: 0,
+        http: rec.http.clone(),
     })
 }
 
@@ -635,6 +636,7 @@ mod tests {
             verdict,
             reason: abi::REASON_DEFAULT_DENY,
             mode: Mode::Monitor,
+            http: None,
         }
     }
 

@@ -558,12 +558,35 @@ fn enforce_judges_each_http_request_line_against_the_rule() {
     }
     let b_key = w.key(b);
     let mut seen = Vec::new();
-    w.wait_events(&mut seen, 1, |e| e.cgroup_id == b_key && e.reason == abi::REASON_HTTP);
+    let is_http = |e: &VerdictRecord| e.cgroup_id == b_key && e.reason == abi::REASON_HTTP;
+    w.wait_events(&mut seen, 12, is_http);
     let ev = seen.iter().find(|e| e.reason == abi::REASON_HTTP).expect("an HTTP event");
     assert_eq!(
         (ev.verdict, ev.rule_id, ev.direction, ev.mode, ev.local_identity, ev.peer_identity),
         (abi::VERDICT_DENIED, RULE_B_INGRESS_HTTP, Direction::Ingress, Mode::Enforce, ID_B, ID_A)
     );
+    // Each refused request is named by what the kernel read of it, per family: the
+    // split PUT's first segment is no request line (no method, nothing read).
+    let mut lines: Vec<String> = seen
+        .iter()
+        .filter(|e| is_http(e))
+        .map(|e| {
+            let l = e.http.as_ref().unwrap_or_else(|| panic!("an HTTP event carries its request line: {e:?}"));
+            format!("{} {}{}", l.method, l.path, if l.truncated { "…" } else { "" })
+        })
+        .collect();
+    lines.sort();
+    let mut expected = [
+        "PUT /v1/exhaust-port",
+        "POST /v1/request-landing-now",
+        "GET /v1/request-landing",
+        "GET /statusx",
+        " …",
+        "PUT /v1/exhaust-port",
+    ]
+    .repeat(2);
+    expected.sort();
+    assert_eq!(lines, expected, "one event per refused request, v4 and v6");
     // The connection itself was allowed: replies of allowed requests came back by
     // conntrack and the L4 rule counted its hits.
     let used = w.dp().rule_use().get(&RULE_B_INGRESS_HTTP).copied().unwrap_or_default();
@@ -582,12 +605,32 @@ fn monitor_reports_would_be_denied_requests_and_drops_nothing() {
     let is_http_audit = move |e: &VerdictRecord| {
         e.cgroup_id == b_key && e.reason == abi::REASON_HTTP && e.verdict == abi::VERDICT_AUDIT
     };
+    let is_http_denied = move |e: &VerdictRecord| {
+        e.cgroup_id == b_key && e.reason == abi::REASON_HTTP && e.verdict == abi::VERDICT_DENIED
+    };
     let mut seen = Vec::new();
     w.wait_events(&mut seen, 1, is_http_audit);
     // Exactly the PUT: one request, one event.
     assert_eq!(seen.iter().filter(|e| is_http_audit(e)).count(), 1, "{seen:#?}");
+    let line =
+        seen.iter().find(|e| is_http_audit(e)).and_then(|e| e.http.clone()).expect("the audit names the request");
+    assert_eq!((line.method.as_str(), line.path.as_str(), line.truncated), ("PUT", "/v1/exhaust-port", false));
     // Promote by one map update: the same request is dropped now, landing passes.
     w.dp().set_mode(b_key, Mode::Enforce).expect("mode");
-    assert!(w.agent(a).http(b80, FAIL_TIMEOUT_MS, &[EXHAUST]).is_err(), "PUT must be dropped in enforce");
+    let denied_before = w.dp().counters().denied;
+    // Long enough for TCP to retransmit the refused segment (200 ms, 400 ms, …).
+    assert!(w.agent(a).http(b80, 1500, &[EXHAUST]).is_err(), "PUT must be dropped in enforce");
+    assert_eventually!(
+        WAIT,
+        || w.dp().counters().denied >= denied_before + 3,
+        "the PUT and at least two retransmissions of it dropped: {:?}",
+        w.dp().counters()
+    );
     w.agent(a).http(b80, OK_TIMEOUT_MS, &[LANDING]).unwrap_or_else(|e| panic!("landing in enforce: {e}"));
+    // One refused request, one event, however often TCP sent it.
+    w.dp().drain_events(&mut seen);
+    let denied: Vec<_> = seen.iter().filter(|e| is_http_denied(e)).collect();
+    assert_eq!(denied.len(), 1, "{denied:#?}");
+    let line = denied[0].http.clone().expect("the denial names the request");
+    assert_eq!((line.method.as_str(), line.path.as_str()), ("PUT", "/v1/exhaust-port"));
 }

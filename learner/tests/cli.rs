@@ -178,6 +178,7 @@ async fn policy_commands_end_to_end() {
         protocol: Protocol::Tcp,
         policy_version: 41,
         rule: None,
+        http: None,
     };
     store.insert_verdict_events("node-1", &[ev], now).await.expect("events");
     let text = stdout(&bulkhead(&server, &["enforcers"]).await);

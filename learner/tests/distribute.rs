@@ -377,6 +377,7 @@ async fn hello_acks_and_reports_are_recorded_in_the_store() {
         verdict: bulkhead_model::Verdict::Audit,
         rule_id: None,
         suppressed: 0,
+        http: None,
     };
     let report = EnforcerMessage::Report(bulkhead_model::node_policy::VerdictReport {
         policy_version: snap.version,

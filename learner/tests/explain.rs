@@ -341,6 +341,7 @@ async fn journey(mut s: Scenario) {
         protocol: Protocol::Tcp,
         policy_version: 2,
         rule: None,
+        http: None,
     };
     let events = [
         event(now - 5_000, s.xwing, 80, Verdict::Denied),

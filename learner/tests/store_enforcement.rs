@@ -14,7 +14,7 @@ use bulkhead_learner::store::{
     AckOutcome, EnforcerRow, MAX_ERROR_CHARS, MAX_VERDICT_PAGE, RuleHitRow, RuleHits, RuleRef, Store, StoreError,
     VerdictCount, VerdictEventRecord, VerdictEventRow, VerdictQuery,
 };
-use bulkhead_model::{Direction, Identity, Protocol, Verdict};
+use bulkhead_model::{Direction, HttpRequestLine, Identity, Protocol, Verdict};
 use common::{Fixture, store_cases};
 use sqlx::{Connection, PgConnection, SqliteConnection};
 
@@ -25,6 +25,7 @@ store_cases!(
     verdict_events_filter_page_count_and_prune,
     rule_hits_accumulate_across_batches_and_nodes,
     hostile_strings_are_data,
+    http_request_lines_are_stored_verbatim,
     large_event_batch_in_one_call,
     loss_counters_keep_the_newest_report,
 );
@@ -58,8 +59,17 @@ fn event(at: i64, local: u32, verdict: Verdict, rule: Option<RuleRef>) -> Verdic
         protocol: Protocol::Tcp,
         policy_version: 7,
         rule,
+        http: None,
     }
 }
+
+/// The request line of an HTTP verdict.
+fn http(method: &str, path: &str, truncated: bool) -> Option<HttpRequestLine> {
+    Some(HttpRequestLine { method: method.into(), path: path.into(), truncated })
+}
+
+/// A path as hostile as an enforcer passes on: visible ASCII, no spaces.
+const HOSTILE_PATH: &str = "/';DROP%20TABLE%20verdict_events;--<script>alert(1)</script>\"\\x00$1?1:name";
 
 async fn enforcer(store: &Store, node: &str) -> EnforcerRow {
     let all = store.enforcers().await.expect("enforcers");
@@ -247,9 +257,11 @@ async fn verdict_events_filter_page_count_and_prune(f: &Fixture) {
     v6.protocol = Protocol::Udp;
     v6.dst_port = 53;
     v6.policy_version = i64::MAX as u64;
+    let l7 =
+        VerdictEventRow { http: http("PUT", "/v1/exhaust-port", false), ..event(1_100, 300, Verdict::Audit, Some(r1)) };
     let batch_a = vec![
         event(1_000, 300, Verdict::Audit, None),
-        event(1_100, 300, Verdict::Audit, Some(r1)),
+        l7,
         event(1_200, 300, Verdict::Denied, None),
         event(1_300, 300, Verdict::Forwarded, Some(r1)),
         v6.clone(),
@@ -292,6 +304,7 @@ async fn verdict_events_filter_page_count_and_prune(f: &Fixture) {
     .await;
     assert_eq!(combined.len(), 1);
     assert_eq!(combined[0].event.rule, Some(r1));
+    assert_eq!(combined[0].event.http, http("PUT", "/v1/exhaust-port", false));
     // A page never exceeds the cap, whatever was asked.
     let capped = s.verdict_events(&VerdictQuery { limit: u32::MAX, ..q.clone() }).await.expect("capped");
     assert!(capped.len() <= MAX_VERDICT_PAGE as usize && capped.len() == 7);
@@ -412,6 +425,55 @@ async fn hostile_strings_are_data(f: &Fixture) {
     assert_eq!(enforcer(s, "a\u{FFFD}b").await.desired_version, Some(1));
 }
 
+/// The request line of an HTTP verdict is attacker-chosen text: stored as is on both
+/// backends (bound, never spliced), read back exactly, L4 events keep none, and what an
+/// enforcer could not have sent is refused whole.
+async fn http_request_lines_are_stored_verbatim(f: &Fixture) {
+    let s = &f.store;
+    let r = Some(rule(4, Direction::Ingress, 0));
+    // As long as a path gets: every byte the kernel reads escaped.
+    let longest = format!("/{}end", "\\xff".repeat(129));
+    assert_eq!(longest.len(), 4 * bulkhead_model::MAX_HTTP_LINE_PATH_BYTES);
+    let events = vec![
+        VerdictEventRow { http: http("PUT", "/v1/exhaust-port", false), ..event(1, 300, Verdict::Denied, r) },
+        VerdictEventRow { http: http("GET", HOSTILE_PATH, true), ..event(2, 300, Verdict::Audit, r) },
+        // The segment did not start with a request line.
+        VerdictEventRow { http: http("", "", true), ..event(3, 300, Verdict::Denied, r) },
+        VerdictEventRow { http: http("OPTIONS", &longest, true), ..event(4, 300, Verdict::Denied, r) },
+        event(5, 300, Verdict::Denied, None),
+    ];
+    assert_eq!(s.insert_verdict_events("node-a", &events, 10).await.expect("events"), 5);
+    let stored: Vec<VerdictEventRow> =
+        all_events(s, &VerdictQuery::default(), 2).await.into_iter().rev().map(|r| r.event).collect();
+    assert_eq!(stored, events);
+    assert_eq!(stored[4].http, None, "an L4 verdict has no request line");
+
+    // What an enforcer cannot send is refused, the whole batch with it.
+    for bad in [
+        http("GET", "/a b", false),
+        http("GET", "/\u{e9}", false),
+        http("get", "/", false),
+        http("GET", &"/".repeat(521), true),
+        http("AAAAAAAAAAAAAAAAA", "/", false),
+    ] {
+        let e = VerdictEventRow { http: bad.clone(), ..event(6, 300, Verdict::Denied, r) };
+        let r = s.insert_verdict_events("node-a", &[event(6, 300, Verdict::Denied, None), e], 11).await;
+        assert!(matches!(r, Err(StoreError::InvalidHttpLine { .. })), "{bad:?}: {r:?}");
+    }
+    assert_eq!(all_events(s, &VerdictQuery::default(), 100).await.len(), 5, "nothing of a refused batch");
+
+    // Behind the store's back: a half request line does not fit the table, and a line no
+    // enforcer could have sent is reported, not handed to the pages.
+    let half = f.raw_sql("UPDATE verdict_events SET http_path = NULL WHERE at_unix_ms = 1").await;
+    assert!(half.is_err(), "the schema keeps a request line whole");
+    f.raw_sql("UPDATE verdict_events SET http_path = '/a b' WHERE at_unix_ms = 1").await.expect("raw update");
+    let r = s.verdict_events(&VerdictQuery::default()).await;
+    assert!(
+        matches!(&r, Err(StoreError::InvalidStoredValue { table: "verdict_events", column: "http_path", .. })),
+        "{r:?}"
+    );
+}
+
 // === volume ===
 
 async fn large_event_batch_in_one_call(f: &Fixture) {
@@ -421,7 +483,13 @@ async fn large_event_batch_in_one_call(f: &Fixture) {
         .map(|i| {
             let verdict = if i % 3 == 0 { Verdict::Denied } else { Verdict::Audit };
             let rule = (i % 2 == 0).then(|| rule(i as i64, Direction::Ingress, i as u32));
-            event(i as i64, 256 + (i % 10) as u32, verdict, rule)
+            // Every fourth an HTTP verdict: request lines in every chunk of the insert.
+            let http = (i % 4 == 0).then(|| HttpRequestLine {
+                method: "GET".into(),
+                path: format!("/items/{i}"),
+                truncated: i % 8 == 0,
+            });
+            VerdictEventRow { http, ..event(i as i64, 256 + (i % 10) as u32, verdict, rule) }
         })
         .collect();
     assert_eq!(s.insert_verdict_events("big", &events, 1).await.expect("10k events"), N as u64);

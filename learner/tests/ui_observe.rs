@@ -253,6 +253,7 @@ async fn seeded(backend: Backend) -> Ui {
         protocol: Protocol::Tcp,
         policy_version: 1,
         rule: None,
+        http: None,
     };
     store
         .insert_verdict_events(NODE, &[event(Verdict::Audit, 8443), event(Verdict::Denied, 9000)], now)

@@ -252,6 +252,7 @@ impl Scenario {
             protocol: Protocol::Tcp,
             policy_version: 1,
             rule: None,
+            http: None,
         };
         let events = [
             event(xwing, 80, Verdict::Audit, T0 + 2_100),

@@ -323,7 +323,7 @@ impl<'a> Story<'a> {
         self.sc.rollout(deathstar, "monitor", "fault test")?;
         let xwing = self.sc.ship("xwing", "POST", "/v1/request-landing", None)?;
         expect(xwing == "Ship landed", format!("monitor drops nothing: {xwing}"))?;
-        self.sc.wait_verdicts(deathstar, "xwing", "audit", false, "xwing's landing reported as audit")?;
+        self.sc.wait_verdicts(deathstar, "xwing", "audit", None, "xwing's landing reported as audit")?;
         let events = self.sc.cli_json(&["verdicts", "--identity", &deathstar.to_string(), "--verdict", "audit"])?;
         let now = unix_ms();
         let off: Vec<&Value> = events

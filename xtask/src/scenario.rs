@@ -339,7 +339,7 @@ impl Scenario {
         say(format!("xwing: {}", report.monitor_xwing));
         expect_landed("xwing in monitor mode (nothing is dropped)", &report.monitor_xwing)?;
         report.audit_events =
-            self.wait_verdicts(deathstar, "xwing", "audit", false, "xwing's landing reported as audit")?;
+            self.wait_verdicts(deathstar, "xwing", "audit", None, "xwing's landing reported as audit")?;
         // L7: the tie fighter may land, not fire at the exhaust port.
         report.monitor_exhaust = self.ship("tiefighter", "PUT", "/v1/exhaust-port", None)?;
         say(format!("tiefighter PUT /v1/exhaust-port: {}", report.monitor_exhaust));
@@ -347,7 +347,7 @@ impl Scenario {
             bail!("monitor mode must let the request through: {}", report.monitor_exhaust);
         }
         report.http_audit_events =
-            self.wait_verdicts(deathstar, "tiefighter", "audit", true, "the PUT reported as audit")?;
+            self.wait_verdicts(deathstar, "tiefighter", "audit", Some(EXHAUST), "the PUT reported as audit")?;
         print!("{}", self.cli(&["verdicts", "--identity", &deathstar.to_string(), "--verdict", "audit"])?);
 
         step("enforce: would-deny traffic is now dropped (`bulkhead rollout set --mode enforce`)");
@@ -361,7 +361,7 @@ impl Scenario {
             bail!("xwing reached the deathstar in enforce mode: {}", report.enforce_xwing);
         }
         report.denied_events =
-            self.wait_verdicts(deathstar, "xwing", "denied", false, "xwing's attempt reported as denied")?;
+            self.wait_verdicts(deathstar, "xwing", "denied", None, "xwing's attempt reported as denied")?;
         report.enforce_exhaust = self.ship("tiefighter", "PUT", "/v1/exhaust-port", Some(DROPPED_TIMEOUT_SECS))?;
         say(format!("tiefighter PUT /v1/exhaust-port: {}", report.enforce_exhaust));
         if !report.enforce_exhaust.starts_with("request failed") {
@@ -370,11 +370,15 @@ impl Scenario {
         let landed = self.ship("tiefighter", "POST", "/v1/request-landing", None)?;
         expect_landed("tiefighter after its PUT was dropped", &landed)?;
         report.http_denied_events =
-            self.wait_verdicts(deathstar, "tiefighter", "denied", true, "the PUT reported as denied")?;
+            self.wait_verdicts(deathstar, "tiefighter", "denied", Some(EXHAUST), "the PUT reported as denied")?;
         print!("{}", self.cli(&["verdicts", "--identity", &deathstar.to_string(), "--verdict", "denied"])?);
 
         step("the audit log (`bulkhead audit`)");
         print!("{}", self.cli(&["audit"])?);
+        // Counted again at the end: TCP kept retransmitting the dropped PUT meanwhile,
+        // and one refused request is still one event.
+        report.http_denied_events =
+            self.wait_verdicts(deathstar, "tiefighter", "denied", Some(EXHAUST), "the PUT reported as denied")?;
         if opts.keep {
             self.hand_over(proposal, deathstar);
         }
@@ -684,13 +688,13 @@ impl Scenario {
 
     /// Waits for verdict events of `verdict` against deathstar from the workload of
     /// class `peer` — L4 ones (default deny) or, with `http`, ones naming the allow
-    /// rule whose HTTP rules a request did not match; their count.
+    /// rule and the request line `http` (`METHOD /path`); their count.
     pub(crate) fn wait_verdicts(
         &mut self,
         deathstar: i64,
         peer: &str,
         verdict: &str,
-        http: bool,
+        http: Option<&str>,
         what: &str,
     ) -> Result<usize> {
         let peer = self.identity_of(peer)?;
@@ -699,7 +703,20 @@ impl Scenario {
             let Ok(v) = sc.cli_json(&["verdicts", "--identity", &deathstar.to_string(), "--verdict", verdict]) else {
                 return false;
             };
-            let matching = |e: &&Value| e["peer"].as_i64() == Some(peer) && e["rule"].is_null() != http;
+            // An HTTP verdict names the allowing rule and the request as the kernel read it.
+            let request = |e: &Value| {
+                let line = &e["http"];
+                line.is_object().then(|| {
+                    format!("{} {}", line["method"].as_str().unwrap_or("?"), line["path"].as_str().unwrap_or("?"))
+                })
+            };
+            let matching = |e: &&Value| {
+                e["peer"].as_i64() == Some(peer)
+                    && match http {
+                        None => e["rule"].is_null() && e["http"].is_null(),
+                        Some(line) => !e["rule"].is_null() && request(e).as_deref() == Some(line),
+                    }
+            };
             seen = v.as_array().into_iter().flatten().filter(matching).count();
             seen > 0
         })?;
@@ -833,6 +850,9 @@ fn inventory_yaml(names: &Names) -> String {
     }
     s
 }
+
+/// The tie fighter's forbidden request, as verdict events name it.
+const EXHAUST: &str = "PUT /v1/exhaust-port";
 
 const DEATHSTAR_PY: &str = r#"# The deathstar: lands ships, and explodes when its exhaust port is hit.
 import http.server, socketserver, threading

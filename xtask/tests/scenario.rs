@@ -49,7 +49,9 @@ fn reference_scenario_learn_propose_approve_monitor_enforce() {
     assert!(report.monitor_exhaust.starts_with("HTTP 503"), "{}", report.monitor_exhaust);
     assert!(report.http_audit_events >= 1);
     assert!(report.enforce_exhaust.starts_with("request failed"), "{}", report.enforce_exhaust);
-    assert!(report.http_denied_events >= 1);
+    // One PUT, one event, however often TCP retransmitted the dropped segment.
+    assert_eq!(report.http_denied_events, 1);
+    println!("HTTP audit events for the one PUT in monitor mode: {}", report.http_audit_events);
     println!("first connection → approvable proposal: {:?}", report.first_connection_to_proposal);
     let _ = std::fs::remove_dir_all(&opts.dir);
 }

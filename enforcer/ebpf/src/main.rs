@@ -61,10 +61,10 @@ use bulkhead_abi::enforcer::{
     DEFAULT_ENDPOINTS, DEFAULT_HTTP_RULES, DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_RULE_STATS,
     DEFAULT_VERDICT_EVENTS_BYTES, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_COVERED, EP_INGRESS_COVERED, EndpointKey,
     EndpointSlot, EndpointValue, EnforcerConfig, FAIL_CLOSED, FAIL_OPEN, HTTP_KEY_DATA, HTTP_KEY_METHOD, HTTP_KEY_PATH,
-    HTTP_METHOD_BYTES, HTTP_PATH_BYTES, HTTP_STATE_REQUEST_SEEN, HttpKeyData, IDENTITY_ANY, IDENTITY_WORLD,
-    IPPROTO_TCP, IPPROTO_UDP, IpcacheValue, MODE_ENFORCE, MODE_MONITOR, PolicyKey, PolicyValue, REASON_DEFAULT_DENY,
-    REASON_HTTP, REASON_NOT_COVERED, REASON_RULE, RateState, RuleStats, SockVerdict, VERDICT_ALLOWED, VERDICT_AUDIT,
-    VERDICT_DENIED, VerdictEvent, v4_mapped,
+    HTTP_METHOD_BYTES, HTTP_PATH_BYTES, HTTP_STATE_DENIED_REPORTED, HTTP_STATE_REQUEST_SEEN, HttpKeyData,
+    HttpVerdictEvent, IDENTITY_ANY, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP, IpcacheValue, MODE_ENFORCE, MODE_MONITOR,
+    PolicyKey, PolicyValue, REASON_DEFAULT_DENY, REASON_HTTP, REASON_NOT_COVERED, REASON_RULE, RateState, RuleStats,
+    SockVerdict, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED, VerdictEvent, v4_mapped,
 };
 
 /// Verdict of the shared decision code: let the packet through. Equal to the
@@ -142,6 +142,11 @@ const _: () = assert!(HTTP_READ <= HTTP_RAW && HTTP_RAW.is_power_of_two());
 struct HttpScratch {
     raw: [u8; HTTP_RAW],
     key: Key<HttpKeyData>,
+    /// The method of the request line last judged (the key's method is cleared
+    /// for the "any method" lookup), for its event; all zero when there was none.
+    method: [u8; HTTP_METHOD_BYTES],
+    /// 1 when `key` holds the path of the request line last judged.
+    path_read: u8,
 }
 
 /// `bulkhead_abi::enforcer::SOCK_VERDICT`: socket storage needs BTF for its key
@@ -533,22 +538,31 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
                     Ok(PASS)
                 }
                 HttpVerdict::Denied => {
+                    let enforce = ep.mode != MODE_MONITOR;
+                    if enforce && http_state & HTTP_STATE_DENIED_REPORTED != 0 {
+                        // The refused request again (a retransmission): nothing
+                        // past it can arrive on this connection.
+                        count(COUNTER_DENIED);
+                        return Ok(DROP);
+                    }
                     let d = Decision {
-                        verdict: if ep.mode == MODE_MONITOR { VERDICT_AUDIT } else { VERDICT_DENIED },
+                        verdict: if enforce { VERDICT_DENIED } else { VERDICT_AUDIT },
                         reason: REASON_HTTP,
                         rule_id: ct_rule,
                         peer_identity: peer_identity_of(&pkt, generation),
                         http_set,
                     };
-                    report(&cfg, &ep, &pkt, cgroup_id, dir, &d, now);
-                    if ep.mode == MODE_MONITOR {
+                    report_http(&cfg, &ep, &pkt, cgroup_id, dir, &d, now);
+                    if enforce {
+                        count(COUNTER_DENIED);
+                        // SAFETY: as above.
+                        unsafe { (*ct).http_state = http_state | HTTP_STATE_DENIED_REPORTED };
+                        Ok(DROP)
+                    } else {
                         count(COUNTER_AUDIT);
                         // SAFETY: as above. Judged: later segments are its body.
                         unsafe { (*ct).http_state = http_state | HTTP_STATE_REQUEST_SEEN };
                         Ok(PASS)
-                    } else {
-                        count(COUNTER_DENIED);
-                        Ok(DROP)
                     }
                 }
             };
@@ -883,6 +897,13 @@ fn unjudged(seen: bool) -> HttpVerdict {
     reason = "index loops over constants: the verifier walks each iteration with a known offset into the map value"
 )]
 fn http_check<P: PacketSource>(ctx: &P, pkt: &Packet, generation: u32, set: u16, seen: bool) -> HttpVerdict {
+    let Some(sc) = HTTP_SCRATCH.get_ptr_mut(0) else { return unjudged(seen) };
+    // What an event reports unless a method and path are read below.
+    // SAFETY: `sc` points at this CPU's scratch value, alive while the program runs.
+    unsafe {
+        (*sc).method = [0; HTTP_METHOD_BYTES];
+        (*sc).path_read = 0;
+    }
     // Data offset and IP total length: where the payload starts and how long it is.
     // Two bytes, not one: see `parse` on one-byte bounds checks.
     let Ok([doff, _]) = ctx.load::<[u8; 2]>(pkt.l4 + 12) else { return unjudged(seen) };
@@ -903,8 +924,11 @@ fn http_check<P: PacketSource>(ctx: &P, pkt: &Packet, generation: u32, set: u16,
         return HttpVerdict::NoRequest;
     }
     let avail = total - payload;
-    let Some(sc) = HTTP_SCRATCH.get_ptr_mut(0) else { return unjudged(seen) };
     // SAFETY: `sc` points at this CPU's scratch value, alive while the program runs.
+    let method = unsafe { &mut (*sc).method };
+    // SAFETY: as above.
+    let key = unsafe { &mut (*sc).key };
+    // SAFETY: as above.
     let raw = unsafe { &mut (*sc).raw };
     // The method: upper-case letters up to the first space, in the first 17 bytes.
     // Bytes past the segment read as 0xff (never a letter, a space or a '?').
@@ -929,13 +953,13 @@ fn http_check<P: PacketSource>(ctx: &P, pkt: &Packet, generation: u32, set: u16,
     if !found || mlen == 0 {
         return unjudged(seen);
     }
-    // SAFETY: as above; the key lives in the same scratch value.
-    let key = unsafe { &mut (*sc).key };
     key.prefix_len = (HTTP_KEY_DATA * 8) as u32;
     key.data[..4].copy_from_slice(&generation.to_ne_bytes());
     key.data[4..6].copy_from_slice(&set.to_ne_bytes());
     for j in 0..HTTP_METHOD_BYTES {
-        key.data[HTTP_KEY_METHOD + j] = if j < mlen { raw[j] } else { 0 };
+        let b = if j < mlen { raw[j] } else { 0 };
+        key.data[HTTP_KEY_METHOD + j] = b;
+        method[j] = b;
     }
     // The path, read afresh from just after the space, so the loop below indexes
     // constants only (the verifier then walks it once, not once per method length).
@@ -963,6 +987,8 @@ fn http_check<P: PacketSource>(ctx: &P, pkt: &Packet, generation: u32, set: u16,
         };
         key.data[HTTP_KEY_PATH + j] = b;
     }
+    // SAFETY: as above.
+    unsafe { (*sc).path_read = 1 };
     if HTTP_RULES_V1.get(&*key).is_some() {
         return HttpVerdict::Allowed;
     }
@@ -1072,7 +1098,22 @@ fn report(cfg: &EnforcerConfig, ep: &EndpointSlot, pkt: &Packet, cgroup_id: u64,
         count(COUNTER_EVENTS_LOST);
         return;
     };
-    entry.write(VerdictEvent {
+    entry.write(event(cfg, ep, pkt, cgroup_id, dir, d, now));
+    entry.submit(BPF_RB_NO_WAKEUP.into());
+}
+
+/// The fields of a verdict event.
+#[inline(always)]
+fn event(
+    cfg: &EnforcerConfig,
+    ep: &EndpointSlot,
+    pkt: &Packet,
+    cgroup_id: u64,
+    dir: u8,
+    d: &Decision,
+    now: u64,
+) -> VerdictEvent {
+    VerdictEvent {
         ts_ns: now,
         cgroup_id,
         local_addr: pkt.local_addr,
@@ -1090,7 +1131,34 @@ fn report(cfg: &EnforcerConfig, ep: &EndpointSlot, pkt: &Packet, cgroup_id: u64,
         reason: d.reason,
         mode: ep.mode,
         _pad: [0; 5],
-    });
+    }
+}
+
+/// Writes one HTTP verdict event: [`report`]'s fields and the request line
+/// [`http_check`] left in the scratch (rate-limited, without waking user space).
+#[inline(always)]
+fn report_http(cfg: &EnforcerConfig, ep: &EndpointSlot, pkt: &Packet, cgroup_id: u64, dir: u8, d: &Decision, now: u64) {
+    if !take_event_token(cfg, now) {
+        count(COUNTER_EVENTS_LIMITED);
+        return;
+    }
+    let Some(sc) = HTTP_SCRATCH.get_ptr(0) else { return };
+    let Some(mut entry) = VERDICTS_V1.reserve::<HttpVerdictEvent>(0) else {
+        count(COUNTER_EVENTS_LOST);
+        return;
+    };
+    let out = entry.as_mut_ptr();
+    // SAFETY: `out` is the reserved record (written in full below before submit);
+    // `sc` is this CPU's scratch value, alive while the program runs.
+    unsafe {
+        (*out).event = event(cfg, ep, pkt, cgroup_id, dir, d, now);
+        (*out).method = (*sc).method;
+        let read = (*sc).path_read != 0;
+        for j in 0..HTTP_PATH_BYTES {
+            (*out).path[j] = if read { (*sc).key.data[HTTP_KEY_PATH + j] } else { 0xff };
+        }
+        (*out)._pad = [0; 6];
+    }
     entry.submit(BPF_RB_NO_WAKEUP.into());
 }
 

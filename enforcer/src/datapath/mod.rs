@@ -69,6 +69,7 @@ use bulkhead_abi::enforcer::{
     self as abi, CtKey, CtValue, EndpointKey, EndpointSlot, EndpointValue, EnforcerConfig, IpcacheValue, PolicyKey,
     PolicyValue, RateState, RuleStats, VerdictEvent,
 };
+use bulkhead_model::HttpRequestLine;
 use ipnet::IpNet;
 
 mod apply;
@@ -268,7 +269,7 @@ pub struct KernelRule {
 }
 
 /// A verdict the kernel reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerdictRecord {
     /// `CLOCK_BOOTTIME` ns.
     pub ts_ns: u64,
@@ -287,6 +288,8 @@ pub struct VerdictRecord {
     /// `abi::REASON_*`.
     pub reason: u8,
     pub mode: Mode,
+    /// An HTTP verdict's request line (from an [`abi::HttpVerdictEvent`] record).
+    pub http: Option<HttpRequestLine>,
 }
 
 /// Kernel counters summed over CPUs, plus user-side decode errors.
@@ -1071,7 +1074,19 @@ pub fn decode_verdict(bytes: &[u8]) -> Option<VerdictRecord> {
         verdict: ev.verdict,
         reason: ev.reason,
         mode: Mode::from_abi(ev.mode),
+        http: decode_http_line(bytes, ev.reason),
     })
+}
+
+/// The request line of an HTTP verdict record; `None` for other records (and for an
+/// HTTP one written by programs older than [`abi::HttpVerdictEvent`]).
+fn decode_http_line(bytes: &[u8], reason: u8) -> Option<HttpRequestLine> {
+    if reason != abi::REASON_HTTP || bytes.len() < size_of::<abi::HttpVerdictEvent>() {
+        return None;
+    }
+    // SAFETY: the length is checked above; HttpVerdictEvent is plain old data.
+    let ev: abi::HttpVerdictEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    Some(HttpRequestLine::from_kernel(&ev.method, &ev.path))
 }
 
 /// An address as the programs see it, for tests and diagnostics.
@@ -1156,6 +1171,29 @@ mod tests {
         let mut bad = bytes.clone();
         bad[std::mem::offset_of!(VerdictEvent, direction)] = 9;
         assert!(decode_verdict(&bad).is_none());
+        assert_eq!(rec.http, None, "an L4 record has no request line");
+
+        // An HTTP verdict: the longer record carries the request line.
+        let mut path = [0xffu8; abi::HTTP_PATH_BYTES];
+        path[..17].copy_from_slice(b"/v1/exhaust-port\0");
+        let mut method = [0u8; abi::HTTP_METHOD_BYTES];
+        method[..3].copy_from_slice(b"PUT");
+        let http = abi::HttpVerdictEvent {
+            event: VerdictEvent { reason: abi::REASON_HTTP, verdict: abi::VERDICT_DENIED, rule_id: 3, ..ev },
+            method,
+            path,
+            _pad: [0; 6],
+        };
+        // SAFETY: HttpVerdictEvent is repr(C) plain old data without padding.
+        let bytes =
+            unsafe { std::slice::from_raw_parts((&raw const http).cast::<u8>(), size_of::<abi::HttpVerdictEvent>()) }
+                .to_vec();
+        let rec = decode_verdict(&bytes).expect("decodes");
+        let line = rec.http.expect("an HTTP record has its request line");
+        assert_eq!((line.method.as_str(), line.path.as_str(), line.truncated), ("PUT", "/v1/exhaust-port", false));
+        // Its head alone (an older program's record) is still a verdict, without it.
+        let head = decode_verdict(&bytes[..size_of::<VerdictEvent>()]).expect("decodes");
+        assert_eq!((head.rule_id, head.http), (3, None));
     }
 
     #[test]

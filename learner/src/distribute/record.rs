@@ -143,6 +143,7 @@ impl Recorder {
                     protocol: e.protocol,
                     policy_version: r.policy_version,
                     rule: e.rule_id.and_then(rule_ref),
+                    http: e.http.clone(),
                 }
             })
             .collect();

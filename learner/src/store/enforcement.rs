@@ -11,12 +11,14 @@
 //! above `i64::MAX` is refused, never saturated, because a wrong version is worse than
 //! none); hit counters saturate at `i64::MAX`. Verdict-event addresses are text
 //! (`IpAddr` Display): events are rate-limited, so the compact form flows use buys
-//! nothing here, and text is what an analyst greps for in a SQL shell.
+//! nothing here, and text is what an analyst greps for in a SQL shell. The request line
+//! of an HTTP verdict is three nullable columns (method, path, truncated: all NULL for
+//! an L4 verdict), not JSON, for the same reason.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use bulkhead_model::{Direction, EnforcerLoss, Identity, Protocol, Verdict};
+use bulkhead_model::{Direction, EnforcerLoss, HttpRequestLine, Identity, Protocol, Verdict};
 use serde::Serialize;
 
 use super::StoreError;
@@ -173,6 +175,12 @@ pub struct VerdictEventRow {
     pub policy_version: u64,
     /// The deciding rule; `None` = default deny of a covered direction.
     pub rule: Option<RuleRef>,
+    /// For an HTTP verdict (the rule is an L7 rule and the request matched none of its
+    /// HTTP rules): the request line the enforcer read. `None` for an L4 verdict.
+    /// Attacker-chosen text: bounded visible ASCII (see [`HttpRequestLine::validate`]),
+    /// to be escaped wherever it is shown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpRequestLine>,
 }
 
 /// A stored verdict event.
@@ -249,11 +257,16 @@ pub(crate) struct EventColumns {
     pub rule_proposal_id: Vec<Option<i64>>,
     pub rule_direction: Vec<Option<i16>>,
     pub rule_index: Vec<Option<i64>>,
+    pub http_method: Vec<Option<String>>,
+    pub http_path: Vec<Option<String>>,
+    pub http_truncated: Vec<Option<bool>>,
 }
 
 impl EventColumns {
     /// Converts `events` to stored values; refuses the whole batch (nothing is written)
-    /// if a policy version does not fit.
+    /// if a policy version does not fit or a request line is not what an enforcer can
+    /// send ([`HttpRequestLine::validate`], which the wire decode already applied: this
+    /// guards the table's promise to every reader, whoever calls the store).
     pub fn new(events: &[VerdictEventRow]) -> Result<Self, StoreError> {
         let n = events.len();
         let mut c = EventColumns {
@@ -270,6 +283,9 @@ impl EventColumns {
             rule_proposal_id: Vec::with_capacity(n),
             rule_direction: Vec::with_capacity(n),
             rule_index: Vec::with_capacity(n),
+            http_method: Vec::with_capacity(n),
+            http_path: Vec::with_capacity(n),
+            http_truncated: Vec::with_capacity(n),
         };
         for e in events {
             c.at_unix_ms.push(e.at_unix_ms);
@@ -285,6 +301,12 @@ impl EventColumns {
             c.rule_proposal_id.push(e.rule.map(|r| r.proposal_id));
             c.rule_direction.push(e.rule.map(|r| direction_code(r.direction)));
             c.rule_index.push(e.rule.map(|r| i64::from(r.rule_index)));
+            if let Some(h) = &e.http {
+                h.validate().map_err(|reason| StoreError::InvalidHttpLine { reason })?;
+            }
+            c.http_method.push(e.http.as_ref().map(|h| h.method.clone()));
+            c.http_path.push(e.http.as_ref().map(|h| h.path.clone()));
+            c.http_truncated.push(e.http.as_ref().map(|h| h.truncated));
         }
         Ok(c)
     }
@@ -312,6 +334,9 @@ pub(crate) struct RawVerdictEvent {
     pub rule_proposal_id: Option<i64>,
     pub rule_direction: Option<i16>,
     pub rule_index: Option<i64>,
+    pub http_method: Option<String>,
+    pub http_path: Option<String>,
+    pub http_truncated: Option<bool>,
 }
 
 const EVENTS: &str = "verdict_events";
@@ -346,6 +371,18 @@ impl TryFrom<RawVerdictEvent> for VerdictEventRecord {
             // The migration's CHECK makes this impossible; say so if it happens anyway.
             _ => return Err(invalid("rule_proposal_id", "partial rule reference")),
         };
+        let http = match (r.http_method, r.http_path, r.http_truncated) {
+            (None, None, None) => None,
+            (Some(method), Some(path), Some(truncated)) => {
+                let line = HttpRequestLine { method, path, truncated };
+                // Readers print it as is: hold the stored text to what ingest admits.
+                if let Err(reason) = line.validate() {
+                    return Err(invalid("http_path", format!("{reason}: {:?} {:?}", line.method, line.path)));
+                }
+                Some(line)
+            }
+            _ => return Err(invalid("http_method", "partial request line")),
+        };
         Ok(VerdictEventRecord {
             id: r.id,
             node_id: r.node_id,
@@ -362,6 +399,7 @@ impl TryFrom<RawVerdictEvent> for VerdictEventRecord {
                 protocol: protocol_from_db(EVENTS, r.protocol)?,
                 policy_version: decode::counter(EVENTS, "policy_version", r.policy_version)?,
                 rule,
+                http,
             },
         })
     }
@@ -547,7 +585,7 @@ pub(crate) const REPORT_LOSS: &str = "INSERT INTO enforcers (node_id, ringbuf_dr
 /// Stored columns of `verdict_events` except `id`, in insert order.
 pub(crate) const EVENT_COLUMNS: &str = "node_id, received_unix_ms, at_unix_ms, local_identity, peer_identity, \
      direction, verdict, src_addr, dst_addr, dst_port, protocol, policy_version, rule_proposal_id, \
-     rule_direction, rule_index";
+     rule_direction, rule_index, http_method, http_path, http_truncated";
 
 /// Per local identity: audit and deny events at or after `$1`. The unary plus on the
 /// grouped column is deliberate: without it SQLite prefers walking the identity index in

@@ -52,6 +52,12 @@ pub enum StoreError {
     #[error("{field} = {value} is out of the storable range")]
     OutOfRange { field: &'static str, value: u64 },
 
+    /// A verdict event's HTTP request line is not one an enforcer can send
+    /// (`HttpRequestLine::validate`: bounded, visible ASCII). Every reader prints the
+    /// stored line as is, so the store holds it to that.
+    #[error("invalid HTTP request line: {reason}")]
+    InvalidHttpLine { reason: &'static str },
+
     /// A stored value does not decode into the domain type; the database was changed
     /// behind the store's back or a migration is missing.
     #[error("stored {table}.{column} holds an invalid value: {value}")]

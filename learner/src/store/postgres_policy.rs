@@ -36,10 +36,10 @@ type Sql = policy_sql::Sql<Postgres>;
 /// One statement per batch whatever its size (see `postgres`): one array per column.
 const INSERT_VERDICT_EVENTS: &str = "INSERT INTO verdict_events (node_id, received_unix_ms, at_unix_ms, \
      local_identity, peer_identity, direction, verdict, src_addr, dst_addr, dst_port, protocol, policy_version, \
-     rule_proposal_id, rule_direction, rule_index) \
+     rule_proposal_id, rule_direction, rule_index, http_method, http_path, http_truncated) \
      SELECT $1::text, $2::bigint, u.* FROM UNNEST($3::bigint[], $4::bigint[], $5::bigint[], $6::smallint[], \
      $7::smallint[], $8::text[], $9::text[], $10::int[], $11::int[], $12::bigint[], $13::bigint[], \
-     $14::smallint[], $15::bigint[]) AS u";
+     $14::smallint[], $15::bigint[], $16::text[], $17::text[], $18::boolean[]) AS u";
 
 /// Rows arrive folded per rule and sorted (`HitColumns`): no row is touched twice, and
 /// concurrent reports lock rows in the same order.
@@ -218,6 +218,9 @@ impl PgStore {
             .bind(&c.rule_proposal_id)
             .bind(&c.rule_direction)
             .bind(&c.rule_index)
+            .bind(&c.http_method)
+            .bind(&c.http_path)
+            .bind(&c.http_truncated)
             .execute(&self.pool)
             .await
             .map_err(StoreError::db("insert_verdict_events"))?

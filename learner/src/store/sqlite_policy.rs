@@ -27,11 +27,11 @@ type Sql = policy_sql::Sql<Sqlite>;
 
 /// SQLite's limit on bound parameters per statement (SQLITE_MAX_VARIABLE_NUMBER).
 const MAX_BINDS: usize = 32_766;
-/// Verdict events per INSERT (15 binds each).
-const EVENT_ROWS_PER_INSERT: usize = 2_000;
+/// Verdict events per INSERT (18 binds each).
+const EVENT_ROWS_PER_INSERT: usize = 1_800;
 /// Rule-hit rows per upsert (6 binds each).
 const HIT_ROWS_PER_UPSERT: usize = 5_000;
-const _: () = assert!(EVENT_ROWS_PER_INSERT * 15 <= MAX_BINDS && HIT_ROWS_PER_UPSERT * 6 <= MAX_BINDS);
+const _: () = assert!(EVENT_ROWS_PER_INSERT * 18 <= MAX_BINDS && HIT_ROWS_PER_UPSERT * 6 <= MAX_BINDS);
 
 /// The row ranges of `n` rows in chunks of at most `max`.
 fn chunks(n: usize, max: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
@@ -194,7 +194,10 @@ impl SqliteStore {
                     .push_bind(c.policy_version[i])
                     .push_bind(c.rule_proposal_id[i])
                     .push_bind(c.rule_direction[i])
-                    .push_bind(c.rule_index[i]);
+                    .push_bind(c.rule_index[i])
+                    .push_bind(c.http_method[i].as_deref())
+                    .push_bind(c.http_path[i].as_deref())
+                    .push_bind(c.http_truncated[i]);
             });
             b.build().persistent(full).execute(&mut *tx).await.map_err(StoreError::db(OP))?;
         }

@@ -443,6 +443,11 @@ pub struct CtValue {
 /// continuation. Before it, payload that is not a whole request line is judged as a
 /// request that matches nothing (a split first request line cannot slip through).
 pub const HTTP_STATE_REQUEST_SEEN: u8 = 1;
+/// [`CtValue::http_state`]: an enforce-mode endpoint dropped a request on it and
+/// reported it. TCP cannot deliver anything past the dropped segment, so every
+/// later denial on the connection is that request again (a retransmission): it is
+/// dropped without another event — one event per refused request, not per try.
+pub const HTTP_STATE_DENIED_REPORTED: u8 = 2;
 const _: () = assert!(size_of::<CtValue>() == 32);
 
 /// The verdict of an established TCP connection, cached on its socket
@@ -535,6 +540,23 @@ pub struct VerdictEvent {
     pub _pad: [u8; 5],
 }
 const _: () = assert!(size_of::<VerdictEvent>() == 80);
+
+/// An HTTP verdict ([`REASON_HTTP`]): the [`VerdictEvent`] followed by the request
+/// line the program read, so an analyst sees what was refused. A longer record in
+/// the same ring buffer: a reader that knows only [`VerdictEvent`] reads its head.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpVerdictEvent {
+    pub event: VerdictEvent,
+    /// Zero-padded; all zero when the segment did not start with `METHOD SP` (it
+    /// was judged as a request matching nothing).
+    pub method: [u8; HTTP_METHOD_BYTES],
+    /// As in an [`HTTP_RULES`] key: the path up to a 0 (space or `?` ended it), or
+    /// 0xff from where the segment or the read ended.
+    pub path: [u8; HTTP_PATH_BYTES],
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<HttpVerdictEvent>() == 232);
 
 /// Run-time settings, one entry in [`CONFIG`].
 #[repr(C)]

@@ -48,6 +48,7 @@ impl_pod!(
     enforcer::CtKey,
     enforcer::CtValue,
     enforcer::VerdictEvent,
+    enforcer::HttpVerdictEvent,
     enforcer::EnforcerConfig,
     enforcer::RateState,
     enforcer::RuleStats,

@@ -26,9 +26,9 @@ pub use flow::{
 pub use identity::{Identity, ReservedIdentity};
 pub use labels::{LabelError, Labels};
 pub use node_policy::{
-    EndpointCgroup, EnforcerHello, EnforcerLoss, EnforcerMessage, IpcacheEntry, NodePolicy, NodePolicyError, NodeRule,
-    PolicyAck, PolicyAckStatus, PolicyEndpoint, RuleCounter, RuleKey, RuleRef, RuleVerdict, VerdictEvent,
-    VerdictReport,
+    EndpointCgroup, EnforcerHello, EnforcerLoss, EnforcerMessage, HttpRequestLine, IpcacheEntry,
+    MAX_HTTP_LINE_PATH_BYTES, NodePolicy, NodePolicyError, NodeRule, PolicyAck, PolicyAckStatus, PolicyEndpoint,
+    RuleCounter, RuleKey, RuleRef, RuleVerdict, VerdictEvent, VerdictReport,
 };
 pub use policy::{
     HttpPath, HttpRule, HttpRuleError, LabelSelector, MAX_HTTP_METHOD_LEN, MAX_HTTP_PATH_LEN, Peer, Policy, PortRange,

@@ -504,6 +504,87 @@ pub struct VerdictEvent {
     pub rule_id: Option<u32>,
     /// Further events of the same kind the kernel's rate limit folded into this one.
     pub suppressed: u64,
+    /// For an HTTP verdict (an L7 rule's connection carried a request none of its HTTP
+    /// rules matched): the request line as the kernel read it, so an analyst sees
+    /// *what* was refused, not just that something was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpRequestLine>,
+}
+
+/// The request line of an HTTP verdict, as the enforcer's kernel program read it from
+/// the segment. Attacker-controlled bytes: kept to visible ASCII (others escaped) and
+/// bounded, so every consumer can print it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpRequestLine {
+    /// Upper-case token; empty when the segment did not start with a request line
+    /// (judged as a request matching nothing, e.g. a first request split across
+    /// segments).
+    pub method: String,
+    /// Without the query string; visible ASCII, other bytes escaped as `\xNN`.
+    pub path: String,
+    /// The path went on past what the kernel reads ([`MAX_HTTP_LINE_PATH_BYTES`]).
+    pub truncated: bool,
+}
+
+/// Path bytes an enforcer reads of a request line: the model's 128-byte path limit
+/// plus what tells an exact path from a longer one.
+pub const MAX_HTTP_LINE_PATH_BYTES: usize = 130;
+
+impl HttpRequestLine {
+    /// From the kernel's bytes: `method` up to its first 0; `path` up to a 0 (the
+    /// end of the path) or 0xff (the segment or the read ended first: truncated).
+    pub fn from_kernel(method: &[u8], path: &[u8]) -> Self {
+        let method: String = method
+            .iter()
+            .take_while(|&&b| b != 0)
+            .take(crate::MAX_HTTP_METHOD_LEN)
+            .filter(|b| b.is_ascii_uppercase())
+            .map(|&b| char::from(b))
+            .collect();
+        let end = path.iter().position(|&b| b == 0 || b == 0xff);
+        let truncated = end.is_none_or(|i| path[i] == 0xff);
+        let bytes = &path[..end.unwrap_or(path.len()).min(MAX_HTTP_LINE_PATH_BYTES)];
+        Self { method, path: escape_path(bytes), truncated }
+    }
+
+    /// Checks what came over the wire against what [`Self::from_kernel`] makes.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.method.len() > crate::MAX_HTTP_METHOD_LEN || !self.method.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err("method must be at most 16 upper-case letters");
+        }
+        if self.path.len() > 4 * MAX_HTTP_LINE_PATH_BYTES || !self.path.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("path must be at most 520 bytes of visible ASCII");
+        }
+        Ok(())
+    }
+}
+
+/// How every surface (CLI tables, pages) writes it: `PUT /v1/exhaust-port`, `(not a
+/// request line)` when the segment did not start with one, and a `…` suffix when the
+/// path went on past what the kernel reads. Plain text: whoever prints it escapes it
+/// for its medium (the path is attacker-chosen).
+impl std::fmt::Display for HttpRequestLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.method.is_empty() {
+            return f.write_str("(not a request line)");
+        }
+        let more = if self.truncated { "…" } else { "" };
+        write!(f, "{} {}{more}", self.method, self.path)
+    }
+}
+
+/// Visible ASCII as is (a backslash doubled, so an escape is unambiguous), anything
+/// else as `\xNN`.
+fn escape_path(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        match b {
+            b'\\' => out.push_str("\\\\"),
+            0x21..=0x7e => out.push(char::from(b)),
+            _ => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out
 }
 
 /// Hits of one rule under a policy version.

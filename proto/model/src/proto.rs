@@ -12,9 +12,9 @@ use ipnet::IpNet;
 use crate::policy::{HttpRuleError, validate_method, validate_path};
 use crate::{
     CgroupFact, Direction, DnsAnswer, EndpointCgroup, EndpointFact, EnforcerHello, EnforcerLoss, EnforcerMessage, Flow,
-    FlowBatch, FlowHttp, HttpRequestCount, Identity, InterfaceAddress, IpcacheEntry, LossCounters, MAX_HTTP_PER_FLOW,
-    NodePolicy, NodePolicyDelta, NodeRule, PolicyAck, PolicyAckStatus, PolicyEndpoint, PolicyUpdate, Protocol,
-    RolloutMode, RuleCounter, RuleKey, RuleRef, Verdict, VerdictEvent, VerdictReport,
+    FlowBatch, FlowHttp, HttpRequestCount, HttpRequestLine, Identity, InterfaceAddress, IpcacheEntry, LossCounters,
+    MAX_HTTP_PER_FLOW, NodePolicy, NodePolicyDelta, NodeRule, PolicyAck, PolicyAckStatus, PolicyEndpoint, PolicyUpdate,
+    Protocol, RolloutMode, RuleCounter, RuleKey, RuleRef, Verdict, VerdictEvent, VerdictReport,
 };
 use crate::{HttpPath, HttpRule};
 
@@ -490,6 +490,8 @@ pub enum InvalidNodePolicy {
     TooMany { field: String, len: usize, max: usize },
     #[error("{field} is missing")]
     Missing { field: String },
+    #[error("{field}: {reason}")]
+    Text { field: String, reason: &'static str },
     #[error("{field}: {source}")]
     Http { field: String, source: crate::HttpRuleError },
     /// Decoded, but not a policy an enforcer can apply.
@@ -972,6 +974,7 @@ impl TryFrom<v1::VerdictReport> for VerdictReport {
                     verdict,
                     rule_id,
                     suppressed,
+                    http,
                 } = e;
                 let field = |name: &str| format!("report.events[{i}].{name}");
                 let addr = |name: &'static str, b: &[u8]| {
@@ -1022,6 +1025,15 @@ impl TryFrom<v1::VerdictReport> for VerdictReport {
                     verdict,
                     rule_id: (rule_id != 0).then_some(rule_id),
                     suppressed,
+                    http: http
+                        .map(|h| {
+                            let v1::HttpRequestLine { method, path, truncated } = h;
+                            let line = HttpRequestLine { method, path, truncated };
+                            line.validate()
+                                .map(|()| line)
+                                .map_err(|reason| InvalidNodePolicy::Text { field: field("http"), reason })
+                        })
+                        .transpose()?,
                 })
             })
             .collect::<Result<Vec<_>, InvalidNodePolicy>>()?;
@@ -1068,6 +1080,11 @@ impl From<&VerdictReport> for v1::VerdictReport {
                     } as i32,
                     rule_id: e.rule_id.unwrap_or(0),
                     suppressed: e.suppressed,
+                    http: e.http.as_ref().map(|h| v1::HttpRequestLine {
+                        method: h.method.clone(),
+                        path: h.path.clone(),
+                        truncated: h.truncated,
+                    }),
                 })
                 .collect(),
             rule_counters: r
@@ -1306,6 +1323,7 @@ mod node_policy_tests {
             verdict: Verdict::Audit,
             rule_id: None,
             suppressed: 3,
+            http: None,
         }
     }
 
@@ -1325,7 +1343,20 @@ mod node_policy_tests {
             }),
             EnforcerMessage::Report(VerdictReport {
                 policy_version: 4,
-                events: vec![event(), VerdictEvent { rule_id: Some(2), verdict: Verdict::Forwarded, ..event() }],
+                events: vec![
+                    event(),
+                    VerdictEvent { rule_id: Some(2), verdict: Verdict::Forwarded, ..event() },
+                    VerdictEvent {
+                        rule_id: Some(3),
+                        verdict: Verdict::Denied,
+                        http: Some(HttpRequestLine {
+                            method: "PUT".into(),
+                            path: "/v1/exhaust-port".into(),
+                            truncated: false,
+                        }),
+                        ..event()
+                    },
+                ],
                 rule_counters: vec![RuleCounter { rule_id: 2, hits: 10, last_hit_unix_ms: 99 }],
                 loss: EnforcerLoss { ringbuf_dropped: 1, queue_dropped: 2, conntrack_full: 3 },
                 sent_unix_ms: 1_700_000_000_000,
@@ -1334,6 +1365,57 @@ mod node_policy_tests {
         for m in msgs {
             assert_eq!(EnforcerMessage::try_from(v1::EnforcerMessage::from(&m)), Ok(m));
         }
+    }
+
+    /// The request line of an HTTP verdict is attacker-controlled text: what the
+    /// kernel read becomes printable and bounded, and the wire refuses anything else.
+    #[test]
+    fn http_request_lines_are_printable_and_bounded() {
+        let pad = |b: &[u8], fill: u8| {
+            let mut v = b.to_vec();
+            v.resize(crate::MAX_HTTP_LINE_PATH_BYTES, fill);
+            v
+        };
+        let line = HttpRequestLine::from_kernel(b"PUT\0\0\0", &pad(b"/v1/exhaust-port", 0));
+        assert_eq!(line, HttpRequestLine { method: "PUT".into(), path: "/v1/exhaust-port".into(), truncated: false });
+        // Cut off by the segment's end (0xff padding), with hostile bytes escaped.
+        let line = HttpRequestLine::from_kernel(b"GET", &pad(b"/a<script>\\\x01\xc3", 0xff));
+        assert_eq!(line.path, "/a<script>\\\\\\x01\\xc3");
+        assert!(line.truncated);
+        assert_eq!(line.validate(), Ok(()));
+        // Longer than the kernel reads: no terminator at all.
+        let line = HttpRequestLine::from_kernel(b"GET", &pad(&[b'a'; 200], 0));
+        assert!(line.truncated && line.path.len() == crate::MAX_HTTP_LINE_PATH_BYTES);
+        // Not a request line: no method.
+        let none = HttpRequestLine::from_kernel(&[0; 16], &pad(b"", 0xff));
+        assert_eq!((none.method.as_str(), none.to_string().as_str()), ("", "(not a request line)"));
+        assert_eq!(HttpRequestLine::from_kernel(b"GET", &pad(b"/aaaa", 0xff)).to_string(), "GET /aaaa…");
+        assert_eq!(
+            HttpRequestLine::from_kernel(b"PUT", &pad(b"/v1/exhaust-port", 0)).to_string(),
+            "PUT /v1/exhaust-port"
+        );
+
+        let report = |http: v1::HttpRequestLine| v1::VerdictReport {
+            events: vec![v1::VerdictEvent {
+                http: Some(http),
+                ..v1::VerdictReport::from(&VerdictReport { events: vec![event()], ..Default::default() }).events[0]
+                    .clone()
+            }],
+            ..Default::default()
+        };
+        for (method, path) in [("put", "/x"), ("GET", "/a b"), ("GET", "/\u{e9}"), ("AAAAAAAAAAAAAAAAA", "/")] {
+            let err = VerdictReport::try_from(report(v1::HttpRequestLine {
+                method: method.into(),
+                path: path.into(),
+                truncated: false,
+            }));
+            assert!(
+                matches!(&err, Err(InvalidNodePolicy::Text { field, .. }) if field == "report.events[0].http"),
+                "{method} {path}: {err:?}"
+            );
+        }
+        let long = v1::HttpRequestLine { method: "GET".into(), path: "/".repeat(521), truncated: true };
+        assert!(VerdictReport::try_from(report(long)).is_err());
     }
 
     #[test]

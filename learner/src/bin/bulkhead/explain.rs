@@ -3,7 +3,7 @@
 //! the rollout modes, and checks the enforcers of the nodes involved.
 
 use anyhow::Context as _;
-use bulkhead_model::{Direction, Identity, Labels, Protocol, RolloutMode};
+use bulkhead_model::{Direction, HttpRequestLine, Identity, Labels, Protocol, RolloutMode};
 use clap::{ArgGroup, Args};
 use serde::Deserialize;
 
@@ -179,6 +179,9 @@ struct Event {
     dst_port: u16,
     protocol: Protocol,
     reason: String,
+    /// The request line of an HTTP verdict; absent for an L4 one.
+    #[serde(default)]
+    http: Option<HttpRequestLine>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,10 +263,11 @@ fn print_explanation(e: &Explanation) {
                         v.protocol.as_str()
                     ),
                     printable(&v.reason),
+                    v.http.as_ref().map_or_else(|| "-".to_owned(), |h| printable(&h.to_string())),
                 ]
             })
             .collect();
-        print_table(&["WHEN", "NODE", "VERDICT", "DIRECTION", "CONNECTION", "REASON"], &rows);
+        print_table(&["WHEN", "NODE", "VERDICT", "DIRECTION", "CONNECTION", "REASON", "REQUEST"], &rows);
     }
     for p in &e.pending {
         println!();

@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use bulkhead_model::{HygieneFlag, Lint, Proposal, ProposalStatus};
+use bulkhead_model::{HttpRequestLine, HygieneFlag, Lint, Proposal, ProposalStatus};
 use clap::Subcommand;
 use serde::Deserialize;
 use serde_json::json;
@@ -622,10 +622,23 @@ pub async fn verdicts(
                 )
             },
             e["at_unix_ms"].as_i64().map(ago).unwrap_or_default(),
+            // Last: a path may be hundreds of characters wide.
+            request(&e["http"]),
         ]
     });
-    print_table(&["NODE", "VERDICT", "WORKLOAD", "PEER", "CONNECTION", "RULE", "WHEN"], &rows);
+    print_table(&["NODE", "VERDICT", "WORKLOAD", "PEER", "CONNECTION", "RULE", "WHEN", "REQUEST"], &rows);
     Ok(())
+}
+
+/// An HTTP verdict's request line as the pages write it; `-` for an L4 verdict. Escaped
+/// for the terminal like every other text the learner relays.
+fn request(http: &serde_json::Value) -> String {
+    match serde_json::from_value::<Option<HttpRequestLine>>(http.clone()) {
+        Ok(Some(line)) => printable(&line.to_string()),
+        Ok(None) => "-".to_owned(),
+        // A learner newer than this CLI: show what it sent rather than nothing.
+        Err(_) => printable(&http.to_string()),
+    }
 }
 
 /// One table row per element of a JSON array (nothing for anything else).

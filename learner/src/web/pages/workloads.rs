@@ -241,6 +241,8 @@ struct EventLine {
     verdict_class: &'static str,
     policy_version: u64,
     rule: String,
+    /// The request line of an HTTP verdict (attacker-chosen: the template escapes it).
+    request: Option<String>,
 }
 
 struct EdgeLine {
@@ -397,6 +399,7 @@ pub async fn detail(caller: Viewer, State(state): State<AppState>, Path(id): Pat
                             )
                         },
                     ),
+                    request: e.http.as_ref().map(ToString::to_string),
                 }
             })
             .collect(),
