@@ -2,10 +2,12 @@
 //! `Distributor`, and a fake enforcer that says Hello, receives its node's snapshot,
 //! acks it, and sees a new snapshot when the compiled policy changes.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bulkhead_learner::distribute::{Distributor, PolicyStreamService, Recorder};
+use bulkhead_learner::distribute::{Distributor, Recorder};
 use bulkhead_learner::grpc::ingest::Enrollment;
 use bulkhead_learner::identity::inventory::Inventory;
 use bulkhead_learner::store::Store;
@@ -13,10 +15,11 @@ use bulkhead_model::{
     Direction, EndpointCgroup, EnforcerHello, EnforcerMessage, Identity, IpcacheEntry, NodePolicy, NodeRule, PolicyAck,
     PolicyAckStatus, PolicyEndpoint, PolicyUpdate, Protocol, RolloutMode, RuleKey, RuleRef,
 };
-use bulkhead_proto::v1::{self, policy_stream_client::PolicyStreamClient, policy_stream_server::PolicyStreamServer};
+use bulkhead_proto::v1::{self, policy_stream_client::PolicyStreamClient};
 use bulkhead_testkit::assert_eventually_async;
+use common::{deathstar_proposal, endpoint, serve_policy_stream};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -58,22 +61,7 @@ fn policy(version: u64, port: u16) -> NodePolicy {
 }
 
 async fn serve(distributor: Distributor) -> String {
-    serve_recording(distributor, None).await
-}
-
-/// The PolicyStream service on 127.0.0.1, recording into a store when given one.
-async fn serve_recording(distributor: Distributor, recorder: Option<Recorder>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let service = PolicyStreamServer::new(PolicyStreamService { distributor, recorder });
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-            .expect("server runs");
-    });
-    format!("http://{addr}")
+    serve_policy_stream(distributor, None).await
 }
 
 fn hello(node: &str, applied: u64) -> v1::EnforcerMessage {
@@ -207,28 +195,6 @@ fn labels(pairs: &[(&str, &str)]) -> bulkhead_model::Labels {
     bulkhead_model::Labels::new(pairs.iter().copied()).expect("labels")
 }
 
-fn endpoint(id: Identity, ino: u64, addr: &str) -> bulkhead_learner::store::ResolvedEndpoint {
-    bulkhead_learner::store::ResolvedEndpoint {
-        fact: bulkhead_model::EndpointFact {
-            netns_ino: ino,
-            netns_name: Some(format!("ns{ino}")),
-            addresses: vec![bulkhead_model::InterfaceAddress {
-                interface: "eth0".into(),
-                addr: addr.parse().expect("ip"),
-                prefix_len: 24,
-            }],
-            cgroups: vec![bulkhead_model::CgroupFact {
-                cgroup_id: ino,
-                path: format!("/bulkhead/{ino}"),
-                comms: vec![],
-            }],
-            host: false,
-        },
-        identity: id,
-        workload: None,
-    }
-}
-
 fn endpoints_batch(
     node: &str,
     endpoints: Vec<bulkhead_learner::store::ResolvedEndpoint>,
@@ -245,42 +211,15 @@ fn endpoints_batch(
     }
 }
 
-fn deathstar_proposal(target: Identity) -> bulkhead_model::Proposal {
-    use bulkhead_model::{
-        Convergence, Evidence, LabelSelector, Level, Peer, Policy, PortRange, Proposal, ProposedRule, Rule, Window,
-    };
+/// deathstar accepts the empire on 80/TCP.
+fn empire_on_80(target: Identity) -> bulkhead_model::Proposal {
+    use bulkhead_model::{LabelSelector, Peer, PortRange, Rule};
     let rule = Rule {
         peer: Peer::Workloads { selector: LabelSelector::with_labels([("org", "empire")]) },
         ports: vec![PortRange::single(Protocol::Tcp, 80)],
         http: vec![],
     };
-    Proposal {
-        target,
-        workload: "deathstar".into(),
-        level: Level::Exact,
-        window: Window { from_unix_ms: 0, to_unix_ms: 1_000 },
-        policy: Policy {
-            name: "bulkhead-deathstar".into(),
-            namespace: None,
-            selector: LabelSelector::with_labels([("class", "deathstar")]),
-            ingress: Some(vec![rule.clone()]),
-            egress: None,
-        },
-        rules: vec![ProposedRule {
-            id: "ingress-0".into(),
-            direction: Direction::Ingress,
-            rule,
-            evidence: Evidence::default(),
-            flags: vec![],
-            included: true,
-            widens: vec![],
-            widens_total: 0,
-        }],
-        widening_total: 0,
-        convergence: Convergence { converged: true, last_new_edge_unix_ms: Some(1), quiet_period_ms: 60_000 },
-        lints: vec![],
-        removals: vec![],
-    }
+    deathstar_proposal(target, None, rule)
 }
 
 #[tokio::test]
@@ -304,7 +243,7 @@ async fn recompile_follows_approval_and_rollout() {
     assert_eq!(changed, ["node-a", "node-b"], "every node with endpoints gets a (so far empty) policy");
     assert!(distributor.current("node-a").expect("node-a").endpoints.is_empty(), "everything is in learn");
 
-    let p = deathstar_proposal(deathstar);
+    let p = empire_on_80(deathstar);
     let record = store.put_proposal(&p, 3_000).await.expect("put");
     let approve = bulkhead_learner::store::Decision::Approve { policy: p.policy.clone() };
     store.decide_proposal(record.summary.id, approve, "alice", None, 3_100).await.expect("approve");
@@ -343,7 +282,7 @@ async fn hello_acks_and_reports_are_recorded_in_the_store() {
     let xwing = store.ensure_identity(&labels(&[("org", "alliance"), ("class", "xwing")])).await.expect("id");
     let eps = vec![endpoint(deathstar, 11, "10.202.0.10"), endpoint(tiefighter, 12, "10.202.0.11")];
     store.ingest(&endpoints_batch("node-a", eps)).await.expect("ingest");
-    let p = deathstar_proposal(deathstar);
+    let p = empire_on_80(deathstar);
     let record = store.put_proposal(&p, 3_000).await.expect("put");
     let approve = bulkhead_learner::store::Decision::Approve { policy: p.policy.clone() };
     store.decide_proposal(record.summary.id, approve, "alice", None, 3_100).await.expect("approve");
@@ -352,7 +291,7 @@ async fn hello_acks_and_reports_are_recorded_in_the_store() {
     let distributor = Distributor::new();
     distributor.recompile(&store, &Inventory::default(), None, 5_000).await.expect("recompiles");
     let recorder = Recorder { store: store.clone(), distributor: distributor.clone(), enrollment: Enrollment::Open };
-    let url = serve_recording(distributor.clone(), Some(recorder)).await;
+    let url = serve_policy_stream(distributor.clone(), Some(recorder)).await;
 
     let mut client = PolicyStreamClient::connect(url).await.expect("connects");
     let (tx, rx) = mpsc::channel(8);
@@ -436,7 +375,7 @@ async fn closed_enrollment_refuses_unregistered_enforcers() {
     let distributor = Distributor::new();
     distributor.publish(BTreeMap::from([("node-a".to_owned(), policy(5, 80))]));
     let recorder = Recorder { store: store.clone(), distributor: distributor.clone(), enrollment: Enrollment::Closed };
-    let url = serve_recording(distributor.clone(), Some(recorder)).await;
+    let url = serve_policy_stream(distributor.clone(), Some(recorder)).await;
 
     let subscribe = |url: String| async move {
         let mut client = PolicyStreamClient::connect(url).await.expect("connects");

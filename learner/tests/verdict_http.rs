@@ -16,26 +16,24 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use bulkhead_learner::auth::Role;
-use bulkhead_learner::distribute::{Distributor, PolicyStreamService, Recorder};
+use bulkhead_learner::distribute::{Distributor, Recorder};
 use bulkhead_learner::grpc::ingest::{Enrollment, unix_ms};
 use bulkhead_learner::identity::inventory::Inventory;
-use bulkhead_learner::store::{Decision, IngestBatch, ResolvedEndpoint, Store, VerdictQuery};
+use bulkhead_learner::store::{Decision, IngestBatch, Store, VerdictQuery};
 use bulkhead_learner::web::{AppState, router};
 use bulkhead_model::labels::NAMESPACE_KEY;
 use bulkhead_model::node_policy::{VerdictEvent, VerdictReport};
 use bulkhead_model::{
-    CgroupFact, Convergence, Direction, EndpointFact, EnforcerHello, EnforcerMessage, Evidence, HttpRequestLine,
-    HttpRule, Identity, InterfaceAddress, LabelSelector, Labels, Level, NodePolicy, Peer, Policy, PolicyAck,
-    PolicyAckStatus, PortRange, Proposal, ProposedRule, Protocol, RolloutMode, Rule, Verdict, Window,
+    Direction, EnforcerHello, EnforcerMessage, HttpRequestLine, HttpRule, Identity, LabelSelector, Labels, NodePolicy,
+    Peer, PolicyAck, PolicyAckStatus, PortRange, Proposal, Protocol, RolloutMode, Rule, Verdict,
 };
 use bulkhead_proto::v1::policy_stream_client::PolicyStreamClient;
-use bulkhead_proto::v1::policy_stream_server::PolicyStreamServer;
 use bulkhead_testkit::assert_eventually_async;
-use common::{Fixture, store_cases};
+use common::{Fixture, deathstar_proposal, endpoint, serve_policy_stream, store_cases};
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tower::ServiceExt;
 
 store_cases!(http_verdicts_show_what_was_refused);
@@ -50,24 +48,6 @@ fn labels(class: &str, org: &str) -> Labels {
     Labels::new([(NAMESPACE_KEY, "default"), ("org", org), ("class", class)]).expect("labels")
 }
 
-fn endpoint(identity: Identity, ino: u64, addr: &str) -> ResolvedEndpoint {
-    ResolvedEndpoint {
-        fact: EndpointFact {
-            netns_ino: ino,
-            netns_name: Some(format!("ns{ino}")),
-            addresses: vec![InterfaceAddress {
-                interface: "eth0".into(),
-                addr: addr.parse().expect("ip"),
-                prefix_len: 24,
-            }],
-            cgroups: vec![CgroupFact { cgroup_id: ino, path: format!("/bulkhead/{ino}"), comms: vec![] }],
-            host: false,
-        },
-        identity,
-        workload: None,
-    }
-}
-
 /// deathstar accepts the empire on 80/TCP for `POST /v1/request-landing` only.
 fn l7_proposal(target: Identity) -> Proposal {
     let rule = Rule {
@@ -75,48 +55,7 @@ fn l7_proposal(target: Identity) -> Proposal {
         ports: vec![PortRange::single(Protocol::Tcp, 80)],
         http: vec![HttpRule::exact("POST", "/v1/request-landing")],
     };
-    Proposal {
-        target,
-        workload: "deathstar".into(),
-        level: Level::Exact,
-        window: Window { from_unix_ms: 0, to_unix_ms: 1_000 },
-        policy: Policy {
-            name: "bulkhead-deathstar".into(),
-            namespace: Some("default".into()),
-            selector: LabelSelector::with_labels([("class", "deathstar")]),
-            ingress: Some(vec![rule.clone()]),
-            egress: None,
-        },
-        rules: vec![ProposedRule {
-            id: "ingress-0".into(),
-            direction: Direction::Ingress,
-            rule,
-            evidence: Evidence::default(),
-            flags: vec![],
-            included: true,
-            widens: vec![],
-            widens_total: 0,
-        }],
-        widening_total: 0,
-        convergence: Convergence { converged: true, last_new_edge_unix_ms: Some(1), quiet_period_ms: 60_000 },
-        lints: vec![],
-        removals: vec![],
-    }
-}
-
-/// The PolicyStream service on 127.0.0.1, recording into the store.
-async fn serve_policy_stream(distributor: Distributor, recorder: Recorder) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let service = PolicyStreamServer::new(PolicyStreamService { distributor, recorder: Some(recorder) });
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-            .expect("server runs");
-    });
-    format!("http://{addr}")
+    deathstar_proposal(target, Some("default"), rule)
 }
 
 /// How askama writes text into HTML.
@@ -168,7 +107,7 @@ async fn http_verdicts_show_what_was_refused(f: &Fixture) {
     let distributor = Distributor::new();
     distributor.recompile(store, &Inventory::default(), None, now - 20_000).await.expect("recompiles");
     let recorder = Recorder { store: store.clone(), distributor: distributor.clone(), enrollment: Enrollment::Open };
-    let url = serve_policy_stream(distributor, recorder).await;
+    let url = serve_policy_stream(distributor, Some(recorder)).await;
     let mut client = PolicyStreamClient::connect(url).await.expect("connects");
     let (tx, rx) = mpsc::channel(8);
     let hello = EnforcerHello {

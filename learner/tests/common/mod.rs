@@ -2,11 +2,13 @@
 //! `tests/store_enforcement.rs`: each case is written once as an async fn over a
 //! [`Fixture`], and [`store_cases!`] generates one `#[tokio::test]` per backend. The
 //! PostgreSQL tests need `BULKHEAD_TEST_POSTGRES_URL` (set by `cargo xtask test`) and
-//! fail, not skip, without it. The other test binaries do not use this module.
+//! fail, not skip, without it. Also the deathstar fixtures of the PolicyStream tests
+//! (`tests/distribute.rs`, `tests/verdict_http.rs`): an endpoint, a one-rule proposal
+//! and the in-process PolicyStream server.
 
 // Not `expect`: each test binary compiles its own copy and uses a different part, so an
 // expectation would go unfulfilled in whichever binary does use an item.
-#![allow(dead_code, reason = "each test binary uses a different part")]
+#![allow(dead_code, unused_macros, unused_imports, reason = "each test binary uses a different part")]
 
 use bulkhead_learner::store::{Backend, FlowQuery, FlowRow, IngestBatch, ResolvedFlow, Store};
 use bulkhead_model::{Flow, Identity, Labels, LossCounters};
@@ -133,4 +135,89 @@ pub async fn all_flows(store: &Store) -> Vec<FlowRow> {
         out.extend(page);
     }
     out
+}
+
+// === PolicyStream fixtures ===
+
+/// A workload endpoint on a node: network namespace `ino` with `addr`/24 on eth0 and
+/// cgroup `/bulkhead/<ino>` (id `ino`).
+pub fn endpoint(identity: Identity, ino: u64, addr: &str) -> bulkhead_learner::store::ResolvedEndpoint {
+    bulkhead_learner::store::ResolvedEndpoint {
+        fact: bulkhead_model::EndpointFact {
+            netns_ino: ino,
+            netns_name: Some(format!("ns{ino}")),
+            addresses: vec![bulkhead_model::InterfaceAddress {
+                interface: "eth0".into(),
+                addr: addr.parse().expect("ip"),
+                prefix_len: 24,
+            }],
+            cgroups: vec![bulkhead_model::CgroupFact {
+                cgroup_id: ino,
+                path: format!("/bulkhead/{ino}"),
+                comms: vec![],
+            }],
+            host: false,
+        },
+        identity,
+        workload: None,
+    }
+}
+
+/// deathstar's proposal with one ingress rule (included, converged), in `namespace`.
+pub fn deathstar_proposal(
+    target: Identity,
+    namespace: Option<&str>,
+    rule: bulkhead_model::Rule,
+) -> bulkhead_model::Proposal {
+    use bulkhead_model::{
+        Convergence, Direction, Evidence, LabelSelector, Level, Policy, Proposal, ProposedRule, Window,
+    };
+    Proposal {
+        target,
+        workload: "deathstar".into(),
+        level: Level::Exact,
+        window: Window { from_unix_ms: 0, to_unix_ms: 1_000 },
+        policy: Policy {
+            name: "bulkhead-deathstar".into(),
+            namespace: namespace.map(str::to_owned),
+            selector: LabelSelector::with_labels([("class", "deathstar")]),
+            ingress: Some(vec![rule.clone()]),
+            egress: None,
+        },
+        rules: vec![ProposedRule {
+            id: "ingress-0".into(),
+            direction: Direction::Ingress,
+            rule,
+            evidence: Evidence::default(),
+            flags: vec![],
+            included: true,
+            widens: vec![],
+            widens_total: 0,
+        }],
+        widening_total: 0,
+        convergence: Convergence { converged: true, last_new_edge_unix_ms: Some(1), quiet_period_ms: 60_000 },
+        lints: vec![],
+        removals: vec![],
+    }
+}
+
+/// The PolicyStream service on 127.0.0.1, recording into a store when given a recorder;
+/// its URL.
+pub async fn serve_policy_stream(
+    distributor: bulkhead_learner::distribute::Distributor,
+    recorder: Option<bulkhead_learner::distribute::Recorder>,
+) -> String {
+    use bulkhead_learner::distribute::PolicyStreamService;
+    use bulkhead_proto::v1::policy_stream_server::PolicyStreamServer;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let service = PolicyStreamServer::new(PolicyStreamService { distributor, recorder });
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .expect("server runs");
+    });
+    format!("http://{addr}")
 }
