@@ -9,6 +9,7 @@ pub mod distribute;
 pub mod export;
 pub mod grpc;
 pub mod identity;
+pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod store;

@@ -41,6 +41,10 @@ struct ServeArgs {
     /// HTTP listen address for the UI and the API.
     #[arg(long, env = "BULKHEAD_HTTP_LISTEN", default_value = "127.0.0.1:7480")]
     http_listen: SocketAddr,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. `127.0.0.1:7403`
+    /// (default: not served). A listener of its own: the UI port requires a login.
+    #[arg(long, env = "BULKHEAD_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Send the session cookie without `Secure`. Browsers keep secure cookies on
     /// http://localhost and 127.0.0.1; only a plain-HTTP UI reached by another name
     /// needs this (and then any network observer can steal sessions).
@@ -207,7 +211,11 @@ async fn main() -> anyhow::Result<()> {
                 },
                 tls,
             };
-            let running = server::start_with_kube(config, kube).await?;
+            let metrics_listen = s.metrics_listen;
+            let mut running = server::start_with_kube(config, kube).await?;
+            if let Some(addr) = metrics_listen {
+                running.serve_metrics(addr).await?;
+            }
             tokio::select! {
                 _ = running.wait() => anyhow::bail!("a server task stopped"),
                 _ = tokio::signal::ctrl_c() => tracing::info!("Shutting down."),

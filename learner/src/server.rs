@@ -21,6 +21,7 @@ use crate::grpc::ingest::{Enrollment, IngestService, unix_ms};
 use crate::identity::inventory::Inventory;
 use crate::identity::kube::{self, KubeConfigSource, KubeStatus, KubeWatchers};
 use crate::identity::{IdentityCache, Resolver};
+use crate::metrics::Metrics;
 use crate::policy::{PolicyConfig, PolicyService, SynthesisRequest};
 use crate::store::{ClusterPolicyRow, Store};
 use crate::web::{self, AppState, AuthConfig};
@@ -77,6 +78,9 @@ pub struct Running {
     pub resolver: Arc<RwLock<Resolver>>,
     /// The Kubernetes watchers, when a cluster is configured.
     pub kube: Option<KubeWatchers>,
+    /// This learner's metrics (served by [`Running::serve_metrics`]).
+    pub metrics: Arc<Metrics>,
+    distributor: Distributor,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -94,6 +98,21 @@ impl Running {
     /// The Kubernetes source's health, when a cluster is configured.
     pub fn kube_status(&self) -> Option<KubeStatus> {
         self.kube.as_ref().map(KubeWatchers::status)
+    }
+
+    /// Serves `GET /metrics` on `addr`, a listener of its own: the UI port answers only
+    /// to sessions and API tokens. Returns the bound address; the server runs with
+    /// the learner's other tasks ([`Running::wait`], [`Running::abort`]).
+    pub async fn serve_metrics(&mut self, addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+        let (bound, serve) = crate::metrics::bind(addr, self.metrics.clone(), self.distributor.clone())
+            .await
+            .with_context(|| format!("binding metrics on {addr}"))?;
+        self.tasks.push(tokio::spawn(async move {
+            if let Err(err) = serve.await {
+                tracing::error!(error = %err, "Metrics server stopped.");
+            }
+        }));
+        Ok(bound)
     }
 
     /// Waits until any server task ends (they normally run forever).
@@ -139,12 +158,14 @@ pub async fn start_with_kube(cfg: ServerConfig, kube_source: Option<KubeConfigSo
 
     let resolver = Arc::new(RwLock::new(resolver));
     let kube_watchers = kube_client.map(|client| KubeWatchers::spawn(client, resolver.clone()));
+    let metrics = Metrics::new();
     let ingest = IngestService {
         store: store.clone(),
         resolver: resolver.clone(),
         identities: Arc::new(IdentityCache::new(store.clone())),
         enrollment: cfg.enrollment,
         max_batch_bytes: cfg.max_batch_bytes,
+        metrics: metrics.clone(),
     };
     let grpc_listener =
         TcpListener::bind(cfg.grpc_listen).await.with_context(|| format!("binding gRPC on {}", cfg.grpc_listen))?;
@@ -174,7 +195,7 @@ pub async fn start_with_kube(cfg: ServerConfig, kube_source: Option<KubeConfigSo
             }
         }));
     }
-    let distributor = Distributor::new();
+    let distributor = Distributor::with_metrics(metrics.clone());
     let policy_stream = PolicyStreamService {
         distributor: distributor.clone(),
         recorder: Some(Recorder { store: store.clone(), distributor: distributor.clone(), enrollment: cfg.enrollment }),
@@ -209,7 +230,9 @@ pub async fn start_with_kube(cfg: ServerConfig, kube_source: Option<KubeConfigSo
     let state = AppState::new(store.clone(), policy.clone(), cfg.auth.clone());
     tasks.push(tokio::spawn(prune_sessions(state.clone())));
     // Peer addresses feed the per-address login throttle.
-    let app = web::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let app = web::router(state)
+        .layer(axum::middleware::from_fn_with_state(metrics.clone(), crate::metrics::track_http))
+        .into_make_service_with_connect_info::<SocketAddr>();
     let http_task = tokio::spawn(async move {
         if let Err(err) = axum::serve(http_listener, app).await {
             tracing::error!(error = %err, "HTTP server stopped.");
@@ -244,7 +267,7 @@ pub async fn start_with_kube(cfg: ServerConfig, kube_source: Option<KubeConfigSo
         tasks.push(tokio::spawn(import_cluster_policies(store.clone(), resolver.clone())));
     }
     tasks.push(tokio::spawn(distribute(
-        distributor,
+        distributor.clone(),
         store.clone(),
         policy_inventory,
         resolver.clone(),
@@ -252,7 +275,7 @@ pub async fn start_with_kube(cfg: ServerConfig, kube_source: Option<KubeConfigSo
     )));
     tracing::info!(%grpc_addr, %http_addr, "Learner serving.");
     tasks.extend([grpc_task, http_task, retention_task]);
-    Ok(Running { grpc_addr, http_addr, store, resolver, kube: kube_watchers, tasks })
+    Ok(Running { grpc_addr, http_addr, store, resolver, kube: kube_watchers, metrics, distributor, tasks })
 }
 
 /// Runs the gRPC server; its end is an error worth logging (it normally runs forever).

@@ -9,7 +9,7 @@
 //! * what the chart promises about security (capabilities, the same as the systemd
 //!   units'; a non-root learner; seccomp; read-only root filesystems; nothing
 //!   privileged; hostPID for the collector only) and its wiring (probes on real
-//!   endpoints, Prometheus annotations on the metrics ports the agents bind, the
+//!   endpoints, Prometheus annotations on the metrics ports the agents and the learner bind, the
 //!   learner URL the agents dial, the certificate flags);
 //! * its RBAC: the learner's own Kubernetes watchers, impersonating the chart's
 //!   ServiceAccount, are refused until the chart's ClusterRole is applied, then
@@ -488,6 +488,19 @@ fn probes_metrics_and_the_learner_url_are_wired_to_real_ports() {
         assert_eq!(container_port(lc, "http"), u64::from(http));
         assert_eq!(service_port("grpc")["targetPort"], "grpc");
         assert_eq!(service_port("http")["targetPort"], "http");
+        // Prometheus scrapes the learner's own metrics listener, not the UI port.
+        let metrics = listen_port(flag(lc, "--metrics-listen").expect("the learner's --metrics-listen"));
+        let annotations = &learner["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/scrape"], "true", "{}: learner", case.name);
+        assert_eq!(annotations["prometheus.io/port"], metrics.to_string(), "{}: learner", case.name);
+        assert_eq!(annotations["prometheus.io/path"], "/metrics", "{}: learner", case.name);
+        assert_eq!(container_port(lc, "metrics"), u64::from(metrics), "{}: learner", case.name);
+        assert!(metrics != http && metrics != grpc, "{}: learner metrics on a port of their own", case.name);
+        assert!(
+            !flag(lc, "--metrics-listen").expect("listen").starts_with("127."),
+            "{}: learner metrics must be reachable from outside the pod",
+            case.name
+        );
         // The learner's probes ask /healthz on its HTTP port (no gRPC probe: mTLS).
         for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
             assert_eq!(lc[probe]["httpGet"]["path"], "/healthz", "{}: learner {probe}", case.name);

@@ -9,7 +9,7 @@ pub mod stream;
 
 pub use compile::{CompileError, CompileInput, SourcePolicy, compile};
 pub use record::Recorder;
-pub use stream::{DistributeError, Distributor, NodeStatus, PolicyStreamService};
+pub use stream::{DistributeError, Distributor, NodeStatus, PolicyStreamService, SyncSummary};
 
 #[cfg(test)]
 mod tests;

@@ -16,6 +16,7 @@ use bulkhead_model::{Direction, ProposalStatus};
 
 use super::Distributor;
 use crate::grpc::ingest::{Enrollment, unix_ms};
+use crate::metrics::StoreUser;
 use crate::store::{AckOutcome, ClockOf, RuleHits, RuleRef, Store, StoreError, VerdictEventRow};
 
 /// Writes enforcer messages to the store.
@@ -31,7 +32,10 @@ impl Recorder {
     /// Admits the node under the enrollment policy (the same registry as the flow
     /// stream's): `Err` is the status to end the stream with.
     pub async fn admit(&self, h: &EnforcerHello) -> Result<(), tonic::Status> {
-        let unavailable = |e: crate::store::StoreError| tonic::Status::unavailable(format!("store: {e}"));
+        let unavailable = |e: crate::store::StoreError| {
+            self.store_failed();
+            tonic::Status::unavailable(format!("store: {e}"))
+        };
         if self.store.agent_known(&h.node_id).await.map_err(unavailable)? {
             return Ok(());
         }
@@ -47,10 +51,16 @@ impl Recorder {
         }
     }
 
+    /// Counts a failed store call of this stream (the caller logs it).
+    fn store_failed(&self) {
+        self.distributor.metrics().store_error(StoreUser::EnforcerStream);
+    }
+
     pub async fn hello(&self, h: &EnforcerHello) {
         let applied = (h.applied_version > 0).then_some(h.applied_version);
         if let Err(err) = self.store.enforcer_hello(&h.node_id, &h.boot_id, &h.agent_version, applied, unix_ms()).await
         {
+            self.store_failed();
             tracing::warn!(node = %h.node_id, error = %err, "Recording an enforcer hello failed.");
         }
     }
@@ -64,6 +74,7 @@ impl Recorder {
         };
         let applied = matches!(outcome, AckOutcome::Applied);
         if let Err(err) = self.store.enforcer_ack(node, ack.version, outcome, unix_ms()).await {
+            self.store_failed();
             tracing::warn!(node = %node, version = ack.version, error = %err, "Recording an enforcer ack failed.");
         }
         if applied {
@@ -88,6 +99,7 @@ impl Recorder {
                 .map(|a| a.proposal_id)
                 .collect(),
             Err(err) => {
+                self.store_failed();
                 tracing::warn!(node = %node, error = %err, "Reading the active policies failed.");
                 return;
             }
@@ -98,6 +110,7 @@ impl Recorder {
                 // Another node's ack got there first.
                 Ok(_) | Err(StoreError::InvalidTransition { .. }) => {}
                 Err(err) => {
+                    self.store_failed();
                     tracing::warn!(node = %node, proposal = id, error = %err, "Marking a proposal deployed failed.")
                 }
             }
@@ -109,6 +122,7 @@ impl Recorder {
     /// Stores the node's clock skew as measured on its stream.
     pub async fn clock_skew(&self, node: &str, skew_ms: i64) {
         if let Err(err) = self.store.record_clock_skew(ClockOf::Enforcer, node, skew_ms).await {
+            self.store_failed();
             tracing::warn!(node = %node, error = %err, "Recording the node's clock skew failed.");
         }
     }
@@ -148,6 +162,7 @@ impl Recorder {
             })
             .collect();
         if let Err(err) = self.store.enforcer_loss(node, &r.loss, unix_ms()).await {
+            self.store_failed();
             tracing::warn!(node = %node, error = %err, "Recording enforcer loss counters failed.");
         }
         let hits: Vec<RuleHits> = r
@@ -157,7 +172,8 @@ impl Recorder {
                 Some(RuleHits { rule: rule_ref(c.rule_id)?, hits: c.hits, last_hit_unix_ms: c.last_hit_unix_ms })
             })
             .collect();
-        backlog.push(events, hits);
+        let dropped = backlog.push(events, hits);
+        self.distributor.metrics().backlog_dropped(dropped.events, dropped.rule_hits);
         self.flush(node, backlog).await;
     }
 
@@ -173,9 +189,13 @@ impl Recorder {
                 Ok(()) => {
                     if let Some(w) = backlog.writes.pop_front() {
                         backlog.rows -= w.rows();
+                        if let Write::Events(events) = &w {
+                            self.distributor.metrics().verdict_events_recorded(events.len() as u64);
+                        }
                     }
                 }
                 Err(err) => {
+                    self.store_failed();
                     tracing::warn!(
                         node = %node,
                         waiting_rows = backlog.rows,
@@ -220,8 +240,26 @@ impl Write {
 /// Most rows one stream's backlog holds (a few MiB).
 pub const MAX_BACKLOG_ROWS: usize = 50_000;
 
+/// Rows a [`ReportBacklog`] threw away, by kind (counted as lost in the metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub events: u64,
+    pub rule_hits: u64,
+}
+
+impl Dropped {
+    fn add(&mut self, w: &Write) {
+        match w {
+            Write::Events(e) => self.events += e.len() as u64,
+            Write::Hits(h) => self.rule_hits += h.len() as u64,
+        }
+    }
+}
+
 impl ReportBacklog {
-    fn push(&mut self, events: Vec<VerdictEventRow>, hits: Vec<RuleHits>) {
+    /// Queues a report's rows; returns what the bound threw away to make room.
+    fn push(&mut self, events: Vec<VerdictEventRow>, hits: Vec<RuleHits>) -> Dropped {
+        let mut dropped = Dropped::default();
         for w in [Write::Events(events), Write::Hits(hits)] {
             if w.rows() == 0 {
                 continue;
@@ -233,12 +271,25 @@ impl ReportBacklog {
             let Some(old) = self.writes.pop_front() else { break };
             self.rows -= old.rows();
             self.dropped_rows += old.rows() as u64;
+            dropped.add(&old);
             tracing::error!(
                 rows = old.rows(),
                 dropped_rows = self.dropped_rows,
                 "The store has been unavailable too long: dropped the oldest verdict events or rule hits."
             );
         }
+        dropped
+    }
+
+    /// Empties the backlog (its stream ended) and returns what it held: lost.
+    pub fn discard(&mut self) -> Dropped {
+        let mut dropped = Dropped::default();
+        for w in self.writes.drain(..) {
+            dropped.add(&w);
+        }
+        self.dropped_rows += self.rows as u64;
+        self.rows = 0;
+        dropped
     }
 
     /// Rows waiting for the store.

@@ -41,6 +41,7 @@ use super::compile::{CompileError, CompileInput, SourcePolicy, compile};
 use crate::grpc::clock::{SkewEstimator, corrected};
 use crate::identity::Resolver;
 use crate::identity::inventory::{CIDR_GROUP_KEY, Inventory};
+use crate::metrics::{Metrics, StoreUser};
 use crate::store::{EndpointRow, Store, StoreError};
 
 /// How long after its TTL a DNS answer still names an FQDN peer's address (as
@@ -126,11 +127,32 @@ const UNKNOWN_VERSION: u64 = 0;
 #[derive(Debug, Clone, Default)]
 pub struct Distributor {
     state: Arc<Mutex<State>>,
+    /// Compilations, enforcer streams and what recording them does (the process's
+    /// metrics; a fresh set unless given by [`Distributor::with_metrics`]).
+    metrics: Arc<Metrics>,
+}
+
+/// How many connected enforcers run the policy they should ([`Distributor::sync_summary`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncSummary {
+    /// Nodes with an enforcer stream open.
+    pub connected: usize,
+    /// Of those, the ones whose applied version is not their current snapshot's.
+    pub out_of_sync: usize,
 }
 
 impl Distributor {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A distributor that counts into `metrics`.
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
+        Self { metrics, ..Self::default() }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -194,6 +216,22 @@ impl Distributor {
         self.lock().nodes.get(node)?.history.get(&version).cloned()
     }
 
+    /// Connected enforcers and how many of them are behind (or refused) their node's
+    /// snapshot; nodes nothing is known for yet (before the first compilation) count
+    /// as in sync. Cheap: no status is cloned.
+    pub fn sync_summary(&self) -> SyncSummary {
+        let state = self.lock();
+        let mut summary = SyncSummary::default();
+        for ch in state.nodes.values().filter(|ch| ch.status.connected) {
+            summary.connected += 1;
+            let desired = ch.status.published_version;
+            if desired != UNKNOWN_VERSION && ch.status.applied_version != Some(desired) {
+                summary.out_of_sync += 1;
+            }
+        }
+        summary
+    }
+
     /// Every node's enforcer state, by node.
     pub fn status(&self) -> BTreeMap<String, NodeStatus> {
         self.lock().nodes.iter().map(|(n, ch)| (n.clone(), ch.status.clone())).collect()
@@ -231,6 +269,22 @@ impl Distributor {
     /// Gathers the compile inputs from the store, compiles off the async runtime and
     /// publishes. `now_ms` stamps versions and decides which DNS answers still count.
     pub async fn recompile(
+        &self,
+        store: &Store,
+        inventory: &Inventory,
+        resolver: Option<&RwLock<Resolver>>,
+        now_ms: i64,
+    ) -> Result<Vec<String>, DistributeError> {
+        let started = std::time::Instant::now();
+        let result = self.recompile_inner(store, inventory, resolver, now_ms).await;
+        if matches!(result, Err(DistributeError::Store(_))) {
+            self.metrics.store_error(StoreUser::PolicyCompile);
+        }
+        self.metrics.compiled(result.is_ok(), started.elapsed());
+        result
+    }
+
+    async fn recompile_inner(
         &self,
         store: &Store,
         inventory: &Inventory,
@@ -390,6 +444,7 @@ impl PolicyStream for PolicyStreamService {
         let node = hello.node_id.clone();
         tracing::info!(node = %node, boot_id = %hello.boot_id, applied = hello.applied_version, "Enforcer connected.");
         let rx = self.distributor.connect(&hello);
+        let open = self.distributor.metrics.enforcer_stream();
         if let Some(rec) = &self.recorder {
             rec.hello(&hello).await;
         }
@@ -466,8 +521,11 @@ impl PolicyStream for PolicyStreamService {
                     rows = backlog.rows(),
                     "The stream ended while the store was unavailable: these verdict events and rule hits are lost."
                 );
+                let lost = backlog.discard();
+                dist.metrics.backlog_dropped(lost.events, lost.rule_hits);
             }
             dist.update(&node, |s| s.connected = false);
+            drop(open);
             tracing::info!(node = %node, "Enforcer disconnected.");
             let _ = closed_tx.send(());
         });

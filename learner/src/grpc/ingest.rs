@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::grpc::clock::{SkewEstimator, corrected};
 use crate::grpc::tls::Peer;
 use crate::identity::{IdentityCache, Resolver, Subject};
+use crate::metrics::{BatchOutcome, Metrics, StoreUser};
 use crate::store::{ClockOf, IngestBatch, IngestOutcome, ResolvedEndpoint, ResolvedFlow, Store, StoreError};
 
 /// Whether unknown nodes may join by saying Hello.
@@ -46,6 +47,8 @@ pub struct IngestService {
     pub identities: Arc<IdentityCache>,
     pub enrollment: Enrollment,
     pub max_batch_bytes: usize,
+    /// Batches, flows, open streams and store failures are counted here.
+    pub metrics: Arc<Metrics>,
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<v1::IngestResponse, Status>> + Send>>;
@@ -74,6 +77,10 @@ impl FlowIngest for IngestService {
         // speak for another node later.
         peer.authorize(&node_id, "flow ingest")?;
         let now = unix_ms();
+        let store_status = |err| {
+            self.metrics.store_error(StoreUser::Ingest);
+            store_status(err)
+        };
         if !self.store.agent_known(&node_id).await.map_err(store_status)? {
             match self.enrollment {
                 Enrollment::Open => self.store.register_agent(&node_id, now).await.map_err(store_status)?,
@@ -93,12 +100,16 @@ impl FlowIngest for IngestService {
         let welcome = v1::Welcome { stored_through_seq, max_batch_bytes: self.max_batch_bytes as u64 };
         let _ = tx.send(Ok(v1::IngestResponse { msg: Some(ingest_response::Msg::Welcome(welcome)) })).await;
         let svc = self.clone();
+        let open = self.metrics.collector_stream();
         tokio::spawn(async move {
+            let _open = open;
             let mut clock = SkewEstimator::default();
             while let Some(msg) = inbound.next().await {
                 let reply = match msg {
                     Ok(v1::IngestRequest { msg: Some(ingest_request::Msg::Batch(b)) }) => {
-                        svc.handle_batch(&node_id, b, &mut clock).await
+                        let reply = svc.handle_batch(&node_id, b, &mut clock).await;
+                        svc.count(&reply);
+                        reply
                     }
                     Ok(_) => Err(Status::invalid_argument("only FlowBatch messages may follow the Hello")),
                     Err(status) => {
@@ -119,6 +130,22 @@ impl FlowIngest for IngestService {
 }
 
 impl IngestService {
+    /// Counts a batch's answer: an ack by its status, an error (only store failures
+    /// end a batch with one) as a store error.
+    fn count(&self, reply: &Result<v1::BatchAck, Status>) {
+        match reply {
+            Ok(ack) => {
+                let outcome = match v1::AckStatus::try_from(ack.status) {
+                    Ok(v1::AckStatus::Stored) => BatchOutcome::Stored,
+                    Ok(v1::AckStatus::Duplicate) => BatchOutcome::Duplicate,
+                    _ => BatchOutcome::Rejected,
+                };
+                self.metrics.batch(outcome, u64::from(ack.flows_stored));
+            }
+            Err(_) => self.metrics.store_error(StoreUser::Ingest),
+        }
+    }
+
     async fn handle_batch(
         &self,
         node: &str,
