@@ -29,33 +29,24 @@
 //! Run: `cargo bench -p bulkhead-enforcer --bench enforce` (as root). Writes the
 //! `## Enforcer datapath` section of BENCHMARKS.md.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd as _, AsRawFd as _};
-use std::os::unix::fs::MetadataExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aya::maps::MapInfo;
-use aya::programs::loaded_programs;
 use bulkhead_abi::enforcer as abi;
-use bulkhead_enforcer::datapath::{DEFAULT_BPFFS_ROOT, Datapath, DatapathCounters, DatapathOptions, remove_instance};
-use bulkhead_enforcer::{MapOp, MapState, diff, render};
-use bulkhead_model::{
-    Direction, EndpointCgroup, Identity, IpcacheEntry, NodePolicy, NodeRule, PolicyEndpoint, Protocol, RolloutMode,
-    RuleKey, RuleRef,
-};
-use bulkhead_testkit::cgroup::{TestCgroup, cgroup2_root};
-use bulkhead_testkit::netns::{ChildGuard, TestNet};
+use bulkhead_model::{Direction, Identity, IpcacheEntry, NodePolicy, NodeRule, RolloutMode};
+use bulkhead_testkit::benchmarks::{load_average, machine};
 use bulkhead_testkit::{require_root, unique_suffix};
+use common::{
+    ApplyTimes, CLIENT_ID, Enforcer, Load, ProfileRow, SERVER_ID, Sides, Testbed, Worker, bench_cpu, connect_load, k,
+    median, median_duration, ms, persistent_load, range, run_worker, serve, tcp_key, two_workload_policy,
+};
 use ipnet::IpNet;
 
-const WORKER_ENV: &str = "BH_ENFORCE_BENCH_WORKER";
-/// Every answer of a worker starts with this.
-const REPLY: &str = "BHB ";
 const RR_PORT: u16 = 9000;
 const CRR_PORT: u16 = 9001;
 /// One measurement (RR or CRR) of one configuration.
@@ -71,66 +62,33 @@ const APPLY_REPEATS: usize = 5;
 const RR_CONNS: usize = 2;
 /// Client threads of the CRR load (and server accept threads).
 const CRR_THREADS: usize = 4;
-/// Connect and read timeout of the load generator: a dropped SYN is an error, not a hang.
-const IO_TIMEOUT: Duration = Duration::from_secs(1);
 /// Addresses of "other" workloads: iptables sources, nft set elements, ipcache entries.
 const OTHER_ADDRS: usize = 10_000;
-const ID_CLIENT: u32 = 1000;
-const ID_SERVER: u32 = 1001;
 /// Identity of other address `k` is `OTHER_ID_FIRST + k`.
 const OTHER_ID_FIRST: u32 = 20_000;
-/// Link pins of a datapath instance (`enforcer/src/datapath/mod.rs`); removing them
-/// detaches its programs while its maps stay pinned.
-const LINK_PINS: [&str; 2] = ["link_ingress", "link_egress"];
 
 fn main() {
-    if let Ok(role) = std::env::var(WORKER_ENV) {
-        pin_to_bench_cpu();
-        match role.as_str() {
-            "server" => server_worker(),
-            "client" => client_worker(),
-            other => panic!("unknown worker role {other:?}"),
-        }
+    if run_worker(server_worker, client_worker) {
         return;
     }
     // `cargo bench` passes --bench; nothing else to parse.
     require_root();
     let started = Instant::now();
+    let load_at_start = load_average();
     let quick = std::env::var_os(QUICK_ENV).is_some();
     let (cycles, round) = if quick { (1, Duration::from_millis(300)) } else { (CYCLES, ROUND) };
 
-    // Declared in reverse drop order: workers go first, then rules, cgroups, pins, net.
-    let net = TestNet::new(2);
-    let parent = TestCgroup::new();
-    let instance = format!("bench-{}", unique_suffix());
-    let opts = DatapathOptions::new(instance.clone(), parent.path());
-    let _pins = Pins { instance };
-    let client_cg = SubCgroup::new(parent.path(), "client");
-    let server_cg = SubCgroup::new(parent.path(), "server");
-    let (client_host, server_host) = (&net.hosts()[0], &net.hosts()[1]);
-    let mut firewall = Firewall::new(server_host.netns.name());
-    // Hundreds of thousands of connections from one address to two ports would run
-    // the client out of ports held in TIME_WAIT: reuse them and widen the range (both
-    // per network namespace: only the client's namespace changes).
-    client_host.netns.run(|| {
-        std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1").expect("tcp_tw_reuse");
-        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535").expect("port range");
-    });
-    let exe = std::env::current_exe().expect("bench binary");
-    let mut server = Worker::spawn("server", &server_cg, &server_host.netns, &exe);
-    server.expect_ready();
-    let mut client = Worker::spawn("client", &client_cg, &client_host.netns, &exe);
-    client.expect_ready();
-
-    let sides = Sides {
-        client: Side { ip: client_host.ipv4, cgroup_id: client_cg.id(), cgroup_path: client_cg.rel_path() },
-        server: Side { ip: server_host.ipv4, cgroup_id: server_cg.id(), cgroup_path: server_cg.rel_path() },
-    };
-    let mut enforcer = Enforcer::new(opts);
+    // Declared in reverse drop order: the enforcer's handles and the workers go first,
+    // then the firewall rules, then the test bed (cgroups, pins, namespaces).
+    let bed = Testbed::new("bench");
+    let mut firewall = Firewall::new(bed.server_host().netns.name());
+    let (server, mut client) = bed.workers();
+    let sides = bed.sides();
+    let mut enforcer = Enforcer::new(bed.datapath_options());
 
     // Warm-up, then cycles of every configuration.
-    let rr_dst = SocketAddr::new(server_host.ipv4.into(), RR_PORT);
-    let crr_dst = SocketAddr::new(server_host.ipv4.into(), CRR_PORT);
+    let rr_dst = bed.server_addr(RR_PORT);
+    let crr_dst = bed.server_addr(CRR_PORT);
     client.run("rr", rr_dst, RR_CONNS, Duration::from_millis(500));
     client.run("crr", crr_dst, CRR_THREADS, Duration::from_millis(500));
 
@@ -199,7 +157,7 @@ fn main() {
             applies.entry((times.rules, times.from)).or_default().push(times);
         }
         current = filter;
-        profiles.push(enforcer.profile(filter, &mut client, rr_dst, crr_dst, round));
+        profiles.push(profile(&enforcer, filter, &mut client, rr_dst, crr_dst, round));
     }
     // Steady state: a new version of the same 100k policy replaces the applied one.
     for _ in 0..APPLY_REPEATS {
@@ -212,7 +170,7 @@ fn main() {
     drop(client);
     drop(server);
 
-    let md = report(&results, &applies, &profiles, &memory, started.elapsed());
+    let md = report(&results, &applies, &profiles, &memory, &machine(&load_at_start, started.elapsed()));
     println!("\n{md}");
     if quick {
         println!("{QUICK_ENV} set: BENCHMARKS.md left alone");
@@ -285,10 +243,6 @@ impl Filter {
             Filter::IptLegacy(n) | Filter::IptNft(n) | Filter::NftSet(n) | Filter::Bulkhead(n) => Some(n),
         }
     }
-}
-
-fn k(n: usize) -> String {
-    if n >= 1000 && n.is_multiple_of(1000) { format!("{}k", n / 1000) } else { n.to_string() }
 }
 
 /// Other address `k`: `10.100.0.0 + k`, never one of the benchmark's hosts.
@@ -437,58 +391,18 @@ impl Drop for Firewall {
 
 // === Bulkhead ===
 
-struct Side {
-    ip: Ipv4Addr,
-    cgroup_id: u64,
-    /// Relative to the cgroup2 root, starting with `/`.
-    cgroup_path: String,
-}
-
-struct Sides {
-    client: Side,
-    server: Side,
-}
-
 /// The node policy with `n` entries: client egress and server ingress to both
 /// benchmark ports, plus `n - 4` entries of the two workloads with the 10,000 other
 /// identities on ports 1–5 (every other one ingress of the server, egress of the
-/// client). Everything a real snapshot has: ipcache for every identity, endpoints,
-/// rule references.
+/// client); every other identity in the ipcache.
 fn node_policy(n: usize, sides: &Sides, version: u64) -> NodePolicy {
     assert!(n >= 4, "the traffic needs 4 entries");
-    let (c, s) = (Identity(ID_CLIENT), Identity(ID_SERVER));
-    let host = |ip: Ipv4Addr| IpNet::new(IpAddr::V4(ip), 32).expect("/32");
-    let mut ipcache = vec![
-        IpcacheEntry { prefix: host(sides.client.ip), identity: c },
-        IpcacheEntry { prefix: host(sides.server.ip), identity: s },
-    ];
-    ipcache.extend(
-        (0..OTHER_ADDRS).map(|a| IpcacheEntry { prefix: host(other_addr(a)), identity: Identity(other_id(a)) }),
-    );
-    ipcache.sort();
-    let endpoint = |identity, side: &Side| PolicyEndpoint {
-        identity,
-        netns_ino: None,
-        netns_name: None,
-        cgroups: vec![EndpointCgroup { cgroup_id: side.cgroup_id, path: side.cgroup_path.clone() }],
-        mode: RolloutMode::Enforce,
-        ingress_covered: true,
-        egress_covered: true,
-    };
-    let endpoints = vec![endpoint(c, &sides.client), endpoint(s, &sides.server)];
-
-    let key = |local, direction, peer, port| RuleKey {
-        local,
-        direction,
-        peer: Some(peer),
-        port: Some(port),
-        protocol: Some(Protocol::Tcp),
-    };
+    let (c, s) = (CLIENT_ID, SERVER_ID);
     let mut rules = vec![
-        NodeRule::l4(key(c, Direction::Egress, s, RR_PORT), 1),
-        NodeRule::l4(key(c, Direction::Egress, s, CRR_PORT), 2),
-        NodeRule::l4(key(s, Direction::Ingress, c, RR_PORT), 3),
-        NodeRule::l4(key(s, Direction::Ingress, c, CRR_PORT), 4),
+        NodeRule::l4(tcp_key(c, Direction::Egress, s, RR_PORT), 1),
+        NodeRule::l4(tcp_key(c, Direction::Egress, s, CRR_PORT), 2),
+        NodeRule::l4(tcp_key(s, Direction::Ingress, c, RR_PORT), 3),
+        NodeRule::l4(tcp_key(s, Direction::Ingress, c, CRR_PORT), 4),
     ];
     for j in 0..n - 4 {
         let (local, direction) = if j % 2 == 0 { (s, Direction::Ingress) } else { (c, Direction::Egress) };
@@ -496,52 +410,17 @@ fn node_policy(n: usize, sides: &Sides, version: u64) -> NodePolicy {
         let port = 1 + ((j / 2) / OTHER_ADDRS) as u16;
         // A selector of one approved rule expands to 50 entries of one direction.
         let rule_id = 100 + (j % 2) as u32 + 2 * (j / 100) as u32;
-        rules.push(NodeRule::l4(key(local, direction, peer, port), rule_id));
+        rules.push(NodeRule::l4(tcp_key(local, direction, peer, port), rule_id));
     }
-    rules.sort();
-    let mut ids: BTreeMap<u32, Direction> = BTreeMap::new();
-    for r in &rules {
-        ids.insert(r.rule_id, r.key.direction);
-    }
-    let rule_refs = ids
-        .into_iter()
-        .map(|(rule_id, direction)| RuleRef {
-            rule_id,
-            proposal_id: 1,
-            policy_name: "bench".to_owned(),
-            direction,
-            rule_index: rule_id,
-        })
-        .collect();
-    NodePolicy { version, ipcache, endpoints, rules, rule_refs }
+    let others = (0..OTHER_ADDRS).map(|a| IpcacheEntry {
+        prefix: IpNet::new(IpAddr::V4(other_addr(a)), 32).expect("/32"),
+        identity: Identity(other_id(a)),
+    });
+    two_workload_policy(sides, version, RolloutMode::Enforce, others, rules)
 }
 
 fn other_id(a: usize) -> u32 {
     OTHER_ID_FIRST + a as u32
-}
-
-/// One timed policy apply.
-#[derive(Debug, Clone, Copy, Default)]
-struct ApplyTimes {
-    rules: usize,
-    /// Policy entries applied before.
-    from: usize,
-    validate: Duration,
-    render: Duration,
-    diff: Duration,
-    write: Duration,
-    activate: Duration,
-    delete: Duration,
-    /// ipcache and endpoint ops: upserts on the first apply, and the bridge/settle
-    /// writes of the double-buffered maps around a flip.
-    other: Duration,
-}
-
-impl ApplyTimes {
-    /// render + diff + write generation + activate + delete old (+ ipcache/endpoints).
-    fn total(&self) -> Duration {
-        self.render + self.diff + self.write + self.activate + self.delete + self.other
-    }
 }
 
 /// What the programs judged during one configuration's rounds.
@@ -559,435 +438,67 @@ struct Judged {
     connections: u64,
 }
 
-/// A map op's name for messages.
-fn op_name(op: &MapOp) -> String {
-    format!("{op:?}").chars().take_while(|c| c.is_alphanumeric()).collect()
-}
-
-/// The datapath instance, attached while a Bulkhead configuration runs.
-struct Enforcer {
-    opts: DatapathOptions,
-    dp: Option<Datapath>,
-    /// What the maps hold (the last applied render).
-    state: MapState,
-    version: u64,
-    /// Kernel counters when the programs were detached: they must not move until
-    /// the programs are attached again.
-    detached_at: Option<DatapathCounters>,
-}
-
-impl Enforcer {
-    fn new(opts: DatapathOptions) -> Enforcer {
-        Enforcer { opts, dp: None, state: MapState::default(), version: 0, detached_at: None }
-    }
-
-    fn next_version(&mut self) -> u64 {
-        self.version += 1;
-        self.version
-    }
-
-    /// Loads (first time) or adopts the pinned maps and attaches the programs.
-    fn attach(&mut self) {
-        if self.dp.is_some() {
-            return;
-        }
-        let mut dp = Datapath::load(&self.opts).unwrap_or_else(|e| panic!("loading the datapath: {}", chain(&e)));
-        // What the map owner does on start-up (untimed): read the maps back, so
-        // the datapath knows which policy generations have entries.
-        let back = dp.read_state().unwrap_or_else(|e| panic!("reading the maps back: {}", chain(&e)));
-        assert!(back.stale_generations.is_empty(), "{:?}", back.stale_generations);
-        if let Some(before) = self.detached_at.take() {
-            let now = dp.counters();
-            assert_eq!(
-                (now.allowed, now.ct_hits, now.unmanaged, now.denied),
-                (before.allowed, before.ct_hits, before.unmanaged, before.denied),
-                "the programs judged packets while detached"
-            );
-        }
-        self.dp = Some(dp);
-    }
-
-    /// Stops managing both workloads (the programs stay attached). The next apply
-    /// manages them again: they leave the applied state too.
-    fn unmanage(&mut self, sides: &Sides) {
-        let dp = self.dp.as_mut().expect("datapath attached");
-        for side in [&sides.client, &sides.server] {
-            // Also when the endpoint is absent (aya 0.14's ENOENT counts as missing).
-            dp.remove_endpoint(side.cgroup_id).expect("remove endpoint");
-            self.state.endpoints.remove(&abi::EndpointKey { cgroup_id: side.cgroup_id });
-        }
-    }
-
-    /// Detaches the programs (the maps stay pinned and keep the policy).
-    fn detach(&mut self) {
-        let Some(dp) = self.dp.take() else { return };
-        for pin in LINK_PINS {
-            let path = dp.pin_dir().join(pin);
-            std::fs::remove_file(&path).unwrap_or_else(|e| panic!("unpinning {}: {e}", path.display()));
-        }
-        // Runs that started before the links went may still be finishing.
-        std::thread::sleep(Duration::from_millis(50));
-        self.detached_at = Some(dp.counters());
-    }
-
-    fn counters(&self) -> Option<DatapathCounters> {
-        self.dp.as_ref().map(Datapath::counters)
-    }
-
-    /// Validate, render, diff, and the ops applied through `Datapath`, each timed.
-    fn apply(&mut self, policy: &NodePolicy) -> ApplyTimes {
-        let mut t = ApplyTimes { rules: policy.rules.len(), from: self.state.policy.len(), ..ApplyTimes::default() };
-        let clock = Instant::now();
-        policy.validate().unwrap_or_else(|e| panic!("invalid benchmark policy: {e}"));
-        t.validate = clock.elapsed();
-        let dp = self.dp.as_mut().expect("datapath attached");
-        let generation = dp.active_generation().expect("active generation").wrapping_add(1);
-        let clock = Instant::now();
-        let next = render(policy, generation).unwrap_or_else(|e| panic!("render: {e}"));
-        t.render = clock.elapsed();
-        let clock = Instant::now();
-        let ops = diff(&self.state, &next);
-        t.diff = clock.elapsed();
-        for op in &ops {
-            // One op at a time through `Datapath::apply`, to time each kind.
-            let clock = Instant::now();
-            dp.apply(std::slice::from_ref(op)).unwrap_or_else(|e| panic!("applying {}: {}", op_name(op), chain(&e)));
-            let took = clock.elapsed();
-            match op {
-                MapOp::WriteGeneration { .. } => t.write += took,
-                MapOp::Activate { .. } => t.activate += took,
-                MapOp::DeleteGeneration { .. } | MapOp::DeleteGenerationKeys { .. } => t.delete += took,
-                _ => t.other += took,
-            }
-        }
-        self.state = next;
-        t
-    }
-
-    /// ids of this instance's programs: those using its policy map.
-    fn program_ids(&self) -> Vec<u32> {
-        let policy = MapInfo::from_pin(self.opts.pin_dir().join(abi::POLICY)).expect("policy map info").id();
-        loaded_programs()
-            .filter_map(Result::ok)
-            .filter(|p| p.map_ids().ok().flatten().is_some_and(|ids| ids.contains(&policy)))
-            .map(|p| p.id())
-            .collect()
-    }
-
-    /// Sum of (run time ns, runs) of `ids`.
-    fn program_stats(ids: &[u32]) -> (u64, u64) {
-        loaded_programs()
-            .filter_map(Result::ok)
-            .filter(|p| ids.contains(&p.id()))
-            .fold((0, 0), |(t, n), p| (t + p.run_time().as_nanos() as u64, n + p.run_count()))
-    }
-
-    /// One RR and one CRR round with BPF run-time statistics enabled.
-    fn profile(
-        &mut self,
-        filter: Filter,
-        client: &mut Worker,
-        rr_dst: SocketAddr,
-        crr_dst: SocketAddr,
-        round: Duration,
-    ) -> Profile {
-        assert!(self.dp.is_some(), "profiling needs the programs attached");
-        let ids = self.program_ids();
-        assert_eq!(ids.len(), 2, "expected the instance's two programs, found {ids:?}");
-        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
-        let mut rows = Vec::new();
-        for (kind, dst, conns) in [("rr", rr_dst, RR_CONNS), ("crr", crr_dst, CRR_THREADS)] {
-            let (t0, n0) = Self::program_stats(&ids);
-            let load = client.run(kind, dst, conns, round);
-            let (t1, n1) = Self::program_stats(&ids);
-            rows.push((kind, load, t1 - t0, n1 - n0));
-        }
-        drop(stats);
-        println!("  profile {}: {rows:?}", filter.label());
-        Profile { filter, rows }
-    }
-
-    /// (map name, max entries, memlock bytes) of every map of the instance.
-    fn memory(&self) -> Vec<(String, u32, u64)> {
-        abi::MAP_NAMES
-            .iter()
-            .map(|name| {
-                let info = MapInfo::from_pin(self.opts.pin_dir().join(name)).expect("map info");
-                let fd = info.fd().expect("map fd");
-                let fdinfo =
-                    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())).expect("fdinfo");
-                let memlock = fdinfo
-                    .lines()
-                    .find_map(|l| l.strip_prefix("memlock:"))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                ((*name).to_owned(), info.max_entries(), memlock)
-            })
-            .collect()
-    }
+/// One RR and one CRR round with BPF run-time statistics enabled.
+fn profile(
+    enforcer: &Enforcer,
+    filter: Filter,
+    client: &mut Worker,
+    rr_dst: SocketAddr,
+    crr_dst: SocketAddr,
+    round: Duration,
+) -> Profile {
+    let rows = enforcer.profile_loads(client, &[("rr", rr_dst, RR_CONNS), ("crr", crr_dst, CRR_THREADS)], round);
+    println!("  profile {}: {rows:?}", filter.label());
+    Profile { filter, rows }
 }
 
 #[derive(Debug)]
 struct Profile {
     filter: Filter,
-    /// (load kind, load, program run time ns, program runs).
-    rows: Vec<(&'static str, Load, u64, u64)>,
+    rows: Vec<ProfileRow>,
 }
 
-// === fixtures ===
-
-/// A cgroup below another one, removed on drop (its processes must be gone).
-struct SubCgroup {
-    path: PathBuf,
-}
-
-impl SubCgroup {
-    fn new(parent: &Path, name: &str) -> Self {
-        let path = parent.join(name);
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        SubCgroup { path }
-    }
-
-    fn id(&self) -> u64 {
-        std::fs::metadata(&self.path).expect("stat cgroup").ino()
-    }
-
-    fn rel_path(&self) -> String {
-        let rel = self.path.strip_prefix(cgroup2_root()).expect("below the cgroup2 root");
-        format!("/{}", rel.display())
-    }
-
-    /// `program` started inside this cgroup (see `TestCgroup::command`).
-    fn command(&self, program: &Path) -> Command {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(r#"echo $$ > "$0" && exec "$@""#).arg(self.path.join("cgroup.procs")).arg(program);
-        cmd
-    }
-}
-
-impl Drop for SubCgroup {
-    fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while let Err(e) = std::fs::remove_dir(&self.path) {
-            if e.kind() == std::io::ErrorKind::NotFound || Instant::now() > deadline {
+/// Echo servers: RR on [`RR_PORT`] (1-byte ping-pong until the client closes), CRR on
+/// [`CRR_PORT`] (read 1 byte, write it back, close).
+fn server_worker() {
+    fn echo_all(mut s: TcpStream) {
+        let _ = s.set_nodelay(true);
+        let mut b = [0u8; 1];
+        while s.read_exact(&mut b).is_ok() {
+            if s.write_all(&b).is_err() {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
-}
-
-/// Removes the instance's pins on drop, so its programs detach and maps go.
-struct Pins {
-    instance: String,
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        if let Err(e) = remove_instance(Path::new(DEFAULT_BPFFS_ROOT), &self.instance) {
-            eprintln!("cleanup: removing pins of {}: {e}", self.instance);
+    fn echo_one(mut s: TcpStream) {
+        let mut b = [0u8; 1];
+        if s.read_exact(&mut b).is_ok() {
+            let _ = s.write_all(&b);
         }
     }
+    serve((RR_PORT, echo_all), (CRR_PORT, CRR_THREADS, echo_one));
 }
 
-// === workers ===
-
-/// The bench's handle on a worker process.
-struct Worker {
-    name: &'static str,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    _child: ChildGuard,
-}
-
-/// One load round as the client measured it.
-#[derive(Debug, Clone, Copy)]
-struct Load {
-    done: u64,
-    elapsed: Duration,
-    errors: u64,
-}
-
-impl Load {
-    fn rate(&self) -> f64 {
-        self.done as f64 / self.elapsed.as_secs_f64()
-    }
-}
-
-impl Worker {
-    fn spawn(name: &'static str, cg: &SubCgroup, netns: &bulkhead_testkit::netns::Netns, exe: &Path) -> Worker {
-        let mut cmd = cg.command(exe);
-        cmd.env(WORKER_ENV, name).stdin(Stdio::piped()).stdout(Stdio::piped());
-        let mut child = netns.spawn(&mut cmd);
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        Worker { name, stdin, stdout, _child: child }
-    }
-
-    fn answer(&mut self) -> String {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = self.stdout.read_line(&mut line).unwrap_or_else(|e| panic!("worker {}: read: {e}", self.name));
-            assert!(n > 0, "worker {} exited", self.name);
-            if let Some(answer) = line.trim_end().strip_prefix(REPLY) {
-                return answer.to_owned();
-            }
-        }
-    }
-
-    fn expect_ready(&mut self) {
-        let a = self.answer();
-        assert_eq!(a, "ready", "worker {}", self.name);
-    }
-
-    /// `kind` is `rr` or `crr`; `conns` connections or threads for `dur`.
-    fn run(&mut self, kind: &str, dst: SocketAddr, conns: usize, dur: Duration) -> Load {
-        writeln!(self.stdin, "{kind} {dst} {conns} {}", dur.as_millis())
-            .unwrap_or_else(|e| panic!("worker {}: write: {e}", self.name));
-        let a = self.answer();
-        let f: Vec<u64> = a.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-        let [done, elapsed_ns, errors] = f[..] else { panic!("worker {}: bad answer {a:?}", self.name) };
-        Load { done, elapsed: Duration::from_nanos(elapsed_ns), errors }
-    }
-}
-
-/// The CPU both workers run on: the last one.
-fn bench_cpu() -> usize {
-    std::thread::available_parallelism().map_or(1, usize::from) - 1
-}
-
-/// Pins this process (and the threads it starts later) to [`bench_cpu`]. With the
-/// client on one vCPU and the server on the other, every RR transaction costs two
-/// cross-CPU wakeups (IPIs, VM exits here) and the rate jumped between ~48k and
-/// ~90k/s with the scheduler's placement; on one CPU each transaction's whole path
-/// (both processes, both stacks, veth and bridge softirqs) runs there, so the rate
-/// measures CPU cost per transaction, which is what a filter adds to.
-fn pin_to_bench_cpu() {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(bench_cpu()).expect("cpu index");
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("sched_setaffinity");
-}
-
-/// Echo servers: RR on [`RR_PORT`] (a thread per connection), CRR on [`CRR_PORT`]
-/// (accept, read 1 byte, write it back, close). Exits when stdin closes.
-fn server_worker() {
-    let rr = TcpListener::bind(("0.0.0.0", RR_PORT)).expect("bind RR port");
-    let crr = TcpListener::bind(("0.0.0.0", CRR_PORT)).expect("bind CRR port");
-    std::thread::spawn(move || {
-        for conn in rr.incoming() {
-            let Ok(mut s) = conn else { continue };
-            std::thread::spawn(move || {
-                let _ = s.set_nodelay(true);
-                let mut b = [0u8; 1];
-                while s.read_exact(&mut b).is_ok() {
-                    if s.write_all(&b).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    for _ in 0..CRR_THREADS {
-        let l = crr.try_clone().expect("clone listener");
-        std::thread::spawn(move || {
-            loop {
-                if let Ok((mut s, _)) = l.accept() {
-                    let _ = s.set_read_timeout(Some(IO_TIMEOUT));
-                    let mut b = [0u8; 1];
-                    if s.read_exact(&mut b).is_ok() {
-                        let _ = s.write_all(&b);
-                    }
-                }
-            }
-        });
-    }
-    println!("{REPLY}ready");
-    let mut rest = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut rest);
-}
-
-/// The load generator: `rr|crr ADDR N MS` on stdin → `done elapsed_ns errors`.
+/// The load generator: `rr|crr ADDR N MS` → `done elapsed_ns errors`.
 fn client_worker() {
-    println!("{REPLY}ready");
-    for line in std::io::stdin().lock().lines() {
-        let Ok(line) = line else { break };
-        let w: Vec<&str> = line.split_whitespace().collect();
-        let [kind, dst, n, ms] = w[..] else { panic!("bad command {line:?}") };
-        let dst: SocketAddr = dst.parse().expect("address");
-        let n: usize = n.parse().expect("count");
-        let dur = Duration::from_millis(ms.parse().expect("ms"));
-        let load = match kind {
-            "rr" => rr_load(dst, n, dur),
-            "crr" => crr_load(dst, n, dur),
-            _ => panic!("bad command {line:?}"),
-        };
-        println!("{REPLY}{} {} {}", load.done, load.elapsed.as_nanos(), load.errors);
-    }
+    common::client(&[("rr", rr_load), ("crr", crr_load)], |_| None);
+}
+
+/// One byte there and back.
+fn ping(s: &mut TcpStream, _: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut b = [1u8; 1];
+    s.write_all(&b)?;
+    s.read_exact(&mut b)
 }
 
 /// `conns` persistent connections, each ping-ponging one byte for `dur`.
 fn rr_load(dst: SocketAddr, conns: usize, dur: Duration) -> Load {
-    let errors = AtomicU64::new(0);
-    let mut streams = Vec::new();
-    for _ in 0..conns {
-        match TcpStream::connect_timeout(&dst, IO_TIMEOUT) {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                let _ = s.set_read_timeout(Some(IO_TIMEOUT));
-                streams.push(s);
-            }
-            Err(_) => {
-                errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-    let done = AtomicU64::new(0);
-    let start = Instant::now();
-    std::thread::scope(|scope| {
-        for s in streams.iter_mut() {
-            let (done, errors) = (&done, &errors);
-            scope.spawn(move || {
-                let mut b = [1u8; 1];
-                let mut n = 0u64;
-                while start.elapsed() < dur {
-                    if s.write_all(&b).is_err() || s.read_exact(&mut b).is_err() {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                    n += 1;
-                }
-                done.fetch_add(n, Ordering::Relaxed);
-            });
-        }
-    });
-    Load { done: done.into_inner(), elapsed: start.elapsed(), errors: errors.into_inner() }
+    persistent_load(dst, conns, dur, ping)
 }
 
 /// `threads` loops of connect, 1-byte request, 1-byte reply, close, for `dur`.
 fn crr_load(dst: SocketAddr, threads: usize, dur: Duration) -> Load {
-    let (done, errors) = (AtomicU64::new(0), AtomicU64::new(0));
-    let start = Instant::now();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            let (done, errors) = (&done, &errors);
-            scope.spawn(move || {
-                while start.elapsed() < dur {
-                    let ok = TcpStream::connect_timeout(&dst, IO_TIMEOUT).and_then(|mut s| {
-                        s.set_read_timeout(Some(IO_TIMEOUT))?;
-                        let mut b = [1u8; 1];
-                        s.write_all(&b)?;
-                        s.read_exact(&mut b)
-                    });
-                    match ok {
-                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => errors.fetch_add(1, Ordering::Relaxed),
-                    };
-                }
-            });
-        }
-    });
-    Load { done: done.into_inner(), elapsed: start.elapsed(), errors: errors.into_inner() }
+    connect_load(dst, threads, dur, ping)
 }
 
 // === report ===
@@ -1000,36 +511,12 @@ struct Samples {
     judged: Vec<Judged>,
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
-}
-
-fn range(v: &[f64]) -> (f64, f64) {
-    v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(*x), hi.max(*x)))
-}
-
-fn median_duration(v: impl Iterator<Item = Duration>) -> Duration {
-    let mut s: Vec<Duration> = v.collect();
-    s.sort();
-    s.get(s.len() / 2).copied().unwrap_or_default()
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1000.0)
-}
-
 fn report(
     results: &BTreeMap<Filter, Samples>,
     applies: &BTreeMap<(usize, usize), Vec<ApplyTimes>>,
     profiles: &[Profile],
     memory: &[(String, u32, u64)],
-    took: Duration,
+    machine: &str,
 ) -> String {
     let base = &results[&Filter::None];
     let (base_rr, base_crr) = (median(&base.rr), median(&base.crr));
@@ -1040,19 +527,7 @@ fn report(
 
     let mut md = String::new();
     md.push_str("Command: `cargo bench -p bulkhead-enforcer --bench enforce` (root).\n");
-    md.push_str(&format!(
-        "Machine: Linux {}, {} cores ({}), shared with other builds (load average at the end: {}); bench took {:.0} s.\n\n",
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-        std::thread::available_parallelism().map_or(0, usize::from),
-        cpu_model(),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" "),
-        took.as_secs_f64()
-    ));
+    md.push_str(&format!("{machine}\n\n"));
     md.push_str(&format!(
         "Two network namespaces over a veth bridge; client and server are processes in their own cgroups, both \
          pinned to CPU {} (cross-CPU wakeups made RR bimodal in this VM; pinned, a round measures the CPU cost \
@@ -1212,18 +687,17 @@ fn report(
     md.push_str("| configuration | load | rate /s | program runs per transaction | ns per run | program µs per transaction | program CPU (% of one core) |\n");
     md.push_str("|---|---|---|---|---|---|---|\n");
     for p in profiles {
-        for (kind, load, ns, runs) in &p.rows {
-            let per = (load.done.max(1)) as f64;
-            let us_per = *ns as f64 / per / 1000.0;
+        for row in &p.rows {
+            let us_per = row.per_transaction().0 / 1000.0;
             // Program CPU per second of load, as a share of one core.
-            let share = us_per * load.rate() / 1e6;
+            let share = us_per * row.load.rate() / 1e6;
             md.push_str(&format!(
                 "| {} | {} | {:.0} | {:.1} | {:.0} | {:.2} | {:.1} % |\n",
                 p.filter.label(),
-                kind.to_uppercase(),
-                load.rate(),
-                *runs as f64 / per,
-                *ns as f64 / (*runs).max(1) as f64,
+                row.kind.to_uppercase(),
+                row.load.rate(),
+                row.runs() as f64 / row.transactions(),
+                row.ns_per_run(),
                 us_per,
                 share * 100.0
             ));
@@ -1240,8 +714,8 @@ fn analysis(results: &BTreeMap<Filter, Samples>, profiles: &[Profile], base_rr: 
             .iter()
             .filter(|p| p.filter == f)
             .flat_map(|p| p.rows.iter())
-            .find(|r| r.0 == kind)
-            .map_or(f64::NAN, |(_, _, ns, runs)| *ns as f64 / (*runs).max(1) as f64)
+            .find(|r| r.kind == kind)
+            .map_or(f64::NAN, ProfileRow::ns_per_run)
     };
     let ratio = |f: Filter| {
         results.get(&f).map_or((f64::NAN, f64::NAN), |s| (median(&s.rr) / base_rr, median(&s.crr) / base_crr))
@@ -1279,23 +753,4 @@ fn analysis(results: &BTreeMap<Filter, Samples>, profiles: &[Profile], base_rr: 
         large - idle,
         verdict = if bh_rr >= 0.95 && bh_crr >= 0.95 { "meeting" } else { "short of" },
     )
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned()))
-        .unwrap_or_else(|| "unknown CPU".to_owned())
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
 }

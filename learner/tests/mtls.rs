@@ -6,13 +6,14 @@
 //! the learner's log (captured here) with the peer's address. Plus `bulkhead certs`
 //! (the real binary) and the learner binary's refusal to serve plaintext unasked.
 
+mod pki;
+
 use std::error::Error as _;
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use bulkhead_learner::certs::{Ca, Minted, Validity};
+use bulkhead_learner::certs::{Ca, Validity};
 use bulkhead_learner::grpc::ingest::Enrollment;
 use bulkhead_learner::server::{self, Running, ServerConfig};
 use bulkhead_learner::store::FlowQuery;
@@ -30,65 +31,15 @@ use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use x509_parser::extensions::GeneralName;
 
+use pki::Pki;
+
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 // === fixtures ===
 
-/// A CA with the learner's certificate (127.0.0.1), and a second, unrelated CA.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: Ca,
-    other_ca: Ca,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca = Ca::generate("Test CA", Validity::days_from_now(30)).expect("CA");
-        // The same name, as two runs of `bulkhead certs ca` would give.
-        let other_ca = Ca::generate("Test CA", Validity::days_from_now(30)).expect("other CA");
-        let learner = ca.learner(&["127.0.0.1".to_owned()], Validity::days_from_now(30)).expect("learner cert");
-        write(dir.path(), "ca.crt", &ca.minted().cert_pem);
-        write(dir.path(), "learner.crt", &learner.cert_pem);
-        write(dir.path(), "learner.key", learner.key_pem());
-        Pki { dir, ca, other_ca }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Writes a certificate and key as `<name>.crt/.key`; returns the agent flags
-    /// that use them (trusting our CA for the learner).
-    fn agent_args(&self, name: &str, minted: &Minted) -> AgentTlsArgs {
-        AgentTlsArgs {
-            tls_cert: Some(write(self.dir.path(), &format!("{name}.crt"), &minted.cert_pem)),
-            tls_key: Some(write(self.dir.path(), &format!("{name}.key"), minted.key_pem())),
-            tls_ca: Some(self.path("ca.crt")),
-            insecure_grpc: false,
-        }
-    }
-
-    fn node(&self, node: &str) -> AgentTlsArgs {
-        let minted = self.ca.node(node, Validity::days_from_now(1)).expect("node cert");
-        self.agent_args(node, &minted)
-    }
-}
-
-fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, content).expect("write");
-    path
-}
-
 /// A learner that requires client certificates from `pki`'s CA.
 async fn mtls_learner(pki: &Pki, enrollment: Enrollment) -> Running {
-    let tls = server_config(&ServerTlsFiles {
-        cert: pki.path("learner.crt"),
-        key: pki.path("learner.key"),
-        client_ca: pki.path("ca.crt"),
-    })
-    .expect("server TLS config");
+    let tls = server_config(&pki.server_files()).expect("server TLS config");
     server::start(ServerConfig {
         db_url: format!("sqlite://{}", pki.path("learner.db").display()),
         grpc_listen: "127.0.0.1:0".parse().expect("addr"),
@@ -422,7 +373,9 @@ async fn a_certificate_from_another_ca_is_refused_and_logged() {
     let (logs, _guard) = Logs::capture();
     let pki = Pki::new();
     let r = mtls_learner(&pki, Enrollment::Open).await;
-    let foreign = pki.other_ca.node("node-a", Validity::days_from_now(1)).expect("cert");
+    // The same name as ours, as two runs of `bulkhead certs ca` would give.
+    let other_ca = Ca::generate("Test CA", Validity::days_from_now(30)).expect("other CA");
+    let foreign = other_ca.node("node-a", Validity::days_from_now(1)).expect("cert");
     let transport = pki.agent_args("foreign", &foreign).transport(&url(&r)).expect("agent transport");
     assert_handshake_refused(&logs, &r, &transport, "UnknownCA", "UnknownIssuer").await;
     r.abort();

@@ -2,6 +2,7 @@
 //! replaces only that, so running one benchmark never disturbs the others' numbers.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// The workspace's BENCHMARKS.md.
 pub fn path() -> PathBuf {
@@ -19,6 +20,37 @@ pub fn write_section(title: &str, body: &str) -> std::io::Result<PathBuf> {
     };
     std::fs::write(&path, replace_section(&old, title, body))?;
     Ok(path)
+}
+
+/// The "Machine:" sentence of a section: kernel, cores, CPU model, and the load
+/// average when the run started (`load_at_start`, from [`load_average`]) and ended.
+/// The benchmarks run on shared machines: the load at the start says how busy it was;
+/// at the end it also counts the benchmark's own threads.
+pub fn machine(load_at_start: &str, took: Duration) -> String {
+    format!(
+        "Machine: Linux {}, {} cores ({}), shared with other builds (load average at the start: {load_at_start}; \
+         at the end: {}); bench took {:.0} s.",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        std::thread::available_parallelism().map_or(0, usize::from),
+        cpu_model(),
+        load_average(),
+        took.as_secs_f64()
+    )
+}
+
+/// The 1, 5 and 15 minute load averages, as /proc/loadavg gives them.
+pub fn load_average() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// The CPU's model name from /proc/cpuinfo.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".to_owned())
 }
 
 /// [`write_section`] on a string.
