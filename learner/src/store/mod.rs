@@ -77,7 +77,9 @@ pub use enforcement::{
 };
 pub use error::StoreError;
 pub use external_peers::ExternalPeerRow;
-pub use graph::{EdgeVerdictRow, EndpointFlowRow, GraphEdgeQuery, MAX_GRAPH_ROWS, PortUsageRow};
+pub use graph::{
+    EdgeMirror, EdgeSet, EdgeVerdictRow, EndpointFlowRow, GraphEdgeQuery, GraphEdges, MAX_GRAPH_ROWS, PortUsageRow,
+};
 pub use proposals::{
     ActivePolicy, Decision, LEARNER_ACTOR, MAX_PROPOSAL_PAGE, ProposalQuery, ProposalRecord, ProposalSummary,
 };

@@ -16,11 +16,13 @@
 //! [`TRUNCATED_EDGES`] busiest edges, one per identity pair and port, and the page
 //! shows a table instead.
 //!
-//! The store reads the range's edges (`store::graph`); they are folded here into
-//! buckets between groups, and the policy set is asked about the edges an active policy
-//! covers, through the state's [`CoverageCache`](crate::policy::graph_view::CoverageCache)
-//! (decisions are kept while the policies, identities and modes they came from are
-//! unchanged).
+//! The store reads the range's edges (`store::graph`: on SQLite from the state's
+//! [`EdgeMirror`](crate::store::EdgeMirror), which only reads what changed since the
+//! last request); they are folded here into buckets between groups, and the policy set
+//! is asked about the edges an active policy covers, through the state's
+//! [`CoverageCache`](crate::policy::graph_view::CoverageCache) (decisions are kept while
+//! the policies, identities and modes they came from are unchanged). Both are exact: an
+//! answer reflects every batch, approval and mode change committed before the request.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -38,13 +40,13 @@ use super::api::ApiError;
 use super::auth::Viewer;
 use crate::identity::inventory::CIDR_GROUP_KEY;
 use crate::policy::graph_view::{
-    Coverage, CoverageGeneration, Drill, GraphBuilder, GraphEdge, GraphLevel, GraphNode, GraphView, Limits, Member,
-    Members, NodeKey, NodeKind, Observed, PolicyRef, TRUNCATED_EDGES, Totals, Traffic, coverage, fold_edges,
-    grouped_size, identity_name, namespace_key, top_edges, truncate,
+    CoverageLookup, Drill, GraphBuilder, GraphEdge, GraphLevel, GraphNode, GraphView, Limits, Member, Members, NodeKey,
+    NodeKind, Observed, PolicyRef, TRUNCATED_EDGES, Totals, Traffic, coverage, fold_edges, grouped_size, identity_name,
+    namespace_key, top_edges, truncate,
 };
 use crate::policy::inputs::SERVICE_ACCOUNT_KEY;
 use crate::store::{
-    EdgeVerdictRow, EndpointRow, GraphEdgeQuery, IdentityRow, MAX_PROPOSAL_PAGE, ProposalQuery, StoreError,
+    EdgeVerdictRow, EndpointRow, GraphEdgeQuery, GraphEdges, IdentityRow, MAX_PROPOSAL_PAGE, ProposalQuery, StoreError,
 };
 
 /// Verdict-event tuples read per answer (most denies first).
@@ -271,7 +273,18 @@ pub async fn build(state: &AppState, p: &GraphParams) -> Result<GraphView, ApiEr
         return Err(ApiError::BadRequest("level=endpoint needs workload=<identity>".into()));
     }
     let started = std::time::Instant::now();
-    let ctx = Context::load(state).await?;
+    // Without a namespace scope the edges read needs nothing from the context: both at
+    // once. (An identity allocated in between only leaves its edges out until the next
+    // read, as if the edges had been read a moment earlier.)
+    let unscoped = level == GraphLevel::Namespace || (level == GraphLevel::Workload && namespace.is_none());
+    let (ctx, read) = if unscoped {
+        let (ctx, read) = tokio::try_join!(Context::load(state), async {
+            Ok::<_, ApiError>(Some(read_edges(state, p, None).await?))
+        })?;
+        (ctx, read)
+    } else {
+        (Context::load(state).await?, None)
+    };
     let policies: Vec<Policy> = ctx.active.values().map(|(_, p)| p.clone()).collect();
     let mut view = GraphView {
         level,
@@ -297,9 +310,7 @@ pub async fn build(state: &AppState, p: &GraphParams) -> Result<GraphView, ApiEr
         _ => {
             let fqdn = BTreeMap::new();
             let ev = Evaluator::new(&policies, &ctx.infos, &fqdn);
-            let enforcing = ctx.modes.iter().filter(|(_, m)| **m == RolloutMode::Enforce).map(|(id, _)| *id);
-            let known = state.graph_coverage.generation(&policies, &ctx.infos, enforcing);
-            grouped_level(state, &ctx, &ev, &known, level, namespace.as_deref(), p, &mut view).await?;
+            grouped_level(state, &ctx, &ev, p, read, &mut view).await?;
         }
     }
     tracing::debug!(
@@ -326,18 +337,29 @@ async fn dns_map(state: &AppState, since: Option<i64>) -> Result<BTreeMap<String
     Ok(m)
 }
 
-/// The namespace and workload levels: a grouping of the range's edges.
-#[allow(clippy::too_many_arguments)]
+/// The range's edges and verdict events (`scope`: only those touching these identities).
+async fn read_edges(
+    state: &AppState,
+    p: &GraphParams,
+    scope: Option<Vec<Identity>>,
+) -> Result<(GraphEdges, Vec<EdgeVerdictRow>), ApiError> {
+    let events = state.store.graph_verdicts(p.since_ms, p.until_ms, scope.as_deref(), false, MAX_EVENT_ROWS);
+    let q = GraphEdgeQuery { since_unix_ms: p.since_ms, until_unix_ms: p.until_ms, scope: scope.clone() };
+    Ok(tokio::try_join!(state.store.graph_edges(&q, &state.graph_edges), events)?)
+}
+
+/// The namespace and workload levels (`view.level`, scoped to `view.namespace`): a
+/// grouping of the range's edges (`read`: already read, unscoped).
 async fn grouped_level(
     state: &AppState,
     ctx: &Context,
     ev: &Evaluator<'_>,
-    known: &CoverageGeneration,
-    level: GraphLevel,
-    namespace: Option<&str>,
     p: &GraphParams,
+    read: Option<(GraphEdges, Vec<EdgeVerdictRow>)>,
     view: &mut GraphView,
 ) -> Result<(), ApiError> {
+    let (level, namespace) = (view.level, view.namespace.clone());
+    let namespace = namespace.as_deref();
     let mut builder = GraphBuilder::new();
     // Group number → builder node index (and the identity, for a group of one);
     // identity → its place.
@@ -396,19 +418,22 @@ async fn grouped_level(
         let (decide_src, decide_dst) = covered(ev, id);
         members.insert(id, Member { group, decide_src, decide_dst, in_scope });
     }
-    let scope_ids: Option<Vec<Identity>> =
-        scoped.then(|| members.iter().filter(|(_, m)| m.in_scope).map(|(id, _)| id).collect());
-    let q = GraphEdgeQuery { since_unix_ms: p.since_ms, until_unix_ms: p.until_ms, scope: scope_ids.clone() };
-    let (edges, events) = tokio::try_join!(
-        state.store.graph_edges(&q),
-        state.store.graph_verdicts(p.since_ms, p.until_ms, scope_ids.as_deref(), false, MAX_EVENT_ROWS),
-    )?;
+    let (edges, events) = match read {
+        Some(read) if !scoped => read,
+        _ => {
+            let scope = scoped.then(|| members.iter().filter(|(_, m)| m.in_scope).map(|(id, _)| id).collect());
+            read_edges(state, p, scope).await?
+        }
+    };
     let labels: HashMap<Identity, &Labels> = ctx.identities.iter().map(|r| (r.id, &r.labels)).collect();
+    // Decisions of earlier requests hold while what they were made from is unchanged.
+    let enforcing = ctx.modes.iter().filter(|(_, m)| **m == RolloutMode::Enforce).map(|(id, _)| *id);
+    let known = state.graph_coverage.generation(ev.policies(), &ctx.infos, enforcing);
     let decide = |k: &EdgeKey| {
         let conn = connection(k.src, k.dst, k.dst_port, k.protocol);
         coverage(ev, &conn, ctx.is_external(k.src) || ctx.is_external(k.dst), |id| ctx.enforcing(id))
     };
-    known.with(decide, |coverage_of| {
+    known.with(edges.list_name(), decide, |coverage_of| {
         // Only a grouping that could exceed the limits is measured first.
         let (groups, limits) = (group_nodes.len(), view.limits);
         if groups > limits.max_nodes || groups.saturating_mul(groups) > limits.max_edges {
@@ -438,7 +463,7 @@ async fn grouped_level(
                 None => builder.node(ctx.identity_node(id, labels.get(&id).copied()), false),
             };
             let (s, d) = (node(&mut builder, e.src), node(&mut builder, e.dst));
-            let c = coverage_of(&EdgeKey { src: e.src, dst: e.dst, dst_port: e.dst_port, protocol: e.protocol });
+            let c = coverage_of(None, &EdgeKey { src: e.src, dst: e.dst, dst_port: e.dst_port, protocol: e.protocol });
             builder.events(s, d, e.protocol, e.dst_port, Observed { audit: e.audit, denied: e.denied }, Some(c));
         }
         let (nodes, drawn) = builder.finish();
@@ -488,7 +513,7 @@ fn truncated(
     labels: &HashMap<Identity, &Labels>,
     top: &[Edge],
     events: &[EdgeVerdictRow],
-    coverage_of: &mut dyn FnMut(&EdgeKey) -> Coverage,
+    coverage_of: &mut CoverageLookup<'_>,
     view: &mut GraphView,
 ) {
     let observed: HashMap<(Identity, Identity, u16, Protocol), Observed> = events
@@ -507,7 +532,7 @@ fn truncated(
             first_seen_unix_ms: e.first_seen_unix_ms,
             last_seen_unix_ms: e.last_seen_unix_ms,
         };
-        builder.traffic(s, d, k.protocol, k.dst_port, t, Some(coverage_of(&k)));
+        builder.traffic(s, d, k.protocol, k.dst_port, t, Some(coverage_of(None, &k)));
         if let Some(o) = observed.get(&(k.src, k.dst, k.dst_port, k.protocol)) {
             builder.events(s, d, k.protocol, k.dst_port, *o, None);
         }

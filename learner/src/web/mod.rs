@@ -25,7 +25,7 @@ use tower_http::compression::CompressionLayer;
 
 use crate::policy::PolicyService;
 use crate::policy::graph_view::CoverageCache;
-use crate::store::Store;
+use crate::store::{EdgeMirror, Store};
 
 pub use auth::AuthConfig;
 pub use pages::login::LoginThrottle;
@@ -39,6 +39,8 @@ pub struct AppState {
     pub login_throttle: Arc<LoginThrottle>,
     /// The service graph's policy decisions, kept while their inputs are unchanged.
     pub graph_coverage: Arc<CoverageCache>,
+    /// The service graph's edges, kept in memory and brought up to date per read (SQLite).
+    pub graph_edges: Arc<EdgeMirror>,
 }
 
 impl AppState {
@@ -49,6 +51,7 @@ impl AppState {
             auth,
             login_throttle: Arc::new(LoginThrottle::default()),
             graph_coverage: Arc::new(CoverageCache::default()),
+            graph_edges: Arc::new(EdgeMirror::default()),
         }
     }
 
