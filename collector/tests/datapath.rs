@@ -11,6 +11,7 @@
 //! cgroup_skb programs are node-global) never see each other's traffic.
 
 use bulkhead_testkit::dns::Answers;
+use bulkhead_testkit::error_chain;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -261,16 +262,6 @@ impl Observer {
             })
             .fold((0, 0, 0), |(s, r, p), e| (s + e.bytes_sent, r + e.bytes_received, p + e.packets))
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    out
 }
 
 fn is(e: &SockEvent, kind: SockEventKind, netns: u64, local: SocketAddr, remote: SocketAddr) -> bool {

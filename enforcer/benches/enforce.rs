@@ -152,7 +152,9 @@ fn main() {
     // held only for this phase), and the instance's kernel memory at 100k rules.
     println!("[{:>5.1}s] profiling the programs (bpf stats on)", started.elapsed().as_secs_f64());
     let mut profiles = Vec::new();
-    for filter in [Filter::BulkheadIdle, Filter::Bulkhead(1_000), Filter::Bulkhead(100_000)] {
+    for filter in
+        [Filter::BulkheadIdle, Filter::BulkheadIdleIngress, Filter::Bulkhead(1_000), Filter::Bulkhead(100_000)]
+    {
         if let Some(times) = switch(&mut firewall, &mut enforcer, &sides, current, filter) {
             applies.entry((times.rules, times.from)).or_default().push(times);
         }
@@ -197,12 +199,15 @@ enum Filter {
     /// Bulkhead's programs attached, the workloads not managed: the hook's own cost
     /// plus one endpoint lookup per packet.
     BulkheadIdle,
+    /// As [`Filter::BulkheadIdle`] with the egress program detached: what the
+    /// ingress hook alone costs (a diagnostic row: half of the floor).
+    BulkheadIdleIngress,
     /// Bulkhead enforce mode, N policy entries.
     Bulkhead(usize),
 }
 
 impl Filter {
-    const ALL: [Filter; 10] = [
+    const ALL: [Filter; 11] = [
         Filter::None,
         Filter::IptLegacy(1_000),
         Filter::IptLegacy(10_000),
@@ -210,6 +215,7 @@ impl Filter {
         Filter::NftSet(1_000),
         Filter::NftSet(10_000),
         Filter::BulkheadIdle,
+        Filter::BulkheadIdleIngress,
         Filter::Bulkhead(1_000),
         Filter::Bulkhead(10_000),
         Filter::Bulkhead(100_000),
@@ -222,6 +228,7 @@ impl Filter {
             Filter::IptNft(n) => format!("iptables-nft {}", k(n)),
             Filter::NftSet(n) => format!("nft set {}", k(n)),
             Filter::BulkheadIdle => "bulkhead unmanaged".to_owned(),
+            Filter::BulkheadIdleIngress => "bulkhead unmanaged, ingress hook only".to_owned(),
             Filter::Bulkhead(n) => format!("bulkhead {}", k(n)),
         }
     }
@@ -233,13 +240,14 @@ impl Filter {
             Filter::IptNft(_) => "iptables (nf_tables backend), N rules in INPUT",
             Filter::NftSet(_) => "nftables, one rule, set of N addresses",
             Filter::BulkheadIdle => "Bulkhead attached, workloads not managed",
+            Filter::BulkheadIdleIngress => "Bulkhead attached, workloads not managed, ingress hook only (diagnostic)",
             Filter::Bulkhead(_) => "Bulkhead enforce, N policy entries",
         }
     }
 
     fn rules(self) -> Option<usize> {
         match self {
-            Filter::None | Filter::BulkheadIdle => None,
+            Filter::None | Filter::BulkheadIdle | Filter::BulkheadIdleIngress => None,
             Filter::IptLegacy(n) | Filter::IptNft(n) | Filter::NftSet(n) | Filter::Bulkhead(n) => Some(n),
         }
     }
@@ -254,13 +262,14 @@ fn other_addr(k: usize) -> Ipv4Addr {
 /// policy was applied.
 fn switch(fw: &mut Firewall, enforcer: &mut Enforcer, sides: &Sides, from: Filter, to: Filter) -> Option<ApplyTimes> {
     match from {
-        Filter::None | Filter::BulkheadIdle | Filter::Bulkhead(_) => {}
+        Filter::None | Filter::BulkheadIdle | Filter::BulkheadIdleIngress | Filter::Bulkhead(_) => {}
         Filter::IptLegacy(_) => fw.flush_iptables("iptables-legacy-restore"),
         Filter::IptNft(_) => fw.flush_iptables("iptables-nft-restore"),
         Filter::NftSet(_) => fw.delete_nft_table(),
     }
+    // Both programs attached; the ingress-only row is left by detaching everything.
     let attached = |f: Filter| matches!(f, Filter::Bulkhead(_) | Filter::BulkheadIdle);
-    if attached(from) && !attached(to) {
+    if from == Filter::BulkheadIdleIngress || (attached(from) && !attached(to)) {
         enforcer.detach();
     }
     match to {
@@ -280,6 +289,12 @@ fn switch(fw: &mut Firewall, enforcer: &mut Enforcer, sides: &Sides, from: Filte
         Filter::BulkheadIdle => {
             enforcer.attach();
             enforcer.unmanage(sides);
+            None
+        }
+        Filter::BulkheadIdleIngress => {
+            enforcer.attach();
+            enforcer.unmanage(sides);
+            enforcer.detach_egress();
             None
         }
         Filter::Bulkhead(n) => {
@@ -583,7 +598,7 @@ fn report(
     ));
     let judged: Vec<String> = results
         .iter()
-        .filter(|(f, _)| matches!(f, Filter::Bulkhead(_) | Filter::BulkheadIdle))
+        .filter(|(f, _)| matches!(f, Filter::Bulkhead(_) | Filter::BulkheadIdle | Filter::BulkheadIdleIngress))
         .map(|(f, s)| {
             let (a, d, u, c) = s.judged.iter().fold((0, 0, 0, 0), |(a, d, u, c), j| {
                 (a + j.allowed, d + j.denied, u + j.unmanaged, c + j.connections)
@@ -707,6 +722,52 @@ fn report(
     md
 }
 
+/// What bounds the new-connection rate, in CPU time per connection: the load runs
+/// pinned to one core, so the no-filter rate is the inverse of what one connection
+/// costs, and a ratio r means 1/r − 1 of that on top. The programs' own run time
+/// (from the profile rounds) is the part no rate noise can blur.
+fn crr_bound(results: &BTreeMap<Filter, Samples>, profiles: &[Profile], base_crr: f64) -> String {
+    let per_conn = 1e6 / base_crr;
+    let added = |f: Filter| results.get(&f).map_or(f64::NAN, |s| per_conn * (base_crr / median(&s.crr) - 1.0));
+    let ratio = |f: Filter| results.get(&f).map_or(f64::NAN, |s| median(&s.crr) / base_crr);
+    let program_us = |f: Filter| {
+        profiles
+            .iter()
+            .filter(|p| p.filter == f)
+            .flat_map(|p| p.rows.iter())
+            .find(|r| r.kind == "crr")
+            .map_or(f64::NAN, |r| r.per_transaction().0 / 1000.0)
+    };
+    let budget = per_conn * (1.0 / 0.95 - 1.0);
+    let full = added(Filter::Bulkhead(100_000));
+    let full_program = program_us(Filter::Bulkhead(100_000));
+    format!(
+        "**What bounds CRR.** One short connection costs {per_conn:.1} µs of CPU without a filter (the load is \
+         pinned to one core), so 0.95× allows {budget:.1} µs more per connection. Managed at 100k entries a \
+         connection costs {full:.1} µs more in this run, {full_program:.1} µs of it the programs' own run time over \
+         20 runs ({:.1}× the whole budget). With nothing managed the programs still run {:.1} µs per connection \
+         (the per-run minimum: cgroup id, configuration, one endpoint lookup), the ingress hook alone {:.1} µs; the \
+         kernel's cost of entering each cgroup_skb program comes on top of the programs' time. That entry cost is \
+         not separable here: between rounds the rates move by more than it (the unmanaged rows measure {:.2}× and, \
+         ingress hook only, {:.2}× on new connections in this run). So at 20 hook runs per short connection (every \
+         packet runs the hook on the sender's egress and the receiver's ingress) the per-connection work — two \
+         policy decisions (ipcache walk, policy probes), a conntrack insert, two socket verdicts, the conntrack \
+         lookups of the handshake — would have to fit in what the hook runs leave of the budget (at most {:.1} µs, \
+         less the entry cost), and it takes {:.1} µs of program time: the next step is fewer hook runs per \
+         connection (and a cheaper record of each connection's verdict than a socket-storage entry), not a faster \
+         policy lookup. This VM runs the AMD SRSO \"Safe RET\" mitigation \
+         (/sys/devices/system/cpu/vulnerabilities/spec_rstack_overflow), which makes every call and return dearer, \
+         helpers and the hook's own included.\n",
+        full_program / budget,
+        program_us(Filter::BulkheadIdle),
+        program_us(Filter::BulkheadIdleIngress),
+        ratio(Filter::BulkheadIdle),
+        ratio(Filter::BulkheadIdleIngress),
+        budget - program_us(Filter::BulkheadIdle),
+        full_program - program_us(Filter::BulkheadIdle),
+    )
+}
+
 /// What the numbers say about where Bulkhead's time goes.
 fn analysis(results: &BTreeMap<Filter, Samples>, profiles: &[Profile], base_rr: f64, base_crr: f64) -> String {
     let ns_per_run = |f: Filter, kind: &str| {
@@ -727,6 +788,7 @@ fn analysis(results: &BTreeMap<Filter, Samples>, profiles: &[Profile], base_rr: 
     let small = ns_per_run(Filter::Bulkhead(1_000), "rr");
     let large = ns_per_run(Filter::Bulkhead(100_000), "rr");
     let crr_large = ns_per_run(Filter::Bulkhead(100_000), "crr");
+    let bound = crr_bound(results, profiles, base_crr);
     format!(
         "\n**Reading.** The number of rules costs nothing measurable: a program run takes {small:.0} ns at 1k \
          entries and {large:.0} ns at 100k (RR), and the 1k/10k/100k rows agree within their ranges — the policy hash \
@@ -741,15 +803,9 @@ fn analysis(results: &BTreeMap<Filter, Samples>, profiles: &[Profile], base_rr: 
          average {crr_large:.0} ns per run: the client's socket carries the verdict from its SYN on, but the \
          server's handshake packets (seen on the listening and the request socket) and the client's last ACK (from \
          a time-wait socket) have none and take the conntrack path, and each new connection reads the ipcache, \
-         probes the policy, inserts a conntrack entry on each side and creates two socket verdicts. That puts Bulkhead at 100k at {bh_rr:.2}× (RR) / {bh_crr:.2}× (CRR), {verdict} 0.95×. \
-         RR is now within a few percent of the unmanaged floor; CRR is bounded by that floor (the hook alone \
-         costs a few percent there) plus the per-connection work above. For comparison, the nftables set \
-         (one lookup on the server's INPUT only) is at {nft_rr:.2}× / {nft_crr:.2}× at 10k. What is left for CRR: \
-         a cheaper new-connection path (the conntrack LRU insert, which evicts once the map is full, and the \
-         ipcache trie walk) and fewer hook runs (the cgroup_skb hook runs on both sides of a connection between \
-         two managed workloads). This VM runs the AMD SRSO \"Safe RET\" mitigation \
-         (/sys/devices/system/cpu/vulnerabilities/spec_rstack_overflow), which makes every call/return, helpers \
-         included, dearer — likely inflating all eBPF numbers here (not measured separately).\n",
+         probes the policy, inserts a conntrack entry on each side and creates two socket verdicts. That puts \
+         Bulkhead at 100k at {bh_rr:.2}× (RR) / {bh_crr:.2}× (CRR), {verdict} 0.95×. For comparison, the nftables \
+         set (one lookup on the server's INPUT only) is at {nft_rr:.2}× / {nft_crr:.2}× at 10k.\n\n{bound}",
         large - idle,
         verdict = if bh_rr >= 0.95 && bh_crr >= 0.95 { "meeting" } else { "short of" },
     )

@@ -27,9 +27,10 @@ use bulkhead_model::{
 };
 use bulkhead_testkit::assert_eventually;
 use bulkhead_testkit::cgroup::TestCgroup;
+use bulkhead_testkit::error_chain as chain;
 use bulkhead_testkit::netns::TestNet;
 use bulkhead_testkit::{require_root, unique_suffix};
-use common::{Agent, FAIL_TIMEOUT_MS, OK_TIMEOUT_MS, Pins, SubCgroup, chain, spawn_workload};
+use common::{Agent, FAIL_TIMEOUT_MS, OK_TIMEOUT_MS, Pins, SubCgroup, spawn_workload};
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -24,6 +24,7 @@ use bulkhead_proto::v1::{
     policy_stream_client::PolicyStreamClient,
 };
 use bulkhead_testkit::assert_eventually_async;
+use bulkhead_testkit::error_chain as chain;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
@@ -104,18 +105,6 @@ impl Logs {
         );
         self.line_with(parts).expect("just seen")
     }
-}
-
-/// An error with all its causes (tonic's transport errors say little on top).
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }
 
 /// How an attempt to stream ended.

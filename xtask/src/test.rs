@@ -146,6 +146,7 @@ pub fn run(args: &TestArgs) -> Result<ExitCode> {
     cmd.args(["test", "--no-fail-fast"]).args(&args.cargo_test_args);
     let outcome = env.run_tests(&mut cmd)?;
     timed("test", t);
+    remove_empty_pin_root(Path::new(BPFFS_ROOT));
 
     let report: Vec<String> = timings.iter().map(|t| format!("{} {}", t.name, fmt_duration(t.took))).collect();
     step!("test", "timings: {}", report.join(", "));
@@ -429,10 +430,29 @@ fn cleanup_stale_fixtures() -> Result<()> {
         }
     }
     removed += cleanup_stale_pins(Path::new(BPFFS_ROOT));
+    remove_empty_pin_root(Path::new(BPFFS_ROOT));
     if removed > 0 {
         step!("test", "removed {removed} stale test namespaces/cgroups/bpffs pins of earlier runs");
     }
     Ok(())
+}
+
+/// Removes the tests' bpffs root once every test is done, if nothing is left in it:
+/// each test removes its own instance, but none may remove the shared parent (another
+/// test running in parallel may be creating its instance under it). Anything still in
+/// it (a default instance, another run's pins) keeps it.
+fn remove_empty_pin_root(root: &Path) {
+    match std::fs::remove_dir(root) {
+        Ok(()) => step!("test", "removed the empty bpffs root {}", root.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {
+            let left: Vec<String> = std::fs::read_dir(root)
+                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            step!("test", "bpffs root {} kept: it holds {}", root.display(), left.join(", "));
+        }
+        Err(e) => step!("test", "could not remove the bpffs root {}: {e}", root.display()),
+    }
 }
 
 /// Unpins (recursively) every `test-<suffix>` instance under `root` whose process is
@@ -537,6 +557,16 @@ mod tests {
         assert_eq!(cleanup_stale_pins(root.0), 1);
         assert!(!dead.exists() && alive.exists() && other.exists());
         assert_eq!(cleanup_stale_pins(&root.0.join("missing")), 0);
+
+        // The root goes only once nothing is left in it.
+        remove_empty_pin_root(root.0);
+        assert!(root.0.exists(), "a root holding instances was removed");
+        for left in [&alive, &other] {
+            std::fs::remove_dir(left).expect("rmdir");
+        }
+        remove_empty_pin_root(root.0);
+        assert!(!root.0.exists(), "the empty root was kept");
+        remove_empty_pin_root(root.0);
     }
 
     /// A `unique_suffix()`-shaped name part for `pid`.

@@ -13,9 +13,8 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read as _, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd as _, AsRawFd as _};
-use std::os::unix::fs::MetadataExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+use std::path::Path;
+use std::process::{ChildStdin, ChildStdout, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -30,7 +29,8 @@ use bulkhead_model::{
     Direction, EndpointCgroup, Identity, IpcacheEntry, NodePolicy, NodeRule, PolicyEndpoint, Protocol, RolloutMode,
     RuleKey, RuleRef,
 };
-use bulkhead_testkit::cgroup::{TestCgroup, cgroup2_root};
+use bulkhead_testkit::cgroup::{SubCgroup, TestCgroup};
+pub use bulkhead_testkit::error_chain as chain;
 use bulkhead_testkit::netns::{ChildGuard, TestHost, TestNet};
 use bulkhead_testkit::unique_suffix;
 use ipnet::IpNet;
@@ -232,11 +232,13 @@ pub struct Enforcer {
     /// Kernel counters when the programs were detached: they must not move until
     /// the programs are attached again.
     detached_at: Option<DatapathCounters>,
+    /// Whether [`Enforcer::detach_egress`] left only the ingress program attached.
+    egress_detached: bool,
 }
 
 impl Enforcer {
     pub fn new(opts: DatapathOptions) -> Enforcer {
-        Enforcer { opts, dp: None, state: MapState::default(), version: 0, detached_at: None }
+        Enforcer { opts, dp: None, state: MapState::default(), version: 0, detached_at: None, egress_detached: false }
     }
 
     pub fn next_version(&mut self) -> u64 {
@@ -276,10 +278,25 @@ impl Enforcer {
         }
     }
 
+    /// Detaches the egress program only (a diagnostic: what the ingress hook alone
+    /// costs). [`Enforcer::detach`] then detaches the rest.
+    pub fn detach_egress(&mut self) {
+        let dp = self.dp.as_ref().expect("datapath attached");
+        let path = dp.pin_dir().join(LINK_PINS[1]);
+        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("unpinning {}: {e}", path.display()));
+        self.egress_detached = true;
+        // Runs that started before the link went may still be finishing.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     /// Detaches the programs (the maps stay pinned and keep the policy).
     pub fn detach(&mut self) {
         let Some(dp) = self.dp.take() else { return };
+        let egress_detached = std::mem::take(&mut self.egress_detached);
         for pin in LINK_PINS {
+            if pin == LINK_PINS[1] && egress_detached {
+                continue;
+            }
             let path = dp.pin_dir().join(pin);
             std::fs::remove_file(&path).unwrap_or_else(|e| panic!("unpinning {}: {e}", path.display()));
         }
@@ -399,47 +416,6 @@ impl Enforcer {
 }
 
 // === fixtures ===
-
-/// A cgroup below another one, removed on drop (its processes must be gone).
-pub struct SubCgroup {
-    pub path: PathBuf,
-}
-
-impl SubCgroup {
-    pub fn new(parent: &Path, name: &str) -> Self {
-        let path = parent.join(name);
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        SubCgroup { path }
-    }
-
-    pub fn id(&self) -> u64 {
-        std::fs::metadata(&self.path).expect("stat cgroup").ino()
-    }
-
-    pub fn rel_path(&self) -> String {
-        let rel = self.path.strip_prefix(cgroup2_root()).expect("below the cgroup2 root");
-        format!("/{}", rel.display())
-    }
-
-    /// `program` started inside this cgroup (see `TestCgroup::command`).
-    pub fn command(&self, program: &Path) -> Command {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(r#"echo $$ > "$0" && exec "$@""#).arg(self.path.join("cgroup.procs")).arg(program);
-        cmd
-    }
-}
-
-impl Drop for SubCgroup {
-    fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while let Err(e) = std::fs::remove_dir(&self.path) {
-            if e.kind() == std::io::ErrorKind::NotFound || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
 
 /// Removes the instance's pins on drop, so its programs detach and maps go.
 pub struct Pins {
@@ -750,15 +726,4 @@ pub fn median_duration(v: impl Iterator<Item = Duration>) -> Duration {
 
 pub fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
-}
-
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
 }

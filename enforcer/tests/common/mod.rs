@@ -9,12 +9,12 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::unix::fs::MetadataExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, ChildStdout, Command, Stdio};
+use std::path::Path;
+use std::process::{ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
 use bulkhead_enforcer::datapath::{DEFAULT_BPFFS_ROOT, remove_instance};
+pub use bulkhead_testkit::cgroup::SubCgroup;
 use bulkhead_testkit::netns::{ChildGuard, Netns};
 
 /// A connection that must succeed gets this long.
@@ -289,42 +289,6 @@ impl Agent {
 
 // === fixtures ===
 
-/// A cgroup below another one, removed on drop (its processes must be gone).
-pub struct SubCgroup {
-    path: PathBuf,
-}
-
-impl SubCgroup {
-    pub fn new(parent: &Path, name: &str) -> Self {
-        let path = parent.join(name);
-        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        SubCgroup { path }
-    }
-
-    pub fn id(&self) -> u64 {
-        std::fs::metadata(&self.path).expect("stat cgroup").ino()
-    }
-
-    /// `program` started inside this cgroup (see `TestCgroup::command`).
-    pub fn command(&self, program: &Path) -> Command {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(r#"echo $$ > "$0" && exec "$@""#).arg(self.path.join("cgroup.procs")).arg(program);
-        cmd
-    }
-}
-
-impl Drop for SubCgroup {
-    fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while let Err(e) = std::fs::remove_dir(&self.path) {
-            if e.kind() == std::io::ErrorKind::NotFound || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
 /// Removes an instance's pins on drop, so its programs detach and maps go.
 pub struct Pins {
     pub instance: String,
@@ -336,15 +300,4 @@ impl Drop for Pins {
             eprintln!("removing pins of {}: {e}", self.instance);
         }
     }
-}
-
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        cur = e.source();
-    }
-    s
 }

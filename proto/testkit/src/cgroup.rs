@@ -254,3 +254,59 @@ mod tests {
         assert_ne!(a.path(), b.path());
     }
 }
+
+// === impl SubCgroup ===
+
+/// A cgroup created below another one (typically a [`TestCgroup`]), removed on drop
+/// once its processes are gone: a workload's own cgroup under the one a test attaches
+/// its programs to.
+#[derive(Debug)]
+pub struct SubCgroup {
+    path: PathBuf,
+}
+
+impl SubCgroup {
+    /// Creates `<parent>/<name>`. Panics if it cannot.
+    pub fn new(parent: &Path, name: &str) -> SubCgroup {
+        let path = parent.join(name);
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        SubCgroup { path }
+    }
+
+    /// The cgroup's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The cgroup id (the directory's inode number, as for [`TestCgroup::id`]).
+    pub fn id(&self) -> u64 {
+        std::fs::metadata(&self.path).unwrap_or_else(|e| panic!("stat {}: {e}", self.path.display())).ino()
+    }
+
+    /// The path below the cgroup2 root, as `/proc/<pid>/cgroup` shows it.
+    pub fn rel_path(&self) -> String {
+        let rel = self.path.strip_prefix(cgroup2_root()).expect("below the cgroup2 root");
+        format!("/{}", rel.display())
+    }
+
+    /// `program` started inside this cgroup (see [`TestCgroup::command`]).
+    pub fn command(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(r#"echo $$ > "$0" && exec "$@""#).arg(self.path.join("cgroup.procs")).arg(program);
+        cmd
+    }
+}
+
+impl Drop for SubCgroup {
+    /// Retries for a while: the cgroup stays busy until its last process has been
+    /// reaped, which may be just after the test dropped its child handles.
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Err(e) = std::fs::remove_dir(&self.path) {
+            if e.kind() == std::io::ErrorKind::NotFound || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}

@@ -14,3 +14,16 @@ pub mod postgres;
 pub mod tmpfs;
 
 pub use netns::{require_root, unique_suffix};
+
+/// An error and all its causes, `: `-separated: what a test prints when a fixture or
+/// the code under test fails (transport and loader errors say little on their own).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
