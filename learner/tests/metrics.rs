@@ -3,16 +3,18 @@
 //! batches, an enforcer connects, applies and reports, and the UI is asked. The UI
 //! port does not serve them.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
 use bulkhead_model::{EnforcerHello, EnforcerMessage, Identity, PolicyAck, PolicyAckStatus, Protocol, Verdict};
 use bulkhead_proto::v1::{
-    self, flow_ingest_client::FlowIngestClient, ingest_request, ingest_response,
-    policy_stream_client::PolicyStreamClient,
+    self, flow_ingest_client::FlowIngestClient, ingest_response, policy_stream_client::PolicyStreamClient,
 };
 use bulkhead_testkit::assert_eventually_async;
+use common::{wire_batch, wire_hello};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -101,32 +103,6 @@ async fn wait_for(l: &Learner, series: &str, want: f64) {
     );
 }
 
-fn flow_batch(node: &str, seq: u64) -> v1::IngestRequest {
-    let flow = v1::Flow {
-        src_addr: vec![10, 9, 0, 1],
-        dst_addr: vec![10, 9, 0, 2],
-        dst_port: 443,
-        protocol: v1::Protocol::Tcp as i32,
-        direction: v1::Direction::Egress as i32,
-        netns_ino: 100,
-        comm: "curl".into(),
-        connections: 1,
-        verdict: v1::Verdict::Forwarded as i32,
-        first_seen_unix_ms: 1_000,
-        last_seen_unix_ms: 2_000,
-        ..Default::default()
-    };
-    let batch = v1::FlowBatch {
-        node_id: node.into(),
-        boot_id: "boot-a".into(),
-        seq,
-        created_unix_ms: 5_000,
-        flows: vec![flow],
-        ..Default::default()
-    };
-    v1::IngestRequest { msg: Some(ingest_request::Msg::Batch(batch)) }
-}
-
 #[tokio::test]
 async fn metrics_move_with_ingest_enforcers_and_the_ui() {
     let l = start().await;
@@ -138,15 +114,14 @@ async fn metrics_move_with_ingest_enforcers_and_the_ui() {
     // A collector: one stored batch, its resend, and one naming another node.
     let mut client = FlowIngestClient::connect(format!("http://{}", l.grpc)).await.expect("connects");
     let (tx, rx) = mpsc::channel(8);
-    let hello = v1::Hello { node_id: NODE.into(), boot_id: "boot-a".into(), agent_version: "test".into() };
-    tx.send(v1::IngestRequest { msg: Some(ingest_request::Msg::Hello(hello)) }).await.expect("hello");
+    tx.send(wire_hello(NODE, "boot-a")).await.expect("hello");
     let mut acks = client.ingest(ReceiverStream::new(rx)).await.expect("admitted").into_inner();
     assert!(matches!(acks.next().await, Some(Ok(v1::IngestResponse { msg: Some(ingest_response::Msg::Welcome(_)) }))));
     wait_for(&l, "bulkhead_learner_collector_streams", 1.0).await;
     for (request, want) in [
-        (flow_batch(NODE, 1), v1::AckStatus::Stored),
-        (flow_batch(NODE, 1), v1::AckStatus::Duplicate),
-        (flow_batch("node-2", 2), v1::AckStatus::Rejected),
+        (wire_batch(NODE, "boot-a", 1), v1::AckStatus::Stored),
+        (wire_batch(NODE, "boot-a", 1), v1::AckStatus::Duplicate),
+        (wire_batch("node-2", "boot-a", 2), v1::AckStatus::Rejected),
     ] {
         tx.send(request).await.expect("batch");
         match acks.next().await {

@@ -8,6 +8,8 @@
 
 mod pki;
 
+mod common;
+
 use std::error::Error as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::sync::{Arc, Mutex};
@@ -20,11 +22,11 @@ use bulkhead_learner::store::FlowQuery;
 use bulkhead_model::{EnforcerHello, EnforcerMessage, PolicyUpdate};
 use bulkhead_proto::tls::{AgentTlsArgs, AgentTransport, ServerTlsFiles, node_identity, server_config};
 use bulkhead_proto::v1::{
-    self, flow_ingest_client::FlowIngestClient, ingest_request, ingest_response,
-    policy_stream_client::PolicyStreamClient,
+    self, flow_ingest_client::FlowIngestClient, ingest_response, policy_stream_client::PolicyStreamClient,
 };
 use bulkhead_testkit::assert_eventually_async;
 use bulkhead_testkit::error_chain as chain;
+use common::{wire_batch, wire_hello};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
@@ -122,37 +124,6 @@ async fn connect(transport: &AgentTransport, url: &str) -> Result<Channel, Strin
     transport.connect(url).await.map_err(|e| chain(&e))
 }
 
-fn hello(node: &str) -> v1::IngestRequest {
-    let hello = v1::Hello { node_id: node.into(), boot_id: "boot-1".into(), agent_version: "test".into() };
-    v1::IngestRequest { msg: Some(ingest_request::Msg::Hello(hello)) }
-}
-
-fn batch(node: &str, seq: u64) -> v1::IngestRequest {
-    let flow = v1::Flow {
-        src_addr: vec![10, 9, 0, 1],
-        dst_addr: vec![10, 9, 0, 2],
-        dst_port: 443,
-        protocol: v1::Protocol::Tcp as i32,
-        direction: v1::Direction::Egress as i32,
-        netns_ino: 100,
-        comm: "curl".into(),
-        connections: 3,
-        verdict: v1::Verdict::Forwarded as i32,
-        first_seen_unix_ms: 1_000,
-        last_seen_unix_ms: 2_000,
-        ..Default::default()
-    };
-    let batch = v1::FlowBatch {
-        node_id: node.into(),
-        boot_id: "boot-1".into(),
-        seq,
-        created_unix_ms: 5_000,
-        flows: vec![flow],
-        ..Default::default()
-    };
-    v1::IngestRequest { msg: Some(ingest_request::Msg::Batch(batch)) }
-}
-
 fn refused(status: tonic::Status) -> Outcome {
     Outcome::Refused(
         status.code(),
@@ -168,7 +139,7 @@ async fn ingest(channel: Result<Channel, String>, node: &str, batch_node: &str) 
         Err(e) => return (Outcome::ConnectFailed(e), None),
     };
     let (tx, rx) = mpsc::channel(4);
-    tx.send(hello(node)).await.expect("queue hello");
+    tx.send(wire_hello(node, "boot-1")).await.expect("queue hello");
     let mut responses = match FlowIngestClient::new(channel).ingest(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
         Err(status) => return (refused(status), None),
@@ -178,7 +149,7 @@ async fn ingest(channel: Result<Channel, String>, node: &str, batch_node: &str) 
         Some(Err(status)) => return (refused(status), None),
         other => panic!("expected a Welcome, got {other:?}"),
     }
-    tx.send(batch(batch_node, 1)).await.expect("queue batch");
+    tx.send(wire_batch(batch_node, "boot-1", 1)).await.expect("queue batch");
     let ack = match responses.next().await {
         Some(Ok(v1::IngestResponse { msg: Some(ingest_response::Msg::Ack(a)) })) => a,
         other => panic!("expected an ack, got {other:?}"),

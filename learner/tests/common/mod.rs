@@ -4,7 +4,8 @@
 //! PostgreSQL tests need `BULKHEAD_TEST_POSTGRES_URL` (set by `cargo xtask test`) and
 //! fail, not skip, without it. Also the deathstar fixtures of the PolicyStream tests
 //! (`tests/distribute.rs`, `tests/verdict_http.rs`): an endpoint, a one-rule proposal
-//! and the in-process PolicyStream server.
+//! and the in-process PolicyStream server. And a collector's `Hello` and a one-flow
+//! batch as the FlowIngest wire carries them (`tests/mtls.rs`, `tests/metrics.rs`).
 
 // Not `expect`: each test binary compiles its own copy and uses a different part, so an
 // expectation would go unfulfilled in whichever binary does use an item.
@@ -220,4 +221,42 @@ pub async fn serve_policy_stream(
             .expect("server runs");
     });
     format!("http://{addr}")
+}
+
+// === FlowIngest on the wire ===
+
+/// A collector's `Hello` as it arrives on the FlowIngest stream.
+pub fn wire_hello(node: &str, boot: &str) -> bulkhead_proto::v1::IngestRequest {
+    use bulkhead_proto::v1;
+    let hello = v1::Hello { node_id: node.into(), boot_id: boot.into(), agent_version: "test".into() };
+    v1::IngestRequest { msg: Some(v1::ingest_request::Msg::Hello(hello)) }
+}
+
+/// A batch of one flow (10.9.0.1 → 10.9.0.2:443/TCP egress, 3 connections, from
+/// "curl" in netns 100) as it arrives on the FlowIngest stream.
+pub fn wire_batch(node: &str, boot: &str, seq: u64) -> bulkhead_proto::v1::IngestRequest {
+    use bulkhead_proto::v1;
+    let flow = v1::Flow {
+        src_addr: vec![10, 9, 0, 1],
+        dst_addr: vec![10, 9, 0, 2],
+        dst_port: 443,
+        protocol: v1::Protocol::Tcp as i32,
+        direction: v1::Direction::Egress as i32,
+        netns_ino: 100,
+        comm: "curl".into(),
+        connections: 3,
+        verdict: v1::Verdict::Forwarded as i32,
+        first_seen_unix_ms: 1_000,
+        last_seen_unix_ms: 2_000,
+        ..Default::default()
+    };
+    let batch = v1::FlowBatch {
+        node_id: node.into(),
+        boot_id: boot.into(),
+        seq,
+        created_unix_ms: 5_000,
+        flows: vec![flow],
+        ..Default::default()
+    };
+    v1::IngestRequest { msg: Some(v1::ingest_request::Msg::Batch(batch)) }
 }
