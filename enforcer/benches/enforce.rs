@@ -38,6 +38,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bulkhead_abi::enforcer as abi;
+use bulkhead_enforcer::datapath::EgressCheck;
 use bulkhead_model::{Direction, Identity, IpcacheEntry, NodePolicy, NodeRule, RolloutMode};
 use bulkhead_testkit::benchmarks::{load_average, machine};
 use bulkhead_testkit::{require_root, unique_suffix};
@@ -56,6 +57,8 @@ const CYCLES: usize = 5;
 /// Set to run one short cycle (a smoke test of the benchmark itself; BENCHMARKS.md
 /// is not written).
 const QUICK_ENV: &str = "BH_ENFORCE_BENCH_QUICK";
+/// Set: only the profile rounds (program run time), for trying a datapath change.
+const PROFILE_ONLY_ENV: &str = "BH_ENFORCE_BENCH_PROFILE_ONLY";
 /// Extra applies of the 100k policy over itself, for the steady-state apply time.
 const APPLY_REPEATS: usize = 5;
 /// Persistent connections of the RR load, one client thread each.
@@ -76,7 +79,12 @@ fn main() {
     let started = Instant::now();
     let load_at_start = load_average();
     let quick = std::env::var_os(QUICK_ENV).is_some();
-    let (cycles, round) = if quick { (1, Duration::from_millis(300)) } else { (CYCLES, ROUND) };
+    let profile_only = std::env::var_os(PROFILE_ONLY_ENV).is_some();
+    let (cycles, round) = if quick || profile_only {
+        (if profile_only { 0 } else { 1 }, Duration::from_millis(300))
+    } else {
+        (CYCLES, ROUND)
+    };
 
     // Declared in reverse drop order: the enforcer's handles and the workers go first,
     // then the firewall rules, then the test bed (cgroups, pins, namespaces).
@@ -91,6 +99,11 @@ fn main() {
     let crr_dst = bed.server_addr(CRR_PORT);
     client.run("rr", rr_dst, RR_CONNS, Duration::from_millis(500));
     client.run("crr", crr_dst, CRR_THREADS, Duration::from_millis(500));
+    // Steady state for the per-connection LRU maps (the programs judge nothing yet).
+    enforcer.attach(EgressCheck::Connect);
+    let filled = enforcer.fill_lru_maps();
+    println!("[{:>5.1}s] filled the LRU maps with {filled} entries", started.elapsed().as_secs_f64());
+    enforcer.detach();
 
     let configs = Filter::ALL;
     let mut results: BTreeMap<Filter, Samples> = BTreeMap::new();
@@ -152,9 +165,13 @@ fn main() {
     // held only for this phase), and the instance's kernel memory at 100k rules.
     println!("[{:>5.1}s] profiling the programs (bpf stats on)", started.elapsed().as_secs_f64());
     let mut profiles = Vec::new();
-    for filter in
-        [Filter::BulkheadIdle, Filter::BulkheadIdleIngress, Filter::Bulkhead(1_000), Filter::Bulkhead(100_000)]
-    {
+    for filter in [
+        Filter::BulkheadIdle,
+        Filter::BulkheadIdleIngress,
+        Filter::Bulkhead(1_000),
+        Filter::Bulkhead(100_000),
+        Filter::BulkheadPacket(100_000),
+    ] {
         if let Some(times) = switch(&mut firewall, &mut enforcer, &sides, current, filter) {
             applies.entry((times.rules, times.from)).or_default().push(times);
         }
@@ -172,6 +189,24 @@ fn main() {
     drop(client);
     drop(server);
 
+    if profile_only {
+        for p in &profiles {
+            for row in &p.rows {
+                println!(
+                    "{:<40} {} {:>6.0}/s {:>5.1} runs {:>5.0} ns/run {:>6.2} µs/transaction (ingress {:.2}, egress {:.2})",
+                    p.filter.label(),
+                    row.kind,
+                    row.load.rate(),
+                    row.runs() as f64 / row.transactions(),
+                    row.ns_per_run(),
+                    row.per_transaction().0 / 1000.0,
+                    row.ingress.0 as f64 / row.transactions() / 1000.0,
+                    row.egress.0 as f64 / row.transactions() / 1000.0,
+                );
+            }
+        }
+        return;
+    }
     let md = report(&results, &applies, &profiles, &memory, &machine(&load_at_start, started.elapsed()));
     println!("\n{md}");
     if quick {
@@ -202,12 +237,14 @@ enum Filter {
     /// As [`Filter::BulkheadIdle`] with the egress program detached: what the
     /// ingress hook alone costs (a diagnostic row: half of the floor).
     BulkheadIdleIngress,
-    /// Bulkhead enforce mode, N policy entries.
+    /// Bulkhead enforce mode, N policy entries, egress judged at connect (the default).
     Bulkhead(usize),
+    /// The same with egress judged per packet (`EgressCheck::Packet`).
+    BulkheadPacket(usize),
 }
 
 impl Filter {
-    const ALL: [Filter; 11] = [
+    const ALL: [Filter; 12] = [
         Filter::None,
         Filter::IptLegacy(1_000),
         Filter::IptLegacy(10_000),
@@ -219,6 +256,7 @@ impl Filter {
         Filter::Bulkhead(1_000),
         Filter::Bulkhead(10_000),
         Filter::Bulkhead(100_000),
+        Filter::BulkheadPacket(100_000),
     ];
 
     fn label(self) -> String {
@@ -230,6 +268,7 @@ impl Filter {
             Filter::BulkheadIdle => "bulkhead unmanaged".to_owned(),
             Filter::BulkheadIdleIngress => "bulkhead unmanaged, ingress hook only".to_owned(),
             Filter::Bulkhead(n) => format!("bulkhead {}", k(n)),
+            Filter::BulkheadPacket(n) => format!("bulkhead per-packet egress {}", k(n)),
         }
     }
 
@@ -242,13 +281,18 @@ impl Filter {
             Filter::BulkheadIdle => "Bulkhead attached, workloads not managed",
             Filter::BulkheadIdleIngress => "Bulkhead attached, workloads not managed, ingress hook only (diagnostic)",
             Filter::Bulkhead(_) => "Bulkhead enforce, N policy entries",
+            Filter::BulkheadPacket(_) => "Bulkhead enforce, N policy entries, egress judged per packet",
         }
     }
 
     fn rules(self) -> Option<usize> {
         match self {
             Filter::None | Filter::BulkheadIdle | Filter::BulkheadIdleIngress => None,
-            Filter::IptLegacy(n) | Filter::IptNft(n) | Filter::NftSet(n) | Filter::Bulkhead(n) => Some(n),
+            Filter::IptLegacy(n)
+            | Filter::IptNft(n)
+            | Filter::NftSet(n)
+            | Filter::Bulkhead(n)
+            | Filter::BulkheadPacket(n) => Some(n),
         }
     }
 }
@@ -262,13 +306,18 @@ fn other_addr(k: usize) -> Ipv4Addr {
 /// policy was applied.
 fn switch(fw: &mut Firewall, enforcer: &mut Enforcer, sides: &Sides, from: Filter, to: Filter) -> Option<ApplyTimes> {
     match from {
-        Filter::None | Filter::BulkheadIdle | Filter::BulkheadIdleIngress | Filter::Bulkhead(_) => {}
+        Filter::None
+        | Filter::BulkheadIdle
+        | Filter::BulkheadIdleIngress
+        | Filter::Bulkhead(_)
+        | Filter::BulkheadPacket(_) => {}
         Filter::IptLegacy(_) => fw.flush_iptables("iptables-legacy-restore"),
         Filter::IptNft(_) => fw.flush_iptables("iptables-nft-restore"),
         Filter::NftSet(_) => fw.delete_nft_table(),
     }
-    // Both programs attached; the ingress-only row is left by detaching everything.
-    let attached = |f: Filter| matches!(f, Filter::Bulkhead(_) | Filter::BulkheadIdle);
+    // The programs attached; the ingress-only row is left by detaching everything
+    // (`attach` replaces the programs when the egress check changes).
+    let attached = |f: Filter| matches!(f, Filter::Bulkhead(_) | Filter::BulkheadPacket(_) | Filter::BulkheadIdle);
     if from == Filter::BulkheadIdleIngress || (attached(from) && !attached(to)) {
         enforcer.detach();
     }
@@ -287,18 +336,23 @@ fn switch(fw: &mut Firewall, enforcer: &mut Enforcer, sides: &Sides, from: Filte
             None
         }
         Filter::BulkheadIdle => {
-            enforcer.attach();
+            enforcer.attach(EgressCheck::Connect);
             enforcer.unmanage(sides);
             None
         }
         Filter::BulkheadIdleIngress => {
-            enforcer.attach();
+            enforcer.attach(EgressCheck::Packet);
             enforcer.unmanage(sides);
             enforcer.detach_egress();
             None
         }
         Filter::Bulkhead(n) => {
-            enforcer.attach();
+            enforcer.attach(EgressCheck::Connect);
+            let version = enforcer.next_version();
+            Some(enforcer.apply(&node_policy(n, sides, version)))
+        }
+        Filter::BulkheadPacket(n) => {
+            enforcer.attach(EgressCheck::Packet);
             let version = enforcer.next_version();
             Some(enforcer.apply(&node_policy(n, sides, version)))
         }
@@ -598,7 +652,12 @@ fn report(
     ));
     let judged: Vec<String> = results
         .iter()
-        .filter(|(f, _)| matches!(f, Filter::Bulkhead(_) | Filter::BulkheadIdle | Filter::BulkheadIdleIngress))
+        .filter(|(f, _)| {
+            matches!(
+                f,
+                Filter::Bulkhead(_) | Filter::BulkheadPacket(_) | Filter::BulkheadIdle | Filter::BulkheadIdleIngress
+            )
+        })
         .map(|(f, s)| {
             let (a, d, u, c) = s.judged.iter().fold((0, 0, 0, 0), |(a, d, u, c), j| {
                 (a + j.allowed, d + j.denied, u + j.unmanaged, c + j.connections)

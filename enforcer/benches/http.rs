@@ -36,6 +36,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use bulkhead_enforcer::datapath::DatapathCounters;
+use bulkhead_enforcer::datapath::EgressCheck;
 use bulkhead_model::{Direction, HttpRule, NodePolicy, NodeRule, RolloutMode};
 use bulkhead_testkit::benchmarks::{load_average, machine};
 use bulkhead_testkit::require_root;
@@ -212,7 +213,7 @@ fn switch(enforcer: &mut Enforcer, sides: &Sides, from: Filter, to: Filter, mode
             }
         }
         Filter::L4 | Filter::L7(_) => {
-            enforcer.attach();
+            enforcer.attach(EgressCheck::default());
             let version = enforcer.next_version();
             enforcer.apply(&http_policy(sides, version, &http_rules(to), mode));
         }
@@ -363,7 +364,7 @@ fn judged_check(
     // The server's entries allow only a GET elsewhere: the benchmark's POST matches
     // nothing, so monitor mode audits (and passes) each one.
     let monitor_rules = vec![HttpRule::prefix("GET", "/status/")];
-    enforcer.attach();
+    enforcer.attach(EgressCheck::default());
     let version = enforcer.next_version();
     enforcer.apply(&http_policy(sides, version, &monitor_rules, RolloutMode::Monitor));
     let mut monitor = Vec::new();

@@ -50,6 +50,7 @@ pub async fn run(args: Args, transport: AgentTransport) -> anyhow::Result<()> {
     let mut opts = DatapathOptions::new(args.instance.clone(), args.cgroup.clone());
     opts.bpffs_root = args.bpffs_root.clone();
     opts.policy_entries = args.policy_entries;
+    opts.egress = args.egress_check;
     let mut datapath = Datapath::load(&opts).context("loading the enforcer datapath")?;
     let mut cfg = datapath.config()?;
     cfg.fail_monitor = fail_abi(args.fail_monitor);

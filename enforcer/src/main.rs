@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bulkhead_enforcer::datapath::DEFAULT_BPFFS_ROOT;
+use bulkhead_enforcer::datapath::EgressCheck;
 use bulkhead_proto::tls::AgentTlsArgs;
 use clap::{Parser, ValueEnum};
 
@@ -48,6 +49,13 @@ pub struct Args {
     /// must not become reachable because the enforcer broke) or open.
     #[arg(long, env = "BULKHEAD_FAIL_ENFORCE", value_enum, default_value_t = FailMode::Closed)]
     pub fail_enforce: FailMode,
+    /// Where the egress of cgroup workloads is judged: `connect` (once per
+    /// connection at connect()/sendmsg(), raw IP sockets refused to enforced
+    /// workloads whose egress is covered; the default) or `packet` (every egress
+    /// packet: a revoked connection cannot send another byte, at twice the
+    /// per-packet program runs).
+    #[arg(long, env = "BULKHEAD_EGRESS_CHECK", default_value = "connect")]
+    pub egress_check: EgressCheck,
     /// Verdict events per second per CPU the kernel reports after the burst; the
     /// rest are counted as rate-limited.
     #[arg(long, env = "BULKHEAD_EVENT_RATE", default_value_t = bulkhead_abi::enforcer::DEFAULT_EVENT_RATE)]

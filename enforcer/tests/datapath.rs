@@ -19,7 +19,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bulkhead_abi::enforcer as abi;
-use bulkhead_enforcer::datapath::{Datapath, DatapathOptions, Direction, Endpoint, KernelRule, Mode, VerdictRecord};
+use bulkhead_enforcer::datapath::{
+    Datapath, DatapathOptions, Direction, EgressCheck, Endpoint, KernelRule, Mode, VerdictRecord,
+};
 use bulkhead_enforcer::render::{IpcachePrefix, MapOp, MapState, diff, render};
 use bulkhead_model::{
     Direction as ModelDirection, EndpointCgroup, Identity, IpcacheEntry, NodePolicy, NodeRule, PolicyEndpoint,
@@ -71,11 +73,20 @@ struct World {
 
 impl World {
     fn new() -> World {
-        World::with_policy_entries(1024)
+        World::with(1024, EgressCheck::default())
+    }
+
+    /// A world whose egress is judged `egress`.
+    fn with_egress(egress: EgressCheck) -> World {
+        World::with(1024, egress)
     }
 
     /// A world whose policy map holds `policy_entries` (both generations).
     fn with_policy_entries(policy_entries: u32) -> World {
+        World::with(policy_entries, EgressCheck::default())
+    }
+
+    fn with(policy_entries: u32, egress: EgressCheck) -> World {
         require_root();
         let net = TestNet::new(3);
         let parent = TestCgroup::new();
@@ -87,6 +98,7 @@ impl World {
             policy_entries,
             conntrack_entries: 4096,
             events_bytes: 1 << 16,
+            egress,
             ..DatapathOptions::new(instance, parent.path())
         };
         let dp = Datapath::load(&opts).unwrap_or_else(|e| panic!("loading the datapath: {}", chain(&e)));
@@ -141,6 +153,16 @@ impl World {
         let ep = |identity, mode| Endpoint { identity, mode, ingress_covered: true, egress_covered: true };
         self.dp().set_endpoint(a, ep(ID_A, mode_a)).expect("endpoint A");
         self.dp().set_endpoint(b, ep(ID_B, mode_b)).expect("endpoint B");
+    }
+
+    /// Until a server-side connection opened just now may take the fast path:
+    /// with egress judged at connect, a connection's verdict moves from
+    /// conntrack to its socket's cookie once it is older than `CONN_PROMOTE_NS`
+    /// (a time, so waiting it out is the condition itself); per packet, at once.
+    fn let_connections_settle(&self) {
+        if self.opts.egress == EgressCheck::Connect {
+            std::thread::sleep(Duration::from_nanos(abi::CONN_PROMOTE_NS) * 2);
+        }
     }
 
     fn set_mode(&mut self, i: usize, mode: Mode) {
@@ -380,8 +402,17 @@ fn monitor_passes_and_audits_once_per_connection_then_modes_switch() {
 }
 
 #[test]
-fn a_generation_flip_changes_the_policy_at_once() {
-    let mut w = World::new();
+fn a_generation_flip_changes_the_policy_at_once_per_packet() {
+    a_generation_flip_changes_the_policy_at_once(EgressCheck::Packet);
+}
+
+#[test]
+fn a_generation_flip_changes_the_policy_at_once_at_connect() {
+    a_generation_flip_changes_the_policy_at_once(EgressCheck::Connect);
+}
+
+fn a_generation_flip_changes_the_policy_at_once(egress: EgressCheck) {
+    let mut w = World::with_egress(egress);
     let g1 = w.dp().replace_policy(&a_to_b_rules()).expect("policy");
     w.manage(Mode::Learn, Mode::Enforce);
     let (a, b, c) = (0, 1, 2);
@@ -408,6 +439,7 @@ fn a_generation_flip_changes_the_policy_at_once() {
     // An established connection of A, allowed by g1 only. After its first
     // packets B's socket carries the verdict: the rest take the fast path.
     w.agent(a).ask(&format!("open {b80}")).expect("A opens a connection");
+    w.let_connections_settle();
     w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("A's open connection works under g1");
     let fast = w.dp().counters().fast_path;
     w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("A's open connection works under g1");
@@ -437,8 +469,17 @@ fn a_generation_flip_changes_the_policy_at_once() {
 }
 
 #[test]
-fn verdicts_cached_on_sockets_are_judged_again_after_a_mode_switch_or_a_flush() {
-    let mut w = World::new();
+fn verdicts_cached_on_sockets_are_judged_again_after_a_mode_switch_or_a_flush_per_packet() {
+    verdicts_cached_on_sockets_are_judged_again_after_a_mode_switch_or_a_flush(EgressCheck::Packet);
+}
+
+#[test]
+fn verdicts_cached_on_sockets_are_judged_again_after_a_mode_switch_or_a_flush_at_connect() {
+    verdicts_cached_on_sockets_are_judged_again_after_a_mode_switch_or_a_flush(EgressCheck::Connect);
+}
+
+fn verdicts_cached_on_sockets_are_judged_again_after_a_mode_switch_or_a_flush(egress: EgressCheck) {
+    let mut w = World::with_egress(egress);
     let g1 = w.dp().replace_policy(&a_to_b_rules()).expect("policy");
     w.manage(Mode::Learn, Mode::Monitor);
     let (a, b, c) = (0, 1, 2);
@@ -448,6 +489,7 @@ fn verdicts_cached_on_sockets_are_judged_again_after_a_mode_switch_or_a_flush() 
     // C has no rule: its connection is audited and passes, and after the
     // handshake B's socket carries the audit verdict (the fast path).
     w.agent(c).ask(&format!("open {b80}")).expect("C opens a connection");
+    w.let_connections_settle();
     w.agent(c).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("C's audited connection works in monitor");
     let fast = w.dp().counters().fast_path;
     w.agent(c).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("C's audited connection works in monitor");
@@ -473,6 +515,7 @@ fn verdicts_cached_on_sockets_are_judged_again_after_a_mode_switch_or_a_flush() 
     // (not atomic, so no flip) reaches it once conntrack is flushed, which also
     // invalidates the verdicts cached on sockets.
     w.agent(a).ask(&format!("open {b80}")).expect("A opens a connection");
+    w.let_connections_settle();
     w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("A's connection works");
     let fast = w.dp().counters().fast_path;
     w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("A's connection works");
@@ -525,8 +568,17 @@ fn removing_absent_keys_is_not_an_error() {
 }
 
 #[test]
-fn a_new_process_adopts_the_pins_and_enforcement_never_stops() {
-    let mut w = World::new();
+fn a_new_process_adopts_the_pins_and_enforcement_never_stops_per_packet() {
+    a_new_process_adopts_the_pins_and_enforcement_never_stops(EgressCheck::Packet);
+}
+
+#[test]
+fn a_new_process_adopts_the_pins_and_enforcement_never_stops_at_connect() {
+    a_new_process_adopts_the_pins_and_enforcement_never_stops(EgressCheck::Connect);
+}
+
+fn a_new_process_adopts_the_pins_and_enforcement_never_stops(egress: EgressCheck) {
+    let mut w = World::with_egress(egress);
     w.dp().replace_policy(&a_to_b_rules()).expect("policy");
     w.manage(Mode::Enforce, Mode::Enforce);
     let (a, b, c) = (0, 1, 2);
@@ -546,16 +598,95 @@ fn a_new_process_adopts_the_pins_and_enforcement_never_stops() {
     assert_eq!(w.dp().endpoint(b_cg).expect("read").map(|e| e.mode), Some(Mode::Enforce));
     w.agent(c).tcp_fails(b80);
     w.agent(a).tcp_ok(b80);
-    // Exactly one pair of links stays attached: the old pins were replaced.
-    let links: Vec<String> = std::fs::read_dir(w.dp().pin_dir())
+    // Exactly one set of links stays attached: the old pins were replaced.
+    assert_eq!(link_pins(w.dp().pin_dir()), expected_links(egress));
+    // Writes through the new handles reach the programs.
+    w.set_mode(b, Mode::Monitor);
+    w.agent(c).tcp_ok(b80);
+    w.set_mode(b, Mode::Enforce);
+
+    // A process that judges egress the other way takes over: its programs
+    // replace the old ones (the other way's links are gone), enforcing throughout.
+    let other = if egress == EgressCheck::Packet { EgressCheck::Connect } else { EgressCheck::Packet };
+    drop(w.dp.take());
+    w.opts.egress = other;
+    w.dp = Some(Datapath::load(&w.opts).unwrap_or_else(|e| panic!("switching: {}", chain(&e))));
+    assert_eq!(link_pins(w.dp().pin_dir()), expected_links(other));
+    w.agent(c).tcp_fails(b80);
+    w.agent(a).tcp_ok(b80);
+    let a80 = w.v4(a, HTTP);
+    w.agent(b).tcp_fails(a80);
+}
+
+/// The names of the link pins in `dir`, sorted.
+fn link_pins(dir: &std::path::Path) -> Vec<String> {
+    let mut links: Vec<String> = std::fs::read_dir(dir)
         .expect("pin dir")
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .filter(|n| n.starts_with("link_"))
         .collect();
-    assert_eq!(links.len(), 2, "{links:?}");
-    // Writes through the new handles reach the programs.
+    links.sort();
+    links
+}
+
+fn expected_links(egress: EgressCheck) -> Vec<String> {
+    let names: &[&str] = match egress {
+        EgressCheck::Packet => &["link_egress", "link_ingress"],
+        EgressCheck::Connect => {
+            &["link_connect4", "link_connect6", "link_ingress", "link_sendmsg4", "link_sendmsg6", "link_sock_create"]
+        }
+    };
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+#[test]
+fn egress_judged_at_connect_refuses_before_anything_is_sent() {
+    let mut w = World::with_egress(EgressCheck::Connect);
+    w.dp().replace_policy(&a_to_b_rules()).expect("policy");
+    w.manage(Mode::Enforce, Mode::Enforce);
+    let (a, b) = (0, 1);
+    let b_cg = w.cgroup_id(b);
+    let denied = w.dp().counters().denied;
+    for (a80, b53, a53) in
+        [(w.v4(a, HTTP), w.v4(b, UDP_PORT), w.v4(a, UDP_PORT)), (w.v6(a, HTTP), w.v6(b, UDP_PORT), w.v6(a, UDP_PORT))]
+    {
+        // B → A has no rule: connect() itself fails (EPERM), no SYN leaves B.
+        let err = w.agent(b).tcp(a80, OK_TIMEOUT_MS).expect_err("B → A/tcp is refused");
+        assert!(err.contains("not permitted"), "refused at connect, not timed out: {err}");
+        // UDP, connected and sent to an address alike.
+        let err = w.agent(b).ask(&format!("connected udp {a53} {OK_TIMEOUT_MS}")).expect_err("B → A/udp connect");
+        assert!(err.contains("not permitted"), "{err}");
+        let err = w.agent(b).udp(a53, OK_TIMEOUT_MS).expect_err("B → A/udp sendto");
+        assert!(err.contains("not permitted"), "{err}");
+        // A's allowed UDP to B, connected: B's replies pass on A's socket's verdict.
+        w.agent(a).ask(&format!("connected udp {b53} {OK_TIMEOUT_MS}")).expect("A → B/udp, connected");
+        w.agent(a).udp(b53, OK_TIMEOUT_MS).expect("A → B/udp, sendto");
+    }
+    assert!(w.dp().counters().denied >= denied + 6, "{:?}", w.dp().counters());
+    let mut seen = Vec::new();
+    w.wait_events(&mut seen, 6, |e| {
+        e.cgroup_id == b_cg
+            && e.direction == Direction::Egress
+            && e.peer_identity == ID_A
+            && e.verdict == abi::VERDICT_DENIED
+    });
+
+    // Raw IP sockets would send what no connect() judges: refused while B's
+    // egress is enforced, allowed (and counted as audits) in monitor mode.
+    let err = w.agent(b).ask("raw").expect_err("B may not open a raw socket in enforce mode");
+    assert!(err.contains("not permitted"), "{err}");
     w.set_mode(b, Mode::Monitor);
-    w.agent(c).tcp_ok(b80);
+    let audits = w.dp().counters().audit;
+    w.agent(b).ask("raw").expect("a raw socket in monitor mode");
+    assert!(w.dp().counters().audit > audits);
+    // In monitor mode B → A passes (A in learn mode: its ingress judges nothing)
+    // and is audited at connect.
+    w.set_mode(a, Mode::Learn);
+    let a80 = w.v4(a, HTTP);
+    w.agent(b).tcp_ok(a80);
+    w.wait_events(&mut seen, 1, |e| {
+        e.cgroup_id == b_cg && e.direction == Direction::Egress && e.verdict == abi::VERDICT_AUDIT
+    });
 }
 
 #[test]

@@ -22,7 +22,7 @@ use aya::maps::MapInfo;
 use aya::programs::loaded_programs;
 use bulkhead_abi::enforcer as abi;
 use bulkhead_enforcer::datapath::{
-    DEFAULT_BPFFS_ROOT, Datapath, DatapathCounters, DatapathOptions, RuleUse, remove_instance,
+    DEFAULT_BPFFS_ROOT, Datapath, DatapathCounters, DatapathOptions, EgressCheck, RuleUse, remove_instance,
 };
 use bulkhead_enforcer::{MapOp, MapState, diff, render};
 use bulkhead_model::{
@@ -42,7 +42,8 @@ pub const REPLY: &str = "BHB ";
 
 /// Link pins of a datapath instance (`enforcer/src/datapath/mod.rs`); removing them
 /// detaches its programs while its maps stay pinned.
-pub const LINK_PINS: [&str; 2] = ["link_ingress", "link_egress"];
+/// The egress link of the per-packet programs ([`EgressCheck::Packet`]).
+pub const LINK_EGRESS: &str = "link_egress";
 /// Connect and read timeout of the load generators and the servers: a dropped packet
 /// is an error, not a hang.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(1);
@@ -246,11 +247,14 @@ impl Enforcer {
         self.version
     }
 
-    /// Loads (first time) or adopts the pinned maps and attaches the programs.
-    pub fn attach(&mut self) {
-        if self.dp.is_some() {
+    /// Loads (first time) or adopts the pinned maps and attaches the programs
+    /// that judge egress `egress` (replacing the other way's when attached).
+    pub fn attach(&mut self, egress: EgressCheck) {
+        if self.dp.is_some() && self.opts.egress == egress {
             return;
         }
+        self.detach();
+        self.opts.egress = egress;
         let mut dp = Datapath::load(&self.opts).unwrap_or_else(|e| panic!("loading the datapath: {}", chain(&e)));
         // What the map owner does on start-up (untimed): read the maps back, so
         // the datapath knows which policy generations have entries.
@@ -278,11 +282,50 @@ impl Enforcer {
         }
     }
 
+    /// Fills the LRU maps that hold per-connection records (`CONNTRACK_V1`,
+    /// `CONN_V1`) to capacity with entries of no workload, as on a node that has
+    /// run for a while: every insert then evicts, which is what an insert costs
+    /// in steady state (an LRU with free slots left is cheaper, and would flatter
+    /// the first minutes of a run). Returns the entries written.
+    pub fn fill_lru_maps(&self) -> usize {
+        use aya::maps::{HashMap as BpfHashMap, MapData};
+        let dir = self.opts.pin_dir();
+        let mut written = 0;
+        let ct = MapData::from_pin(dir.join(abi::CONNTRACK)).expect("conntrack pin");
+        let cap = ct.info().expect("conntrack info").max_entries();
+        let mut ct: BpfHashMap<MapData, abi::CtKey, abi::CtValue> =
+            BpfHashMap::try_from(aya::maps::Map::LruHashMap(ct)).expect("conntrack map");
+        for i in 0..cap {
+            let key = abi::CtKey {
+                cgroup_id: u64::MAX - 1,
+                local_addr: [0; 16],
+                remote_addr: [0; 16],
+                local_port: (i & 0xffff) as u16,
+                remote_port: (i >> 16) as u16,
+                protocol: abi::IPPROTO_TCP,
+                _pad: [0; 3],
+            };
+            ct.insert(key, abi::CtValue::default(), 0).expect("filling conntrack");
+            written += 1;
+        }
+        let conn = MapData::from_pin(dir.join(abi::CONN)).expect("conn pin");
+        let cap = conn.info().expect("conn info").max_entries();
+        let mut conn: BpfHashMap<MapData, u64, abi::SockConn> =
+            BpfHashMap::try_from(aya::maps::Map::LruHashMap(conn)).expect("conn map");
+        for i in 0..cap {
+            // Cookies count up from 1; these are far above any the run reaches.
+            conn.insert(u64::MAX - u64::from(i), abi::SockConn::default(), 0).expect("filling conn");
+            written += 1;
+        }
+        written
+    }
+
     /// Detaches the egress program only (a diagnostic: what the ingress hook alone
     /// costs). [`Enforcer::detach`] then detaches the rest.
     pub fn detach_egress(&mut self) {
         let dp = self.dp.as_ref().expect("datapath attached");
-        let path = dp.pin_dir().join(LINK_PINS[1]);
+        assert_eq!(self.opts.egress, EgressCheck::Packet, "only the per-packet egress program detaches alone");
+        let path = dp.pin_dir().join(LINK_EGRESS);
         std::fs::remove_file(&path).unwrap_or_else(|e| panic!("unpinning {}: {e}", path.display()));
         self.egress_detached = true;
         // Runs that started before the link went may still be finishing.
@@ -292,12 +335,9 @@ impl Enforcer {
     /// Detaches the programs (the maps stay pinned and keep the policy).
     pub fn detach(&mut self) {
         let Some(dp) = self.dp.take() else { return };
-        let egress_detached = std::mem::take(&mut self.egress_detached);
-        for pin in LINK_PINS {
-            if pin == LINK_PINS[1] && egress_detached {
-                continue;
-            }
-            let path = dp.pin_dir().join(pin);
+        self.egress_detached = false;
+        let links = std::fs::read_dir(dp.pin_dir()).expect("pin dir").filter_map(Result::ok).map(|e| e.path());
+        for path in links.filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_"))) {
             std::fs::remove_file(&path).unwrap_or_else(|e| panic!("unpinning {}: {e}", path.display()));
         }
         // Runs that started before the links went may still be finishing.
@@ -366,25 +406,30 @@ impl Enforcer {
     ) -> Vec<ProfileRow> {
         assert!(self.dp.is_some(), "profiling needs the programs attached");
         let ids = self.program_ids();
-        assert_eq!(ids.len(), 2, "expected the instance's two programs, found {ids:?}");
+        assert!(ids.len() >= 2, "expected the instance's programs, found {ids:?}");
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
-        // (run time ns, runs) by program name.
+        // (run time ns, runs) of the ingress program and of the egress ones (the
+        // cgroup_skb egress program, or the connect/sendmsg programs), summed.
         let read = || -> BTreeMap<String, (u64, u64)> {
-            loaded_programs()
-                .filter_map(Result::ok)
-                .filter(|p| ids.contains(&p.id()))
-                .map(|p| {
-                    let name = p.name_as_str().unwrap_or_default().to_owned();
-                    (name, (p.run_time().as_nanos() as u64, p.run_count()))
-                })
-                .collect()
+            let mut sums: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+            for p in loaded_programs().filter_map(Result::ok).filter(|p| ids.contains(&p.id())) {
+                let side = if p.name_as_str().unwrap_or_default().starts_with("enforce_in") {
+                    "enforce_ingress"
+                } else {
+                    "enforce_egress"
+                };
+                let sum = sums.entry(side.to_owned()).or_default();
+                sum.0 += p.run_time().as_nanos() as u64;
+                sum.1 += p.run_count();
+            }
+            sums
         };
         let mut rows = Vec::new();
         for &(kind, dst, conns) in loads {
             let before = read();
             let load = client.run(kind, dst, conns, round);
             let after = read();
-            assert!(after.contains_key("enforce_ingress") && after.contains_key("enforce_egress"), "{after:?}");
+            assert!(after.contains_key("enforce_ingress"), "{after:?}");
             let delta = |name: &str| {
                 let (a, b) = (after[name], before.get(name).copied().unwrap_or_default());
                 (a.0 - b.0, a.1 - b.1)

@@ -41,30 +41,31 @@
 #![no_main]
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{
-        BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT, TC_ACT_SHOT,
-        TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock,
+        BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE, BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED, BPF_TCP_LISTEN,
+        BPF_TCP_SYN_SENT, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock,
     },
     btf_maps::SkStorage,
     helpers::generated::{
-        bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id, bpf_skb_load_bytes,
-        bpf_skb_load_bytes_relative, bpf_skb_pull_data,
+        bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_sk_storage_get,
+        bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_skb_load_bytes_relative, bpf_skb_pull_data,
     },
-    macros::{btf_map, cgroup_skb, classifier, map},
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{SkBuffContext, TcContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, TcContext},
 };
 use bulkhead_abi::enforcer::{
-    ACTION_ALLOW, AF_INET, AF_INET6, COUNTER_ALLOWED, COUNTER_AUDIT, COUNTER_COUNT, COUNTER_CT_HIT,
+    ACTION_ALLOW, AF_INET, AF_INET6, CONN_PROMOTE_NS, COUNTER_ALLOWED, COUNTER_AUDIT, COUNTER_COUNT, COUNTER_CT_HIT,
     COUNTER_CT_INSERT_FAILED, COUNTER_DENIED, COUNTER_EVENTS_LIMITED, COUNTER_EVENTS_LOST, COUNTER_FAIL,
-    COUNTER_FAST_PATH, COUNTER_OTHER_PROTO, COUNTER_UNMANAGED, CtKey, CtValue, DEFAULT_CONNTRACK_ENTRIES,
-    DEFAULT_ENDPOINTS, DEFAULT_HTTP_RULES, DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES, DEFAULT_RULE_STATS,
-    DEFAULT_VERDICT_EVENTS_BYTES, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_COVERED, EP_INGRESS_COVERED, EndpointKey,
-    EndpointSlot, EndpointValue, EnforcerConfig, FAIL_CLOSED, FAIL_OPEN, HTTP_KEY_DATA, HTTP_KEY_METHOD, HTTP_KEY_PATH,
-    HTTP_METHOD_BYTES, HTTP_PATH_BYTES, HTTP_STATE_DENIED_REPORTED, HTTP_STATE_REQUEST_SEEN, HttpKeyData,
-    HttpVerdictEvent, IDENTITY_ANY, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP, IpcacheValue, MODE_ENFORCE, MODE_MONITOR,
-    PolicyKey, PolicyValue, REASON_DEFAULT_DENY, REASON_HTTP, REASON_NOT_COVERED, REASON_RULE, RateState, RuleStats,
-    SockVerdict, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED, VerdictEvent, v4_mapped,
+    COUNTER_FAST_PATH, COUNTER_OTHER_PROTO, COUNTER_UNMANAGED, CtKey, CtValue, DEFAULT_CONN_ENTRIES,
+    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_ENDPOINTS, DEFAULT_HTTP_RULES, DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES,
+    DEFAULT_RULE_STATS, DEFAULT_VERDICT_EVENTS_BYTES, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_COVERED, EP_INGRESS_COVERED,
+    EndpointKey, EndpointSlot, EndpointValue, EnforcerConfig, FAIL_CLOSED, FAIL_OPEN, HTTP_KEY_DATA, HTTP_KEY_METHOD,
+    HTTP_KEY_PATH, HTTP_METHOD_BYTES, HTTP_PATH_BYTES, HTTP_STATE_DENIED_REPORTED, HTTP_STATE_REQUEST_SEEN,
+    HttpKeyData, HttpVerdictEvent, IDENTITY_ANY, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP, IpcacheValue, MODE_ENFORCE,
+    MODE_MONITOR, PolicyKey, PolicyValue, REASON_DEFAULT_DENY, REASON_HTTP, REASON_NOT_COVERED, REASON_RULE, RateState,
+    RuleStats, SockConn, SockVerdict, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED, VerdictEvent, v4_mapped,
 };
 
 /// Verdict of the shared decision code: let the packet through. Equal to the
@@ -94,6 +95,16 @@ const ETH_P_IPV6_BE: u32 = 0x86ddu16.to_be() as u32;
 #[unsafe(no_mangle)]
 static TC_ENDPOINT_KEY: u64 = 0;
 
+/// `SOCK_RAW` as `bpf_sock.type`.
+const SOCK_RAW: u32 = 3;
+/// TCP header flags (byte 13).
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// The direction of a connection nothing recorded: an established TCP
+/// connection of a workload managed after it was opened (or whose entry was
+/// evicted), judged in both directions.
+const DIR_UNKNOWN: u8 = 0;
+
 /// What happens to a packet of a monitor-mode endpoint when state that must
 /// exist is missing (the config entry is unreadable, the packet cannot be
 /// parsed) and the configured choice cannot be read either: fail-open. Monitor
@@ -122,6 +133,8 @@ static ENF_COUNTERS_V2: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER
 static ENF_CONFIG_V1: Array<EnforcerConfig> = Array::with_max_entries(1, 0);
 #[map]
 static EVENT_RATE_V1: PerCpuArray<RateState> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static CONN_V1: LruHashMap<u64, SockConn> = LruHashMap::with_max_entries(DEFAULT_CONN_ENTRIES, 0);
 #[map]
 static RULE_STATS_V1: LruPerCpuHashMap<u32, RuleStats> = LruPerCpuHashMap::with_max_entries(DEFAULT_RULE_STATS, 0);
 #[map]
@@ -154,24 +167,84 @@ struct HttpScratch {
 #[btf_map]
 static SOCK_VERDICT_V1: SkStorage<SockVerdict> = SkStorage::new();
 
+/// Ingress of cgroup workloads whose egress is judged per packet by
+/// [`enforce_egress`].
 #[cgroup_skb(ingress)]
 pub fn enforce_ingress(ctx: SkBuffContext) -> i32 {
-    verdict(try_enforce(&CgroupPacket(&ctx), DIR_INGRESS))
+    verdict(try_enforce(&CgroupPacket(&ctx), DIR_INGRESS, false))
 }
 
 #[cgroup_skb(egress)]
 pub fn enforce_egress(ctx: SkBuffContext) -> i32 {
-    verdict(try_enforce(&CgroupPacket(&ctx), DIR_EGRESS))
+    verdict(try_enforce(&CgroupPacket(&ctx), DIR_EGRESS, false))
+}
+
+/// Ingress of cgroup workloads whose egress is judged at `connect()` and
+/// `sendmsg()` (the sock_addr programs below, with [`enforce_sock_create`]):
+/// a separate program, not a run-time switch, because one program holding both
+/// ways of finding a connection's verdict exceeds the 512-byte stack.
+#[cgroup_skb(ingress)]
+pub fn enforce_in_conn(ctx: SkBuffContext) -> i32 {
+    verdict(try_enforce(&CgroupPacket(&ctx), DIR_INGRESS, true))
 }
 
 #[classifier]
 pub fn enforce_tc_in(ctx: TcContext) -> i32 {
-    tc_verdict(verdict(try_enforce(&TcPacket(&ctx), DIR_INGRESS)))
+    tc_verdict(verdict(try_enforce(&TcPacket(&ctx), DIR_INGRESS, false)))
 }
 
 #[classifier]
 pub fn enforce_tc_out(ctx: TcContext) -> i32 {
-    tc_verdict(verdict(try_enforce(&TcPacket(&ctx), DIR_EGRESS)))
+    tc_verdict(verdict(try_enforce(&TcPacket(&ctx), DIR_EGRESS, false)))
+}
+
+/// Egress of a TCP connection or a connected UDP socket, judged once at
+/// `connect()`: 0 makes it fail with EPERM.
+#[cgroup_sock_addr(connect4)]
+pub fn enforce_connect4(ctx: SockAddrContext) -> i32 {
+    verdict(try_sock_addr(&ctx, false, false))
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn enforce_connect6(ctx: SockAddrContext) -> i32 {
+    verdict(try_sock_addr(&ctx, true, false))
+}
+
+/// Egress of an unconnected UDP socket, judged per datagram sent to an address
+/// (conntrack makes that one policy decision per flow).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn enforce_sendmsg4(ctx: SockAddrContext) -> i32 {
+    verdict(try_sock_addr(&ctx, false, true))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn enforce_sendmsg6(ctx: SockAddrContext) -> i32 {
+    verdict(try_sock_addr(&ctx, true, true))
+}
+
+/// Refuses raw IP sockets to enforce-mode workloads whose egress is covered
+/// when egress is judged at connect: a raw socket (or any socket with
+/// `IP_HDRINCL`) sends TCP and UDP that no `connect()` or `sendmsg()` hook
+/// ever sees. Monitor mode counts them as audits and lets them be.
+#[cgroup_sock(sock_create)]
+pub fn enforce_sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: the context's socket; `type` is readable in sock_create programs.
+    let ty = unsafe { core::ptr::read_volatile(&raw const (*ctx.sock).type_) };
+    if ty != SOCK_RAW {
+        return PASS;
+    }
+    // SAFETY: helper without arguments (sockets are created in process context).
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let Managed::Yes(_, ep) = managed(cgroup_id) else { return PASS };
+    if ep.flags & EP_EGRESS_COVERED == 0 {
+        return PASS;
+    }
+    if ep.mode == MODE_MONITOR {
+        count(COUNTER_AUDIT);
+        return PASS;
+    }
+    count(COUNTER_DENIED);
+    DROP
 }
 
 #[inline(always)]
@@ -182,6 +255,11 @@ fn tc_verdict(v: i32) -> i32 {
 /// What differs between the program types: where the endpoint key comes from
 /// and how the IP header is read. Everything else is [`try_enforce`].
 trait PacketSource {
+    /// Whether packets carry their socket (cgroup_skb), so connections can be
+    /// recorded by socket and the sock_addr programs judge this one's egress.
+    const CGROUP: bool;
+    /// The cookie of the packet's socket; 0 when it has none.
+    fn cookie(&self) -> u64;
     /// The key of the workload the packet belongs to in `ENDPOINTS_V2`.
     fn endpoint_key(&self) -> u64;
     /// Whether the packet is IPv4 or IPv6 at all (cheap; before any load).
@@ -200,6 +278,14 @@ trait PacketSource {
 struct CgroupPacket<'a>(&'a SkBuffContext);
 
 impl PacketSource for CgroupPacket<'_> {
+    const CGROUP: bool = true;
+
+    #[inline(always)]
+    fn cookie(&self) -> u64 {
+        // SAFETY: helper taking the program's own skb (0 when it has no socket).
+        unsafe { bpf_get_socket_cookie(self.0.skb.skb as *mut _) }
+    }
+
     #[inline(always)]
     fn endpoint_key(&self) -> u64 {
         // SAFETY: helper taking the program's own skb.
@@ -250,6 +336,13 @@ impl PacketSource for CgroupPacket<'_> {
 struct TcPacket<'a>(&'a TcContext);
 
 impl PacketSource for TcPacket<'_> {
+    const CGROUP: bool = false;
+
+    #[inline(always)]
+    fn cookie(&self) -> u64 {
+        0
+    }
+
     #[inline(always)]
     fn endpoint_key(&self) -> u64 {
         // SAFETY: a plain u64 in .rodata; the volatile read keeps the compiler
@@ -439,12 +532,18 @@ struct Decision {
     http_set: u16,
 }
 
-/// The verdict for one packet of the workload `ctx` belongs to, the same for
-/// every program type.
+/// Whether and how an endpoint is judged: the prologue every program shares.
+enum Managed {
+    /// No entry, absent in the active generation's slot, or `learn`: pass.
+    No,
+    /// Managed, but the configuration is unreadable: the mode's fail action.
+    Fail(i32),
+    Yes(EnforcerConfig, EndpointSlot),
+}
+
+/// The active configuration and `endpoint_key`'s slot in it.
 #[inline(always)]
-fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
-    // A cgroup id or a tc endpoint key; named after the ABI field it fills.
-    let cgroup_id = ctx.endpoint_key();
+fn managed(endpoint_key: u64) -> Managed {
     // The generation first: it names the slot of every value read below. An
     // unreadable config (the array always has its one entry, so never in
     // practice) reads slot 0 to learn the mode whose fail action applies.
@@ -454,28 +553,74 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
         None => false,
     };
     // SAFETY: the slot is copied at once.
-    let ep: EndpointSlot = match unsafe { ENDPOINTS_V2.get(EndpointKey { cgroup_id }) } {
+    let ep: EndpointSlot = match unsafe { ENDPOINTS_V2.get(EndpointKey { cgroup_id: endpoint_key }) } {
         Some(v) => endpoint_slot(v, odd),
         None => {
             count(COUNTER_UNMANAGED);
-            return Ok(PASS);
+            return Managed::No;
         }
     };
     // Also an absent slot (mode 0): not managed in this generation.
     if ep.mode != MODE_MONITOR && ep.mode != MODE_ENFORCE {
         count(COUNTER_UNMANAGED);
-        return Ok(PASS);
+        return Managed::No;
     }
-    let Some(cfg) = cfg else {
-        return Err(fail_action(ep.mode, None));
+    match cfg {
+        Some(cfg) => Managed::Yes(cfg, ep),
+        None => Managed::Fail(fail_action(ep.mode, None)),
+    }
+}
+
+/// `sk`'s TCP state (`TCP_ESTABLISHED` for a connected UDP socket, `TCP_CLOSE`
+/// for an unconnected one); a `sock_common` field, so any socket pointer will do.
+#[inline(always)]
+fn sock_state(sk: *mut bpf_sock) -> u32 {
+    // SAFETY: `sk` is a non-null socket pointer the caller checked.
+    unsafe { core::ptr::read_volatile(&raw const (*sk).state) }
+}
+
+/// The verdict for one packet of the workload `ctx` belongs to, the same for
+/// every program type.
+#[inline(always)]
+fn try_enforce<P: PacketSource>(ctx: &P, dir: u8, at_connect: bool) -> Result<i32, i32> {
+    // A cgroup id or a tc endpoint key; named after the ABI field it fills.
+    let cgroup_id = ctx.endpoint_key();
+    let (cfg, ep) = match managed(cgroup_id) {
+        Managed::No => return Ok(PASS),
+        Managed::Fail(action) => return Err(action),
+        Managed::Yes(cfg, ep) => (cfg, ep),
     };
-    // The fast path: an established TCP connection whose verdict is cached on
-    // its socket and still holds passes without parsing or conntrack.
+    // Egress judged at connect (`enforce_in_conn`; a constant per program): a
+    // socket that opened its connection finds the verdict by its cookie.
+    let at_connect = P::CGROUP && at_connect;
+    // The fast path: a connection whose verdict is recorded by its socket and
+    // still holds passes without parsing or conntrack.
     let sk = ctx.socket();
-    let cached = sock_verdict(sk);
-    if !cached.is_null() && sock_verdict_holds(cached, sk, cgroup_id, &ep, &cfg) {
-        count(COUNTER_FAST_PATH);
-        return Ok(PASS);
+    let mut cached: *mut SockVerdict = core::ptr::null_mut();
+    let mut conn: *mut SockConn = core::ptr::null_mut();
+    let mut cookie = 0u64;
+    if at_connect {
+        // Never a listener (the SYNs of many peers) nor an unconnected UDP
+        // socket (datagrams of any peer): neither has one verdict.
+        if !sk.is_null() {
+            let state = sock_state(sk);
+            if state != BPF_TCP_LISTEN && state != BPF_TCP_CLOSE {
+                cookie = ctx.cookie();
+                if let Some(c) = CONN_V1.get_ptr_mut(cookie) {
+                    conn = c;
+                    if conn_holds(c, cgroup_id, &ep, &cfg) {
+                        count(COUNTER_FAST_PATH);
+                        return Ok(PASS);
+                    }
+                }
+            }
+        }
+    } else {
+        cached = sock_verdict(sk);
+        if !cached.is_null() && sock_verdict_holds(cached, sk, cgroup_id, &ep, &cfg) {
+            count(COUNTER_FAST_PATH);
+            return Ok(PASS);
+        }
     }
     let pkt = match parse(ctx, dir) {
         Ok(Some(pkt)) => pkt,
@@ -486,9 +631,12 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
         Err(_) => return Err(fail_action(ep.mode, Some(&cfg))),
     };
 
+    // At connect, a UDP flow is keyed without the local address: `sendmsg()`
+    // is judged before the route picks the source address.
+    let local_addr = if at_connect && pkt.protocol == IPPROTO_UDP { [0; 16] } else { pkt.local_addr };
     let key = CtKey {
         cgroup_id,
-        local_addr: pkt.local_addr,
+        local_addr,
         remote_addr: pkt.remote_addr,
         local_port: pkt.local_port,
         remote_port: pkt.remote_port,
@@ -520,8 +668,21 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
             // SAFETY: as above.
             let (http_set, http_state, ct_rule) = unsafe { ((*ct).http_set, (*ct).http_state, (*ct).rule_id) };
             if http_set == 0 || ct_verdict != VERDICT_ALLOWED {
-                let known = Decision { verdict: ct_verdict, reason: 0, rule_id: 0, peer_identity: 0, http_set: 0 };
-                remember(sk, &pkt, cgroup_id, &ep, &cfg, &known, ct_origin);
+                if at_connect {
+                    // A connection that outlived the promotion age passes on its
+                    // socket's cookie from now on (`cookie` is set for every
+                    // established socket above).
+                    if cookie != 0
+                        && pkt.protocol == IPPROTO_TCP
+                        && now.wrapping_sub(ct_created) > CONN_PROMOTE_NS
+                        && sock_state(sk) == BPF_TCP_ESTABLISHED
+                    {
+                        conn_write(cookie, cgroup_id, &ep, &cfg, ct_verdict, ct_rule, ct_origin, ct_created);
+                    }
+                } else {
+                    let known = Decision { verdict: ct_verdict, reason: 0, rule_id: 0, peer_identity: 0, http_set: 0 };
+                    remember(sk, &pkt, cgroup_id, &ep, &cfg, &known, ct_origin);
+                }
                 return Ok(PASS);
             }
             // An L7 connection: never cached on its socket (every request is
@@ -571,6 +732,17 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
         // connection again, in the direction it was opened.
         origin = ct_origin;
         created_ns = ct_created;
+    } else if at_connect {
+        // SAFETY (both branches): a checked map value, copied at once.
+        if !conn.is_null() && unsafe { (*conn).endpoint_key } == cgroup_id {
+            // Recorded by its socket, under another generation or verdict.
+            unsafe {
+                origin = (*conn).origin;
+                created_ns = (*conn).created_ns;
+            }
+        } else {
+            origin = first_origin(ctx, &pkt, sk);
+        }
     } else if !cached.is_null() && sock_verdict_is_this_connection(cached, sk, cgroup_id) {
         // An established connection whose conntrack entry was evicted while its
         // packets took the fast path: its socket still knows the direction.
@@ -578,41 +750,254 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
         origin = unsafe { (*cached).origin };
     }
 
-    let d = decide(&ep, &pkt, origin, generation);
-    if d.verdict == VERDICT_ALLOWED {
-        count(COUNTER_ALLOWED);
-        if d.rule_id != 0 {
-            rule_hit(d.rule_id, now);
-        }
-        // A connection whose verdict now sits on its own TCP socket needs no
-        // conntrack entry: that socket carries every later packet and reply (an
-        // LRU insert, and later an eviction, saved per connection). Listeners,
-        // request sockets, UDP and tc (no socket) are tracked as before.
-        // An L7 connection stays in conntrack (its requests are judged there).
-        if d.http_set != 0 || !remember(sk, &pkt, cgroup_id, &ep, &cfg, &d, origin) {
-            track(&key, created_ns, now, generation, &d, origin);
-        }
-        return Ok(PASS);
+    // Opened before anything recorded it (DIR_UNKNOWN): whichever direction
+    // allows it (a TCP segment that is not a SYN cannot open a connection, so
+    // this only decides whether an existing one may go on).
+    let unknown = origin == DIR_UNKNOWN;
+    if unknown {
+        origin = DIR_INGRESS;
     }
-    if ep.mode == MODE_MONITOR {
-        count(COUNTER_AUDIT);
-        let audit = Decision { verdict: VERDICT_AUDIT, ..d };
-        report(&cfg, &ep, &pkt, cgroup_id, dir, &audit, now);
-        if !remember(sk, &pkt, cgroup_id, &ep, &cfg, &audit, origin) {
-            track(&key, created_ns, now, generation, &audit, origin);
+    let mut d = decide(&ep, &pkt, origin, generation);
+    if unknown && d.verdict != VERDICT_ALLOWED {
+        let outbound = decide(&ep, &pkt, DIR_EGRESS, generation);
+        if outbound.verdict == VERDICT_ALLOWED {
+            d = outbound;
+            origin = DIR_EGRESS;
         }
+    }
+    if d.verdict == VERDICT_ALLOWED || ep.mode == MODE_MONITOR {
+        let d = if d.verdict == VERDICT_ALLOWED {
+            count(COUNTER_ALLOWED);
+            if d.rule_id != 0 {
+                rule_hit(d.rule_id, now);
+            }
+            d
+        } else {
+            count(COUNTER_AUDIT);
+            let audit = Decision { verdict: VERDICT_AUDIT, ..d };
+            report(&cfg, &ep, &pkt, cgroup_id, dir, &audit, now);
+            audit
+        };
+        record(at_connect, sk, cookie, &key, &pkt, cgroup_id, &ep, &cfg, &d, origin, created_ns, now);
         return Ok(PASS);
     }
     // Enforce: forget an entry that no longer holds (audited, or older policy),
     // and the socket's copy of it.
     let _ = CONNTRACK_V1.remove(key);
+    // SAFETY (both): checked map values of this program's maps.
     if !cached.is_null() {
-        // SAFETY: a checked socket-storage value.
         unsafe { (*cached).verdict = 0 };
+    }
+    if !conn.is_null() {
+        unsafe { (*conn).verdict = 0 };
     }
     count(COUNTER_DENIED);
     let denied = Decision { verdict: VERDICT_DENIED, ..d };
     report(&cfg, &ep, &pkt, cgroup_id, dir, &denied, now);
+    Ok(DROP)
+}
+
+/// Where a connection's just-made verdict (allowed or audit) is kept.
+///
+/// Egress judged at connect: a connection this socket opened (a TCP client, a
+/// connected UDP socket) by the socket's cookie, like the connect program does;
+/// every other one (a server's, an unconnected UDP socket's flows) in conntrack.
+/// Per packet: an established TCP socket's copy of the verdict (the socket
+/// carries every later packet and reply, so no conntrack entry is needed), else
+/// conntrack. An L7 connection stays in conntrack (its requests are judged there).
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "the one call shape of both record kinds; inlined")]
+fn record(
+    at_connect: bool,
+    sk: *mut bpf_sock,
+    cookie: u64,
+    key: &CtKey,
+    pkt: &Packet,
+    cgroup_id: u64,
+    ep: &EndpointSlot,
+    cfg: &EnforcerConfig,
+    d: &Decision,
+    origin: u8,
+    created_ns: u64,
+    now: u64,
+) {
+    if at_connect {
+        if origin == DIR_EGRESS && cookie != 0 && d.http_set == 0 {
+            conn_write(cookie, cgroup_id, ep, cfg, d.verdict, d.rule_id, origin, created_ns);
+        } else {
+            track(key, created_ns, now, cfg.active_generation, d, origin);
+        }
+        return;
+    }
+    if d.http_set != 0 || !remember(sk, pkt, cgroup_id, ep, cfg, d, origin) {
+        track(key, created_ns, now, cfg.active_generation, d, origin);
+    }
+}
+
+/// The direction a connection nothing recorded was opened in, egress judged at
+/// connect: a TCP SYN opens one inbound, a SYN-ACK answers this socket's
+/// `connect()`, any other segment is [`DIR_UNKNOWN`]; a UDP datagram to a
+/// connected socket can only come from its peer (a reply), any other opens a flow.
+#[inline(always)]
+fn first_origin<P: PacketSource>(ctx: &P, pkt: &Packet, sk: *mut bpf_sock) -> u8 {
+    if pkt.protocol == IPPROTO_TCP {
+        // Two bytes, not one: see `parse` on one-byte bounds checks.
+        let Ok([_, flags]) = ctx.load::<[u8; 2]>(pkt.l4 + 12) else { return DIR_UNKNOWN };
+        if flags & TCP_SYN == 0 {
+            return DIR_UNKNOWN;
+        }
+        return if flags & TCP_ACK != 0 { DIR_EGRESS } else { DIR_INGRESS };
+    }
+    if !sk.is_null() && sock_state(sk) == BPF_TCP_ESTABLISHED { DIR_EGRESS } else { DIR_INGRESS }
+}
+
+/// Whether the verdict `c` recorded by a socket's cookie passes an arriving
+/// packet of that socket: [`SockConn`]'s contract (the socket's state was
+/// checked before the lookup).
+#[inline(always)]
+fn conn_holds(c: *const SockConn, cgroup_id: u64, ep: &EndpointSlot, cfg: &EnforcerConfig) -> bool {
+    // SAFETY: a checked value of `CONN_V1`, alive while the program runs.
+    let c = unsafe { &*c };
+    c.endpoint_key == cgroup_id
+        && c.generation == cfg.active_generation
+        && c.epoch == cfg.sock_epoch
+        && c.local_identity == ep.identity
+        && (c.verdict == VERDICT_ALLOWED || (c.verdict == VERDICT_AUDIT && ep.mode == MODE_MONITOR))
+}
+
+/// Records a verdict by socket cookie ([`SockConn`]).
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "the fields of one record; inlined")]
+fn conn_write(
+    cookie: u64,
+    cgroup_id: u64,
+    ep: &EndpointSlot,
+    cfg: &EnforcerConfig,
+    verdict: u8,
+    rule_id: u32,
+    origin: u8,
+    created_ns: u64,
+) {
+    let value = SockConn {
+        endpoint_key: cgroup_id,
+        created_ns,
+        generation: cfg.active_generation,
+        local_identity: ep.identity,
+        rule_id,
+        epoch: cfg.sock_epoch,
+        verdict,
+        origin,
+    };
+    if CONN_V1.insert(cookie, value, 0).is_err() {
+        count(COUNTER_CT_INSERT_FAILED);
+    }
+}
+
+/// Egress judged at `connect()` (`sendmsg = false`) or at an unconnected UDP
+/// socket's `sendmsg()` to an address, before anything is sent: the same
+/// decision as a first egress packet's, made once per connection (per flow for
+/// UDP, through conntrack). A UDP socket that connects to, or sends to, a peer
+/// whose flow came in first is answering it: the flow's verdict stands.
+#[inline(always)]
+fn try_sock_addr(ctx: &SockAddrContext, v6: bool, sendmsg: bool) -> Result<i32, i32> {
+    use core::ptr::read_volatile as rd;
+    // The caller's cgroup: sockets are connected in process context, and almost
+    // always by a task of the cgroup they were created in.
+    // SAFETY: helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let (cfg, ep) = match managed(cgroup_id) {
+        Managed::No => return Ok(PASS),
+        Managed::Fail(action) => return Err(action),
+        Managed::Yes(cfg, ep) => (cfg, ep),
+    };
+    let a = ctx.sock_addr;
+    // SAFETY (every read of `a` and `sk` below): context fields this attach
+    // type may read, one at a time (the verifier checks each access).
+    let protocol = unsafe { rd(&raw const (*a).protocol) };
+    if protocol != u32::from(IPPROTO_TCP) && protocol != u32::from(IPPROTO_UDP) {
+        count(COUNTER_OTHER_PROTO);
+        return Ok(PASS);
+    }
+    let protocol = protocol as u8;
+    // The IPv4 programs may only read `user_ip4`, the IPv6 ones `user_ip6` (an
+    // IPv4 peer of an IPv6 socket arrives v4-mapped, as the ipcache keys it).
+    let (family, remote_addr) = if v6 {
+        let w = unsafe {
+            [
+                rd(&raw const (*a).user_ip6[0]),
+                rd(&raw const (*a).user_ip6[1]),
+                rd(&raw const (*a).user_ip6[2]),
+                rd(&raw const (*a).user_ip6[3]),
+            ]
+        };
+        let mut addr = [0u8; 16];
+        for (i, word) in w.iter().enumerate() {
+            addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        (AF_INET6, addr)
+    } else {
+        (AF_INET, v4_mapped(unsafe { rd(&raw const (*a).user_ip4) }.to_ne_bytes()))
+    };
+    // Network order in the low 16 bits.
+    let remote_port = u16::from_be((unsafe { rd(&raw const (*a).user_port) } & 0xffff) as u16);
+    let sk = unsafe { rd(&raw const (*a).__bindgen_anon_1.sk) };
+    // Host order; 0 while unbound (a TCP or UDP socket connecting for the first
+    // time; `sendmsg()` binds before it is judged).
+    let local_port = if sk.is_null() { 0 } else { (unsafe { rd(&raw const (*sk).src_port) }) as u16 };
+    let pkt = Packet { family, protocol, local_addr: [0; 16], remote_addr, local_port, remote_port, l4: 0 };
+    let key = CtKey { cgroup_id, local_addr: [0; 16], remote_addr, local_port, remote_port, protocol, _pad: [0; 3] };
+    let now = now_ns();
+    let generation = cfg.active_generation;
+    // SAFETY: helper taking the program's own context.
+    let cookie = if sendmsg { 0 } else { unsafe { bpf_get_socket_cookie(ctx.as_ptr()) } };
+    let mut origin = DIR_EGRESS;
+    let mut created_ns = now;
+    if protocol == IPPROTO_UDP
+        && local_port != 0
+        && let Some(ct) = CONNTRACK_V1.get_ptr_mut(key)
+    {
+        // SAFETY: a map value, copied at once.
+        let (g, v, o, c, r) =
+            unsafe { ((*ct).generation, (*ct).verdict, (*ct).origin, (*ct).created_ns, (*ct).rule_id) };
+        if g == generation && (v == VERDICT_ALLOWED || (v == VERDICT_AUDIT && ep.mode == MODE_MONITOR)) {
+            count(COUNTER_CT_HIT);
+            if !sendmsg {
+                conn_write(cookie, cgroup_id, &ep, &cfg, v, r, o, c);
+            }
+            return Ok(PASS);
+        }
+        origin = o;
+        created_ns = c;
+    }
+    let d = decide(&ep, &pkt, origin, generation);
+    if d.verdict == VERDICT_ALLOWED || ep.mode == MODE_MONITOR {
+        let d = if d.verdict == VERDICT_ALLOWED {
+            count(COUNTER_ALLOWED);
+            if d.rule_id != 0 {
+                rule_hit(d.rule_id, now);
+            }
+            d
+        } else {
+            count(COUNTER_AUDIT);
+            let audit = Decision { verdict: VERDICT_AUDIT, ..d };
+            report(&cfg, &ep, &pkt, cgroup_id, DIR_EGRESS, &audit, now);
+            audit
+        };
+        if sendmsg {
+            track(&key, created_ns, now, generation, &d, origin);
+        } else {
+            conn_write(cookie, cgroup_id, &ep, &cfg, d.verdict, d.rule_id, origin, created_ns);
+        }
+        return Ok(PASS);
+    }
+    if sendmsg {
+        let _ = CONNTRACK_V1.remove(key);
+    } else {
+        let _ = CONN_V1.remove(cookie);
+    }
+    count(COUNTER_DENIED);
+    let denied = Decision { verdict: VERDICT_DENIED, ..d };
+    report(&cfg, &ep, &pkt, cgroup_id, DIR_EGRESS, &denied, now);
     Ok(DROP)
 }
 

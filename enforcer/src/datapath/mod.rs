@@ -2,12 +2,15 @@
 //!
 //! # Shape
 //!
-//! * Two cgroup_skb programs (`enforce_ingress`, `enforce_egress`) attached with
-//!   bpf_link to one cgroup v2 directory; every cgroup below it inherits them. A
-//!   packet is judged only when its socket's cgroup id is in `ENDPOINTS_V2`, so
-//!   attaching at a parent (or the root) and listing workloads there is enough.
-//! * Every map is pinned under `<bpffs root>/<instance>/<MAP_NAME>` and both links
-//!   under `<bpffs root>/<instance>/link_{ingress,egress}`. Pins keep the programs
+//! * Cgroup programs attached with bpf_link to one cgroup v2 directory; every
+//!   cgroup below it inherits them. A packet (or a `connect()`) is judged only when
+//!   its cgroup id is in `ENDPOINTS_V2`, so attaching at a parent (or the root) and
+//!   listing workloads there is enough. Which programs depends on where egress is
+//!   judged ([`EgressCheck`]): at `connect()`/`sendmsg()` (`enforce_in_conn` on
+//!   ingress, `enforce_connect4/6`, `enforce_sendmsg4/6`, `enforce_sock_create`;
+//!   the default) or per packet (`enforce_ingress`, `enforce_egress`).
+//! * Every map is pinned under `<bpffs root>/<instance>/<MAP_NAME>` and the links
+//!   under `<bpffs root>/<instance>/link_*`. Pins keep the programs
 //!   attached and the maps alive when this process dies: the last policy keeps
 //!   being enforced with no agent running (DESIGN.md §5).
 //! * **Adoption**: [`Datapath::load`] reuses maps already pinned for the instance
@@ -30,7 +33,14 @@
 //!   The direct setters ([`Datapath::set_endpoint`], [`Datapath::set_ipcache`], …)
 //!   write both slots: an immediate change. Conntrack entries remember their
 //!   generation, so a flip re-judges established connections too.
-//! * **Fast path**: the cgroup_skb programs copy an established TCP connection's
+//! * **Egress at connect**: a connection's egress verdict is made once, before the
+//!   socket sends anything, and kept by the socket's cookie (`CONN_V1`, see
+//!   `bulkhead_abi::enforcer::SockConn`); the ingress program passes the replies
+//!   on one lookup while it holds, and judges the connection again (dropping what
+//!   arrives) when a flip or a mode switch revoked it. Server-side connections are
+//!   tracked in conntrack from their SYN and promoted to `CONN_V1` once they are
+//!   older than `CONN_PROMOTE_NS`, so short ones never pay for a second entry.
+//! * **Fast path** (per-packet egress): the cgroup_skb programs copy an established TCP connection's
 //!   verdict onto its socket (`SOCK_VERDICT_V1`, socket storage, not pinned);
 //!   its further packets pass on one `bpf_sk_storage_get` while the copy holds
 //!   (same generation, endpoint identity, mode for audits, peer, and
@@ -63,7 +73,7 @@ use std::time::Duration;
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use bulkhead_abi::enforcer::{
     self as abi, CtKey, CtValue, EndpointKey, EndpointSlot, EndpointValue, EnforcerConfig, IpcacheValue, PolicyKey,
@@ -100,6 +110,73 @@ const LEGACY_COUNTERS: &str = "ENF_COUNTERS_V1";
 
 const LINK_INGRESS: &str = "link_ingress";
 const LINK_EGRESS: &str = "link_egress";
+/// The links of the programs that judge egress at `connect()`/`sendmsg()`
+/// ([`EgressCheck::Connect`]): program name, attach kind, link pin.
+const CONNECT_LINKS: [(&str, ProgKind, &str); 5] = [
+    (abi::PROG_CONNECT4, ProgKind::SockAddr, "link_connect4"),
+    (abi::PROG_CONNECT6, ProgKind::SockAddr, "link_connect6"),
+    (abi::PROG_SENDMSG4, ProgKind::SockAddr, "link_sendmsg4"),
+    (abi::PROG_SENDMSG6, ProgKind::SockAddr, "link_sendmsg6"),
+    (abi::PROG_SOCK_CREATE, ProgKind::Sock, "link_sock_create"),
+];
+
+/// How a cgroup program attaches (the aya type it is loaded as).
+#[derive(Debug, Clone, Copy)]
+enum ProgKind {
+    SkbIngress,
+    SkbEgress,
+    SockAddr,
+    Sock,
+}
+
+/// Where the egress of cgroup workloads is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EgressCheck {
+    /// Once per connection, at `connect()` (TCP, connected UDP) and at an
+    /// unconnected UDP socket's `sendmsg()` to an address (once per flow through
+    /// conntrack); raw IP sockets are refused to enforce-mode workloads whose
+    /// egress is covered. Denied: the call fails with EPERM before anything is
+    /// sent. Only arriving packets run a per-packet program, which halves the
+    /// program runs of a short connection. A connection the policy revokes has
+    /// its arriving packets dropped from the flip on; what it sends is not
+    /// judged again (TCP stalls within a window; a connected UDP socket keeps
+    /// sending until it is closed).
+    #[default]
+    Connect,
+    /// Every egress packet, by the cgroup_skb egress program: a revoked
+    /// connection cannot send another packet, and raw sockets are judged like
+    /// any other. The stricter choice, at twice the program runs per packet.
+    Packet,
+}
+
+impl EgressCheck {
+    /// The link pins of this way's egress programs.
+    fn link_pins(self) -> Vec<&'static str> {
+        match self {
+            EgressCheck::Connect => CONNECT_LINKS.iter().map(|(_, _, pin)| *pin).collect(),
+            EgressCheck::Packet => vec![LINK_EGRESS],
+        }
+    }
+
+    fn other(self) -> EgressCheck {
+        match self {
+            EgressCheck::Connect => EgressCheck::Packet,
+            EgressCheck::Packet => EgressCheck::Connect,
+        }
+    }
+}
+
+impl std::str::FromStr for EgressCheck {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "connect" => Ok(EgressCheck::Connect),
+            "packet" => Ok(EgressCheck::Packet),
+            other => Err(format!("unknown egress check {other:?} (expected \"connect\" or \"packet\")")),
+        }
+    }
+}
 
 /// How to load the datapath. The defaults work on a laptop and on our VMs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +197,8 @@ pub struct DatapathOptions {
     pub conntrack_entries: u32,
     /// Size of the verdict ring buffer; a power of two, at least one page.
     pub events_bytes: u32,
+    /// Where egress is judged: see [`EgressCheck`].
+    pub egress: EgressCheck,
 }
 
 impl DatapathOptions {
@@ -133,6 +212,7 @@ impl DatapathOptions {
             policy_entries: abi::DEFAULT_POLICY_ENTRIES,
             conntrack_entries: abi::DEFAULT_CONNTRACK_ENTRIES,
             events_bytes: abi::DEFAULT_VERDICT_EVENTS_BYTES,
+            egress: EgressCheck::default(),
         }
     }
 
@@ -378,6 +458,7 @@ fn expected_sizes(name: &str) -> (u32, u32) {
         abi::EVENT_RATE => (4, sz::<RateState>()),
         abi::RULE_STATS => (4, sz::<RuleStats>()),
         abi::HTTP_RULES => (4 + sz::<abi::HttpKeyData>(), 4),
+        abi::CONN => (8, sz::<abi::SockConn>()),
         // Ring buffers have neither.
         _ => (0, 0),
     }
@@ -420,6 +501,7 @@ impl Datapath {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+
         let mut ebpf = loader
             .map_max_entries(abi::IPCACHE, opts.ipcache_entries)
             .map_max_entries(abi::POLICY, opts.policy_entries)
@@ -452,26 +534,32 @@ impl Datapath {
         require_cgroup2(&opts.cgroup)?;
         let cgroup =
             File::open(&opts.cgroup).map_err(|source| DatapathError::Cgroup { path: opts.cgroup.clone(), source })?;
-        for (name, attach, pin) in [
-            (abi::PROG_INGRESS, CgroupSkbAttachType::Ingress, LINK_INGRESS),
-            (abi::PROG_EGRESS, CgroupSkbAttachType::Egress, LINK_EGRESS),
-        ] {
-            let prog: &mut CgroupSkb = ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::MissingProgram { name })?
-                .try_into()
-                .map_err(DatapathError::program(name))?;
-            prog.load().map_err(DatapathError::program(name))?;
-            // `Single` is the only mode accepted here (EBPF.md); bpf_link
-            // attachments stack anyway (the collector's, an older enforcer's).
-            let id = prog.attach(&cgroup, attach, CgroupAttachMode::Single).map_err(DatapathError::program(name))?;
-            let link: FdLink = prog.take_link(id).map_err(DatapathError::program(name))?.try_into().map_err(
-                |e: aya::programs::links::LinkError| DatapathError::PinLink {
-                    path: pin_dir.join(pin),
-                    reason: e.to_string(),
-                },
-            )?;
+        // The ingress program replaces the other way's in place (one pin).
+        let mut links = Vec::new();
+        match opts.egress {
+            EgressCheck::Packet => {
+                links.push((abi::PROG_INGRESS, ProgKind::SkbIngress, LINK_INGRESS));
+                links.push((abi::PROG_EGRESS, ProgKind::SkbEgress, LINK_EGRESS));
+            }
+            EgressCheck::Connect => {
+                links.push((abi::PROG_INGRESS_AT_CONNECT, ProgKind::SkbIngress, LINK_INGRESS));
+                links.extend(CONNECT_LINKS);
+            }
+        }
+        for (name, kind, pin) in links {
+            let link = attach_cgroup_program(&mut ebpf, name, kind, &cgroup)?;
             pin_link_replacing(link, &pin_dir, pin)?;
+        }
+        // Then the other way's programs go (an earlier process checked egress the
+        // other way): until now they judged alongside the new ones.
+        for pin in opts.egress.other().link_pins() {
+            match std::fs::remove_file(pin_dir.join(pin)) {
+                Ok(()) => {
+                    tracing::info!(link = pin, egress = ?opts.egress, "Detached the programs of the other egress check.")
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::PinDir { path: pin_dir.join(pin), source }),
+            }
         }
         // The old programs are detached: nothing of ours reads the old maps any more.
         for name in [LEGACY_ENDPOINTS, LEGACY_IPCACHE, LEGACY_COUNTERS] {
@@ -924,6 +1012,49 @@ fn migrate_legacy_ipcache(
     }
     tracing::info!(from = LEGACY_IPCACHE, to = abi::IPCACHE, entries = copied, "Migrated a pinned map.");
     Ok(())
+}
+
+/// Loads program `name` of `kind` and attaches it to `cgroup` with a bpf_link.
+fn attach_cgroup_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    kind: ProgKind,
+    cgroup: &File,
+) -> Result<FdLink, DatapathError> {
+    let prog = ebpf.program_mut(name).ok_or(DatapathError::MissingProgram { name })?;
+    let not_fd_link = |e: aya::programs::links::LinkError| DatapathError::PinLink {
+        path: PathBuf::from(name),
+        reason: e.to_string(),
+    };
+    // `Single` is the only mode accepted here (EBPF.md); bpf_link attachments
+    // stack anyway (the collector's, an older enforcer's).
+    let mode = CgroupAttachMode::Single;
+    let link: FdLink = match kind {
+        ProgKind::SkbIngress | ProgKind::SkbEgress => {
+            let prog: &mut CgroupSkb = prog.try_into().map_err(DatapathError::program(name))?;
+            prog.load().map_err(DatapathError::program(name))?;
+            let attach = if matches!(kind, ProgKind::SkbIngress) {
+                CgroupSkbAttachType::Ingress
+            } else {
+                CgroupSkbAttachType::Egress
+            };
+            let id = prog.attach(cgroup, attach, mode).map_err(DatapathError::program(name))?;
+            prog.take_link(id).map_err(DatapathError::program(name))?.try_into().map_err(not_fd_link)?
+        }
+        ProgKind::SockAddr => {
+            let prog: &mut CgroupSockAddr = prog.try_into().map_err(DatapathError::program(name))?;
+            prog.load().map_err(DatapathError::program(name))?;
+            let id = prog.attach(cgroup, mode).map_err(DatapathError::program(name))?;
+            prog.take_link(id).map_err(DatapathError::program(name))?.try_into().map_err(not_fd_link)?
+        }
+        ProgKind::Sock => {
+            let prog: &mut CgroupSock = prog.try_into().map_err(DatapathError::program(name))?;
+            prog.load().map_err(DatapathError::program(name))?;
+            let id = prog.attach(cgroup, mode).map_err(DatapathError::program(name))?;
+            prog.take_link(id).map_err(DatapathError::program(name))?.try_into().map_err(not_fd_link)?
+        }
+    };
+    Ok(link)
 }
 
 /// Pins `link` as `dir/name`, replacing an existing pin in one rename: the old

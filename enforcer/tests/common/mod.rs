@@ -77,6 +77,8 @@ pub fn workload_main() {
             ["listen", "udp", addr] => agent_listen_udp(addr),
             ["connect", "tcp", addr, ms] => agent_connect_tcp(addr, ms),
             ["connect", "udp", addr, ms] => agent_connect_udp(addr, ms),
+            ["connected", "udp", addr, ms] => agent_connected_udp(addr, ms),
+            ["raw"] => agent_raw(),
             _ => format!("err unknown command {line:?}"),
         };
         println!("{AGENT_PREFIX}{answer}");
@@ -227,6 +229,42 @@ fn agent_connect_udp(addr: &str, ms: &str) -> String {
 }
 
 /// The test's handle on one agent process.
+/// A UDP socket that connects to `addr`, then sends and waits for the echo.
+fn agent_connected_udp(addr: &str, ms: &str) -> String {
+    let (Ok(addr), Ok(ms)) = (addr.parse::<SocketAddr>(), ms.parse::<u64>()) else {
+        return "err bad arguments".to_owned();
+    };
+    let result = (|| -> std::io::Result<()> {
+        let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+        let s = UdpSocket::bind(bind)?;
+        s.set_read_timeout(Some(Duration::from_millis(ms)))?;
+        s.connect(addr)?;
+        s.send(b"ping")?;
+        let mut buf = [0u8; 16];
+        let n = s.recv(&mut buf)?;
+        if &buf[..n] != b"ping" {
+            return Err(std::io::Error::other("wrong echo"));
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => format!("err {e}"),
+    }
+}
+
+/// Creates (and closes) a raw IPv4 UDP socket: "ok", or "err <errno text>".
+fn agent_raw() -> String {
+    // SAFETY: plain socket(2); the descriptor is closed right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP) };
+    if fd < 0 {
+        return format!("err {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is ours and open.
+    unsafe { libc::close(fd) };
+    "ok".to_owned()
+}
+
 pub struct Agent {
     pub name: &'static str,
     stdin: ChildStdin,

@@ -16,6 +16,10 @@
 //!    verdict of an established TCP connection copied there passes the packet
 //!    at once while it holds (see [`SockVerdict`]: it never passes a packet
 //!    step 2 would not). Counted as [`COUNTER_FAST_PATH`].
+//!    When egress is judged at `connect()` ([`PROG_INGRESS_AT_CONNECT`]), the
+//!    ingress program looks at [`CONN`] by the socket's cookie instead: the
+//!    verdict the connect program (or an earlier packet) recorded there
+//!    ([`SockConn`]).
 //! 2. [`CONNTRACK`] by the local-oriented 5-tuple: a packet of a known connection
 //!    (either direction) passes without a policy lookup, as long as the entry was
 //!    made under the active policy generation (a flip re-evaluates the connection
@@ -81,9 +85,15 @@ pub const HTTP_RULES: &str = "HTTP_RULES_V1";
 /// costs one slow-path packet per connection), and not in [`MAP_NAMES`].
 pub const SOCK_VERDICT: &str = "SOCK_VERDICT_V1";
 
+/// LRU hash: socket cookie (u64) → [`SockConn`]. The verdict of a connection
+/// judged at `connect()` (egress checked at connect, see [`PROG_INGRESS_AT_CONNECT`]),
+/// or of a long-lived one promoted out of [`CONNTRACK`]; the cgroup_skb ingress
+/// program passes the connection's packets on one lookup while it holds.
+pub const CONN: &str = "CONN_V1";
+
 /// Every map name, for pinning and cleanup code that must know them all.
-pub const MAP_NAMES: [&str; 10] =
-    [IPCACHE, POLICY, ENDPOINTS, CONNTRACK, VERDICT_EVENTS, COUNTERS, CONFIG, EVENT_RATE, RULE_STATS, HTTP_RULES];
+pub const MAP_NAMES: [&str; 11] =
+    [IPCACHE, POLICY, ENDPOINTS, CONNTRACK, VERDICT_EVENTS, COUNTERS, CONFIG, EVENT_RATE, RULE_STATS, HTTP_RULES, CONN];
 const _: () = {
     let mut i = 0;
     while i < MAP_NAMES.len() {
@@ -96,13 +106,32 @@ const _: () = {
 
 /// cgroup_skb ingress: the workload is a cgroup v2 directory.
 pub const PROG_INGRESS: &str = "enforce_ingress";
-/// cgroup_skb egress.
+/// cgroup_skb egress: egress judged per packet.
 pub const PROG_EGRESS: &str = "enforce_egress";
+/// cgroup_skb ingress of workloads whose egress is judged at `connect()` and
+/// `sendmsg()` (the `PROG_CONNECT*`/`PROG_SENDMSG*` programs, with
+/// [`PROG_SOCK_CREATE`]); attached instead of [`PROG_INGRESS`] + [`PROG_EGRESS`].
+/// It finds the verdicts of connections its workload opened in [`CONN`].
+pub const PROG_INGRESS_AT_CONNECT: &str = "enforce_in_conn";
 /// sched_cls on the ingress of a workload's interface, inside its network
 /// namespace (what arrives there is the workload's ingress).
 pub const PROG_TC_INGRESS: &str = "enforce_tc_in";
 /// sched_cls on the egress of a workload's interface, inside its namespace.
 pub const PROG_TC_EGRESS: &str = "enforce_tc_out";
+/// cgroup sock_addr `connect4`: egress judged once per connection (TCP, and UDP
+/// sockets that connect), when egress is checked at connect.
+pub const PROG_CONNECT4: &str = "enforce_connect4";
+/// cgroup sock_addr `connect6`.
+pub const PROG_CONNECT6: &str = "enforce_connect6";
+/// cgroup sock_addr `sendmsg4`: each datagram an unconnected UDP socket sends to
+/// an address (judged by conntrack, so once per flow).
+pub const PROG_SENDMSG4: &str = "enforce_sendmsg4";
+/// cgroup sock_addr `sendmsg6`.
+pub const PROG_SENDMSG6: &str = "enforce_sendmsg6";
+/// cgroup sock `sock_create`: refuses raw IP sockets of enforce-mode workloads
+/// whose egress is covered, when egress is checked at connect (a raw socket
+/// sends without `connect()`/`sendmsg()` to an address ever being judged).
+pub const PROG_SOCK_CREATE: &str = "enforce_sock_create";
 
 // === Endpoint keys of network-namespace workloads ===
 
@@ -137,6 +166,9 @@ pub const TC_ENDPOINT_KEY_GLOBAL: &str = "TC_ENDPOINT_KEY";
 // === Default capacities (user space may override with `map_max_entries`) ===
 
 pub const DEFAULT_IPCACHE_ENTRIES: u32 = 1 << 20;
+/// Socket verdicts by cookie: one per client connection judged at connect (and
+/// per promoted long-lived connection); an evicted one is judged again.
+pub const DEFAULT_CONN_ENTRIES: u32 = 1 << 18;
 /// Two generations of up to 512k rules each.
 pub const DEFAULT_POLICY_ENTRIES: u32 = 1 << 20;
 pub const DEFAULT_ENDPOINTS: u32 = 4096;
@@ -449,6 +481,52 @@ pub const HTTP_STATE_REQUEST_SEEN: u8 = 1;
 /// dropped without another event — one event per refused request, not per try.
 pub const HTTP_STATE_DENIED_REPORTED: u8 = 2;
 const _: () = assert!(size_of::<CtValue>() == 32);
+
+/// [`CONN`] value: a connection's verdict keyed by its socket's cookie.
+///
+/// Written by the `connect4`/`connect6` programs for the socket being connected
+/// (egress judged at connect; the socket is not bound yet, so the 5-tuple is
+/// unknown, but its cookie is final), and by the ingress program for a
+/// connection [`CONNTRACK`] has known for [`CONN_PROMOTE_NS`] (so long-lived
+/// connections pass on one lookup). It passes an arriving packet of that socket
+/// only while:
+///
+/// * `endpoint_key` is the packet's and that endpoint's active slot still has
+///   `local_identity`;
+/// * `generation` is the active one and `epoch` is [`EnforcerConfig::sock_epoch`];
+/// * the verdict is [`VERDICT_ALLOWED`], or [`VERDICT_AUDIT`] in monitor mode;
+/// * the socket still has one peer: a TCP socket is not listening (a socket
+///   disconnected with `AF_UNSPEC` and turned into a listener would otherwise
+///   pass every peer's SYN), a UDP socket is connected (a disconnected one
+///   receives from anyone). A socket connected again runs the connect program
+///   again, which rewrites the entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockConn {
+    /// The [`EndpointKey`] the verdict was made for.
+    pub endpoint_key: u64,
+    /// `CLOCK_BOOTTIME` ns when the connection was first judged.
+    pub created_ns: u64,
+    /// The generation the verdict was made under.
+    pub generation: u32,
+    /// The endpoint's identity in that generation.
+    pub local_identity: u32,
+    /// The deciding rule (0 when none).
+    pub rule_id: u32,
+    /// [`EnforcerConfig::sock_epoch`] when written.
+    pub epoch: u16,
+    /// [`VERDICT_ALLOWED`] or [`VERDICT_AUDIT`]; 0 = none (dropped in enforce mode).
+    pub verdict: u8,
+    /// [`DIR_EGRESS`] for a connection this socket opened, [`DIR_INGRESS`] for one
+    /// it accepted (or a UDP flow it answers): the direction it is judged in again.
+    pub origin: u8,
+}
+const _: () = assert!(size_of::<SockConn>() == 32);
+
+/// How long [`CONNTRACK`] must have known a connection before its verdict is
+/// promoted to [`CONN`]: short connections (most of a busy server's) never pay
+/// for the second entry, long-lived ones pass on one lookup thereafter.
+pub const CONN_PROMOTE_NS: u64 = 20_000_000;
 
 /// The verdict of an established TCP connection, cached on its socket
 /// ([`SOCK_VERDICT`]) so the connection's further packets skip parsing and

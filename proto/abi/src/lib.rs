@@ -52,4 +52,5 @@ impl_pod!(
     enforcer::EnforcerConfig,
     enforcer::RateState,
     enforcer::RuleStats,
+    enforcer::SockConn,
 );
