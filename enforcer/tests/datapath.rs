@@ -24,8 +24,8 @@ use bulkhead_enforcer::datapath::{
 };
 use bulkhead_enforcer::render::{IpcachePrefix, MapOp, MapState, diff, render};
 use bulkhead_model::{
-    Direction as ModelDirection, EndpointCgroup, Identity, IpcacheEntry, NodePolicy, NodeRule, PolicyEndpoint,
-    Protocol, RolloutMode, RuleKey, RuleRef,
+    Direction as ModelDirection, EndpointCgroup, HttpRule, Identity, IpcacheEntry, NodePolicy, NodeRule,
+    PolicyEndpoint, Protocol, RolloutMode, RuleKey, RuleRef,
 };
 use bulkhead_testkit::assert_eventually;
 use bulkhead_testkit::cgroup::TestCgroup;
@@ -153,16 +153,6 @@ impl World {
         let ep = |identity, mode| Endpoint { identity, mode, ingress_covered: true, egress_covered: true };
         self.dp().set_endpoint(a, ep(ID_A, mode_a)).expect("endpoint A");
         self.dp().set_endpoint(b, ep(ID_B, mode_b)).expect("endpoint B");
-    }
-
-    /// Until a server-side connection opened just now may take the fast path:
-    /// with egress judged at connect, a connection's verdict moves from
-    /// conntrack to its socket's cookie once it is older than `CONN_PROMOTE_NS`
-    /// (a time, so waiting it out is the condition itself); per packet, at once.
-    fn let_connections_settle(&self) {
-        if self.opts.egress == EgressCheck::Connect {
-            std::thread::sleep(Duration::from_nanos(abi::CONN_PROMOTE_NS) * 2);
-        }
     }
 
     fn set_mode(&mut self, i: usize, mode: Mode) {
@@ -439,7 +429,6 @@ fn a_generation_flip_changes_the_policy_at_once(egress: EgressCheck) {
     // An established connection of A, allowed by g1 only. After its first
     // packets B's socket carries the verdict: the rest take the fast path.
     w.agent(a).ask(&format!("open {b80}")).expect("A opens a connection");
-    w.let_connections_settle();
     w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("A's open connection works under g1");
     let fast = w.dp().counters().fast_path;
     w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("A's open connection works under g1");
@@ -487,14 +476,19 @@ fn verdicts_cached_on_sockets_are_judged_again_after_a_mode_switch_or_a_flush(eg
     let b80 = w.v4(b, HTTP);
 
     // C has no rule: its connection is audited and passes, and after the
-    // handshake B's socket carries the audit verdict (the fast path).
+    // handshake its packets pass on the audit without another event (per packet:
+    // cached on B's socket, the fast path; egress at connect: its conntrack entry).
+    let audit_passes = |c: &bulkhead_enforcer::datapath::DatapathCounters| match egress {
+        EgressCheck::Packet => c.fast_path,
+        EgressCheck::Connect => c.ct_hits,
+    };
     w.agent(c).ask(&format!("open {b80}")).expect("C opens a connection");
-    w.let_connections_settle();
     w.agent(c).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("C's audited connection works in monitor");
-    let fast = w.dp().counters().fast_path;
+    let before = w.dp().counters();
     w.agent(c).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("C's audited connection works in monitor");
     let counters = w.dp().counters();
-    assert!(counters.fast_path > fast, "B's audited socket takes the fast path: {counters:?}");
+    assert!(audit_passes(&counters) > audit_passes(&before), "B passes the audited connection: {counters:?}");
+    assert_eq!(counters.audit, before.audit, "one audit per connection");
 
     // Enforce: the cached audit no longer holds; the connection is judged again
     // and dropped, as a new one would be.
@@ -515,7 +509,6 @@ fn verdicts_cached_on_sockets_are_judged_again_after_a_mode_switch_or_a_flush(eg
     // (not atomic, so no flip) reaches it once conntrack is flushed, which also
     // invalidates the verdicts cached on sockets.
     w.agent(a).ask(&format!("open {b80}")).expect("A opens a connection");
-    w.let_connections_settle();
     w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("A's connection works");
     let fast = w.dp().counters().fast_path;
     w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("A's connection works");
@@ -637,6 +630,104 @@ fn expected_links(egress: EgressCheck) -> Vec<String> {
         }
     };
     names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+#[test]
+fn http_request_lines_are_judged_on_cgroup_workloads_per_packet() {
+    http_request_lines_are_judged_on_cgroup_workloads(EgressCheck::Packet);
+}
+
+#[test]
+fn http_request_lines_are_judged_on_cgroup_workloads_at_connect() {
+    http_request_lines_are_judged_on_cgroup_workloads(EgressCheck::Connect);
+}
+
+/// B's ingress rule from A narrowed to `POST /v1/request-landing` (egress at
+/// connect: the ingress program hands the connection's segments to the tail-called
+/// L7 program).
+fn http_request_lines_are_judged_on_cgroup_workloads(egress: EgressCheck) {
+    const LANDING: &str = "POST_/v1/request-landing_HTTP/1.1~Host:_deathstar~~";
+    const EXHAUST: &str = "PUT_/v1/exhaust-port_HTTP/1.1~Host:_deathstar~~";
+    let mut w = World::with_egress(egress);
+    let mut policy = node_policy(&w, Some(RolloutMode::Enforce), &[(ID_A, RULE_B_INGRESS_HTTP)], 0);
+    for r in &mut policy.rules {
+        if r.rule_id == RULE_B_INGRESS_HTTP {
+            r.http = vec![HttpRule::exact("POST", "/v1/request-landing")];
+        }
+    }
+    let mut current = MapState::default();
+    apply_policy(w.dp(), &mut current, &policy);
+    let (a, b) = (0, 1);
+    for b80 in [w.v4(b, HTTP), w.v6(b, HTTP)] {
+        w.agent(a).http(b80, OK_TIMEOUT_MS, &[LANDING]).unwrap_or_else(|e| panic!("the landing → {b80}: {e}"));
+        // A request's body (a later segment) passes once its request line did.
+        w.agent(a)
+            .http(b80, OK_TIMEOUT_MS, &["POST_/v1/request-landing_HTTP/1.1~Content-Length:_4~~", "ship"])
+            .unwrap_or_else(|e| panic!("a body → {b80}: {e}"));
+        assert!(w.agent(a).http(b80, FAIL_TIMEOUT_MS, &[EXHAUST]).is_err(), "PUT /v1/exhaust-port → {b80}");
+        // Keep-alive: the second request on the connection is judged too.
+        assert!(w.agent(a).http(b80, FAIL_TIMEOUT_MS, &[LANDING, EXHAUST]).is_err(), "a second request");
+    }
+    let b_cg = w.cgroup_id(b);
+    let mut seen = Vec::new();
+    w.wait_events(&mut seen, 4, |e| e.cgroup_id == b_cg && e.reason == abi::REASON_HTTP);
+    let ev = seen.iter().find(|e| e.reason == abi::REASON_HTTP).expect("an HTTP event");
+    assert_eq!(
+        (ev.verdict, ev.rule_id, ev.direction, ev.local_identity, ev.peer_identity),
+        (abi::VERDICT_DENIED, RULE_B_INGRESS_HTTP, Direction::Ingress, ID_B, ID_A)
+    );
+    let line = ev.http.as_ref().expect("the request line");
+    assert_eq!((line.method.as_str(), line.path.as_str()), ("PUT", "/v1/exhaust-port"));
+}
+
+#[test]
+fn egress_judged_at_connect_tracks_no_tcp_connection_and_judges_every_arriving_segment() {
+    let mut w = World::with_egress(EgressCheck::Connect);
+    w.dp().replace_policy(&a_to_b_rules()).expect("policy");
+    w.manage(Mode::Enforce, Mode::Enforce);
+    let (a, b) = (0, 1);
+    w.dp().flush_conntrack().expect("flush");
+
+    // Allowed TCP leaves no per-connection state on either side: B's SYN and A's
+    // connect() were judged, every later segment passes on a cached decision.
+    let b80 = w.v4(b, HTTP);
+    let before = w.dp().counters();
+    w.agent(a).tcp_ok(b80);
+    w.agent(a).tcp_ok(b80);
+    let after = w.dp().counters();
+    assert_eq!(w.dp().conntrack_len(), 0, "no TCP connection is tracked");
+    assert_eq!(after.allowed - before.allowed, 4, "two connections, each allowed at A's connect and B's SYN");
+    assert!(after.fast_path > before.fast_path, "{after:?}");
+    let rules = w.dp().rule_use();
+    assert!(rules.get(&RULE_A_EGRESS_HTTP).is_some_and(|u| u.hits >= 2), "{rules:?}");
+    assert!(rules.get(&RULE_B_INGRESS_HTTP).is_some_and(|u| u.hits >= 2), "{rules:?}");
+
+    // UDP has no handshake: each side tracks the flow.
+    let b53 = w.v4(b, UDP_PORT);
+    w.agent(a).udp(b53, OK_TIMEOUT_MS).expect("A → B/udp");
+    assert_eq!(w.dp().conntrack_len(), 2, "UDP is tracked on both ends");
+
+    // An open connection whose rule goes (in place, then a flush: no flip) has
+    // its next arriving segment judged again and dropped, on B's side and on A's.
+    w.agent(a).ask(&format!("open {b80}")).expect("A opens a connection");
+    w.agent(a).ask(&format!("send 0 {OK_TIMEOUT_MS}")).expect("A's connection works");
+    let g = w.dp().active_generation().expect("generation");
+    for (local, peer, direction) in [(ID_B, ID_A, abi::DIR_INGRESS), (ID_A, ID_B, abi::DIR_EGRESS)] {
+        let key = abi::PolicyKey {
+            generation: g,
+            local_identity: local,
+            peer_identity: peer,
+            port: HTTP,
+            protocol: abi::IPPROTO_TCP,
+            direction,
+        };
+        w.dp().apply(&[MapOp::DeletePolicy { key }]).unwrap_or_else(|e| panic!("delete rule: {}", chain(&e)));
+    }
+    w.dp().flush_conntrack().expect("flush");
+    let denied = w.dp().counters().denied;
+    assert!(w.agent(a).ask(&format!("send 0 {FAIL_TIMEOUT_MS}")).is_err(), "the revoked connection is cut");
+    assert!(w.dp().counters().denied > denied);
+    w.agent(a).tcp_fails(b80);
 }
 
 #[test]
@@ -885,7 +976,7 @@ fn pins_of_the_single_slot_layout_are_migrated_and_stay_enforced() {
 
 #[test]
 fn a_client_socket_carries_its_own_verdict_so_only_the_server_side_is_tracked() {
-    let mut w = World::new();
+    let mut w = World::with_egress(EgressCheck::Packet);
     w.dp().replace_policy(&a_to_b_rules()).expect("policy");
     w.manage(Mode::Enforce, Mode::Enforce);
     let (a, b) = (0, 1);

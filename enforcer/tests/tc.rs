@@ -367,8 +367,9 @@ fn a_new_process_adopts_the_tc_links_and_enforcement_never_stops() {
     let pin_dir = w.dp().pin_dir().to_owned();
     let before: Vec<(u32, u32)> = pins_before.iter().map(|n| link_ids(&pin_dir.join(n))).collect();
 
-    // A connects to B back to back the whole time the agent is replaced.
-    const LOOP_MS: u64 = 3000;
+    // A connects to B back to back the whole time the agent is replaced (a reload
+    // verifies every program again: about 3 s with two tests loading at once).
+    const LOOP_MS: u64 = 8000;
     let World { agents, dp, opts, netns, .. } = &mut w;
     let (a_agent, others) = agents.split_at_mut(1);
     let c_agent = &mut others[c - 1];

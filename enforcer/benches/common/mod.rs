@@ -42,8 +42,6 @@ pub const REPLY: &str = "BHB ";
 
 /// Link pins of a datapath instance (`enforcer/src/datapath/mod.rs`); removing them
 /// detaches its programs while its maps stay pinned.
-/// The egress link of the per-packet programs ([`EgressCheck::Packet`]).
-pub const LINK_EGRESS: &str = "link_egress";
 /// Connect and read timeout of the load generators and the servers: a dropped packet
 /// is an error, not a hang.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(1);
@@ -233,13 +231,11 @@ pub struct Enforcer {
     /// Kernel counters when the programs were detached: they must not move until
     /// the programs are attached again.
     detached_at: Option<DatapathCounters>,
-    /// Whether [`Enforcer::detach_egress`] left only the ingress program attached.
-    egress_detached: bool,
 }
 
 impl Enforcer {
     pub fn new(opts: DatapathOptions) -> Enforcer {
-        Enforcer { opts, dp: None, state: MapState::default(), version: 0, detached_at: None, egress_detached: false }
+        Enforcer { opts, dp: None, state: MapState::default(), version: 0, detached_at: None }
     }
 
     pub fn next_version(&mut self) -> u64 {
@@ -282,8 +278,7 @@ impl Enforcer {
         }
     }
 
-    /// Fills the LRU maps that hold per-connection records (`CONNTRACK_V1`,
-    /// `CONN_V1`) to capacity with entries of no workload, as on a node that has
+    /// Fills the LRU maps (`CONNTRACK_V1`, `DECISIONS_V1`) to capacity with entries of no workload, as on a node that has
     /// run for a while: every insert then evicts, which is what an insert costs
     /// in steady state (an LRU with free slots left is cheaper, and would flatter
     /// the first minutes of a run). Returns the entries written.
@@ -308,34 +303,22 @@ impl Enforcer {
             ct.insert(key, abi::CtValue::default(), 0).expect("filling conntrack");
             written += 1;
         }
-        let conn = MapData::from_pin(dir.join(abi::CONN)).expect("conn pin");
-        let cap = conn.info().expect("conn info").max_entries();
-        let mut conn: BpfHashMap<MapData, u64, abi::SockConn> =
-            BpfHashMap::try_from(aya::maps::Map::LruHashMap(conn)).expect("conn map");
+        let decisions = MapData::from_pin(dir.join(abi::DECISIONS)).expect("decisions pin");
+        let cap = decisions.info().expect("decisions info").max_entries();
+        let mut decisions: BpfHashMap<MapData, abi::DecisionKey, abi::DecisionValue> =
+            BpfHashMap::try_from(aya::maps::Map::LruHashMap(decisions)).expect("decisions map");
         for i in 0..cap {
-            // Cookies count up from 1; these are far above any the run reaches.
-            conn.insert(u64::MAX - u64::from(i), abi::SockConn::default(), 0).expect("filling conn");
+            // Generation u32::MAX is never active in a run.
+            let key = abi::DecisionKey { generation: u32::MAX, local_identity: i, ..abi::DecisionKey::default() };
+            decisions.insert(key, abi::DecisionValue::default(), 0).expect("filling decisions");
             written += 1;
         }
         written
     }
 
-    /// Detaches the egress program only (a diagnostic: what the ingress hook alone
-    /// costs). [`Enforcer::detach`] then detaches the rest.
-    pub fn detach_egress(&mut self) {
-        let dp = self.dp.as_ref().expect("datapath attached");
-        assert_eq!(self.opts.egress, EgressCheck::Packet, "only the per-packet egress program detaches alone");
-        let path = dp.pin_dir().join(LINK_EGRESS);
-        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("unpinning {}: {e}", path.display()));
-        self.egress_detached = true;
-        // Runs that started before the link went may still be finishing.
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
     /// Detaches the programs (the maps stay pinned and keep the policy).
     pub fn detach(&mut self) {
         let Some(dp) = self.dp.take() else { return };
-        self.egress_detached = false;
         let links = std::fs::read_dir(dp.pin_dir()).expect("pin dir").filter_map(Result::ok).map(|e| e.path());
         for path in links.filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_"))) {
             std::fs::remove_file(&path).unwrap_or_else(|e| panic!("unpinning {}: {e}", path.display()));

@@ -39,33 +39,36 @@
 //!    reported; in enforce mode they are dropped and reported.
 #![no_std]
 #![no_main]
+// Map keys go by reference: by value, every call site copies its key onto the
+// 512-byte stack, which the connect-time programs have little of to spare.
+#![expect(clippy::needless_borrows_for_generic_args, reason = "see above")]
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::{
-        BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE, BPF_TCP_CLOSE, BPF_TCP_ESTABLISHED, BPF_TCP_LISTEN,
-        BPF_TCP_SYN_SENT, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock,
+        BPF_RB_NO_WAKEUP, BPF_SK_STORAGE_GET_F_CREATE, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT, TC_ACT_SHOT,
+        TC_ACT_UNSPEC, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock,
     },
     btf_maps::SkStorage,
     helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_sk_storage_get,
-        bpf_skb_cgroup_id, bpf_skb_load_bytes, bpf_skb_load_bytes_relative, bpf_skb_pull_data,
+        bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns, bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id,
+        bpf_skb_load_bytes, bpf_skb_load_bytes_relative, bpf_skb_pull_data,
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, classifier, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, ProgramArray, RingBuf, lpm_trie::Key},
     programs::{SkBuffContext, SockAddrContext, SockContext, TcContext},
 };
 use bulkhead_abi::enforcer::{
-    ACTION_ALLOW, AF_INET, AF_INET6, CONN_PROMOTE_NS, COUNTER_ALLOWED, COUNTER_AUDIT, COUNTER_COUNT, COUNTER_CT_HIT,
+    ACTION_ALLOW, AF_INET, AF_INET6, COUNTER_ALLOWED, COUNTER_AUDIT, COUNTER_COUNT, COUNTER_CT_HIT,
     COUNTER_CT_INSERT_FAILED, COUNTER_DENIED, COUNTER_EVENTS_LIMITED, COUNTER_EVENTS_LOST, COUNTER_FAIL,
-    COUNTER_FAST_PATH, COUNTER_OTHER_PROTO, COUNTER_UNMANAGED, CtKey, CtValue, DEFAULT_CONN_ENTRIES,
-    DEFAULT_CONNTRACK_ENTRIES, DEFAULT_ENDPOINTS, DEFAULT_HTTP_RULES, DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES,
-    DEFAULT_RULE_STATS, DEFAULT_VERDICT_EVENTS_BYTES, DIR_EGRESS, DIR_INGRESS, EP_EGRESS_COVERED, EP_INGRESS_COVERED,
-    EndpointKey, EndpointSlot, EndpointValue, EnforcerConfig, FAIL_CLOSED, FAIL_OPEN, HTTP_KEY_DATA, HTTP_KEY_METHOD,
-    HTTP_KEY_PATH, HTTP_METHOD_BYTES, HTTP_PATH_BYTES, HTTP_STATE_DENIED_REPORTED, HTTP_STATE_REQUEST_SEEN,
-    HttpKeyData, HttpVerdictEvent, IDENTITY_ANY, IDENTITY_WORLD, IPPROTO_TCP, IPPROTO_UDP, IpcacheValue, MODE_ENFORCE,
-    MODE_MONITOR, PolicyKey, PolicyValue, REASON_DEFAULT_DENY, REASON_HTTP, REASON_NOT_COVERED, REASON_RULE, RateState,
-    RuleStats, SockConn, SockVerdict, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED, VerdictEvent, v4_mapped,
+    COUNTER_FAST_PATH, COUNTER_OTHER_PROTO, COUNTER_UNMANAGED, CtKey, CtValue, DEFAULT_CONNTRACK_ENTRIES,
+    DEFAULT_DECISIONS, DEFAULT_ENDPOINTS, DEFAULT_HTTP_RULES, DEFAULT_IPCACHE_ENTRIES, DEFAULT_POLICY_ENTRIES,
+    DEFAULT_RULE_STATS, DEFAULT_VERDICT_EVENTS_BYTES, DIR_EGRESS, DIR_INGRESS, DecisionKey, DecisionValue,
+    EP_EGRESS_COVERED, EP_INGRESS_COVERED, EndpointKey, EndpointSlot, EndpointValue, EnforcerConfig, FAIL_CLOSED,
+    FAIL_OPEN, HTTP_KEY_DATA, HTTP_KEY_METHOD, HTTP_KEY_PATH, HTTP_METHOD_BYTES, HTTP_PATH_BYTES,
+    HTTP_STATE_DENIED_REPORTED, HTTP_STATE_REQUEST_SEEN, HttpKeyData, HttpVerdictEvent, IDENTITY_ANY, IDENTITY_WORLD,
+    IN_CONN_TAIL_SLOTS, IPPROTO_TCP, IPPROTO_UDP, IpcacheValue, MODE_ENFORCE, MODE_MONITOR, PolicyKey, PolicyValue,
+    REASON_DEFAULT_DENY, REASON_HTTP, REASON_NOT_COVERED, REASON_RULE, RateState, RuleStats, SockVerdict, TAIL_L7,
+    TAIL_UDP, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DENIED, VerdictEvent, v4_mapped,
 };
 
 /// Verdict of the shared decision code: let the packet through. Equal to the
@@ -100,10 +103,6 @@ const SOCK_RAW: u32 = 3;
 /// TCP header flags (byte 13).
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
-/// The direction of a connection nothing recorded: an established TCP
-/// connection of a workload managed after it was opened (or whose entry was
-/// evicted), judged in both directions.
-const DIR_UNKNOWN: u8 = 0;
 
 /// What happens to a packet of a monitor-mode endpoint when state that must
 /// exist is missing (the config entry is unreadable, the packet cannot be
@@ -133,8 +132,24 @@ static ENF_COUNTERS_V2: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER
 static ENF_CONFIG_V1: Array<EnforcerConfig> = Array::with_max_entries(1, 0);
 #[map]
 static EVENT_RATE_V1: PerCpuArray<RateState> = PerCpuArray::with_max_entries(1, 0);
+/// The programs [`enforce_in_conn`] tail-calls: [`TAIL_UDP`], [`TAIL_L7`].
 #[map]
-static CONN_V1: LruHashMap<u64, SockConn> = LruHashMap::with_max_entries(DEFAULT_CONN_ENTRIES, 0);
+static IN_CONN_TAILS: ProgramArray = ProgramArray::with_max_entries(IN_CONN_TAIL_SLOTS, 0);
+/// The decision [`enforce_in_conn`] hands to [`enforce_in_l7`] (per CPU).
+#[map]
+static L7_ARGS: PerCpuArray<L7Args> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct L7Args {
+    rule_id: u32,
+    peer_identity: u32,
+    http_set: u16,
+    _pad: u16,
+}
+
+#[map]
+static DECISIONS_V1: LruHashMap<DecisionKey, DecisionValue> = LruHashMap::with_max_entries(DEFAULT_DECISIONS, 0);
 #[map]
 static RULE_STATS_V1: LruPerCpuHashMap<u32, RuleStats> = LruPerCpuHashMap::with_max_entries(DEFAULT_RULE_STATS, 0);
 #[map]
@@ -171,12 +186,12 @@ static SOCK_VERDICT_V1: SkStorage<SockVerdict> = SkStorage::new();
 /// [`enforce_egress`].
 #[cgroup_skb(ingress)]
 pub fn enforce_ingress(ctx: SkBuffContext) -> i32 {
-    verdict(try_enforce(&CgroupPacket(&ctx), DIR_INGRESS, false))
+    verdict(try_enforce(&CgroupPacket(&ctx), DIR_INGRESS))
 }
 
 #[cgroup_skb(egress)]
 pub fn enforce_egress(ctx: SkBuffContext) -> i32 {
-    verdict(try_enforce(&CgroupPacket(&ctx), DIR_EGRESS, false))
+    verdict(try_enforce(&CgroupPacket(&ctx), DIR_EGRESS))
 }
 
 /// Ingress of cgroup workloads whose egress is judged at `connect()` and
@@ -185,17 +200,17 @@ pub fn enforce_egress(ctx: SkBuffContext) -> i32 {
 /// ways of finding a connection's verdict exceeds the 512-byte stack.
 #[cgroup_skb(ingress)]
 pub fn enforce_in_conn(ctx: SkBuffContext) -> i32 {
-    verdict(try_enforce(&CgroupPacket(&ctx), DIR_INGRESS, true))
+    verdict(try_ingress_at_connect(&CgroupPacket(&ctx)))
 }
 
 #[classifier]
 pub fn enforce_tc_in(ctx: TcContext) -> i32 {
-    tc_verdict(verdict(try_enforce(&TcPacket(&ctx), DIR_INGRESS, false)))
+    tc_verdict(verdict(try_enforce(&TcPacket(&ctx), DIR_INGRESS)))
 }
 
 #[classifier]
 pub fn enforce_tc_out(ctx: TcContext) -> i32 {
-    tc_verdict(verdict(try_enforce(&TcPacket(&ctx), DIR_EGRESS, false)))
+    tc_verdict(verdict(try_enforce(&TcPacket(&ctx), DIR_EGRESS)))
 }
 
 /// Egress of a TCP connection or a connected UDP socket, judged once at
@@ -255,11 +270,6 @@ fn tc_verdict(v: i32) -> i32 {
 /// What differs between the program types: where the endpoint key comes from
 /// and how the IP header is read. Everything else is [`try_enforce`].
 trait PacketSource {
-    /// Whether packets carry their socket (cgroup_skb), so connections can be
-    /// recorded by socket and the sock_addr programs judge this one's egress.
-    const CGROUP: bool;
-    /// The cookie of the packet's socket; 0 when it has none.
-    fn cookie(&self) -> u64;
     /// The key of the workload the packet belongs to in `ENDPOINTS_V2`.
     fn endpoint_key(&self) -> u64;
     /// Whether the packet is IPv4 or IPv6 at all (cheap; before any load).
@@ -278,14 +288,6 @@ trait PacketSource {
 struct CgroupPacket<'a>(&'a SkBuffContext);
 
 impl PacketSource for CgroupPacket<'_> {
-    const CGROUP: bool = true;
-
-    #[inline(always)]
-    fn cookie(&self) -> u64 {
-        // SAFETY: helper taking the program's own skb (0 when it has no socket).
-        unsafe { bpf_get_socket_cookie(self.0.skb.skb as *mut _) }
-    }
-
     #[inline(always)]
     fn endpoint_key(&self) -> u64 {
         // SAFETY: helper taking the program's own skb.
@@ -336,13 +338,6 @@ impl PacketSource for CgroupPacket<'_> {
 struct TcPacket<'a>(&'a TcContext);
 
 impl PacketSource for TcPacket<'_> {
-    const CGROUP: bool = false;
-
-    #[inline(always)]
-    fn cookie(&self) -> u64 {
-        0
-    }
-
     #[inline(always)]
     fn endpoint_key(&self) -> u64 {
         // SAFETY: a plain u64 in .rodata; the volatile read keeps the compiler
@@ -530,6 +525,8 @@ struct Decision {
     peer_identity: u32,
     /// The allowing entry's HTTP rule set (0: L4).
     http_set: u16,
+    /// Made just now rather than found in `DECISIONS_V1` ([`judge`]).
+    fresh: bool,
 }
 
 /// Whether and how an endpoint is judged: the prologue every program shares.
@@ -580,9 +577,10 @@ fn sock_state(sk: *mut bpf_sock) -> u32 {
 }
 
 /// The verdict for one packet of the workload `ctx` belongs to, the same for
-/// every program type.
+/// every program type, egress judged per packet (see [`try_ingress_at_connect`]
+/// for the ingress of workloads whose egress is judged at `connect()`).
 #[inline(always)]
-fn try_enforce<P: PacketSource>(ctx: &P, dir: u8, at_connect: bool) -> Result<i32, i32> {
+fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
     // A cgroup id or a tc endpoint key; named after the ABI field it fills.
     let cgroup_id = ctx.endpoint_key();
     let (cfg, ep) = match managed(cgroup_id) {
@@ -590,37 +588,13 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8, at_connect: bool) -> Result<i3
         Managed::Fail(action) => return Err(action),
         Managed::Yes(cfg, ep) => (cfg, ep),
     };
-    // Egress judged at connect (`enforce_in_conn`; a constant per program): a
-    // socket that opened its connection finds the verdict by its cookie.
-    let at_connect = P::CGROUP && at_connect;
-    // The fast path: a connection whose verdict is recorded by its socket and
-    // still holds passes without parsing or conntrack.
+    // The fast path: an established TCP connection whose verdict is cached on
+    // its socket and still holds passes without parsing or conntrack.
     let sk = ctx.socket();
-    let mut cached: *mut SockVerdict = core::ptr::null_mut();
-    let mut conn: *mut SockConn = core::ptr::null_mut();
-    let mut cookie = 0u64;
-    if at_connect {
-        // Never a listener (the SYNs of many peers) nor an unconnected UDP
-        // socket (datagrams of any peer): neither has one verdict.
-        if !sk.is_null() {
-            let state = sock_state(sk);
-            if state != BPF_TCP_LISTEN && state != BPF_TCP_CLOSE {
-                cookie = ctx.cookie();
-                if let Some(c) = CONN_V1.get_ptr_mut(cookie) {
-                    conn = c;
-                    if conn_holds(c, cgroup_id, &ep, &cfg) {
-                        count(COUNTER_FAST_PATH);
-                        return Ok(PASS);
-                    }
-                }
-            }
-        }
-    } else {
-        cached = sock_verdict(sk);
-        if !cached.is_null() && sock_verdict_holds(cached, sk, cgroup_id, &ep, &cfg) {
-            count(COUNTER_FAST_PATH);
-            return Ok(PASS);
-        }
+    let cached = sock_verdict(sk);
+    if !cached.is_null() && sock_verdict_holds(cached, sk, cgroup_id, &ep, &cfg) {
+        count(COUNTER_FAST_PATH);
+        return Ok(PASS);
     }
     let pkt = match parse(ctx, dir) {
         Ok(Some(pkt)) => pkt,
@@ -631,12 +605,9 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8, at_connect: bool) -> Result<i3
         Err(_) => return Err(fail_action(ep.mode, Some(&cfg))),
     };
 
-    // At connect, a UDP flow is keyed without the local address: `sendmsg()`
-    // is judged before the route picks the source address.
-    let local_addr = if at_connect && pkt.protocol == IPPROTO_UDP { [0; 16] } else { pkt.local_addr };
     let key = CtKey {
         cgroup_id,
-        local_addr,
+        local_addr: pkt.local_addr,
         remote_addr: pkt.remote_addr,
         local_port: pkt.local_port,
         remote_port: pkt.remote_port,
@@ -666,23 +637,17 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8, at_connect: bool) -> Result<i3
             count(COUNTER_CT_HIT);
             // (The conntrack entry does not keep the peer's identity.)
             // SAFETY: as above.
-            let (http_set, http_state, ct_rule) = unsafe { ((*ct).http_set, (*ct).http_state, (*ct).rule_id) };
+            let http_set = unsafe { (*ct).http_set };
             if http_set == 0 || ct_verdict != VERDICT_ALLOWED {
-                if at_connect {
-                    // A connection that outlived the promotion age passes on its
-                    // socket's cookie from now on (`cookie` is set for every
-                    // established socket above).
-                    if cookie != 0
-                        && pkt.protocol == IPPROTO_TCP
-                        && now.wrapping_sub(ct_created) > CONN_PROMOTE_NS
-                        && sock_state(sk) == BPF_TCP_ESTABLISHED
-                    {
-                        conn_write(cookie, cgroup_id, &ep, &cfg, ct_verdict, ct_rule, ct_origin, ct_created);
-                    }
-                } else {
-                    let known = Decision { verdict: ct_verdict, reason: 0, rule_id: 0, peer_identity: 0, http_set: 0 };
-                    remember(sk, &pkt, cgroup_id, &ep, &cfg, &known, ct_origin);
-                }
+                let known = Decision {
+                    verdict: ct_verdict,
+                    reason: 0,
+                    rule_id: 0,
+                    peer_identity: 0,
+                    http_set: 0,
+                    fresh: false,
+                };
+                remember(sk, &pkt, cgroup_id, &ep, &cfg, &known, ct_origin);
                 return Ok(PASS);
             }
             // An L7 connection: never cached on its socket (every request is
@@ -690,59 +655,12 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8, at_connect: bool) -> Result<i3
             if dir != DIR_INGRESS || ct_origin != DIR_INGRESS || pkt.protocol != IPPROTO_TCP {
                 return Ok(PASS);
             }
-            let seen = http_state & HTTP_STATE_REQUEST_SEEN != 0;
-            return match http_check(ctx, &pkt, generation, http_set, seen) {
-                HttpVerdict::NoRequest => Ok(PASS),
-                HttpVerdict::Allowed => {
-                    // SAFETY: as above.
-                    unsafe { (*ct).http_state = http_state | HTTP_STATE_REQUEST_SEEN };
-                    Ok(PASS)
-                }
-                HttpVerdict::Denied => {
-                    let enforce = ep.mode != MODE_MONITOR;
-                    if enforce && http_state & HTTP_STATE_DENIED_REPORTED != 0 {
-                        // The refused request again (a retransmission): nothing
-                        // past it can arrive on this connection.
-                        count(COUNTER_DENIED);
-                        return Ok(DROP);
-                    }
-                    let d = Decision {
-                        verdict: if enforce { VERDICT_DENIED } else { VERDICT_AUDIT },
-                        reason: REASON_HTTP,
-                        rule_id: ct_rule,
-                        peer_identity: peer_identity_of(&pkt, generation),
-                        http_set,
-                    };
-                    report_http(&cfg, &ep, &pkt, cgroup_id, dir, &d, now);
-                    if enforce {
-                        count(COUNTER_DENIED);
-                        // SAFETY: as above.
-                        unsafe { (*ct).http_state = http_state | HTTP_STATE_DENIED_REPORTED };
-                        Ok(DROP)
-                    } else {
-                        count(COUNTER_AUDIT);
-                        // SAFETY: as above. Judged: later segments are its body.
-                        unsafe { (*ct).http_state = http_state | HTTP_STATE_REQUEST_SEEN };
-                        Ok(PASS)
-                    }
-                }
-            };
+            return l7_request(ctx, &pkt, ct, &cfg, &ep, cgroup_id, now);
         }
         // Made under another generation, or audited and now enforced: judge the
         // connection again, in the direction it was opened.
         origin = ct_origin;
         created_ns = ct_created;
-    } else if at_connect {
-        // SAFETY (both branches): a checked map value, copied at once.
-        if !conn.is_null() && unsafe { (*conn).endpoint_key } == cgroup_id {
-            // Recorded by its socket, under another generation or verdict.
-            unsafe {
-                origin = (*conn).origin;
-                created_ns = (*conn).created_ns;
-            }
-        } else {
-            origin = first_origin(ctx, &pkt, sk);
-        }
     } else if !cached.is_null() && sock_verdict_is_this_connection(cached, sk, cgroup_id) {
         // An established connection whose conntrack entry was evicted while its
         // packets took the fast path: its socket still knows the direction.
@@ -750,21 +668,353 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8, at_connect: bool) -> Result<i3
         origin = unsafe { (*cached).origin };
     }
 
-    // Opened before anything recorded it (DIR_UNKNOWN): whichever direction
-    // allows it (a TCP segment that is not a SYN cannot open a connection, so
-    // this only decides whether an existing one may go on).
-    let unknown = origin == DIR_UNKNOWN;
-    if unknown {
-        origin = DIR_INGRESS;
+    let d = decide(&ep, &pkt, origin, generation);
+    if d.verdict == VERDICT_ALLOWED {
+        count(COUNTER_ALLOWED);
+        if d.rule_id != 0 {
+            rule_hit(d.rule_id, now);
+        }
+        // A connection whose verdict now sits on its own TCP socket needs no
+        // conntrack entry: that socket carries every later packet and reply (an
+        // LRU insert, and later an eviction, saved per connection). Listeners,
+        // request sockets, UDP and tc (no socket) are tracked as before.
+        // An L7 connection stays in conntrack (its requests are judged there).
+        if d.http_set != 0 || !remember(sk, &pkt, cgroup_id, &ep, &cfg, &d, origin) {
+            track(&key, created_ns, now, generation, &d, origin);
+        }
+        return Ok(PASS);
     }
-    let mut d = decide(&ep, &pkt, origin, generation);
-    if unknown && d.verdict != VERDICT_ALLOWED {
-        let outbound = decide(&ep, &pkt, DIR_EGRESS, generation);
-        if outbound.verdict == VERDICT_ALLOWED {
-            d = outbound;
-            origin = DIR_EGRESS;
+    if ep.mode == MODE_MONITOR {
+        count(COUNTER_AUDIT);
+        let audit = Decision { verdict: VERDICT_AUDIT, ..d };
+        report(&cfg, &ep, &pkt, cgroup_id, dir, &audit, now);
+        if !remember(sk, &pkt, cgroup_id, &ep, &cfg, &audit, origin) {
+            track(&key, created_ns, now, generation, &audit, origin);
+        }
+        return Ok(PASS);
+    }
+    // Enforce: forget an entry that no longer holds (audited, or older policy),
+    // and the socket's copy of it.
+    let _ = CONNTRACK_V1.remove(key);
+    if !cached.is_null() {
+        // SAFETY: a checked socket-storage value.
+        unsafe { (*cached).verdict = 0 };
+    }
+    count(COUNTER_DENIED);
+    let denied = Decision { verdict: VERDICT_DENIED, ..d };
+    report(&cfg, &ep, &pkt, cgroup_id, dir, &denied, now);
+    Ok(DROP)
+}
+
+/// One segment arriving at the server of an L7 connection (allowed with an HTTP
+/// rule set, tracked in conntrack as `ct`): its request line, if it starts one,
+/// is judged against the set; a denied request is dropped (enforce) or audited
+/// (monitor), reported once per request.
+#[inline(always)]
+fn l7_request<P: PacketSource>(
+    ctx: &P,
+    pkt: &Packet,
+    ct: *mut CtValue,
+    cfg: &EnforcerConfig,
+    ep: &EndpointSlot,
+    cgroup_id: u64,
+    now: u64,
+) -> Result<i32, i32> {
+    let generation = cfg.active_generation;
+    // SAFETY (every access to `ct`): a conntrack value that lives while the
+    // program runs.
+    let (http_set, http_state, ct_rule) = unsafe { ((*ct).http_set, (*ct).http_state, (*ct).rule_id) };
+    let seen = http_state & HTTP_STATE_REQUEST_SEEN != 0;
+    match http_check(ctx, pkt, generation, http_set, seen) {
+        HttpVerdict::NoRequest => Ok(PASS),
+        HttpVerdict::Allowed => {
+            unsafe { (*ct).http_state = http_state | HTTP_STATE_REQUEST_SEEN };
+            Ok(PASS)
+        }
+        HttpVerdict::Denied => {
+            let enforce = ep.mode != MODE_MONITOR;
+            if enforce && http_state & HTTP_STATE_DENIED_REPORTED != 0 {
+                // The refused request again (a retransmission): nothing
+                // past it can arrive on this connection.
+                count(COUNTER_DENIED);
+                return Ok(DROP);
+            }
+            let d = Decision {
+                verdict: if enforce { VERDICT_DENIED } else { VERDICT_AUDIT },
+                reason: REASON_HTTP,
+                rule_id: ct_rule,
+                peer_identity: peer_identity_of(pkt, generation),
+                http_set,
+                fresh: false,
+            };
+            report_http(cfg, ep, pkt, cgroup_id, DIR_INGRESS, &d, now);
+            if enforce {
+                count(COUNTER_DENIED);
+                unsafe { (*ct).http_state = http_state | HTTP_STATE_DENIED_REPORTED };
+                Ok(DROP)
+            } else {
+                count(COUNTER_AUDIT);
+                // Judged: later segments are its body.
+                unsafe { (*ct).http_state = http_state | HTTP_STATE_REQUEST_SEEN };
+                Ok(PASS)
+            }
         }
     }
+}
+
+/// The ingress of a cgroup workload whose egress is judged at `connect()` and
+/// `sendmsg()`: every arriving packet is judged against the active policy, with
+/// no per-connection record on the TCP path (an LRU insert per connection costs
+/// more than everything else a short connection runs here).
+///
+/// * TCP: a SYN opens an inbound connection and is judged in the ingress
+///   direction; a SYN-ACK answers this socket's `connect()` and is judged in the
+///   egress direction. Any other segment belongs to an established connection,
+///   which passes while the policy allows it in either direction (the likelier
+///   one, the lower port being the server's, first): a segment that is not a
+///   SYN cannot open a connection, so this only decides whether an existing one
+///   may go on, and a flip or a mode switch that revokes it drops its next
+///   arriving segment. Decisions come from [`DECISIONS_V1`], so an established
+///   connection's segment costs one parse and one hash lookup.
+/// * UDP has no handshake to tell a reply from a new flow: conntrack as with
+///   per-packet egress (keyed without the local address, see [`try_sock_addr`]).
+///   A datagram for a connected socket can only come from its peer: a reply,
+///   judged in the egress direction.
+/// * Would-deny connections of monitor-mode workloads enter conntrack as audit
+///   on their first arriving packet (one event per connection; a SYN-ACK's was
+///   reported by the connect program). L7 connections (an allowing entry with an
+///   HTTP rule set) are tracked so their requests are judged ([`l7_request`]).
+#[inline(always)]
+fn try_ingress_at_connect(ctx: &CgroupPacket) -> Result<i32, i32> {
+    let cgroup_id = ctx.endpoint_key();
+    let (cfg, ep) = match managed(cgroup_id) {
+        Managed::No => return Ok(PASS),
+        Managed::Fail(action) => return Err(action),
+        Managed::Yes(cfg, ep) => (cfg, ep),
+    };
+    let pkt = match parse(ctx, DIR_INGRESS) {
+        Ok(Some(pkt)) => pkt,
+        Ok(None) => {
+            count(COUNTER_OTHER_PROTO);
+            return Ok(PASS);
+        }
+        Err(_) => return Err(fail_action(ep.mode, Some(&cfg))),
+    };
+    if pkt.protocol == IPPROTO_UDP {
+        return Err(tail_call(ctx, TAIL_UDP, ep.mode, &cfg));
+    }
+    // Two bytes, not one: see `parse` on one-byte bounds checks.
+    let Ok([_, flags]) = ctx.load::<[u8; 2]>(pkt.l4 + 12) else { return Err(fail_action(ep.mode, Some(&cfg))) };
+    let opening = flags & TCP_SYN != 0 && flags & TCP_ACK == 0;
+    let answering = flags & TCP_SYN != 0 && flags & TCP_ACK != 0;
+    let first = if opening {
+        DIR_INGRESS
+    } else if answering || pkt.local_port > pkt.remote_port {
+        DIR_EGRESS
+    } else {
+        DIR_INGRESS
+    };
+    let (d, origin) = judge_either(&ep, &cfg, &pkt, first, !opening && !answering);
+    let generation = cfg.active_generation;
+    if d.verdict == VERDICT_ALLOWED {
+        if d.http_set != 0 && origin == DIR_INGRESS {
+            // An L7 connection: its requests are judged against the rule set.
+            let now = now_ns();
+            if opening {
+                count(COUNTER_ALLOWED);
+                if d.rule_id != 0 {
+                    rule_hit(d.rule_id, now);
+                }
+                track(&ct_key(cgroup_id, &pkt), now, now, generation, &d, origin);
+                return Ok(PASS);
+            }
+            if let Some(args) = L7_ARGS.get_ptr_mut(0) {
+                // SAFETY: this CPU's value; the tail call below reads it on this CPU.
+                unsafe {
+                    *args = L7Args { rule_id: d.rule_id, peer_identity: d.peer_identity, http_set: d.http_set, _pad: 0 }
+                };
+            }
+            return Err(tail_call(ctx, TAIL_L7, ep.mode, &cfg));
+        }
+        if opening {
+            count(COUNTER_ALLOWED);
+        } else {
+            count(COUNTER_FAST_PATH);
+        }
+        // A new connection, or an established one judged afresh (a flip): the
+        // rule carries it, so it is not "unused".
+        if (opening || d.fresh) && d.rule_id != 0 {
+            rule_hit(d.rule_id, now_ns());
+        }
+        return Ok(PASS);
+    }
+    let now = now_ns();
+    if ep.mode == MODE_MONITOR {
+        // One audit per connection: its first arriving packet records it.
+        let key = ct_key(cgroup_id, &pkt);
+        if let Some(ct) = CONNTRACK_V1.get_ptr(&key) {
+            // SAFETY: a map value, read at once.
+            if unsafe { (*ct).generation == generation && (*ct).verdict == VERDICT_AUDIT } {
+                count(COUNTER_CT_HIT);
+                return Ok(PASS);
+            }
+        }
+        count(COUNTER_AUDIT);
+        let audit = Decision { verdict: VERDICT_AUDIT, ..d };
+        if !answering {
+            report(&cfg, &ep, &pkt, cgroup_id, origin, &audit, now);
+        }
+        track(&key, now, now, generation, &audit, origin);
+        return Ok(PASS);
+    }
+    // An audit recorded in monitor mode no longer holds: a switch back judges
+    // and reports the connection again.
+    let _ = CONNTRACK_V1.remove(&ct_key(cgroup_id, &pkt));
+    count(COUNTER_DENIED);
+    let denied = Decision { verdict: VERDICT_DENIED, ..d };
+    report(&cfg, &ep, &pkt, cgroup_id, origin, &denied, now);
+    Ok(DROP)
+}
+
+/// The conntrack key of `pkt` (local-oriented 5-tuple) for endpoint `cgroup_id`.
+#[inline(always)]
+fn ct_key(cgroup_id: u64, pkt: &Packet) -> CtKey {
+    CtKey {
+        cgroup_id,
+        local_addr: pkt.local_addr,
+        remote_addr: pkt.remote_addr,
+        local_port: pkt.local_port,
+        remote_port: pkt.remote_port,
+        protocol: pkt.protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// A segment of an established L7 connection (allowed by an entry with an HTTP
+/// rule set) arriving at its server, egress judged at connect, tail-called from
+/// [`enforce_in_conn`] (its own stack): its request is judged on the
+/// connection's conntrack entry (tracked afresh when evicted or made under
+/// another generation).
+#[cgroup_skb(ingress)]
+pub fn enforce_in_l7(ctx: SkBuffContext) -> i32 {
+    let ctx = &CgroupPacket(&ctx);
+    let cgroup_id = ctx.endpoint_key();
+    let (cfg, ep) = match managed(cgroup_id) {
+        Managed::No => return PASS,
+        Managed::Fail(action) => return verdict(Err(action)),
+        Managed::Yes(cfg, ep) => (cfg, ep),
+    };
+    let (cfg, ep) = (&cfg, &ep);
+    let pkt = match parse(ctx, DIR_INGRESS) {
+        Ok(Some(pkt)) => pkt,
+        Ok(None) => return PASS,
+        Err(_) => return verdict(Err(fail_action(ep.mode, Some(cfg)))),
+    };
+    let pkt = &pkt;
+    // The caller's decision, handed over on this CPU (a tail call runs on the
+    // caller's CPU, with nothing in between): judging again here would cost the
+    // verifier a second policy walk next to the request matching.
+    let Some(args) = L7_ARGS.get(0) else { return verdict(Err(fail_action(ep.mode, Some(cfg)))) };
+    let d = Decision {
+        verdict: VERDICT_ALLOWED,
+        reason: REASON_RULE,
+        rule_id: args.rule_id,
+        peer_identity: args.peer_identity,
+        http_set: args.http_set,
+        fresh: false,
+    };
+    if d.http_set == 0 {
+        return verdict(Err(fail_action(ep.mode, Some(cfg))));
+    }
+    let d = &d;
+    let key = ct_key(cgroup_id, pkt);
+    let generation = cfg.active_generation;
+    let now = now_ns();
+    let current = match CONNTRACK_V1.get_ptr(&key) {
+        // SAFETY: a map value, read at once.
+        Some(ct) => unsafe { (*ct).generation == generation && (*ct).http_set == d.http_set },
+        None => false,
+    };
+    if !current {
+        // Evicted, or made under another generation: tracked afresh.
+        track(&key, now, now, generation, d, DIR_INGRESS);
+    }
+    // One path into the request matching (two would double what the verifier
+    // walks, close to its limit already).
+    let Some(ct) = CONNTRACK_V1.get_ptr_mut(&key) else { return verdict(Err(fail_action(ep.mode, Some(cfg)))) };
+    count(COUNTER_CT_HIT);
+    verdict(l7_request(ctx, pkt, ct, cfg, ep, cgroup_id, now))
+}
+
+/// [`try_ingress_at_connect`] for UDP, tail-called (its own 512-byte stack:
+/// the TCP path uses most of one): conntrack by flow.
+#[cgroup_skb(ingress)]
+pub fn enforce_in_udp(ctx: SkBuffContext) -> i32 {
+    let ctx = &CgroupPacket(&ctx);
+    let cgroup_id = ctx.endpoint_key();
+    let (cfg, ep) = match managed(cgroup_id) {
+        Managed::No => return PASS,
+        Managed::Fail(action) => return verdict(Err(action)),
+        Managed::Yes(cfg, ep) => (cfg, ep),
+    };
+    let pkt = match parse(ctx, DIR_INGRESS) {
+        Ok(Some(pkt)) => pkt,
+        Ok(None) => return PASS,
+        Err(_) => return verdict(Err(fail_action(ep.mode, Some(&cfg)))),
+    };
+    verdict(udp_flow_at_connect(ctx, &pkt, cgroup_id, &cfg, &ep))
+}
+
+/// Tail-calls program `index` of [`IN_CONN_TAILS`] with the packet; returns
+/// only when that fails (no program there: an enforcer that did not finish
+/// loading), with the fail action of `mode`.
+#[inline(always)]
+fn tail_call(ctx: &CgroupPacket, index: u32, mode: u8, cfg: &EnforcerConfig) -> i32 {
+    // SAFETY: a tail call with the program's own context; on success it does not return.
+    unsafe { IN_CONN_TAILS.tail_call(ctx.0, index) };
+    fail_action(mode, Some(cfg))
+}
+
+#[inline(always)]
+fn udp_flow_at_connect(
+    ctx: &CgroupPacket,
+    pkt: &Packet,
+    cgroup_id: u64,
+    cfg: &EnforcerConfig,
+    ep: &EndpointSlot,
+) -> Result<i32, i32> {
+    let key = CtKey {
+        cgroup_id,
+        local_addr: [0; 16],
+        remote_addr: pkt.remote_addr,
+        local_port: pkt.local_port,
+        remote_port: pkt.remote_port,
+        protocol: pkt.protocol,
+        _pad: [0; 3],
+    };
+    let generation = cfg.active_generation;
+    let now = now_ns();
+    let mut created_ns = now;
+    let sk = ctx.socket();
+    // A connected socket receives from its peer only: replies to what it sends.
+    let mut origin = if !sk.is_null() && sock_state(sk) == BPF_TCP_ESTABLISHED { DIR_EGRESS } else { DIR_INGRESS };
+    if let Some(ct) = CONNTRACK_V1.get_ptr_mut(key) {
+        // SAFETY: a map value that lives while the program runs.
+        let (g, v, o, c) = unsafe { ((*ct).generation, (*ct).verdict, (*ct).origin, (*ct).created_ns) };
+        if g == generation && (v == VERDICT_ALLOWED || (v == VERDICT_AUDIT && ep.mode == MODE_MONITOR)) {
+            // SAFETY: as above; concurrent updates of `last_ns` are benign.
+            unsafe {
+                if now.wrapping_sub((*ct).last_ns) > CT_TOUCH_NS {
+                    (*ct).last_ns = now;
+                }
+            }
+            count(COUNTER_CT_HIT);
+            return Ok(PASS);
+        }
+        origin = o;
+        created_ns = c;
+    }
+    let d = judge(ep, cfg, pkt, origin);
     if d.verdict == VERDICT_ALLOWED || ep.mode == MODE_MONITOR {
         let d = if d.verdict == VERDICT_ALLOWED {
             count(COUNTER_ALLOWED);
@@ -775,122 +1025,103 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8, at_connect: bool) -> Result<i3
         } else {
             count(COUNTER_AUDIT);
             let audit = Decision { verdict: VERDICT_AUDIT, ..d };
-            report(&cfg, &ep, &pkt, cgroup_id, dir, &audit, now);
+            report(cfg, ep, pkt, cgroup_id, origin, &audit, now);
             audit
         };
-        record(at_connect, sk, cookie, &key, &pkt, cgroup_id, &ep, &cfg, &d, origin, created_ns, now);
+        track(&key, created_ns, now, generation, &d, origin);
         return Ok(PASS);
     }
-    // Enforce: forget an entry that no longer holds (audited, or older policy),
-    // and the socket's copy of it.
     let _ = CONNTRACK_V1.remove(key);
-    // SAFETY (both): checked map values of this program's maps.
-    if !cached.is_null() {
-        unsafe { (*cached).verdict = 0 };
-    }
-    if !conn.is_null() {
-        unsafe { (*conn).verdict = 0 };
-    }
     count(COUNTER_DENIED);
     let denied = Decision { verdict: VERDICT_DENIED, ..d };
-    report(&cfg, &ep, &pkt, cgroup_id, dir, &denied, now);
+    report(cfg, ep, pkt, cgroup_id, origin, &denied, now);
     Ok(DROP)
 }
 
-/// Where a connection's just-made verdict (allowed or audit) is kept.
-///
-/// Egress judged at connect: a connection this socket opened (a TCP client, a
-/// connected UDP socket) by the socket's cookie, like the connect program does;
-/// every other one (a server's, an unconnected UDP socket's flows) in conntrack.
-/// Per packet: an established TCP socket's copy of the verdict (the socket
-/// carries every later packet and reply, so no conntrack entry is needed), else
-/// conntrack. An L7 connection stays in conntrack (its requests are judged there).
+/// [`judge`] in direction `first`, and when that denies and `either` is set, in
+/// the other one: the allowing decision and its direction, else `first`'s. A
+/// loop with one call site: two would inline `judge` twice, beyond the stack
+/// (bpf-linker inlines across `#[inline(never)]`).
 #[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "the one call shape of both record kinds; inlined")]
-fn record(
-    at_connect: bool,
-    sk: *mut bpf_sock,
-    cookie: u64,
-    key: &CtKey,
-    pkt: &Packet,
-    cgroup_id: u64,
-    ep: &EndpointSlot,
-    cfg: &EnforcerConfig,
-    d: &Decision,
-    origin: u8,
-    created_ns: u64,
-    now: u64,
-) {
-    if at_connect {
-        if origin == DIR_EGRESS && cookie != 0 && d.http_set == 0 {
-            conn_write(cookie, cgroup_id, ep, cfg, d.verdict, d.rule_id, origin, created_ns);
-        } else {
-            track(key, created_ns, now, cfg.active_generation, d, origin);
+fn judge_either(ep: &EndpointSlot, cfg: &EnforcerConfig, pkt: &Packet, first: u8, either: bool) -> (Decision, u8) {
+    let tries = core::hint::black_box(if either { 2u32 } else { 1 });
+    let mut dir = first;
+    let mut denied: Option<Decision> = None;
+    let mut i = 0u32;
+    while i < tries {
+        let d = judge(ep, cfg, pkt, dir);
+        if d.verdict == VERDICT_ALLOWED {
+            return (d, dir);
         }
-        return;
-    }
-    if d.http_set != 0 || !remember(sk, pkt, cgroup_id, ep, cfg, d, origin) {
-        track(key, created_ns, now, cfg.active_generation, d, origin);
-    }
-}
-
-/// The direction a connection nothing recorded was opened in, egress judged at
-/// connect: a TCP SYN opens one inbound, a SYN-ACK answers this socket's
-/// `connect()`, any other segment is [`DIR_UNKNOWN`]; a UDP datagram to a
-/// connected socket can only come from its peer (a reply), any other opens a flow.
-#[inline(always)]
-fn first_origin<P: PacketSource>(ctx: &P, pkt: &Packet, sk: *mut bpf_sock) -> u8 {
-    if pkt.protocol == IPPROTO_TCP {
-        // Two bytes, not one: see `parse` on one-byte bounds checks.
-        let Ok([_, flags]) = ctx.load::<[u8; 2]>(pkt.l4 + 12) else { return DIR_UNKNOWN };
-        if flags & TCP_SYN == 0 {
-            return DIR_UNKNOWN;
+        if denied.is_none() {
+            denied = Some(d);
         }
-        return if flags & TCP_ACK != 0 { DIR_EGRESS } else { DIR_INGRESS };
+        dir = if dir == DIR_INGRESS { DIR_EGRESS } else { DIR_INGRESS };
+        i += 1;
     }
-    if !sk.is_null() && sock_state(sk) == BPF_TCP_ESTABLISHED { DIR_EGRESS } else { DIR_INGRESS }
+    // `tries` is at least 1, so `denied` is set; the default only satisfies the types.
+    let d = denied.unwrap_or(Decision {
+        verdict: VERDICT_DENIED,
+        reason: REASON_DEFAULT_DENY,
+        rule_id: 0,
+        peer_identity: 0,
+        http_set: 0,
+        fresh: false,
+    });
+    (d, first)
 }
 
-/// Whether the verdict `c` recorded by a socket's cookie passes an arriving
-/// packet of that socket: [`SockConn`]'s contract (the socket's state was
-/// checked before the lookup).
+/// The decision for a connection of `pkt`'s peer opened in direction `dir`, from
+/// [`DECISIONS_V1`] when it was made before under the same generation and epoch,
+/// else made ([`decide`]) and kept there. Keyed by the peer's address, not its
+/// identity: a hit costs no ipcache walk (the ipcache changes with the
+/// generation, like the rules; in-place changes bump the epoch).
 #[inline(always)]
-fn conn_holds(c: *const SockConn, cgroup_id: u64, ep: &EndpointSlot, cfg: &EnforcerConfig) -> bool {
-    // SAFETY: a checked value of `CONN_V1`, alive while the program runs.
-    let c = unsafe { &*c };
-    c.endpoint_key == cgroup_id
-        && c.generation == cfg.active_generation
-        && c.epoch == cfg.sock_epoch
-        && c.local_identity == ep.identity
-        && (c.verdict == VERDICT_ALLOWED || (c.verdict == VERDICT_AUDIT && ep.mode == MODE_MONITOR))
-}
-
-/// Records a verdict by socket cookie ([`SockConn`]).
-#[inline(always)]
-#[expect(clippy::too_many_arguments, reason = "the fields of one record; inlined")]
-fn conn_write(
-    cookie: u64,
-    cgroup_id: u64,
-    ep: &EndpointSlot,
-    cfg: &EnforcerConfig,
-    verdict: u8,
-    rule_id: u32,
-    origin: u8,
-    created_ns: u64,
-) {
-    let value = SockConn {
-        endpoint_key: cgroup_id,
-        created_ns,
+fn judge(ep: &EndpointSlot, cfg: &EnforcerConfig, pkt: &Packet, dir: u8) -> Decision {
+    let covered = if dir == DIR_INGRESS { EP_INGRESS_COVERED } else { EP_EGRESS_COVERED };
+    if ep.flags & covered == 0 {
+        return Decision {
+            verdict: VERDICT_ALLOWED,
+            reason: REASON_NOT_COVERED,
+            rule_id: 0,
+            peer_identity: 0,
+            http_set: 0,
+            fresh: false,
+        };
+    }
+    let key = DecisionKey {
         generation: cfg.active_generation,
         local_identity: ep.identity,
-        rule_id,
+        remote_addr: pkt.remote_addr,
+        port: if dir == DIR_EGRESS { pkt.remote_port } else { pkt.local_port },
         epoch: cfg.sock_epoch,
-        verdict,
-        origin,
+        protocol: pkt.protocol,
+        direction: dir,
+        _pad: [0; 2],
     };
-    if CONN_V1.insert(cookie, value, 0).is_err() {
-        count(COUNTER_CT_INSERT_FAILED);
+    // SAFETY: the value is copied at once.
+    if let Some(v) = unsafe { DECISIONS_V1.get(&key) } {
+        return Decision {
+            verdict: v.verdict,
+            reason: v.reason,
+            rule_id: v.rule_id,
+            peer_identity: v.peer_identity,
+            http_set: v.http_set,
+            fresh: false,
+        };
     }
+    let mut d = decide(ep, pkt, dir, cfg.active_generation);
+    d.fresh = true;
+    let value = DecisionValue {
+        rule_id: d.rule_id,
+        peer_identity: d.peer_identity,
+        http_set: d.http_set,
+        verdict: d.verdict,
+        reason: d.reason,
+        _pad: [0; 4],
+    };
+    let _ = DECISIONS_V1.insert(&key, &value, 0);
+    d
 }
 
 /// Egress judged at `connect()` (`sendmsg = false`) or at an unconnected UDP
@@ -948,28 +1179,22 @@ fn try_sock_addr(ctx: &SockAddrContext, v6: bool, sendmsg: bool) -> Result<i32, 
     let key = CtKey { cgroup_id, local_addr: [0; 16], remote_addr, local_port, remote_port, protocol, _pad: [0; 3] };
     let now = now_ns();
     let generation = cfg.active_generation;
-    // SAFETY: helper taking the program's own context.
-    let cookie = if sendmsg { 0 } else { unsafe { bpf_get_socket_cookie(ctx.as_ptr()) } };
     let mut origin = DIR_EGRESS;
     let mut created_ns = now;
     if protocol == IPPROTO_UDP
         && local_port != 0
-        && let Some(ct) = CONNTRACK_V1.get_ptr_mut(key)
+        && let Some(ct) = CONNTRACK_V1.get_ptr(key)
     {
         // SAFETY: a map value, copied at once.
-        let (g, v, o, c, r) =
-            unsafe { ((*ct).generation, (*ct).verdict, (*ct).origin, (*ct).created_ns, (*ct).rule_id) };
+        let (g, v, o, c) = unsafe { ((*ct).generation, (*ct).verdict, (*ct).origin, (*ct).created_ns) };
         if g == generation && (v == VERDICT_ALLOWED || (v == VERDICT_AUDIT && ep.mode == MODE_MONITOR)) {
             count(COUNTER_CT_HIT);
-            if !sendmsg {
-                conn_write(cookie, cgroup_id, &ep, &cfg, v, r, o, c);
-            }
             return Ok(PASS);
         }
         origin = o;
         created_ns = c;
     }
-    let d = decide(&ep, &pkt, origin, generation);
+    let d = judge(&ep, &cfg, &pkt, origin);
     if d.verdict == VERDICT_ALLOWED || ep.mode == MODE_MONITOR {
         let d = if d.verdict == VERDICT_ALLOWED {
             count(COUNTER_ALLOWED);
@@ -980,24 +1205,23 @@ fn try_sock_addr(ctx: &SockAddrContext, v6: bool, sendmsg: bool) -> Result<i32, 
         } else {
             count(COUNTER_AUDIT);
             let audit = Decision { verdict: VERDICT_AUDIT, ..d };
-            report(&cfg, &ep, &pkt, cgroup_id, DIR_EGRESS, &audit, now);
+            report(&cfg, &ep, &pkt, cgroup_id, origin, &audit, now);
             audit
         };
+        // An unconnected socket's flow, so the datagrams coming back find it; a
+        // connected socket's replies are judged on arrival (see
+        // `udp_ingress_at_connect`), and TCP's by their flags.
         if sendmsg {
             track(&key, created_ns, now, generation, &d, origin);
-        } else {
-            conn_write(cookie, cgroup_id, &ep, &cfg, d.verdict, d.rule_id, origin, created_ns);
         }
         return Ok(PASS);
     }
     if sendmsg {
         let _ = CONNTRACK_V1.remove(key);
-    } else {
-        let _ = CONN_V1.remove(cookie);
     }
     count(COUNTER_DENIED);
     let denied = Decision { verdict: VERDICT_DENIED, ..d };
-    report(&cfg, &ep, &pkt, cgroup_id, DIR_EGRESS, &denied, now);
+    report(&cfg, &ep, &pkt, cgroup_id, origin, &denied, now);
     Ok(DROP)
 }
 
@@ -1190,6 +1414,7 @@ fn decide(ep: &EndpointSlot, pkt: &Packet, origin: u8, generation: u32) -> Decis
             rule_id: 0,
             peer_identity: 0,
             http_set: 0,
+            fresh: false,
         };
     }
     let peer = peer_identity_of(pkt, generation);
@@ -1202,6 +1427,7 @@ fn decide(ep: &EndpointSlot, pkt: &Packet, origin: u8, generation: u32) -> Decis
             rule_id: rule.rule_id,
             peer_identity: peer,
             http_set: rule.http_set,
+            fresh: false,
         },
         Some(rule) => Decision {
             verdict: VERDICT_DENIED,
@@ -1209,6 +1435,7 @@ fn decide(ep: &EndpointSlot, pkt: &Packet, origin: u8, generation: u32) -> Decis
             rule_id: rule.rule_id,
             peer_identity: peer,
             http_set: 0,
+            fresh: false,
         },
         None => Decision {
             verdict: VERDICT_DENIED,
@@ -1216,6 +1443,7 @@ fn decide(ep: &EndpointSlot, pkt: &Packet, origin: u8, generation: u32) -> Decis
             rule_id: 0,
             peer_identity: peer,
             http_set: 0,
+            fresh: false,
         },
     }
 }
@@ -1483,13 +1711,21 @@ fn report(cfg: &EnforcerConfig, ep: &EndpointSlot, pkt: &Packet, cgroup_id: u64,
         count(COUNTER_EVENTS_LOST);
         return;
     };
-    entry.write(event(cfg, ep, pkt, cgroup_id, dir, d, now));
+    // SAFETY: the reserved record, written in full before it is submitted.
+    unsafe { write_event(entry.as_mut_ptr(), cfg, ep, pkt, cgroup_id, dir, d, now) };
     entry.submit(BPF_RB_NO_WAKEUP.into());
 }
 
-/// The fields of a verdict event.
+/// Writes the fields of a verdict event into `out` (reserved ring-buffer
+/// memory) one by one: a `VerdictEvent` built on the stack first would cost its
+/// 96 bytes of the 512 in every program that reports.
+///
+/// # Safety
+/// `out` must point at writable memory for one `VerdictEvent`.
 #[inline(always)]
-fn event(
+#[expect(clippy::too_many_arguments, reason = "the fields of one event; inlined")]
+unsafe fn write_event(
+    out: *mut VerdictEvent,
     cfg: &EnforcerConfig,
     ep: &EndpointSlot,
     pkt: &Packet,
@@ -1497,25 +1733,26 @@ fn event(
     dir: u8,
     d: &Decision,
     now: u64,
-) -> VerdictEvent {
-    VerdictEvent {
-        ts_ns: now,
-        cgroup_id,
-        local_addr: pkt.local_addr,
-        remote_addr: pkt.remote_addr,
-        local_identity: ep.identity,
-        peer_identity: d.peer_identity,
-        rule_id: d.rule_id,
-        generation: cfg.active_generation,
-        local_port: pkt.local_port,
-        remote_port: pkt.remote_port,
-        family: pkt.family,
-        protocol: pkt.protocol,
-        direction: dir,
-        verdict: d.verdict,
-        reason: d.reason,
-        mode: ep.mode,
-        _pad: [0; 5],
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        (*out).ts_ns = now;
+        (*out).cgroup_id = cgroup_id;
+        (*out).local_addr = pkt.local_addr;
+        (*out).remote_addr = pkt.remote_addr;
+        (*out).local_identity = ep.identity;
+        (*out).peer_identity = d.peer_identity;
+        (*out).rule_id = d.rule_id;
+        (*out).generation = cfg.active_generation;
+        (*out).local_port = pkt.local_port;
+        (*out).remote_port = pkt.remote_port;
+        (*out).family = pkt.family;
+        (*out).protocol = pkt.protocol;
+        (*out).direction = dir;
+        (*out).verdict = d.verdict;
+        (*out).reason = d.reason;
+        (*out).mode = ep.mode;
+        (*out)._pad = [0; 5];
     }
 }
 
@@ -1536,7 +1773,7 @@ fn report_http(cfg: &EnforcerConfig, ep: &EndpointSlot, pkt: &Packet, cgroup_id:
     // SAFETY: `out` is the reserved record (written in full below before submit);
     // `sc` is this CPU's scratch value, alive while the program runs.
     unsafe {
-        (*out).event = event(cfg, ep, pkt, cgroup_id, dir, d, now);
+        write_event(&raw mut (*out).event, cfg, ep, pkt, cgroup_id, dir, d, now);
         (*out).method = (*sc).method;
         let read = (*sc).path_read != 0;
         for j in 0..HTTP_PATH_BYTES {

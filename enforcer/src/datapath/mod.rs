@@ -33,13 +33,15 @@
 //!   The direct setters ([`Datapath::set_endpoint`], [`Datapath::set_ipcache`], …)
 //!   write both slots: an immediate change. Conntrack entries remember their
 //!   generation, so a flip re-judges established connections too.
-//! * **Egress at connect**: a connection's egress verdict is made once, before the
-//!   socket sends anything, and kept by the socket's cookie (`CONN_V1`, see
-//!   `bulkhead_abi::enforcer::SockConn`); the ingress program passes the replies
-//!   on one lookup while it holds, and judges the connection again (dropping what
-//!   arrives) when a flip or a mode switch revoked it. Server-side connections are
-//!   tracked in conntrack from their SYN and promoted to `CONN_V1` once they are
-//!   older than `CONN_PROMOTE_NS`, so short ones never pay for a second entry.
+//! * **Egress at connect**: a connection's egress is judged once, before the
+//!   socket sends anything; nothing is recorded per TCP connection. The ingress
+//!   program judges every arriving segment against the active policy (a SYN as
+//!   inbound, a SYN-ACK as the answer to a `connect()`, any other segment in
+//!   either direction) through `DECISIONS_V1`, policy decisions by peer address
+//!   and server port: an LRU insert per connection would cost more than the rest
+//!   of a short connection's program time together (measured ~1.2 µs with the
+//!   LRU full), a decision is inserted once per class of connection. A flip or
+//!   a mode switch that revokes a connection drops its next arriving segment.
 //! * **Fast path** (per-packet egress): the cgroup_skb programs copy an established TCP connection's
 //!   verdict onto its socket (`SOCK_VERDICT_V1`, socket storage, not pinned);
 //!   its further packets pass on one `bpf_sk_storage_get` while the copy holds
@@ -71,7 +73,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, ProgramError};
 use aya::{Ebpf, EbpfError, EbpfLoader};
@@ -458,7 +460,8 @@ fn expected_sizes(name: &str) -> (u32, u32) {
         abi::EVENT_RATE => (4, sz::<RateState>()),
         abi::RULE_STATS => (4, sz::<RuleStats>()),
         abi::HTTP_RULES => (4 + sz::<abi::HttpKeyData>(), 4),
-        abi::CONN => (8, sz::<abi::SockConn>()),
+        abi::DECISIONS => (sz::<abi::DecisionKey>(), sz::<abi::DecisionValue>()),
+        abi::IN_CONN_TAILS => (4, 4),
         // Ring buffers have neither.
         _ => (0, 0),
     }
@@ -542,6 +545,8 @@ impl Datapath {
                 links.push((abi::PROG_EGRESS, ProgKind::SkbEgress, LINK_EGRESS));
             }
             EgressCheck::Connect => {
+                // Its tail calls first: it must find them from its first packet.
+                load_tail_calls(&mut ebpf)?;
                 links.push((abi::PROG_INGRESS_AT_CONNECT, ProgKind::SkbIngress, LINK_INGRESS));
                 links.extend(CONNECT_LINKS);
             }
@@ -844,7 +849,10 @@ impl Datapath {
 
     /// Forgets every tracked connection: each is judged again on its next packet.
     /// The verdicts cached on sockets (`SOCK_VERDICT_V1`, out of user space's
-    /// reach) are invalidated first by bumping [`EnforcerConfig::sock_epoch`].
+    /// reach) and the decisions of `DECISIONS_V1` are invalidated first by
+    /// bumping [`EnforcerConfig::sock_epoch`]. Needed after changing rules or
+    /// prefixes in place (the direct setters, or a diff under one generation);
+    /// a generation flip re-judges everything by itself.
     pub fn flush_conntrack(&mut self) -> Result<(), DatapathError> {
         let mut cfg = self.config()?;
         cfg.sock_epoch = cfg.sock_epoch.wrapping_add(1);
@@ -1011,6 +1019,35 @@ fn migrate_legacy_ipcache(
         copied += 1;
     }
     tracing::info!(from = LEGACY_IPCACHE, to = abi::IPCACHE, entries = copied, "Migrated a pinned map.");
+    Ok(())
+}
+
+/// Loads the programs the connect-time ingress program tail-calls and puts them
+/// in its program array (pinned, so they stay when this process goes; an
+/// adopted array gets this build's programs).
+fn load_tail_calls(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let mut fds = Vec::new();
+    for (index, name) in [(abi::TAIL_UDP, abi::PROG_INGRESS_UDP), (abi::TAIL_L7, abi::PROG_INGRESS_L7)] {
+        let prog: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(DatapathError::program(name))?;
+        prog.load().map_err(DatapathError::program(name))?;
+        let fd = prog
+            .fd()
+            .map_err(DatapathError::program(name))?
+            .try_clone()
+            .map_err(|e| DatapathError::program(name)(ProgramError::IOError(e)))?;
+        fds.push((index, fd));
+    }
+    let mut tails: ProgramArray<&mut MapData> = ProgramArray::try_from(
+        ebpf.map_mut(abi::IN_CONN_TAILS).ok_or(DatapathError::MissingMap { name: abi::IN_CONN_TAILS })?,
+    )
+    .map_err(DatapathError::map(abi::IN_CONN_TAILS))?;
+    for (index, fd) in &fds {
+        tails.set(*index, fd, 0).map_err(DatapathError::map(abi::IN_CONN_TAILS))?;
+    }
     Ok(())
 }
 

@@ -17,9 +17,10 @@
 //!    at once while it holds (see [`SockVerdict`]: it never passes a packet
 //!    step 2 would not). Counted as [`COUNTER_FAST_PATH`].
 //!    When egress is judged at `connect()` ([`PROG_INGRESS_AT_CONNECT`]), the
-//!    ingress program looks at [`CONN`] by the socket's cookie instead: the
-//!    verdict the connect program (or an earlier packet) recorded there
-//!    ([`SockConn`]).
+//!    ingress program keeps no per-connection record for TCP: it judges every
+//!    arriving segment (a SYN as inbound, a SYN-ACK as the answer to a
+//!    `connect()`, any other segment in either direction) through [`DECISIONS`],
+//!    whose hit replaces steps 3 and 4.
 //! 2. [`CONNTRACK`] by the local-oriented 5-tuple: a packet of a known connection
 //!    (either direction) passes without a policy lookup, as long as the entry was
 //!    made under the active policy generation (a flip re-evaluates the connection
@@ -85,15 +86,38 @@ pub const HTTP_RULES: &str = "HTTP_RULES_V1";
 /// costs one slow-path packet per connection), and not in [`MAP_NAMES`].
 pub const SOCK_VERDICT: &str = "SOCK_VERDICT_V1";
 
-/// LRU hash: socket cookie (u64) → [`SockConn`]. The verdict of a connection
-/// judged at `connect()` (egress checked at connect, see [`PROG_INGRESS_AT_CONNECT`]),
-/// or of a long-lived one promoted out of [`CONNTRACK`]; the cgroup_skb ingress
-/// program passes the connection's packets on one lookup while it holds.
-pub const CONN: &str = "CONN_V1";
+/// LRU hash [`DecisionKey`] → [`DecisionValue`]: policy decisions of the
+/// ingress program of workloads whose egress is judged at `connect()`
+/// ([`PROG_INGRESS_AT_CONNECT`]) and of the connect/sendmsg programs, by
+/// generation, local identity, peer address, server port, protocol and
+/// direction. Inserted once per such class of connection, never per connection.
+pub const DECISIONS: &str = "DECISIONS_V1";
+
+/// Program array of the programs the ingress program of workloads whose egress
+/// is judged at `connect()` tail-calls ([`PROG_INGRESS_UDP`] at [`TAIL_UDP`],
+/// [`PROG_INGRESS_L7`] at [`TAIL_L7`]): each gets a stack of its own, which the
+/// three paths together would not fit in. Pinned like every map: the kernel
+/// empties a program array when the last user-space reference goes.
+pub const IN_CONN_TAILS: &str = "IN_CONN_TAILS";
+pub const IN_CONN_TAIL_SLOTS: u32 = 2;
+pub const TAIL_UDP: u32 = 0;
+pub const TAIL_L7: u32 = 1;
 
 /// Every map name, for pinning and cleanup code that must know them all.
-pub const MAP_NAMES: [&str; 11] =
-    [IPCACHE, POLICY, ENDPOINTS, CONNTRACK, VERDICT_EVENTS, COUNTERS, CONFIG, EVENT_RATE, RULE_STATS, HTTP_RULES, CONN];
+pub const MAP_NAMES: [&str; 12] = [
+    IPCACHE,
+    POLICY,
+    ENDPOINTS,
+    CONNTRACK,
+    VERDICT_EVENTS,
+    COUNTERS,
+    CONFIG,
+    EVENT_RATE,
+    RULE_STATS,
+    HTTP_RULES,
+    DECISIONS,
+    IN_CONN_TAILS,
+];
 const _: () = {
     let mut i = 0;
     while i < MAP_NAMES.len() {
@@ -111,8 +135,12 @@ pub const PROG_EGRESS: &str = "enforce_egress";
 /// cgroup_skb ingress of workloads whose egress is judged at `connect()` and
 /// `sendmsg()` (the `PROG_CONNECT*`/`PROG_SENDMSG*` programs, with
 /// [`PROG_SOCK_CREATE`]); attached instead of [`PROG_INGRESS`] + [`PROG_EGRESS`].
-/// It finds the verdicts of connections its workload opened in [`CONN`].
+/// It judges TCP per segment through [`DECISIONS`] rather than recording connections.
 pub const PROG_INGRESS_AT_CONNECT: &str = "enforce_in_conn";
+/// Tail-called by [`PROG_INGRESS_AT_CONNECT`] for UDP datagrams.
+pub const PROG_INGRESS_UDP: &str = "enforce_in_udp";
+/// Tail-called by [`PROG_INGRESS_AT_CONNECT`] for segments of L7 connections.
+pub const PROG_INGRESS_L7: &str = "enforce_in_l7";
 /// sched_cls on the ingress of a workload's interface, inside its network
 /// namespace (what arrives there is the workload's ingress).
 pub const PROG_TC_INGRESS: &str = "enforce_tc_in";
@@ -166,9 +194,9 @@ pub const TC_ENDPOINT_KEY_GLOBAL: &str = "TC_ENDPOINT_KEY";
 // === Default capacities (user space may override with `map_max_entries`) ===
 
 pub const DEFAULT_IPCACHE_ENTRIES: u32 = 1 << 20;
-/// Socket verdicts by cookie: one per client connection judged at connect (and
-/// per promoted long-lived connection); an evicted one is judged again.
-pub const DEFAULT_CONN_ENTRIES: u32 = 1 << 18;
+/// Decisions by peer address and server port: one per class of connection, so a
+/// node's working set fits many times over; an evicted one is made again.
+pub const DEFAULT_DECISIONS: u32 = 1 << 16;
 /// Two generations of up to 512k rules each.
 pub const DEFAULT_POLICY_ENTRIES: u32 = 1 << 20;
 pub const DEFAULT_ENDPOINTS: u32 = 4096;
@@ -482,51 +510,45 @@ pub const HTTP_STATE_REQUEST_SEEN: u8 = 1;
 pub const HTTP_STATE_DENIED_REPORTED: u8 = 2;
 const _: () = assert!(size_of::<CtValue>() == 32);
 
-/// [`CONN`] value: a connection's verdict keyed by its socket's cookie.
-///
-/// Written by the `connect4`/`connect6` programs for the socket being connected
-/// (egress judged at connect; the socket is not bound yet, so the 5-tuple is
-/// unknown, but its cookie is final), and by the ingress program for a
-/// connection [`CONNTRACK`] has known for [`CONN_PROMOTE_NS`] (so long-lived
-/// connections pass on one lookup). It passes an arriving packet of that socket
-/// only while:
-///
-/// * `endpoint_key` is the packet's and that endpoint's active slot still has
-///   `local_identity`;
-/// * `generation` is the active one and `epoch` is [`EnforcerConfig::sock_epoch`];
-/// * the verdict is [`VERDICT_ALLOWED`], or [`VERDICT_AUDIT`] in monitor mode;
-/// * the socket still has one peer: a TCP socket is not listening (a socket
-///   disconnected with `AF_UNSPEC` and turned into a listener would otherwise
-///   pass every peer's SYN), a UDP socket is connected (a disconnected one
-///   receives from anyone). A socket connected again runs the connect program
-///   again, which rewrites the entry.
+/// [`DECISIONS`] key. The peer's address, not its identity: a hit skips the
+/// ipcache walk. Valid for its generation and [`EnforcerConfig::sock_epoch`]
+/// only (the ipcache and the rules change with the generation; user space bumps
+/// the epoch after changing them in place), so a flip or a flush makes every
+/// decision again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct SockConn {
-    /// The [`EndpointKey`] the verdict was made for.
-    pub endpoint_key: u64,
-    /// `CLOCK_BOOTTIME` ns when the connection was first judged.
-    pub created_ns: u64,
-    /// The generation the verdict was made under.
+pub struct DecisionKey {
     pub generation: u32,
-    /// The endpoint's identity in that generation.
     pub local_identity: u32,
+    /// v4-mapped for IPv4, like the ipcache.
+    pub remote_addr: [u8; 16],
+    /// The server's port, host order: the local one for [`DIR_INGRESS`], the
+    /// remote one for [`DIR_EGRESS`].
+    pub port: u16,
+    pub epoch: u16,
+    pub protocol: u8,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`]: the direction the connection was opened in.
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<DecisionKey>() == 32);
+
+/// [`DECISIONS`] value: what [`POLICY`] decided for a [`DecisionKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DecisionValue {
     /// The deciding rule (0 when none).
     pub rule_id: u32,
-    /// [`EnforcerConfig::sock_epoch`] when written.
-    pub epoch: u16,
-    /// [`VERDICT_ALLOWED`] or [`VERDICT_AUDIT`]; 0 = none (dropped in enforce mode).
+    pub peer_identity: u32,
+    /// [`PolicyValue::http_set`] of the allowing entry (0: L4).
+    pub http_set: u16,
+    /// [`VERDICT_ALLOWED`] or [`VERDICT_DENIED`].
     pub verdict: u8,
-    /// [`DIR_EGRESS`] for a connection this socket opened, [`DIR_INGRESS`] for one
-    /// it accepted (or a UDP flow it answers): the direction it is judged in again.
-    pub origin: u8,
+    /// `REASON_*`.
+    pub reason: u8,
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(size_of::<SockConn>() == 32);
-
-/// How long [`CONNTRACK`] must have known a connection before its verdict is
-/// promoted to [`CONN`]: short connections (most of a busy server's) never pay
-/// for the second entry, long-lived ones pass on one lookup thereafter.
-pub const CONN_PROMOTE_NS: u64 = 20_000_000;
+const _: () = assert!(size_of::<DecisionValue>() == 16);
 
 /// The verdict of an established TCP connection, cached on its socket
 /// ([`SOCK_VERDICT`]) so the connection's further packets skip parsing and

@@ -52,5 +52,6 @@ impl_pod!(
     enforcer::EnforcerConfig,
     enforcer::RateState,
     enforcer::RuleStats,
-    enforcer::SockConn,
+    enforcer::DecisionKey,
+    enforcer::DecisionValue,
 );
