@@ -80,8 +80,10 @@ fn main() {
     let load_at_start = load_average();
     let quick = std::env::var_os(QUICK_ENV).is_some();
     let profile_only = std::env::var_os(PROFILE_ONLY_ENV).is_some();
-    let (cycles, round) = if quick || profile_only {
-        (if profile_only { 0 } else { 1 }, Duration::from_millis(300))
+    let (cycles, round) = if profile_only {
+        (0, ROUND)
+    } else if quick {
+        (1, Duration::from_millis(300))
     } else {
         (CYCLES, ROUND)
     };
@@ -809,8 +811,11 @@ fn analysis(results: &BTreeMap<Filter, Samples>, profiles: &[Profile], base_rr: 
          pinned to one core), so 0.95× allows {budget:.1} µs more per connection. Egress judged at connect, a \
          connection costs {:.1} µs more in this run, {connect_us:.1} µs of it the programs' own run time \
          ({:.0}% of the budget); per packet, {:.1} µs more, {packet_us:.1} µs of it program time ({:.1}× the \
-         budget). Between rounds the rates of this shared 2-core VM move by several percent, more than the \
-         difference between the rows near 1.00×; the program times are the steady measure. This VM runs the AMD \
+         budget). What the programs' run time does not cover is the kernel's cost of entering them (11 hook \
+         runs per connection at connect; the unmanaged row, {:.2}× with {idle_us:.1} µs of program time, shows \
+         how much merely attaching costs) and this VM's noise: between rounds the rates of this shared 2-core VM \
+         move by several percent, more than the difference between the rows near 1.00×; the program times are \
+         the steady measure. This VM runs the AMD \
          SRSO \"Safe RET\" mitigation (/sys/devices/system/cpu/vulnerabilities/spec_rstack_overflow), which makes \
          every call and return dearer, helpers and the hook's own included.\n",
         runs_per(Filter::Bulkhead(100_000), "crr"),
@@ -821,5 +826,6 @@ fn analysis(results: &BTreeMap<Filter, Samples>, profiles: &[Profile], base_rr: 
         100.0 * connect_us / budget,
         added(Filter::BulkheadPacket(100_000)),
         packet_us / budget,
+        idle_crr,
     )
 }
