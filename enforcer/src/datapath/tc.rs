@@ -393,7 +393,7 @@ impl Datapath {
                     .ok_or(TcError::MissingProgram { name })?
                     .try_into()
                     .map_err(|e| TcError::Program { name, source: Box::new(e) })?;
-                prog.load().map_err(|e| TcError::Program { name, source: Box::new(e) })?;
+                super::load_retrying(|| prog.load()).map_err(|e| TcError::Program { name, source: Box::new(e) })?;
                 for iface in &ifaces {
                     let kind = attach_one(prog, name, &pin_dir, netns, iface, (direction, attach_type), prefer)?;
                     if kind == TcAttachKind::Tcx && netlink_before.contains(&(iface.ifindex, direction)) {

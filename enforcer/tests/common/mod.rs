@@ -76,8 +76,8 @@ pub fn workload_main() {
             ["listen", "tcp", addr] => agent_listen_tcp(addr),
             ["listen", "udp", addr] => agent_listen_udp(addr),
             ["connect", "tcp", addr, ms] => agent_connect_tcp(addr, ms),
-            ["connect", "udp", addr, ms] => agent_connect_udp(addr, ms),
-            ["connected", "udp", addr, ms] => agent_connected_udp(addr, ms),
+            ["connect", "udp", addr, ms] => agent_udp(addr, ms, false),
+            ["connected", "udp", addr, ms] => agent_udp(addr, ms, true),
             ["raw"] => agent_raw(),
             _ => format!("err unknown command {line:?}"),
         };
@@ -206,7 +206,9 @@ fn agent_loop_tcp(addr: &str, ms: &str) -> String {
     }
 }
 
-fn agent_connect_udp(addr: &str, ms: &str) -> String {
+/// A UDP socket that sends to `addr` and waits for the echo: with `sendto()`, or
+/// (`connected`) after `connect()`, with `send()`.
+fn agent_udp(addr: &str, ms: &str, connected: bool) -> String {
     let (Ok(addr), Ok(ms)) = (addr.parse::<SocketAddr>(), ms.parse::<u64>()) else {
         return "err bad arguments".to_owned();
     };
@@ -214,34 +216,14 @@ fn agent_connect_udp(addr: &str, ms: &str) -> String {
         let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
         let s = UdpSocket::bind(bind)?;
         s.set_read_timeout(Some(Duration::from_millis(ms)))?;
-        s.send_to(b"ping", addr)?;
+        if connected {
+            s.connect(addr)?;
+            s.send(b"ping")?;
+        } else {
+            s.send_to(b"ping", addr)?;
+        }
         let mut buf = [0u8; 16];
         let (n, _) = s.recv_from(&mut buf)?;
-        if &buf[..n] != b"ping" {
-            return Err(std::io::Error::other("wrong echo"));
-        }
-        Ok(())
-    })();
-    match result {
-        Ok(()) => "ok".to_owned(),
-        Err(e) => format!("err {e}"),
-    }
-}
-
-/// The test's handle on one agent process.
-/// A UDP socket that connects to `addr`, then sends and waits for the echo.
-fn agent_connected_udp(addr: &str, ms: &str) -> String {
-    let (Ok(addr), Ok(ms)) = (addr.parse::<SocketAddr>(), ms.parse::<u64>()) else {
-        return "err bad arguments".to_owned();
-    };
-    let result = (|| -> std::io::Result<()> {
-        let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
-        let s = UdpSocket::bind(bind)?;
-        s.set_read_timeout(Some(Duration::from_millis(ms)))?;
-        s.connect(addr)?;
-        s.send(b"ping")?;
-        let mut buf = [0u8; 16];
-        let n = s.recv(&mut buf)?;
         if &buf[..n] != b"ping" {
             return Err(std::io::Error::other("wrong echo"));
         }
@@ -265,6 +247,7 @@ fn agent_raw() -> String {
     "ok".to_owned()
 }
 
+/// The test's handle on one agent process.
 pub struct Agent {
     pub name: &'static str,
     stdin: ChildStdin,
