@@ -2,6 +2,8 @@
 //! once, and every kind of bad input gets a clear answer without losing what was
 //! already stored.
 
+mod common;
+
 use std::time::Duration;
 
 use bulkhead_learner::grpc::ingest::Enrollment;
@@ -9,6 +11,7 @@ use bulkhead_learner::server::{self, Running, ServerConfig};
 use bulkhead_learner::store::{EdgeQuery, FlowQuery};
 use bulkhead_proto::v1::{self, flow_ingest_client::FlowIngestClient, ingest_request, ingest_response};
 use bytes::{Buf, BufMut};
+use common::curl_flow;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -62,24 +65,6 @@ fn endpoints() -> Vec<v1::EndpointFact> {
         host: false,
     };
     vec![ep(100, "ns-client", [10, 9, 0, 1]), ep(200, "ns-server", [10, 9, 0, 2])]
-}
-
-fn flow(connections: u64) -> v1::Flow {
-    v1::Flow {
-        src_addr: vec![10, 9, 0, 1],
-        dst_addr: vec![10, 9, 0, 2],
-        dst_port: 443,
-        protocol: v1::Protocol::Tcp as i32,
-        direction: v1::Direction::Egress as i32,
-        netns_ino: 100,
-        comm: "curl".into(),
-        connections,
-        bytes_sent: 10,
-        verdict: v1::Verdict::Forwarded as i32,
-        first_seen_unix_ms: 1_000,
-        last_seen_unix_ms: 2_000,
-        ..Default::default()
-    }
 }
 
 fn batch(seq: u64, flows: Vec<v1::Flow>) -> v1::FlowBatch {
@@ -140,9 +125,9 @@ async fn stores_once_and_dedupes(db_url: String) {
     let (r, _dir) = learner(db_url, Enrollment::Open, 4 << 20).await;
     let mut agent = Agent::connect(&r, NODE).await.expect("stream");
     assert_eq!(agent.welcome.stored_through_seq, 0);
-    let ack = agent.send(batch(1, vec![flow(3)])).await.expect("ack");
+    let ack = agent.send(batch(1, vec![curl_flow(3)])).await.expect("ack");
     assert_eq!((status(&ack), ack.flows_stored), (v1::AckStatus::Stored, 1));
-    let ack = agent.send(batch(1, vec![flow(3)])).await.expect("ack");
+    let ack = agent.send(batch(1, vec![curl_flow(3)])).await.expect("ack");
     assert_eq!(status(&ack), v1::AckStatus::Duplicate);
     assert_eq!(edge_connections(&r).await, vec![3]);
 
@@ -150,7 +135,7 @@ async fn stores_once_and_dedupes(db_url: String) {
     drop(agent);
     let mut agent = Agent::connect(&r, NODE).await.expect("stream");
     assert_eq!(agent.welcome.stored_through_seq, 1);
-    let ack = agent.send(batch(2, vec![flow(2)])).await.expect("ack");
+    let ack = agent.send(batch(2, vec![curl_flow(2)])).await.expect("ack");
     assert_eq!(status(&ack), v1::AckStatus::Stored);
     assert_eq!(edge_connections(&r).await, vec![5]);
 
@@ -184,7 +169,7 @@ async fn skewed_clocks_are_measured_and_corrected(db_url: String) {
     let (r, _dir) = learner(db_url, Enrollment::Open, 4 << 20).await;
     let mut agent = Agent::connect(&r, NODE).await.expect("stream");
     let node_now = now_ms() - HOUR;
-    let skewed = v1::Flow { first_seen_unix_ms: node_now - 500, last_seen_unix_ms: node_now, ..flow(1) };
+    let skewed = v1::Flow { first_seen_unix_ms: node_now - 500, last_seen_unix_ms: node_now, ..curl_flow(1) };
     let b = v1::FlowBatch { sent_unix_ms: node_now, ..batch(1, vec![skewed]) };
     assert_eq!(status(&agent.send(b).await.expect("ack")), v1::AckStatus::Stored);
 
@@ -204,7 +189,7 @@ async fn skewed_clocks_are_measured_and_corrected(db_url: String) {
     // A clock within the tolerance is taken as it is (a new stream measures anew).
     drop(agent);
     let mut agent = Agent::connect(&r, NODE).await.expect("stream");
-    let exact = v1::Flow { first_seen_unix_ms: 1_000, last_seen_unix_ms: 2_000, ..flow(1) };
+    let exact = v1::Flow { first_seen_unix_ms: 1_000, last_seen_unix_ms: 2_000, ..curl_flow(1) };
     let b = v1::FlowBatch { sent_unix_ms: now_ms(), ..batch(2, vec![exact]) };
     assert_eq!(status(&agent.send(b).await.expect("ack")), v1::AckStatus::Stored);
     let flows = r.store.flows(&FlowQuery { limit: 100, ..Default::default() }).await.expect("flows");
@@ -217,7 +202,7 @@ async fn skewed_clocks_are_measured_and_corrected(db_url: String) {
     drop(agent);
     let mut agent = Agent::connect(&r, NODE).await.expect("stream");
     let node_now = now_ms() + 120_000;
-    let ahead = v1::Flow { first_seen_unix_ms: node_now, last_seen_unix_ms: node_now, dst_port: 8443, ..flow(1) };
+    let ahead = v1::Flow { first_seen_unix_ms: node_now, last_seen_unix_ms: node_now, dst_port: 8443, ..curl_flow(1) };
     let b = v1::FlowBatch { sent_unix_ms: node_now, ..batch(3, vec![ahead]) };
     assert_eq!(status(&agent.send(b).await.expect("ack")), v1::AckStatus::Stored);
     let flows = r.store.flows(&FlowQuery { limit: 100, ..Default::default() }).await.expect("flows");
@@ -242,24 +227,24 @@ async fn invalid_batches_are_rejected_by_name_and_the_stream_goes_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (r, _d) = learner(sqlite_url(&dir), Enrollment::Open, 4 << 20).await;
     let mut agent = Agent::connect(&r, NODE).await.expect("stream");
-    assert_eq!(status(&agent.send(batch(1, vec![flow(1)])).await.expect("ack")), v1::AckStatus::Stored);
+    assert_eq!(status(&agent.send(batch(1, vec![curl_flow(1)])).await.expect("ack")), v1::AckStatus::Stored);
 
-    let bad_addr = v1::Flow { dst_addr: vec![1, 2, 3], ..flow(1) };
-    let ack = agent.send(batch(2, vec![flow(1), bad_addr])).await.expect("ack");
+    let bad_addr = v1::Flow { dst_addr: vec![1, 2, 3], ..curl_flow(1) };
+    let ack = agent.send(batch(2, vec![curl_flow(1), bad_addr])).await.expect("ack");
     assert_eq!(status(&ack), v1::AckStatus::Rejected);
     assert!(ack.error.contains("flows[1]: dst_addr has 3 bytes"), "{}", ack.error);
 
-    let other_node = v1::FlowBatch { node_id: "someone-else".into(), ..batch(3, vec![flow(1)]) };
+    let other_node = v1::FlowBatch { node_id: "someone-else".into(), ..batch(3, vec![curl_flow(1)]) };
     let ack = agent.send(other_node).await.expect("ack");
     assert_eq!(status(&ack), v1::AckStatus::Rejected);
     assert!(ack.error.contains("belongs to \"node-1\""), "{}", ack.error);
 
-    let zero_seq = batch(0, vec![flow(1)]);
+    let zero_seq = batch(0, vec![curl_flow(1)]);
     assert!(agent.send(zero_seq).await.expect("ack").error.contains("seq must be at least 1"));
 
     // Nothing of the rejected batches was stored; the stream still works.
     assert_eq!(edge_connections(&r).await, vec![1]);
-    assert_eq!(status(&agent.send(batch(4, vec![flow(1)])).await.expect("ack")), v1::AckStatus::Stored);
+    assert_eq!(status(&agent.send(batch(4, vec![curl_flow(1)])).await.expect("ack")), v1::AckStatus::Stored);
     assert_eq!(edge_connections(&r).await, vec![2]);
 }
 
@@ -274,7 +259,7 @@ async fn unknown_nodes_are_refused_when_enrollment_is_closed() {
 
     r.store.register_agent(NODE, 1).await.expect("register");
     let mut agent = Agent::connect(&r, NODE).await.expect("registered node streams");
-    assert_eq!(status(&agent.send(batch(1, vec![flow(1)])).await.expect("ack")), v1::AckStatus::Stored);
+    assert_eq!(status(&agent.send(batch(1, vec![curl_flow(1)])).await.expect("ack")), v1::AckStatus::Stored);
 }
 
 #[tokio::test]
@@ -283,9 +268,9 @@ async fn oversized_batch_is_refused_and_nothing_is_lost() {
     let (r, _d) = learner(sqlite_url(&dir), Enrollment::Open, 64 << 10).await;
     let mut agent = Agent::connect(&r, NODE).await.expect("stream");
     assert_eq!(agent.welcome.max_batch_bytes, 64 << 10);
-    assert_eq!(status(&agent.send(batch(1, vec![flow(1)])).await.expect("ack")), v1::AckStatus::Stored);
+    assert_eq!(status(&agent.send(batch(1, vec![curl_flow(1)])).await.expect("ack")), v1::AckStatus::Stored);
 
-    let huge = batch(2, vec![flow(1); 2000]);
+    let huge = batch(2, vec![curl_flow(1); 2000]);
     assert!(huge.encoded_len() > 64 << 10);
     let err = agent.send(huge).await.expect_err("refused");
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
@@ -293,7 +278,7 @@ async fn oversized_batch_is_refused_and_nothing_is_lost() {
     assert_eq!(edge_connections(&r).await, vec![1]);
 
     let mut agent = Agent::connect(&r, NODE).await.expect("new stream after refusal");
-    assert_eq!(status(&agent.send(batch(2, vec![flow(1)])).await.expect("ack")), v1::AckStatus::Stored);
+    assert_eq!(status(&agent.send(batch(2, vec![curl_flow(1)])).await.expect("ack")), v1::AckStatus::Stored);
     assert_eq!(edge_connections(&r).await, vec![2]);
 }
 
@@ -302,7 +287,7 @@ async fn a_stream_must_start_with_hello() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (r, _d) = learner(sqlite_url(&dir), Enrollment::Open, 4 << 20).await;
     let mut client = FlowIngestClient::connect(format!("http://{}", r.grpc_addr)).await.expect("connect");
-    let first = v1::IngestRequest { msg: Some(ingest_request::Msg::Batch(batch(1, vec![flow(1)]))) };
+    let first = v1::IngestRequest { msg: Some(ingest_request::Msg::Batch(batch(1, vec![curl_flow(1)]))) };
     let err = client.ingest(tokio_stream::iter(vec![first])).await.expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("must be a Hello"), "{}", err.message());
@@ -348,7 +333,7 @@ async fn malformed_protobuf_ends_the_stream_with_a_clear_error_and_keeps_data() 
     let dir = tempfile::tempdir().expect("tempdir");
     let (r, _d) = learner(sqlite_url(&dir), Enrollment::Open, 4 << 20).await;
     let mut agent = Agent::connect(&r, NODE).await.expect("stream");
-    assert_eq!(status(&agent.send(batch(1, vec![flow(4)])).await.expect("ack")), v1::AckStatus::Stored);
+    assert_eq!(status(&agent.send(batch(1, vec![curl_flow(4)])).await.expect("ack")), v1::AckStatus::Stored);
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", r.grpc_addr))
         .expect("endpoint")
@@ -382,6 +367,6 @@ async fn malformed_protobuf_ends_the_stream_with_a_clear_error_and_keeps_data() 
     // Nothing stored was lost, and the learner still serves.
     assert_eq!(edge_connections(&r).await, vec![4]);
     let mut agent = Agent::connect(&r, NODE).await.expect("still serving");
-    assert_eq!(status(&agent.send(batch(2, vec![flow(1)])).await.expect("ack")), v1::AckStatus::Stored);
+    assert_eq!(status(&agent.send(batch(2, vec![curl_flow(1)])).await.expect("ack")), v1::AckStatus::Stored);
     assert_eq!(edge_connections(&r).await, vec![5]);
 }

@@ -251,7 +251,7 @@ pub fn enforce_sock_create(ctx: SockContext) -> i32 {
     // SAFETY: helper without arguments (sockets are created in process context).
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let Managed::Yes(_, ep) = managed(cgroup_id) else { return PASS };
-    if ep.flags & EP_EGRESS_COVERED == 0 {
+    if !covers(&ep, DIR_EGRESS) {
         return PASS;
     }
     if ep.mode == MODE_MONITOR {
@@ -518,6 +518,7 @@ fn parse<P: PacketSource>(ctx: &P, dir: u8) -> Result<Option<Packet>, i64> {
 }
 
 /// What decided a new connection.
+#[derive(Clone, Copy)]
 struct Decision {
     verdict: u8,
     reason: u8,
@@ -527,6 +528,35 @@ struct Decision {
     http_set: u16,
     /// Made just now rather than found in `DECISIONS_V1` ([`judge`]).
     fresh: bool,
+}
+
+impl Decision {
+    /// A direction the endpoint's policy does not cover: allowed, by no rule.
+    const NOT_COVERED: Decision = Decision {
+        verdict: VERDICT_ALLOWED,
+        reason: REASON_NOT_COVERED,
+        rule_id: 0,
+        peer_identity: 0,
+        http_set: 0,
+        fresh: false,
+    };
+}
+
+/// Whether `ep`'s policy covers connections opened in direction `dir` (default
+/// deny applies only to covered directions).
+#[inline(always)]
+fn covers(ep: &EndpointSlot, dir: u8) -> bool {
+    let flag = if dir == DIR_INGRESS { EP_INGRESS_COVERED } else { EP_EGRESS_COVERED };
+    ep.flags & flag != 0
+}
+
+/// Whether a conntrack entry's verdict, made under `generation`, still passes
+/// its connection's packets: made under the active generation, and allowed, or
+/// audited while the endpoint is still in monitor mode.
+#[inline(always)]
+fn ct_holds(generation: u32, verdict: u8, active_generation: u32, mode: u8) -> bool {
+    generation == active_generation
+        && (verdict == VERDICT_ALLOWED || (verdict == VERDICT_AUDIT && mode == MODE_MONITOR))
 }
 
 /// Whether and how an endpoint is judged: the prologue every program shares.
@@ -623,9 +653,7 @@ fn try_enforce<P: PacketSource>(ctx: &P, dir: u8) -> Result<i32, i32> {
         // concurrent updates of `last_ns` by other CPUs are benign.
         let (ct_gen, ct_verdict, ct_origin, ct_created) =
             unsafe { ((*ct).generation, (*ct).verdict, (*ct).origin, (*ct).created_ns) };
-        if ct_gen == generation
-            && (ct_verdict == VERDICT_ALLOWED || (ct_verdict == VERDICT_AUDIT && ep.mode == MODE_MONITOR))
-        {
+        if ct_holds(ct_gen, ct_verdict, generation, ep.mode) {
             // Written at most every CT_TOUCH_NS: a shared cache line written by
             // every packet on every CPU costs more than the freshness is worth.
             // SAFETY: as above.
@@ -898,19 +926,11 @@ fn ct_key(cgroup_id: u64, pkt: &Packet) -> CtKey {
 #[cgroup_skb(ingress)]
 pub fn enforce_in_l7(ctx: SkBuffContext) -> i32 {
     let ctx = &CgroupPacket(&ctx);
-    let cgroup_id = ctx.endpoint_key();
-    let (cfg, ep) = match managed(cgroup_id) {
-        Managed::No => return PASS,
-        Managed::Fail(action) => return verdict(Err(action)),
-        Managed::Yes(cfg, ep) => (cfg, ep),
+    let (cgroup_id, cfg, ep, pkt) = match tail_start(ctx) {
+        Ok(start) => start,
+        Err(v) => return v,
     };
-    let (cfg, ep) = (&cfg, &ep);
-    let pkt = match parse(ctx, DIR_INGRESS) {
-        Ok(Some(pkt)) => pkt,
-        Ok(None) => return PASS,
-        Err(_) => return verdict(Err(fail_action(ep.mode, Some(cfg)))),
-    };
-    let pkt = &pkt;
+    let (cfg, ep, pkt) = (&cfg, &ep, &pkt);
     // The caller's decision, handed over on this CPU (a tail call runs on the
     // caller's CPU, with nothing in between): judging again here would cost the
     // verifier a second policy walk next to the request matching.
@@ -954,18 +974,29 @@ pub fn enforce_in_l7(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb(ingress)]
 pub fn enforce_in_udp(ctx: SkBuffContext) -> i32 {
     let ctx = &CgroupPacket(&ctx);
+    match tail_start(ctx) {
+        Ok((cgroup_id, cfg, ep, pkt)) => verdict(udp_flow_at_connect(ctx, &pkt, cgroup_id, &cfg, &ep)),
+        Err(v) => v,
+    }
+}
+
+/// What a tail-called program starts from, found again from the packet (a tail
+/// call hands over nothing but the context): the endpoint key, the active
+/// configuration, the endpoint's slot and the parsed packet. `Err` carries the
+/// packet's verdict when it is not judged (unmanaged, not TCP/UDP) or cannot be.
+#[inline(always)]
+fn tail_start(ctx: &CgroupPacket) -> Result<(u64, EnforcerConfig, EndpointSlot, Packet), i32> {
     let cgroup_id = ctx.endpoint_key();
     let (cfg, ep) = match managed(cgroup_id) {
-        Managed::No => return PASS,
-        Managed::Fail(action) => return verdict(Err(action)),
+        Managed::No => return Err(PASS),
+        Managed::Fail(action) => return Err(verdict(Err(action))),
         Managed::Yes(cfg, ep) => (cfg, ep),
     };
-    let pkt = match parse(ctx, DIR_INGRESS) {
-        Ok(Some(pkt)) => pkt,
-        Ok(None) => return PASS,
-        Err(_) => return verdict(Err(fail_action(ep.mode, Some(&cfg)))),
-    };
-    verdict(udp_flow_at_connect(ctx, &pkt, cgroup_id, &cfg, &ep))
+    match parse(ctx, DIR_INGRESS) {
+        Ok(Some(pkt)) => Ok((cgroup_id, cfg, ep, pkt)),
+        Ok(None) => Err(PASS),
+        Err(_) => Err(verdict(Err(fail_action(ep.mode, Some(&cfg))))),
+    }
 }
 
 /// Tail-calls program `index` of [`IN_CONN_TAILS`] with the packet; returns
@@ -986,15 +1017,8 @@ fn udp_flow_at_connect(
     cfg: &EnforcerConfig,
     ep: &EndpointSlot,
 ) -> Result<i32, i32> {
-    let key = CtKey {
-        cgroup_id,
-        local_addr: [0; 16],
-        remote_addr: pkt.remote_addr,
-        local_port: pkt.local_port,
-        remote_port: pkt.remote_port,
-        protocol: pkt.protocol,
-        _pad: [0; 3],
-    };
+    // Without the local address, as `sendmsg()` keys its flows (see `try_sock_addr`).
+    let key = CtKey { local_addr: [0; 16], ..ct_key(cgroup_id, pkt) };
     let generation = cfg.active_generation;
     let now = now_ns();
     let mut created_ns = now;
@@ -1004,7 +1028,7 @@ fn udp_flow_at_connect(
     if let Some(ct) = CONNTRACK_V1.get_ptr_mut(key) {
         // SAFETY: a map value that lives while the program runs.
         let (g, v, o, c) = unsafe { ((*ct).generation, (*ct).verdict, (*ct).origin, (*ct).created_ns) };
-        if g == generation && (v == VERDICT_ALLOWED || (v == VERDICT_AUDIT && ep.mode == MODE_MONITOR)) {
+        if ct_holds(g, v, generation, ep.mode) {
             // SAFETY: as above; concurrent updates of `last_ns` are benign.
             unsafe {
                 if now.wrapping_sub((*ct).last_ns) > CT_TOUCH_NS {
@@ -1018,27 +1042,47 @@ fn udp_flow_at_connect(
         created_ns = c;
     }
     let d = judge(ep, cfg, pkt, origin);
-    if d.verdict == VERDICT_ALLOWED || ep.mode == MODE_MONITOR {
-        let d = if d.verdict == VERDICT_ALLOWED {
-            count(COUNTER_ALLOWED);
-            if d.rule_id != 0 {
-                rule_hit(d.rule_id, now);
-            }
-            d
-        } else {
-            count(COUNTER_AUDIT);
-            let audit = Decision { verdict: VERDICT_AUDIT, ..d };
-            report(cfg, ep, pkt, cgroup_id, origin, &audit, now);
-            audit
-        };
-        track(&key, created_ns, now, generation, &d, origin);
-        return Ok(PASS);
+    match admit(cfg, ep, pkt, cgroup_id, origin, &d, now) {
+        Some(kept) => {
+            track(&key, created_ns, now, generation, &kept, origin);
+            Ok(PASS)
+        }
+        None => {
+            let _ = CONNTRACK_V1.remove(key);
+            Ok(DROP)
+        }
     }
-    let _ = CONNTRACK_V1.remove(key);
+}
+
+/// The verdict to keep for a new connection or flow that `d` allows or, in
+/// monitor mode, would deny: counted (and the rule's hit), or audited and
+/// reported. `None` when it is denied (enforce mode): counted and reported.
+#[inline(always)]
+fn admit(
+    cfg: &EnforcerConfig,
+    ep: &EndpointSlot,
+    pkt: &Packet,
+    cgroup_id: u64,
+    origin: u8,
+    d: &Decision,
+    now: u64,
+) -> Option<Decision> {
+    if d.verdict == VERDICT_ALLOWED {
+        count(COUNTER_ALLOWED);
+        if d.rule_id != 0 {
+            rule_hit(d.rule_id, now);
+        }
+        return Some(*d);
+    }
+    if ep.mode == MODE_MONITOR {
+        count(COUNTER_AUDIT);
+        let audit = Decision { verdict: VERDICT_AUDIT, ..*d };
+        report(cfg, ep, pkt, cgroup_id, origin, &audit, now);
+        return Some(audit);
+    }
     count(COUNTER_DENIED);
-    let denied = Decision { verdict: VERDICT_DENIED, ..d };
-    report(cfg, ep, pkt, cgroup_id, origin, &denied, now);
-    Ok(DROP)
+    report(cfg, ep, pkt, cgroup_id, origin, &Decision { verdict: VERDICT_DENIED, ..*d }, now);
+    None
 }
 
 /// [`judge`] in direction `first`, and when that denies and `either` is set, in
@@ -1081,16 +1125,8 @@ fn judge_either(ep: &EndpointSlot, cfg: &EnforcerConfig, pkt: &Packet, first: u8
 /// generation, like the rules; in-place changes bump the epoch).
 #[inline(always)]
 fn judge(ep: &EndpointSlot, cfg: &EnforcerConfig, pkt: &Packet, dir: u8) -> Decision {
-    let covered = if dir == DIR_INGRESS { EP_INGRESS_COVERED } else { EP_EGRESS_COVERED };
-    if ep.flags & covered == 0 {
-        return Decision {
-            verdict: VERDICT_ALLOWED,
-            reason: REASON_NOT_COVERED,
-            rule_id: 0,
-            peer_identity: 0,
-            http_set: 0,
-            fresh: false,
-        };
+    if !covers(ep, dir) {
+        return Decision::NOT_COVERED;
     }
     let key = DecisionKey {
         generation: cfg.active_generation,
@@ -1179,7 +1215,7 @@ fn try_sock_addr(ctx: &SockAddrContext, v6: bool, sendmsg: bool) -> Result<i32, 
     // time; `sendmsg()` binds before it is judged).
     let local_port = if sk.is_null() { 0 } else { (unsafe { rd(&raw const (*sk).src_port) }) as u16 };
     let pkt = Packet { family, protocol, local_addr: [0; 16], remote_addr, local_port, remote_port, l4: 0 };
-    let key = CtKey { cgroup_id, local_addr: [0; 16], remote_addr, local_port, remote_port, protocol, _pad: [0; 3] };
+    let key = ct_key(cgroup_id, &pkt);
     let now = now_ns();
     let generation = cfg.active_generation;
     let mut origin = DIR_EGRESS;
@@ -1190,7 +1226,7 @@ fn try_sock_addr(ctx: &SockAddrContext, v6: bool, sendmsg: bool) -> Result<i32, 
     {
         // SAFETY: a map value, copied at once.
         let (g, v, o, c) = unsafe { ((*ct).generation, (*ct).verdict, (*ct).origin, (*ct).created_ns) };
-        if g == generation && (v == VERDICT_ALLOWED || (v == VERDICT_AUDIT && ep.mode == MODE_MONITOR)) {
+        if ct_holds(g, v, generation, ep.mode) {
             count(COUNTER_CT_HIT);
             return Ok(PASS);
         }
@@ -1198,34 +1234,23 @@ fn try_sock_addr(ctx: &SockAddrContext, v6: bool, sendmsg: bool) -> Result<i32, 
         created_ns = c;
     }
     let d = judge(&ep, &cfg, &pkt, origin);
-    if d.verdict == VERDICT_ALLOWED || ep.mode == MODE_MONITOR {
-        let d = if d.verdict == VERDICT_ALLOWED {
-            count(COUNTER_ALLOWED);
-            if d.rule_id != 0 {
-                rule_hit(d.rule_id, now);
+    // An unconnected socket's flow is tracked, so the datagrams coming back find
+    // it; a connected socket's replies are judged on arrival (see
+    // `enforce_in_udp`), and TCP's by their flags.
+    match admit(&cfg, &ep, &pkt, cgroup_id, origin, &d, now) {
+        Some(kept) => {
+            if sendmsg {
+                track(&key, created_ns, now, generation, &kept, origin);
             }
-            d
-        } else {
-            count(COUNTER_AUDIT);
-            let audit = Decision { verdict: VERDICT_AUDIT, ..d };
-            report(&cfg, &ep, &pkt, cgroup_id, origin, &audit, now);
-            audit
-        };
-        // An unconnected socket's flow, so the datagrams coming back find it; a
-        // connected socket's replies are judged on arrival (see
-        // `udp_ingress_at_connect`), and TCP's by their flags.
-        if sendmsg {
-            track(&key, created_ns, now, generation, &d, origin);
+            Ok(PASS)
         }
-        return Ok(PASS);
+        None => {
+            if sendmsg {
+                let _ = CONNTRACK_V1.remove(key);
+            }
+            Ok(DROP)
+        }
     }
-    if sendmsg {
-        let _ = CONNTRACK_V1.remove(key);
-    }
-    count(COUNTER_DENIED);
-    let denied = Decision { verdict: VERDICT_DENIED, ..d };
-    report(&cfg, &ep, &pkt, cgroup_id, origin, &denied, now);
-    Ok(DROP)
 }
 
 /// The verdict cached on `sk` (any socket, `sock_common`, or null), or null.
@@ -1409,16 +1434,8 @@ fn endpoint_slot(v: &EndpointValue, odd: bool) -> EndpointSlot {
 /// The verdict for a new connection opened in direction `origin`.
 #[inline(always)]
 fn decide(ep: &EndpointSlot, pkt: &Packet, origin: u8, generation: u32) -> Decision {
-    let covered = if origin == DIR_INGRESS { EP_INGRESS_COVERED } else { EP_EGRESS_COVERED };
-    if ep.flags & covered == 0 {
-        return Decision {
-            verdict: VERDICT_ALLOWED,
-            reason: REASON_NOT_COVERED,
-            rule_id: 0,
-            peer_identity: 0,
-            http_set: 0,
-            fresh: false,
-        };
+    if !covers(ep, origin) {
+        return Decision::NOT_COVERED;
     }
     let peer = peer_identity_of(pkt, generation);
     // The server's port: the remote one for connections we opened.

@@ -152,11 +152,19 @@ pub enum EgressCheck {
 }
 
 impl EgressCheck {
-    /// The link pins of this way's egress programs.
-    fn link_pins(self) -> Vec<&'static str> {
+    /// This way's cgroup programs: name, attach kind, link pin. Both ways' ingress
+    /// programs share [`LINK_INGRESS`], so one replaces the other in place.
+    fn programs(self) -> Vec<(&'static str, ProgKind, &'static str)> {
         match self {
-            EgressCheck::Connect => CONNECT_LINKS.iter().map(|(_, _, pin)| *pin).collect(),
-            EgressCheck::Packet => vec![LINK_EGRESS],
+            EgressCheck::Packet => vec![
+                (abi::PROG_INGRESS, ProgKind::SkbIngress, LINK_INGRESS),
+                (abi::PROG_EGRESS, ProgKind::SkbEgress, LINK_EGRESS),
+            ],
+            EgressCheck::Connect => {
+                let mut programs = vec![(abi::PROG_INGRESS_AT_CONNECT, ProgKind::SkbIngress, LINK_INGRESS)];
+                programs.extend(CONNECT_LINKS);
+                programs
+            }
         }
     }
 
@@ -537,27 +545,18 @@ impl Datapath {
         require_cgroup2(&opts.cgroup)?;
         let cgroup =
             File::open(&opts.cgroup).map_err(|source| DatapathError::Cgroup { path: opts.cgroup.clone(), source })?;
-        // The ingress program replaces the other way's in place (one pin).
-        let mut links = Vec::new();
-        match opts.egress {
-            EgressCheck::Packet => {
-                links.push((abi::PROG_INGRESS, ProgKind::SkbIngress, LINK_INGRESS));
-                links.push((abi::PROG_EGRESS, ProgKind::SkbEgress, LINK_EGRESS));
-            }
-            EgressCheck::Connect => {
-                // Its tail calls first: it must find them from its first packet.
-                load_tail_calls(&mut ebpf)?;
-                links.push((abi::PROG_INGRESS_AT_CONNECT, ProgKind::SkbIngress, LINK_INGRESS));
-                links.extend(CONNECT_LINKS);
-            }
+        if opts.egress == EgressCheck::Connect {
+            // The ingress program's tail calls first: it must find them from its
+            // first packet.
+            load_tail_calls(&mut ebpf)?;
         }
-        for (name, kind, pin) in links {
+        for (name, kind, pin) in opts.egress.programs() {
             let link = attach_cgroup_program(&mut ebpf, name, kind, &cgroup)?;
             pin_link_replacing(link, &pin_dir, pin)?;
         }
         // Then the other way's programs go (an earlier process checked egress the
         // other way): until now they judged alongside the new ones.
-        for pin in opts.egress.other().link_pins() {
+        for (_, _, pin) in opts.egress.other().programs().into_iter().filter(|(_, _, pin)| *pin != LINK_INGRESS) {
             match std::fs::remove_file(pin_dir.join(pin)) {
                 Ok(()) => {
                     tracing::info!(link = pin, egress = ?opts.egress, "Detached the programs of the other egress check.")

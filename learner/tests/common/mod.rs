@@ -232,11 +232,11 @@ pub fn wire_hello(node: &str, boot: &str) -> bulkhead_proto::v1::IngestRequest {
     v1::IngestRequest { msg: Some(v1::ingest_request::Msg::Hello(hello)) }
 }
 
-/// A batch of one flow (10.9.0.1 → 10.9.0.2:443/TCP egress, 3 connections, from
-/// "curl" in netns 100) as it arrives on the FlowIngest stream.
-pub fn wire_batch(node: &str, boot: &str, seq: u64) -> bulkhead_proto::v1::IngestRequest {
+/// The flow the ingest tests send: 10.9.0.1 → 10.9.0.2:443/TCP egress, from
+/// "curl" in netns 100, `connections` connections, 10 bytes sent.
+pub fn curl_flow(connections: u64) -> bulkhead_proto::v1::Flow {
     use bulkhead_proto::v1;
-    let flow = v1::Flow {
+    v1::Flow {
         src_addr: vec![10, 9, 0, 1],
         dst_addr: vec![10, 9, 0, 2],
         dst_port: 443,
@@ -244,12 +244,20 @@ pub fn wire_batch(node: &str, boot: &str, seq: u64) -> bulkhead_proto::v1::Inges
         direction: v1::Direction::Egress as i32,
         netns_ino: 100,
         comm: "curl".into(),
-        connections: 3,
+        connections,
+        bytes_sent: 10,
         verdict: v1::Verdict::Forwarded as i32,
         first_seen_unix_ms: 1_000,
         last_seen_unix_ms: 2_000,
         ..Default::default()
-    };
+    }
+}
+
+/// A batch of one flow ([`curl_flow`] with 3 connections) as it arrives on the
+/// FlowIngest stream.
+pub fn wire_batch(node: &str, boot: &str, seq: u64) -> bulkhead_proto::v1::IngestRequest {
+    use bulkhead_proto::v1;
+    let flow = curl_flow(3);
     let batch = v1::FlowBatch {
         node_id: node.into(),
         boot_id: boot.into(),
